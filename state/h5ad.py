@@ -1,0 +1,293 @@
+"""
+Reading and writing `.h5ad` (AnnData on HDF5) with plain h5py: no anndata dependency.
+
+What is read: CSR or dense `X`, `layers/<k>`, `raw/X`, `obsm/<k>`; `obs`/`var` columns stored as
+categoricals (codes + categories, code -1 = missing), string arrays or numeric arrays; the obs/var
+index. Rows are read in blocks, so nothing is ever densified whole.
+
+What is written: a file that anndata >= 0.8 and scanpy read (encoding-type / encoding-version
+attributes as in the anndata on-disk format), with a dense or CSR `X`, string obs columns as
+categoricals, `var` with its index, `obsm` arrays and a nested `uns` dict.
+"""
+
+import os
+
+import h5py
+import numpy as np
+
+
+class H5ADError(ValueError):
+    """Bad or unsupported input file; the message names the file, column or label at fault."""
+
+
+def _decode(a):
+    a = np.asarray(a)
+    if a.dtype.kind in "SO":
+        return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in a], dtype=object)
+    return a
+
+
+class Matrix:
+    """A cells x features matrix inside an open file (CSR group or dense dataset)."""
+
+    def __init__(self, f, key, path):
+        if key not in f:
+            raise H5ADError(f"{path}: no matrix '{key}' in the file")
+        node = f[key]
+        self.key, self.path = key, path
+        enc = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else None)
+        enc = enc.decode() if isinstance(enc, bytes) else enc
+        if isinstance(node, h5py.Dataset):
+            self.sparse = False
+            self.d = node
+            self.shape = tuple(node.shape)
+            if len(self.shape) != 2:
+                raise H5ADError(f"{path}: '{key}' is not a 2-d matrix (shape {self.shape})")
+        elif enc == "csr_matrix":
+            self.sparse = True
+            self.shape = tuple(int(s) for s in node.attrs["shape"])
+            self.data, self.indices = node["data"], node["indices"]
+            self.indptr = node["indptr"][:].astype(np.int64)  # n_obs+1 ints: small, read once
+        elif enc == "csc_matrix":
+            raise H5ADError(f"{path}: '{key}' is stored as CSC; re-save it as CSR "
+                            "(adata.X = scipy.sparse.csr_matrix(adata.X)) so rows can be streamed")
+        else:
+            raise H5ADError(f"{path}: '{key}' has unsupported encoding '{enc}'")
+
+    def block(self, start, stop):
+        """Dense float32 rows [start, stop)."""
+        if not self.sparse:
+            return np.asarray(self.d[start:stop], dtype=np.float32)
+        p0, p1 = self.indptr[start], self.indptr[stop]
+        data = np.asarray(self.data[p0:p1], dtype=np.float32)
+        idx = np.asarray(self.indices[p0:p1], dtype=np.int64)
+        out = np.zeros((stop - start, self.shape[1]), np.float32)
+        row = np.repeat(np.arange(stop - start), np.diff(self.indptr[start:stop + 1]))
+        out[row, idx] = data  # one vectorised scatter per block
+        return out
+
+    def rows(self, idx):
+        """Dense float32 rows at arbitrary (any order) indices; reads each contiguous run once."""
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        s = idx[order]
+        out = np.empty((len(idx), self.shape[1]), np.float32)
+        if len(s) == 0:
+            return out
+        # split sorted indices into runs of consecutive rows and read each run as a block
+        brk = np.flatnonzero(np.diff(s) > 1) + 1
+        for run in np.split(np.arange(len(s)), brk):
+            a, b = s[run[0]], s[run[-1]] + 1
+            blk = self.block(a, b)
+            out[order[run]] = blk[s[run] - a]
+        return out
+
+    def chunks(self, chunk=8192):
+        for a in range(0, self.shape[0], chunk):
+            b = min(a + chunk, self.shape[0])
+            yield a, b, self.block(a, b)
+
+
+class H5AD:
+    """A read-only handle on an `.h5ad` file. Use as a context manager or call `close()`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        if not os.path.exists(self.path):
+            raise H5ADError(f"{self.path}: no such file")
+        try:
+            self.f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise H5ADError(f"{self.path}: not an HDF5 file, so not an .h5ad ({e})") from None
+        enc = self.f.attrs.get("encoding-type")
+        enc = enc.decode() if isinstance(enc, bytes) else enc
+        if "obs" not in self.f or "var" not in self.f:
+            self.f.close()
+            raise H5ADError(f"{self.path}: not an AnnData file (no /obs and /var groups)")
+        if enc is None:
+            self.f.close()
+            raise H5ADError(f"{self.path}: no 'encoding-type' attribute: written by a very old "
+                            "anndata; re-save with anndata >= 0.8")
+        if enc != "anndata":
+            self.f.close()
+            raise H5ADError(f"{self.path}: encoding-type '{enc}' is not 'anndata'")
+        self.n_obs = len(self._index("obs"))
+        self.n_vars = len(self._index("var"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+    def close(self):
+        self.f.close()
+
+    # --- dataframes -----------------------------------------------------------------------------
+    def _index(self, df):
+        g = self.f[df]
+        key = g.attrs.get("_index", "_index")
+        key = key.decode() if isinstance(key, bytes) else key
+        return _decode(g[key][:])
+
+    def columns(self, df="obs"):
+        g = self.f[df]
+        idx = g.attrs.get("_index", "_index")
+        return [k for k in g.keys() if k != idx and k != "__categories"]
+
+    def column(self, name, df="obs"):
+        """One obs/var column as a numpy array (strings as object, missing categories as None)."""
+        g = self.f[df]
+        if name not in g:
+            raise H5ADError(f"{self.path}: no {df} column '{name}'; "
+                            f"available: {', '.join(self.columns(df))}")
+        node = g[name]
+        if isinstance(node, h5py.Group):  # categorical
+            cats = _decode(node["categories"][:])
+            codes = node["codes"][:].astype(np.int64)
+            out = np.empty(len(codes), dtype=object if cats.dtype.kind == "O" else cats.dtype)
+            ok = codes >= 0
+            out[ok] = cats[codes[ok]]
+            if not ok.all():
+                out = out.astype(object)
+                out[~ok] = None
+            return out
+        return _decode(node[:])
+
+    @property
+    def obs_names(self):
+        return self._index("obs")
+
+    def var_names(self, col=None):
+        return self._index("var") if col is None else self.column(col, "var").astype(str)
+
+    def matrix(self, key="X"):
+        """`X`, `raw/X`, `layers/<k>` (or just `<k>` if it names a layer), `obsm/<k>`."""
+        if key not in ("X", "raw/X") and not key.startswith(("layers/", "obsm/")):
+            if "layers" in self.f and key in self.f["layers"]:
+                key = f"layers/{key}"
+            elif "obsm" in self.f and key in self.f["obsm"]:
+                key = f"obsm/{key}"
+        return Matrix(self.f, key, self.path)
+
+    def uns(self, key, default=None):
+        return read_uns(self.f["uns"][key]) if "uns" in self.f and key in self.f["uns"] else default
+
+
+def read_uns(node):
+    if isinstance(node, h5py.Group):
+        return {k: read_uns(v) for k, v in node.items()}
+    v = node[()]
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray) and v.dtype.kind in "SO":
+        return _decode(v).tolist()
+    return v.tolist() if isinstance(v, np.ndarray) else v.item() if hasattr(v, "item") else v
+
+
+# --- writing ------------------------------------------------------------------------------------
+_STR = h5py.string_dtype("utf-8")
+
+
+def _attrs(node, enc, ver):
+    node.attrs["encoding-type"] = enc
+    node.attrs["encoding-version"] = ver
+
+
+def _write_strings(g, name, values):
+    d = g.create_dataset(name, data=np.asarray([str(v) for v in values], dtype=object), dtype=_STR)
+    _attrs(d, "string-array", "0.2.0")
+    return d
+
+
+def _write_column(g, name, values):
+    values = np.asarray(values)
+    if values.dtype.kind in "OUS":
+        # strings -> categorical (what anndata writes for obs labels); None -> code -1
+        vals = np.array([None if v is None else str(v) for v in values], dtype=object)
+        ok = np.array([v is not None for v in vals])
+        cats = sorted(set(vals[ok].tolist()))
+        lut = {c: i for i, c in enumerate(cats)}
+        codes = np.full(len(vals), -1, np.int32)
+        codes[ok] = [lut[v] for v in vals[ok]]
+        c = g.create_group(name)
+        _attrs(c, "categorical", "0.2.0")
+        c.attrs["ordered"] = False
+        _write_strings(c, "categories", cats)
+        _attrs(c.create_dataset("codes", data=codes), "array", "0.2.0")
+    else:
+        _attrs(g.create_dataset(name, data=values), "array", "0.2.0")
+
+
+def _write_df(f, name, index, columns, index_name="_index"):
+    g = f.create_group(name)
+    _attrs(g, "dataframe", "0.2.0")
+    g.attrs["_index"] = index_name
+    g.attrs.create("column-order", np.array(list(columns), dtype=object), dtype=_STR)
+    _write_strings(g, index_name, index)
+    for k, v in columns.items():
+        _write_column(g, k, v)
+
+
+def _write_uns(g, d):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            s = g.create_group(k)
+            _attrs(s, "dict", "0.1.0")
+            _write_uns(s, v)
+        elif isinstance(v, str):
+            ds = g.create_dataset(k, data=v, dtype=_STR)
+            _attrs(ds, "string", "0.2.0")
+        elif isinstance(v, (list, tuple, np.ndarray)) and len(v) and isinstance(np.asarray(v).flat[0], str):
+            _write_strings(g, k, v)
+        elif isinstance(v, (list, tuple, np.ndarray)):
+            _attrs(g.create_dataset(k, data=np.asarray(v)), "array", "0.2.0")
+        elif isinstance(v, (bool, np.bool_, int, float, np.integer, np.floating)):
+            _attrs(g.create_dataset(k, data=v), "numeric-scalar", "0.2.0")
+        elif v is None:
+            continue
+        else:
+            raise TypeError(f"uns['{k}']: cannot write {type(v).__name__}")
+
+
+def write_h5ad(path, X, obs_names, var_names, obs=None, var=None, obsm=None, uns=None,
+               layers=None):
+    """Write an AnnData-compatible file. X: dense (n, g) array or a (data, indices, indptr) CSR triple."""
+    obs, var, obsm, uns, layers = obs or {}, var or {}, obsm or {}, uns or {}, layers or {}
+    n, g = len(obs_names), len(var_names)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with h5py.File(tmp, "w") as f:
+        _attrs(f, "anndata", "0.1.0")
+        for name, M in [("X", X)] + [(f"layers/{k}", v) for k, v in layers.items()]:
+            if isinstance(M, tuple):
+                data, indices, indptr = M
+                m = f.create_group(name)
+                _attrs(m, "csr_matrix", "0.1.0")
+                m.attrs["shape"] = np.array([n, g], dtype=np.int64)
+                m.create_dataset("data", data=np.asarray(data, np.float32))
+                m.create_dataset("indices", data=np.asarray(indices, np.int32))
+                m.create_dataset("indptr", data=np.asarray(indptr, np.int64))
+            else:
+                M = np.asarray(M)
+                if M.shape != (n, g):
+                    raise ValueError(f"{name} shape {M.shape} != ({n}, {g})")
+                _attrs(f.create_dataset(name, data=M), "array", "0.2.0")
+        if "layers" not in f:
+            _attrs(f.create_group("layers"), "dict", "0.1.0")
+        else:
+            _attrs(f["layers"], "dict", "0.1.0")
+        for k, v in obs.items():
+            if len(v) != n:
+                raise ValueError(f"obs column '{k}' has {len(v)} values for {n} cells")
+        _write_df(f, "obs", obs_names, obs)
+        _write_df(f, "var", var_names, var)
+        m = f.create_group("obsm")
+        _attrs(m, "dict", "0.1.0")
+        for k, v in obsm.items():
+            _attrs(m.create_dataset(k, data=np.asarray(v)), "array", "0.2.0")
+        for k in ("varm", "obsp", "varp"):
+            _attrs(f.create_group(k), "dict", "0.1.0")
+        u = f.create_group("uns")
+        _attrs(u, "dict", "0.1.0")
+        _write_uns(u, uns)
+    os.replace(tmp, path)  # atomic: a crashed write never leaves a half file at `path`
