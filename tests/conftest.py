@@ -1,0 +1,54 @@
+import os
+from pathlib import Path
+
+# The Triton interpreter flag is read when @triton.jit decorates, so it must be set before any
+# kernel module is imported: here, at collection time, whenever there is no GPU.
+try:
+    import torch
+    _cuda = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _cuda = False
+if not _cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("NANOSTATE_DATA", ROOT.parent / "shared" / "data"))
+FILES = {
+    "gbm": "perturbench_devel_norman19_mcfaline23.h5ad",
+    "kang": "kang2018_ifnb_pbmc_muscat_counts.h5ad",
+    "papalexi": "papalexi2021_thp1_eccite_sceptre.h5ad",
+}
+
+
+def real_file(name):
+    """Path of one of the three shared real datasets, or skip the test saying where it looked."""
+    p = DATA / FILES[name]
+    if not p.exists():
+        pytest.skip(f"real data file {p} not found (set NANOSTATE_DATA to the folder holding it)")
+    return p
+
+
+@pytest.fixture
+def gbm_path():
+    return real_file("gbm")
+
+
+@pytest.fixture
+def kang_path():
+    return real_file("kang")
+
+
+@pytest.fixture
+def papalexi_path():
+    return real_file("papalexi")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for it in items:
+        if "gpu" in it.keywords:
+            it.add_marker(skip)
