@@ -1,0 +1,111 @@
+"""
+Distributed helpers: one code path for a single process, one GPU, or many under `torchrun`.
+
+- `compute_init()` reads the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE), picks NCCL on CUDA
+  and gloo on CPU, seeds per rank, and returns (ddp, rank, local_rank, world, device).
+- `shard(model, blocks)` wraps a model with FSDP2 (`fully_shard` on each block, then the root), bf16
+  params and fp32 gradient reduction on GPU. FSDP averages gradients over ranks; the training loop
+  divides each micro-loss by the global number of sets and multiplies by the world size, so the
+  gradient is the global mean (1 process x 4 micro-steps equals 2 processes x 2 micro-steps).
+  (`set_gradient_divide_factor(1.0)` would avoid the multiply, but it reduces with PREMUL_SUM, which
+  gloo lacks, and CPU tests run on gloo.)
+- `save_sharded` / `load_sharded`: torch.distributed.checkpoint (DCP) of model + optimizer, which
+  reloads at another world size; `full_state_dict` gathers an fp32 consolidated copy on rank 0 (a
+  collective: every rank must call it).
+"""
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def compute_init(seed=42, device=None):
+    """-> (ddp, rank, local_rank, world, device). Without torchrun variables: single process."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device)
+    if ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    # one seed per rank for anything random on device (dropout); data order is seeded by the sampler
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    return ddp, rank, local_rank, world, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over ranks in place (no-op single-process); stays on device, no host sync."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def shard(model, blocks, bf16=None):
+    """FSDP2: fully_shard each block, then the root. bf16 params + fp32 reduce on GPU by default."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if bf16 is None:
+        bf16 = next(model.parameters()).device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for b in blocks:
+        fully_shard(b, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def set_sync(model, sync):
+    """Gradient sync only on the last micro-step of an accumulation (FSDP2 and DDP alike)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    elif hasattr(model, "require_backward_grad_sync"):
+        model.require_backward_grad_sync = sync
+
+
+def full_state_dict(model):
+    """Consolidated fp32 CPU state dict on rank 0 ({} elsewhere). Collective: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(model, opt, path):
+    """DCP checkpoint of model + optimizer: one file per rank plus .metadata; reloads at any world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+
+def load_sharded(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
