@@ -1,0 +1,67 @@
+"""
+Flat `--key=value` overrides for the scripts (nanoGPT's configurator, made strict).
+
+    python train.py config/st_tiny.py --lr=3e-4 --hidden=128
+
+- A bare argument ending in `.py` is executed as a config file into the same namespaces.
+- `--key=value`: the value is parsed with `ast.literal_eval` (falling back to the raw string), the
+  key must exist in one of the namespaces, and the type must match the default's type (an int is
+  accepted where a float is expected; `--flag` alone means True for a bool).
+- Unknown keys and type mismatches raise `ValueError` naming the key.
+"""
+
+import ast
+
+
+def _coerce(key, val, default):
+    if isinstance(val, str) and not isinstance(default, str):
+        try:
+            val = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            pass
+    if default is None:
+        return val
+    if isinstance(default, bool):
+        if not isinstance(val, bool):
+            raise ValueError(f"--{key}: expected a bool (True/False), got {val!r}")
+        return val
+    if isinstance(default, float) and isinstance(val, int) and not isinstance(val, bool):
+        return float(val)
+    if isinstance(default, (tuple, list)) and isinstance(val, (tuple, list)):
+        return type(default)(val)
+    if type(val) is not type(default):
+        raise ValueError(f"--{key}: expected {type(default).__name__}, got {type(val).__name__} ({val!r})")
+    return val
+
+
+def configure(argv, *namespaces):
+    """Apply overrides in `argv` to the dicts `namespaces` (first one holding the key wins).
+    Returns the set of keys that were overridden."""
+    seen = set()
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not arg.endswith(".py"):
+                raise ValueError(f"unexpected argument {arg!r} (use --key=value or a config .py file)")
+            g = {}
+            with open(arg) as f:
+                exec(f.read(), g)
+            for k, v in g.items():
+                if k.startswith("_") or k not in {kk for ns in namespaces for kk in ns}:
+                    continue
+                _set(namespaces, k, v, seen)
+            continue
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            val = True
+        _set(namespaces, key, val, seen)
+    return seen
+
+
+def _set(namespaces, key, val, seen):
+    for ns in namespaces:
+        if key in ns:
+            ns[key] = _coerce(key, val, ns[key])
+            seen.add(key)
+            return
+    known = sorted(k for ns in namespaces for k in ns)
+    raise ValueError(f"unknown config key --{key}; known keys: {', '.join(known)}")
