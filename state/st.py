@@ -188,7 +188,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)  # fp32 stats inside
 
 
 class Attention(nn.Module):
