@@ -138,8 +138,9 @@ def hvg_seurat(mean, var, n_top, genes=None):
         sd = d.std(ddof=1) if m.sum() > 1 else np.nan
         if m.sum() == 1:  # scanpy: a one-gene bin gets normalised dispersion 1
             mu, sd = 0.0, d[0]
-        z[m] = (d - mu) / sd
-    z = np.where(np.isnan(z), -np.inf, z)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z[m] = np.nan_to_num((d - mu) / sd)  # sd 0 (all equal) -> 0, as scanpy's nan_to_num
+    z = np.where(np.isnan(z), -np.inf, z)  # constant genes last
     top = np.argsort(-z, kind="stable")[:n_top]
     return np.sort(top)
 
