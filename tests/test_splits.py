@@ -1,0 +1,157 @@
+"""Splits: few-shot / zero-shot / unseen, validation, TOML in and out, on the GBM lines and synthetic data."""
+import numpy as np
+import pytest
+
+from state.data import SetSampler, prepare
+from state.splits import Split, main, make_split, read_toml
+from state.synth import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def gbm(tmp_path_factory):
+    from conftest import real_file
+    p = real_file("gbm")
+    return prepare(p, tmp_path_factory.mktemp("gbm") / "p", keep={"cell_type": ["A172", "T98G", "U87MG"]})
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    d = tmp_path_factory.mktemp("syn")
+    make_synthetic(d / "s.h5ad", n_cells=1200, n_genes=40, n_perts=10, n_contexts=3, seed=1)
+    return prepare(d / "s.h5ad", d / "p")
+
+
+def groups(data, rows):
+    return {(data.context_names[c], data.pert_names[p]) for c, p in zip(data.context[rows], data.pert[rows])}
+
+
+def test_fewshot_gbm_explicit_support(gbm):
+    d = gbm
+    s = make_split(d, "fewshot", context="U87MG", support_perts=["MAP2K3", "MAP2K6", "MAP3K21"])
+    assert s.support == ["MAP2K3", "MAP2K6", "MAP3K21"]
+    assert sorted(p for _, p in s.test_groups) == ["MAP4K3", "MAP4K5", "MAPK1", "PLK4", "SGK1", "TGFBR2"]
+    assert all(c == "U87MG" for c, _ in s.test_groups)
+    u87 = d.context_names.index("U87MG")
+    assert (d.context[s.test] == u87).all() and (d.pert[s.test] != d.control_code).all()
+    # every U87MG cell of a held-out knockdown is in test, none in train or val
+    held = [d.pert_names.index(p) for _, p in s.test_groups]
+    m = (d.context == u87) & np.isin(d.pert, held)
+    assert set(np.flatnonzero(m)) == set(s.test.tolist())
+    tr, te, va = groups(d, s.train), groups(d, s.test), groups(d, s.val)
+    assert not (tr & te) and va <= tr
+    assert ("U87MG", "MAP2K3") in tr and ("U87MG", "control") in tr
+    # held-out controls are in test_ctrl and (most of them, minus val) in train
+    assert set(s.test_ctrl.tolist()) == set(np.flatnonzero((d.context == u87) & (d.pert == 0)).tolist())
+    assert len(np.intersect1d(s.test_ctrl, s.train)) >= 0.85 * len(s.test_ctrl)
+    assert len(s.train) + len(s.val) + len(s.test) == d.n_cells
+    rep = s.report(d)
+    assert "U87MG" in rep and "U87MG/SGK1 100" in rep
+    # the train rows feed a sampler; the test rows + test controls feed an eval sampler
+    SetSampler(d, s.train, 32, 4).next()
+    ev = SetSampler(d, np.concatenate([s.test, s.test_ctrl]), 32, 4, train=False, control_sets=False)
+    assert {int(p) for b in ev for p in b["pert"]} == set(held)
+
+
+def test_fewshot_fraction_deterministic(syn):
+    a = make_split(syn, "fewshot", context="ctxB", support=0.3, seed=4)
+    b = make_split(syn, "fewshot", context="ctxB", support=0.3, seed=4)
+    c = make_split(syn, "fewshot", context="ctxB", support=0.3, seed=5)
+    assert a.support == b.support and np.array_equal(a.test, b.test) and np.array_equal(a.val, b.val)
+    assert len(a.support) == 3 and len(a.test_groups) == 7
+    assert a.support != c.support or not np.array_equal(a.val, c.val)
+
+
+def test_zeroshot(gbm):
+    d = gbm
+    s = make_split(d, "zeroshot", context="A172")
+    a = d.context_names.index("A172")
+    assert set(s.test.tolist()) == set(np.flatnonzero((d.context == a) & (d.pert != 0)).tolist())
+    assert len(s.test_groups) == 9 and s.support == []
+    assert np.all(np.isin(s.test_ctrl, np.concatenate([s.train, s.val])))  # its controls also train
+    assert not np.any((d.context[s.train] == a) & (d.pert[s.train] != 0))
+
+
+def test_unseen_needs_features(syn):
+    with pytest.raises(ValueError, match="needs perturbation features"):
+        make_split(syn, "unseen")
+    feats = {p: np.ones(4) for p in syn.pert_names}
+    s = make_split(syn, "unseen", features=feats, test_perts=["GENE0001", "GENE0004"])
+    held = {syn.pert_names.index("GENE0001"), syn.pert_names.index("GENE0004")}
+    assert set(syn.pert[s.test].tolist()) == held and not held & set(syn.pert[s.train].tolist())
+    with pytest.raises(ValueError, match="no features"):
+        make_split(syn, "unseen", features={"GENE0001": np.ones(4)}, test_perts=["GENE0001"])
+
+
+def test_bad_splits(syn, gbm):
+    with pytest.raises(ValueError, match="context 'nowhere' not in"):
+        make_split(syn, "fewshot", context="nowhere")
+    with pytest.raises(ValueError, match="which context"):
+        make_split(syn, "fewshot")
+    with pytest.raises(ValueError, match=r"support perturbation\(s\) \['BOGUS'\]"):
+        make_split(syn, "fewshot", context="ctxA", support_perts=["BOGUS"])
+    with pytest.raises(ValueError, match="empty split"):
+        make_split(syn, "fewshot", context="ctxA", support=1.0)
+    with pytest.raises(ValueError, match="task 'x'"):
+        make_split(syn, "x", context="ctxA")
+    # the validator catches leaks
+    s = make_split(gbm, "fewshot", context="U87MG", support=0.3)
+    leak = Split(s.task, s.context, np.concatenate([s.train, s.test[:1]]), s.val, s.test, s.test_ctrl,
+                 s.test_groups, s.support, s.checksum)
+    with pytest.raises(ValueError, match="test cell is also in train"):
+        leak.validate(gbm)
+    g = s.test[gbm.pert[s.test] == gbm.pert[s.test[0]]]
+    leak = Split(s.task, s.context, np.concatenate([s.train, g[:1]]), s.val, np.setdiff1d(s.test, g[:1]),
+                 s.test_ctrl, s.test_groups, s.support, s.checksum)
+    with pytest.raises(ValueError, match="in both train and test"):
+        leak.validate(gbm)
+    u87 = gbm.context_names.index("U87MG")
+    noctl = Split(s.task, s.context, s.train[~((gbm.context[s.train] == u87) & (gbm.pert[s.train] == 0))],
+                  np.zeros(0), s.test, s.test_ctrl, s.test_groups, s.support, s.checksum)
+    with pytest.raises(ValueError, match="context 'U87MG' has no control cells in train"):
+        noctl.validate(gbm)
+    with pytest.raises(ValueError, match="split was made for prepared data"):
+        s.validate(syn)
+
+
+def test_save_load_toml_roundtrip(gbm, tmp_path):
+    s = make_split(gbm, "fewshot", context="U87MG", support=0.3, seed=2)
+    s2 = Split.load(s.save(tmp_path / "s.json")).validate(gbm)
+    for k in ("train", "val", "test", "test_ctrl"):
+        assert np.array_equal(getattr(s, k), getattr(s2, k))
+    assert s2.test_groups == s.test_groups and s2.support == s.support
+    t = read_toml(s.write_toml(tmp_path / "s.toml", gbm), gbm)
+    assert np.array_equal(t.test, s.test) and t.task == "fewshot" and t.support == s.support
+
+
+def test_reference_toml(gbm, tmp_path):
+    (tmp_path / "z.toml").write_text('[datasets]\ngbm = "x/"\n[training]\ngbm = "train"\n'
+                                     '[zeroshot]\n"gbm.T98G" = "test"\n'
+                                     '[fewshot."gbm.U87MG"]\nval = ["SGK1"]\ntest = ["SGK1", "PLK4"]\n')
+    s = read_toml(tmp_path / "z.toml", gbm)
+    t98, u87 = gbm.context_names.index("T98G"), gbm.context_names.index("U87MG")
+    assert {c for c, _ in s.test_groups} == {"T98G", "U87MG"}
+    assert sorted(p for c, p in s.test_groups if c == "U87MG") == ["PLK4", "SGK1"]
+    assert len([1 for c, _ in s.test_groups if c == "T98G"]) == 9
+    assert set(gbm.context[s.test_ctrl].tolist()) == {t98, u87}
+    (tmp_path / "b.toml").write_text('[datasets]\ngbm = "x/"\n[training]\ngbm = "train"\n'
+                                     '[fewshot."gbm.u87mg"]\ntest = ["SGK1"]\n')
+    with pytest.raises(ValueError, match="context 'u87mg' not found"):
+        read_toml(tmp_path / "b.toml", gbm)
+    (tmp_path / "c.toml").write_text('[datasets]\ngbm = "x/"\n[training]\ngbm = "train"\n'
+                                     '[fewshot."gbm.U87MG"]\ntest = ["SGK2"]\n')
+    with pytest.raises(ValueError, match="'SGK2' matches zero cells"):
+        read_toml(tmp_path / "c.toml", gbm)
+    (tmp_path / "d.toml").write_text('[datasets]\ngbm = "x/"\n[training]\ngbm = "train"\n')
+    with pytest.raises(ValueError, match="nothing is held out"):
+        read_toml(tmp_path / "d.toml", gbm)
+
+
+def test_cli(syn, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert main(["make", "--data", str(syn.dir), "--task", "zeroshot", "--context", "ctxC", "--out", str(out)]) == 0
+    assert out.exists() and (tmp_path / "s.toml").exists()
+    assert main(["report", "--data", str(syn.dir), "--split", str(out)]) == 0
+    assert main(["toml", "--data", str(syn.dir), "--toml", str(tmp_path / "s.toml"), "--out", str(tmp_path / "t.json")]) == 0
+    assert np.array_equal(Split.load(out).test, Split.load(tmp_path / "t.json").test)
+    assert main(["make", "--data", str(syn.dir), "--task", "unseen", "--out", str(out)]) == 2
+    assert "needs perturbation features" in capsys.readouterr().err
