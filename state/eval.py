@@ -1,0 +1,724 @@
+"""
+Evaluation of predicted vs real perturbation responses: cell-eval 0.8.2's metrics, re-implemented
+on numpy (+ torch for pairwise distances), with the same names, definitions and NaN conventions.
+
+    python -m state.eval --pred pred.h5ad --real real.h5ad --pert-col target_gene \
+        --control non-targeting [--context-col cell_type] [--profile full|minimal|vcc|pds|de|anndata] \
+        [--baseline-agg base/agg_results.csv] --out eval_out
+
+writes `results.csv` (one row per perturbation), `agg_results.csv` (polars `describe()` rows:
+count, null_count, mean, std, min, 25%, 50%, 75%, max), `real_de.csv` / `pred_de.csv`
+(target, feature, log2_fold_change, p_value, fdr), and prints a short report with the conventions
+that change conclusions. With --context-col each context is evaluated on its own (cell-eval
+`--celltype-col`): `<context>_results.csv` etc., plus the pooled `results.csv`.
+
+Definitions (SPEC 10; verified against cell_eval/pdex source):
+  DE (pdex 0.3.0, mode "ref"): per perturbation vs the control cells, per gene, two-sided
+    Mann-Whitney U, asymptotic: U = max(U1, U2), z = (U - n1 n2/2 - 0.5) / s with the
+    tie-corrected s^2 = n1 n2/12 ((n+1) - sum(t^3-t)/(n(n-1))), p = 2 Phi(-z) clipped to [0, 1]
+    (p = 1 when s = 0). FDR: Benjamini-Hochberg within the perturbation (scipy's
+    false_discovery_control). LFC = log2(expm1(mean x_pert) / expm1(mean x_ctrl)) on float32
+    means, epsilon = 0, 0/0 -> 0, x/0 -> +-inf. cell-eval stores LFC and FDR as float32;
+    a gene is significant when float32(fdr) < 0.05; genes rank by float32 |LFC|, ties in gene order.
+  Delta = pseudobulk (mean of X) of a perturbation minus the SAME file's control pseudobulk.
+
+Ranking trick (why this is fast): ranks are never materialised. For a perturbation X (n1 cells)
+and the control Y (n2 cells), sorted once per context, U1 = sum_x [#(y < x) + #(y == x)/2] and
+the tie term sum_v (a_v + b_v)^3 - n expands into per-group terms plus 3 sum_x (a b + b^2), where
+a, b are the tie counts of x's value in X and in Y. Both come from one `searchsorted` of the
+sorted X columns into the sorted Y columns (floats mapped to order-preserving int64 keys, columns
+offset by 2^33 so all genes live in one sorted 1-D array).
+"""
+
+import argparse
+import csv
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from state.h5ad import H5AD
+
+FDR = 0.05
+KS = (None, 50, 100, 200, 500)  # overlap_at_N, _50, ...
+DE_METRICS = ([f"overlap_at_{k or 'N'}" for k in KS] + [f"precision_at_{k or 'N'}" for k in KS]
+              + ["de_spearman_sig", "de_direction_match", "de_spearman_lfc_sig",
+                 "de_sig_genes_recall", "de_nsig_counts", "pr_auc", "roc_auc"])
+AD_METRICS = ["pearson_delta", "mse", "mae", "mse_delta", "mae_delta", "discrimination_score_l1",
+              "discrimination_score_l2", "discrimination_score_cosine", "pearson_edistance"]
+EXTRA = ["pdisc_norm"]  # the paper's normalised perturbation discrimination (not in cell-eval)
+PROFILES = {
+    "full": DE_METRICS + AD_METRICS + EXTRA,
+    "minimal": ["overlap_at_N", "precision_at_N", "de_nsig_counts", "pearson_delta", "mse", "mae",
+                "discrimination_score_l1"],
+    "vcc": ["overlap_at_N", "mae", "discrimination_score_l1"],
+    "pds": ["discrimination_score_l1"],
+    "de": DE_METRICS,
+    "anndata": AD_METRICS,
+}
+# best value per metric, as cell-eval's registry (used by the VCC score and the winner marks)
+BEST = {m: 1 for m in PROFILES["full"]}
+BEST.update(mse=0, mae=0, mse_delta=0, mae_delta=0)
+BEST.update(de_nsig_counts_real=None, de_nsig_counts_pred=None)
+
+# -----------------------------------------------------------------------------------------------
+# Differential expression
+
+
+def _keys(X):
+    """float32 -> int64 keys with the same order and equality (-0.0 == 0.0); NaN is rejected."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if np.isnan(X).any():
+        raise ValueError("expression contains NaN; the rank test needs finite values")
+    i = X.view(np.int32).astype(np.int64)
+    return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+def _runlen(s):
+    """Per element of column-sorted s (n, G): the size of its tie group."""
+    n = s.shape[0]
+    new = np.ones(s.shape, bool)
+    new[1:] = s[1:] != s[:-1]
+    idx = np.arange(n)[:, None]
+    start = np.maximum.accumulate(np.where(new, idx, 0), axis=0)
+    last = np.ones(s.shape, bool)
+    last[:-1] = new[1:]
+    end = np.minimum.accumulate(np.where(last, idx, n)[::-1], axis=0)[::-1]
+    return end - start + 1
+
+
+class Ref:
+    """A reference (control) group sorted once per gene, for many rank-sum tests against it."""
+
+    def __init__(self, Xc):
+        k = np.sort(_keys(Xc), axis=0)  # (n2, G)
+        self.n, G = k.shape
+        self.off = np.arange(G, dtype=np.int64) << 33  # keys span < 2^32: column blocks never overlap
+        self.flat = (k + self.off).T.ravel()  # (G*n2,) sorted: gene 0's block, then gene 1's, ...
+        self.t3 = (_runlen(k).astype(np.float64) ** 2).sum(0)  # sum_v b_v^3 per gene
+
+
+def _erfc(z):
+    # math.erfc (libm), as numba_mwu's _ndtr, so p-values match to the last bit
+    return np.frompyfunc(math.erfc, 1, 1)(z).astype(np.float64)
+
+
+def mwu(Xp, ref):
+    """Two-sided asymptotic Mann-Whitney U of each gene of Xp (n1, G) vs the Ref; -> (U1, p)."""
+    s = np.sort(_keys(Xp), axis=0)
+    n1, n2 = s.shape[0], ref.n
+    n = n1 + n2
+    a = _runlen(s).astype(np.float64)
+    q = (s + ref.off).T.ravel()  # sorted queries: gene-major
+    lo = np.searchsorted(ref.flat, q, "left").reshape(-1, n1).T
+    hi = np.searchsorted(ref.flat, q, "right").reshape(-1, n1).T
+    b = (hi - lo).astype(np.float64)  # ties of x's value among controls
+    less = lo - (np.arange(s.shape[1]) * n2)[None, :]  # controls strictly below x
+    U1 = less.sum(0) + 0.5 * b.sum(0)
+    tie = (a * a).sum(0) + ref.t3 + 3.0 * (a * b + b * b).sum(0) - n
+    U = np.maximum(U1, n1 * n2 - U1)
+    s2 = n1 * n2 / 12.0 * ((n + 1.0) - tie / (n * (n - 1.0)))
+    ok = s2 > 0
+    z = np.where(ok, (U - n1 * n2 / 2.0 - 0.5) / np.sqrt(np.where(ok, s2, 1.0)), 0.0)
+    p = np.where(ok, np.clip(0.5 * _erfc(z / math.sqrt(2.0)) * 2.0, 0.0, 1.0), 1.0)
+    return U1, p
+
+
+def bh(p):
+    """Benjamini-Hochberg along the last axis (scipy.stats.false_discovery_control, 'bh')."""
+    p = np.asarray(p, dtype=np.float64)
+    m = p.shape[-1]
+    if m <= 1:
+        return p.copy()
+    order = np.argsort(p, axis=-1)
+    ps = np.take_along_axis(p, order, -1) * (m / np.arange(1, m + 1, dtype=np.float64))
+    ps = np.minimum.accumulate(ps[..., ::-1], axis=-1)[..., ::-1]
+    out = np.empty_like(ps)
+    np.put_along_axis(out, order, ps, -1)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _expm1f():
+    """expm1 in float32 exactly as numba/pdex computes it (glibc expm1f); numpy's otherwise."""
+    try:
+        import ctypes
+        f = ctypes.CDLL("libm.so.6").expm1f
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+        uf = np.frompyfunc(lambda v: f(v), 1, 1)
+        return lambda x: uf(np.asarray(x, np.float32)).astype(np.float32)
+    except (OSError, AttributeError):
+        return lambda x: np.expm1(np.asarray(x, np.float32))
+
+
+expm1f = _expm1f()
+
+
+def lfc(m_pert, m_ctrl):
+    """log2 fold change of geometric-type means (pdex, epsilon 0) from float32 log1p means."""
+    e_p, e_c = expm1f(m_pert).astype(np.float64), expm1f(m_ctrl).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l = np.log2(e_p / e_c)
+    l[np.isnan(l)] = 0.0
+    return l
+
+
+def _pseudo(X, k, rng):
+    """k pseudo-replicates: means of a random partition of the rows into k parts."""
+    k = max(1, min(k, len(X)))
+    parts = np.array_split(rng.permutation(len(X)), k)
+    return np.stack([X[i].astype(np.float64).mean(0) for i in parts]).astype(np.float32)
+
+
+def de(X_pert, X_ctrl, pseudobulk=0, seed=0):
+    """DE of one perturbation vs control: dict(lfc, p, fdr, U) per gene (float64 arrays).
+
+    pseudobulk=k > 0 tests k pseudo-replicate means per side instead of cells (avoids the
+    pseudoreplication of cell-level tests; much less power). LFC always uses all cells."""
+    X_pert, X_ctrl = np.asarray(X_pert, np.float32), np.asarray(X_ctrl, np.float32)
+    l = lfc(X_pert.mean(0), X_ctrl.mean(0))
+    if pseudobulk:
+        rng = np.random.default_rng(seed)
+        X_pert, X_ctrl = _pseudo(X_pert, pseudobulk, rng), _pseudo(X_ctrl, pseudobulk, rng)
+    U, p = mwu(X_pert, Ref(X_ctrl))
+    return dict(lfc=l, p=p, fdr=bh(p), U=U)
+
+
+def de_groups(Xs, starts, ctrl, pseudobulk=0, seed=0):
+    """DE of every group vs the control group of a row-grouped matrix.
+
+    Xs: (N, G) float32 with groups in contiguous row blocks [starts[i], starts[i+1]); ctrl is the
+    control's group index. Returns lfc, p, fdr as (P, G) arrays for the non-control groups."""
+    blocks = [Xs[starts[i]:starts[i + 1]] for i in range(len(starts) - 1)]
+    rng = np.random.default_rng(seed)
+    Xc = blocks[ctrl]
+    means = np.stack([b.mean(0) for b in blocks])  # float32, as pdex
+    l = lfc(means, means[ctrl][None, :])
+    ref = Ref(_pseudo(Xc, pseudobulk, rng) if pseudobulk else Xc)
+    ps = [mwu(_pseudo(b, pseudobulk, rng) if pseudobulk else b, ref)[1]
+          for i, b in enumerate(blocks) if i != ctrl]
+    keep = [i for i in range(len(blocks)) if i != ctrl]
+    p = np.stack(ps) if ps else np.zeros((0, Xs.shape[1]))
+    return dict(lfc=l[keep], p=p, fdr=bh(p))
+
+
+# -----------------------------------------------------------------------------------------------
+# Small helpers with cell-eval's exact conventions
+
+
+def _avg_rank(x):
+    o = np.argsort(x, kind="stable")
+    s = x[o]
+    r = np.empty(len(x))
+    new = np.r_[True, s[1:] != s[:-1]]
+    gid = np.cumsum(new) - 1
+    first = np.flatnonzero(new)
+    cnt = np.diff(np.r_[first, len(x)])
+    r[o] = first[gid] + (cnt[gid] + 1) / 2.0
+    return r
+
+
+def pearson(x, y):
+    """Pearson r in float64; NaN for constant input or fewer than 2 points (scipy gives NaN)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or (x == x[0]).all() or (y == y[0]).all():
+        return float("nan")
+    xm, ym = x - x.mean(), y - y.mean()
+    r = (xm * ym).sum() / math.sqrt((xm * xm).sum() * (ym * ym).sum())
+    return float(min(1.0, max(-1.0, r)))
+
+
+def spearman(x, y):
+    """polars pl.corr(method='spearman'): Pearson of average ranks; NaN when degenerate."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2:
+        return float("nan")
+    return pearson(_avg_rank(x), _avg_rank(y))
+
+
+def _clf_curve(y, s):
+    o = np.argsort(s, kind="mergesort")[::-1]
+    y, s = y[o], s[o]
+    idx = np.r_[np.flatnonzero(np.diff(s)), len(y) - 1]
+    tps = np.cumsum(y)[idx]
+    return tps, 1 + idx - tps
+
+
+def average_precision(y, s):
+    """sklearn.metrics.average_precision_score for binary labels."""
+    tps, fps = _clf_curve(y, s)
+    prec, rec = tps / (tps + fps), tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
+
+
+def roc_auc(y, s):
+    """sklearn roc_curve + auc (trapezoid)."""
+    tps, fps = _clf_curve(y, s)
+    fpr, tpr = np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+    return float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
+
+
+def describe(col, null):
+    """polars DataFrame.describe() of one float column (null = missing, NaN kept as a value)."""
+    v = col[~null]
+    n = len(v)
+    out = [float(n), float(null.sum())]
+    if n == 0:
+        return out + [None] * 7
+    out += [float(v.mean()), float(v.std(ddof=1)) if n > 1 else None]
+    fin = v[~np.isnan(v)]
+    out.append(float(fin.min()) if len(fin) else float("nan"))
+    s = np.sort(v)  # NaN sorts last, as in polars
+    out += [float(s[int(math.floor((n - 1) * q + 0.5))]) for q in (0.25, 0.5, 0.75)]
+    out.append(float(fin.max()) if len(fin) else float("nan"))
+    return out
+
+
+STATS = ["count", "null_count", "mean", "std", "min", "25%", "50%", "75%", "max"]
+
+
+class Table(dict):
+    """Ordered columns name -> np.ndarray, plus `null` masks, `notes` and `info`."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.null, self.notes, self.info = {}, [], {}
+
+    def write_csv(self, path):
+        cols = list(self)
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for i in range(len(self[cols[0]]) if cols else 0):
+                row = []
+                for c in cols:
+                    v = self[c][i]
+                    if c in self.null and self.null[c][i] or v is None:
+                        row.append("")
+                    elif isinstance(v, (float, np.floating)):
+                        row.append("NaN" if np.isnan(v) else repr(float(v)))
+                    else:
+                        row.append(str(v))
+                w.writerow(row)
+
+
+def aggregate(per):
+    """agg_results: describe() of every metric column (cell-eval's get_agg_results)."""
+    agg = Table(statistic=np.array(STATS, dtype=object))
+    for c, v in per.items():
+        if c in ("perturbation", "context"):
+            continue
+        null = per.null.get(c, np.zeros(len(v), bool))
+        agg[c] = np.array(describe(np.asarray(v, np.float64), null), dtype=object)
+    return agg
+
+
+def read_csv_table(path):
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    t = Table()
+    for j, c in enumerate(rows[0]):
+        vals = [r[j] for r in rows[1:]]
+        try:
+            t[c] = np.array([float(v) if v != "" else np.nan for v in vals])
+            t.null[c] = np.array([v == "" for v in vals])
+        except ValueError:
+            t[c] = np.array(vals, dtype=object)
+    return t
+
+
+def score(agg_user, agg_base):
+    """cell-eval `score` (VCC 2025): mean over metrics of (u-b)/(1-b) (best 1) or 1-u/b (best 0),
+    NaN -> 0, clipped at 0; only metrics cell-eval registers (pdisc_norm, counts excluded).
+    Returns (dict metric -> normalised score, avg_score)."""
+    def mean_row(t):
+        i = list(t["statistic"]).index("mean")
+        return {c: (np.nan if t[c][i] is None else float(t[c][i])) for c in t if c != "statistic"}
+    u, b = mean_row(agg_user), mean_row(agg_base)
+    if list(u) != list(b):
+        raise ValueError(f"columns differ: {list(u)} != {list(b)}")
+    zero = [m for m in u if BEST.get(m) == 0 and m not in EXTRA]
+    one = [m for m in u if BEST.get(m) == 1 and m not in EXTRA]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = [1.0 - u[m] / b[m] for m in zero] + [(u[m] - b[m]) / (1.0 - b[m]) for m in one]
+    s = np.clip(np.nan_to_num(np.array(s, np.float64), nan=0.0, posinf=np.inf, neginf=0.0), 0, None)
+    out = dict(zip(zero + one, s.tolist()))
+    return out, float(s.mean()) if len(s) else float("nan")
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(x, pert_col, context_col=None):
+    """Path, (X, obs) or (X, obs, genes) -> (X float32 (N, G), labels, contexts or None, genes)."""
+    if isinstance(x, (str, os.PathLike)):
+        with H5AD(x) as f:
+            X = f.matrix("X").block(0, f.n_obs)
+            genes = np.asarray(f.var_names(), dtype=object)
+            lab = f.column(pert_col)
+            ctx = f.column(context_col) if context_col else None
+    else:
+        X, obs = x[0], x[1]
+        genes = np.asarray(x[2] if len(x) > 2 else [str(i) for i in range(X.shape[1])], object)
+        lab = np.asarray(obs[pert_col])
+        ctx = np.asarray(obs[context_col]) if context_col else None
+    X = np.asarray(X, dtype=np.float32)
+    lab = np.array([str(v) for v in lab], dtype=object)
+    if ctx is not None:
+        ctx = np.array([str(v) for v in ctx], dtype=object)
+    return X, lab, ctx, genes
+
+
+def normlog_if_counts(X, which, allow_discrete=False):
+    """cell-eval's guard: integer data is normalize_total(median)+log1p'd; fractional data must be
+    in [0, 15)."""
+    frac = np.modf(X)[0]
+    if not (frac > 1e-3).any():
+        if allow_discrete:
+            return X
+        print(f"WARNING: {which} looks like integer counts: normalising to the median library size "
+              "and log1p (as cell-eval does; pass --allow-discrete to skip)")
+        tot = X.sum(1, dtype=np.float64)
+        tgt = np.median(tot[tot > 0])
+        sc = np.where(tot > 0, tgt / np.where(tot > 0, tot, 1), 1.0).astype(np.float32)
+        return np.log1p(X * sc[:, None])
+    if X.min() < 0:
+        raise ValueError(f"{which}: negative values; expected log1p data")
+    if X.max() >= 15 and not allow_discrete:
+        raise ValueError(f"{which}: max {X.max():.2f} >= 15, not log1p data")
+    return X
+
+
+# -----------------------------------------------------------------------------------------------
+# Metrics of one context
+
+
+def _group(X, lab, perts):
+    """Rows sorted by label (stable: original order within a label), group starts, codes."""
+    code = np.searchsorted(perts, lab)
+    order = np.argsort(code, kind="stable")
+    starts = np.r_[0, np.cumsum(np.bincount(code, minlength=len(perts)))]
+    return X[order], starts
+
+
+def _topk_names(sig, key, k):
+    """Genes (indices) of the top k of a significant set ranked by float32 |LFC| desc, stable."""
+    idx = np.flatnonzero(sig)
+    o = np.argsort(-key[idx], kind="stable")
+    return idx[o[:k]]
+
+
+def _dist(A, B, metric):
+    """(len(A), len(B)) distances in float64."""
+    A, B = torch.from_numpy(np.asarray(A, np.float64)), torch.from_numpy(np.asarray(B, np.float64))
+    if metric == "l1":
+        return torch.cdist(A, B, p=1).numpy()
+    if metric == "l2":
+        d2 = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2 * A @ B.T
+        return d2.clamp_min(0).sqrt().numpy()
+    na = A.norm(dim=1, keepdim=True)
+    nb = B.norm(dim=1, keepdim=True)
+    A, B = A / torch.where(na == 0, 1, na), B / torch.where(nb == 0, 1, nb)
+    return (1 - A @ B.T).clamp(0, 2).numpy()
+
+
+def _mean_pdist(A, B=None, chunk=1024):
+    """Mean Euclidean distance over all pairs (self-pairs included as zeros), float64, chunked."""
+    A = torch.from_numpy(np.asarray(A, np.float64))
+    B = A if B is None else torch.from_numpy(np.asarray(B, np.float64))
+    nb = (B * B).sum(1)
+    tot = 0.0
+    for i in range(0, len(A), chunk):
+        a = A[i:i + chunk]
+        d2 = (a * a).sum(1)[:, None] + nb[None, :] - 2 * a @ B.T
+        tot += float(d2.clamp_min(0).sqrt().sum())
+    return tot / (len(A) * len(B))
+
+
+def discrimination(eff_pred, eff_real, genes, perts, metric):
+    """cell-eval discrimination_score_<metric>: 1 - rank/T of the true perturbation among the real
+    deltas sorted by distance to the predicted delta, the perturbation's own gene column excluded."""
+    D = _dist(eff_pred, eff_real, metric)  # D[p, q] = d(pred_p, real_q), all columns
+    gi = {g: i for i, g in enumerate(genes)}
+    out = np.empty(len(perts))
+    for i, p in enumerate(perts):
+        d = D[i]
+        if p in gi:  # recompute this row without the target gene's column
+            keep = np.flatnonzero(genes != p)
+            d = _dist(eff_pred[i:i + 1, keep], eff_real[:, keep], metric)[0]
+        rank = np.flatnonzero(np.argsort(d) == i)[0]
+        out[i] = 1.0 - rank / len(perts)
+    return out
+
+
+def _context_metrics(Xp, lp, Xr, lr, genes, control, metrics, pseudobulk=0):
+    """All requested metrics for one context. Returns (Table per perturbation, DE dicts, notes)."""
+    perts_r, perts_p = np.unique(lr), np.unique(lp)
+    if not np.array_equal(perts_r, perts_p):
+        raise ValueError(f"perturbations differ: only real {sorted(set(perts_r) - set(perts_p))}, "
+                         f"only pred {sorted(set(perts_p) - set(perts_r))}")
+    if control not in perts_r:
+        raise ValueError(f"control '{control}' not in the files")
+    allp = perts_r.astype(object)
+    ci = int(np.flatnonzero(allp == control)[0])
+    perts = np.array([p for p in allp if p != control], dtype=object)
+    T = len(perts)
+    sr, str_ = _group(Xr, lr, allp)
+    sp, stp = _group(Xp, lp, allp)
+    # pseudobulks (float64) and deltas, each file against its own control
+    mu_r = np.add.reduceat(sr, str_[:-1], axis=0, dtype=np.float64) / np.diff(str_)[:, None]
+    mu_p = np.add.reduceat(sp, stp[:-1], axis=0, dtype=np.float64) / np.diff(stp)[:, None]
+    keep = [i for i in range(len(allp)) if i != ci]
+    d_r, d_p = mu_r[keep] - mu_r[ci], mu_p[keep] - mu_p[ci]
+    m_r, m_p = mu_r[keep], mu_p[keep]
+    per = Table(perturbation=perts)
+    notes, info = [], {}
+    want = set(metrics)
+    DE = None
+    if want & set(DE_METRICS):
+        DE = dict(real=de_groups(sr, str_, ci, pseudobulk), pred=de_groups(sp, stp, ci, pseudobulk))
+        f32 = {k: np.float32(v["fdr"]) for k, v in DE.items()}
+        l32 = {k: np.float32(v["lfc"]) for k, v in DE.items()}
+        sig = {k: f32[k] < FDR for k in DE}
+        n_r, n_p = sig["real"].sum(1), sig["pred"].sum(1)
+        key = {k: np.abs(l32[k]) for k in DE}
+        none_r, none_p = n_r.sum() == 0, n_p.sum() == 0
+        for kind in ("overlap", "precision"):
+            for k in KS:
+                name = f"{kind}_at_{k or 'N'}"
+                if name not in want:
+                    continue
+                v = np.zeros(T)
+                for i in range(T):
+                    if none_r or none_p:
+                        break  # cell-eval: no significant gene anywhere in one file -> all 0
+                    n = n_r[i] if kind == "overlap" else n_p[i]
+                    keff = min(k or n, n)
+                    if keff == 0:
+                        continue
+                    a = _topk_names(sig["real"][i], key["real"][i], keff)
+                    b = _topk_names(sig["pred"][i], key["pred"][i], keff)
+                    v[i] = len(np.intersect1d(a, b)) / keff
+                per[name] = v
+        has = n_r > 0
+        nullmask = ~has
+        if "de_spearman_sig" in want:
+            v = 1.0 if not has.any() else spearman(n_r[has], n_p[has])
+            per["de_spearman_sig"] = np.full(T, v)
+        if "de_direction_match" in want:
+            v = np.full(T, np.nan)
+            for i in np.flatnonzero(has):
+                s = sig["real"][i]
+                v[i] = np.mean(np.sign(l32["real"][i][s]) == np.sign(l32["pred"][i][s]))
+            per["de_direction_match"], per.null["de_direction_match"] = v, nullmask
+        if "de_spearman_lfc_sig" in want:
+            v = np.full(T, np.nan)
+            for i in np.flatnonzero(has):
+                s = sig["real"][i]
+                v[i] = spearman(l32["real"][i][s], l32["pred"][i][s])
+            per["de_spearman_lfc_sig"], per.null["de_spearman_lfc_sig"] = v, nullmask
+        if "de_sig_genes_recall" in want:
+            v = np.full(T, np.nan)
+            v[has] = (sig["real"] & sig["pred"]).sum(1)[has] / n_r[has]
+            per["de_sig_genes_recall"], per.null["de_sig_genes_recall"] = v, nullmask
+        if "de_nsig_counts" in want:
+            per["de_nsig_counts_real"], per["de_nsig_counts_pred"] = n_r.astype(float), n_p.astype(float)
+        for name, fn in (("pr_auc", average_precision), ("roc_auc", roc_auc)):
+            if name in want:
+                v = np.full(T, np.nan)
+                sc = -np.log10(np.clip(f32["pred"], np.float32(1e-10), np.float32(1.0)))
+                for i in range(T):
+                    y = sig["real"][i].astype(np.float64)
+                    if 0 < y.sum() < len(y):
+                        v[i] = fn(y, sc[i].astype(np.float64))
+                per[name] = v
+        info["n_no_real_de"] = int((~has).sum())
+        if (~has).any():
+            notes.append(f"{int((~has).sum())}/{T} perturbations have no real DE gene (FDR<{FDR}): "
+                         "cell-eval scores their overlap/precision 0 and leaves direction/recall/"
+                         "lfc-spearman null")
+        if not has.any():
+            notes.append("no real DE gene anywhere: de_spearman_sig is set to 1.0 by convention")
+    if "pearson_delta" in want:
+        per["pearson_delta"] = np.array([pearson(d_p[i], d_r[i]) for i in range(T)])
+    if "mse" in want:
+        per["mse"] = ((m_p - m_r) ** 2).mean(1)
+    if "mae" in want:
+        per["mae"] = np.abs(m_p - m_r).mean(1)
+    if "mse_delta" in want:
+        per["mse_delta"] = ((d_p - d_r) ** 2).mean(1)
+    if "mae_delta" in want:
+        per["mae_delta"] = np.abs(d_p - d_r).mean(1)
+    for m in ("l1", "l2", "cosine"):
+        if f"discrimination_score_{m}" in want:
+            per[f"discrimination_score_{m}"] = discrimination(d_p, d_r, genes, perts, m)
+    if T == 1 and want & {"discrimination_score_l1", "discrimination_score_l2",
+                          "discrimination_score_cosine"}:
+        notes.append("one perturbation: discrimination scores are trivially 1")
+    if "pearson_edistance" in want:
+        if T < 2:
+            per["pearson_edistance"] = np.full(T, np.nan)
+            notes.append("pearson_edistance is NaN: a correlation over perturbations needs >= 2 "
+                         "(cell-eval errors and drops the column)")
+        else:
+            ed = {}
+            for k, (S, st) in dict(real=(sr, str_), pred=(sp, stp)).items():
+                C = S[st[ci]:st[ci + 1]]
+                sc = _mean_pdist(C)
+                ed[k] = np.array([2 * _mean_pdist(S[st[i]:st[i + 1]], C)
+                                  - _mean_pdist(S[st[i]:st[i + 1]]) - sc for i in keep])
+            per["pearson_edistance"] = np.full(T, pearson(ed["real"], ed["pred"]))
+            info["edistance_real"], info["edistance_pred"] = ed["real"], ed["pred"]
+    if "pdisc_norm" in want:
+        D = _dist(m_p, m_r, "l1")  # paper: pseudobulks, no column excluded
+        per["pdisc_norm"] = 1 - 2 * (D < np.diag(D)[:, None]).sum(1) / T
+    # mode-collapse check: mean off-diagonal correlation of predicted (and real) deltas
+    if T >= 2:
+        for k, d in (("pred", d_p), ("real", d_r)):
+            c = np.corrcoef(d) if np.all(d.std(1) > 0) else None
+            info[f"cross_pert_corr_{k}"] = (float(c[~np.eye(T, dtype=bool)].mean())
+                                            if c is not None else float("nan"))
+    return per, DE, notes, info, perts
+
+
+def evaluate(pred, real, pert_col, control, context_col=None, profile="full", pseudobulk=0,
+             allow_discrete=False, out=None, threads=1):
+    """Evaluate pred vs real (paths or (X, obs[, genes])). Returns (per_pert, agg) Tables; with
+    context_col each context is scored separately and per_pert gets a `context` column, agg pools
+    all rows and `<context>_*.csv` hold the per-context files. Writes CSVs when out is set.
+    threads: torch threads for the distance GEMMs (1 by default: on shared CPUs oversubscribed
+    torch threads were 10x slower)."""
+    nt = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _evaluate(pred, real, pert_col, control, context_col, profile, pseudobulk,
+                         allow_discrete, out)
+    finally:
+        torch.set_num_threads(nt)
+
+
+def _evaluate(pred, real, pert_col, control, context_col, profile, pseudobulk, allow_discrete, out):
+    metrics = PROFILES[profile] if isinstance(profile, str) else list(profile)
+    Xp, lp, cp, gp = load(pred, pert_col, context_col)
+    Xr, lr, cr, gr = load(real, pert_col, context_col)
+    if Xp.shape[1] != Xr.shape[1] or not np.array_equal(gp, gr):
+        raise ValueError("pred and real must have identical var names in the same order")
+    Xp = normlog_if_counts(Xp, "pred", allow_discrete)
+    Xr = normlog_if_counts(Xr, "real", allow_discrete)
+    if out:
+        os.makedirs(out, exist_ok=True)
+    ctxs = [None] if context_col is None else sorted(set(cr))
+    if context_col is not None and set(cp) != set(cr):
+        raise ValueError(f"contexts differ: pred {sorted(set(cp))} vs real {sorted(set(cr))}")
+    tabs, notes, infos = [], [], {}
+    for c in ctxs:
+        mp = slice(None) if c is None else cp == c
+        mr = slice(None) if c is None else cr == c
+        per, DE, nt, info, perts = _context_metrics(Xp[mp], lp[mp], Xr[mr], lr[mr], gr, control,
+                                                    metrics, pseudobulk)
+        pre = "" if c is None else f"{str(c).replace('/', '-')}_"
+        if out:
+            per.write_csv(os.path.join(out, f"{pre}results.csv"))
+            aggregate(per).write_csv(os.path.join(out, f"{pre}agg_results.csv"))
+            if DE is not None:
+                for k, d in DE.items():
+                    write_de(os.path.join(out, f"{pre}{k}_de.csv"), d, perts, gr)
+        if c is not None:
+            notes += [f"[{c}] {n}" for n in nt]
+            infos[c] = info
+            t = Table(context=np.array([c] * len(per["perturbation"]), dtype=object), **per)
+            t.null = per.null
+            per = t
+        else:
+            notes += nt
+            infos = info
+        tabs.append((per, DE))
+    per = tabs[0][0] if len(tabs) == 1 else _concat([t[0] for t in tabs])
+    agg = aggregate(per)
+    agg.notes, agg.info = notes, infos
+    if out and context_col is not None:
+        per.write_csv(os.path.join(out, "results.csv"))
+        agg.write_csv(os.path.join(out, "agg_results.csv"))
+    return per, agg
+
+
+def _concat(tabs):
+    t = Table()
+    cols = []
+    for x in tabs:
+        cols += [c for c in x if c not in cols]
+    for c in cols:
+        n = [len(x["perturbation"]) for x in tabs]
+        t[c] = np.concatenate([x[c] if c in x else np.full(k, np.nan) for x, k in zip(tabs, n)])
+        t.null[c] = np.concatenate([x.null.get(c, np.zeros(k, bool)) if c in x else np.ones(k, bool)
+                                    for x, k in zip(tabs, n)])
+    return t
+
+
+def write_de(path, d, perts, genes):
+    """cell-eval's DE table schema: target, feature, log2_fold_change, p_value, fdr."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["target", "feature", "log2_fold_change", "p_value", "fdr"])
+        for i, p in enumerate(perts):
+            for j, g in enumerate(genes):
+                w.writerow([p, g, repr(float(d["lfc"][i, j])), repr(float(d["p"][i, j])),
+                            repr(float(d["fdr"][i, j]))])
+
+
+# -----------------------------------------------------------------------------------------------
+# Report and CLI
+
+
+def fmt(v):
+    return "nan" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"
+
+
+def report(per, agg):
+    """Human-readable summary: mean of each metric, notes on conventions, mode-collapse check."""
+    i = list(agg["statistic"]).index("mean")
+    lines = [f"{len(per['perturbation'])} perturbations"]
+    lines += [f"  {c:<28s} {fmt(agg[c][i])}" for c in agg if c != "statistic"]
+    info = agg.info
+    for c, inf in (info.items() if info and isinstance(next(iter(info.values()), None), dict)
+                   else [(None, info)]):
+        tag = f"[{c}] " if c is not None else ""
+        if "cross_pert_corr_pred" in inf:
+            lines.append(f"{tag}cross-perturbation correlation of deltas: pred "
+                         f"{fmt(inf['cross_pert_corr_pred'])}, real {fmt(inf['cross_pert_corr_real'])}"
+                         " (pred >> real suggests mode collapse)")
+        if "n_no_real_de" in inf:
+            lines.append(f"{tag}perturbations with no real DE signal: {inf['n_no_real_de']}")
+    lines += [f"NOTE: {n}" for n in agg.notes]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m state.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pred", required=True)
+    ap.add_argument("--real", required=True)
+    ap.add_argument("--pert-col", default="target_gene")
+    ap.add_argument("--control", default="non-targeting")
+    ap.add_argument("--context-col", default=None)
+    ap.add_argument("--profile", default="full", choices=list(PROFILES))
+    ap.add_argument("--pseudobulk", type=int, default=0, help="DE on k pseudo-replicates per side")
+    ap.add_argument("--allow-discrete", action="store_true")
+    ap.add_argument("--baseline-agg", default=None, help="agg_results.csv of a baseline: VCC score")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="eval_out")
+    a = ap.parse_args(argv)
+    per, agg = evaluate(a.pred, a.real, a.pert_col, a.control, a.context_col, a.profile,
+                        a.pseudobulk, a.allow_discrete, out=a.out, threads=a.threads)
+    print(report(per, agg))
+    if a.baseline_agg:
+        s, avg = score(agg, read_csv_table(a.baseline_agg))
+        print(f"VCC-2025 score vs baseline: {100 * avg:.2f} " +
+              " ".join(f"{k}={v:.3f}" for k, v in s.items()))
+    print(f"wrote {a.out}/results.csv, agg_results.csv")
+    return per, agg
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
