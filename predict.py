@@ -1,0 +1,309 @@
+"""
+Predict with a trained ST run.
+
+Replay the test split (pred/real pair for the evaluator, DESIGN.md contract):
+    python predict.py test --run=runs/q --data=/tmp/q --split=/tmp/q/split.json --out=runs/q/test
+Virtual screen from control cells (predicted cells for each perturbation in each context):
+    python predict.py simulate --run=runs/q --adata=controls.h5ad --perts=A,B --out=screen.h5ad
+    python predict.py simulate --run=runs/q --adata=controls.h5ad --perts=perts.txt --n_cells=200 --out=..
+Evaluate / compare with baselines (forwarded to state.eval.main / state.baselines.main):
+    python predict.py eval ...        python predict.py report ...
+
+Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, each fed
+with controls of the same context drawn with replacement (seeded), and windows of unequal length share
+a batch through key-padding `lens` (identical to one-set-at-a-time outputs). Real control cells are
+copied through with is_predicted=False (predicted controls would leak into the metrics). Gene-space
+outputs are clipped to [0, 14] (log1p). CPU or one GPU (--device=cuda).
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from state.config import configure
+from state.h5ad import H5AD, write_h5ad
+from state.st import STConfig, StateTransition
+
+# -----------------------------------------------------------------------------
+# loading a run
+
+
+def load_run(run, device="cpu"):
+    """-> (model in eval mode, meta dict). The model is rebuilt from meta.json's config."""
+    from safetensors.torch import load_file
+    meta = json.load(open(os.path.join(run, "meta.json")))
+    cfg = STConfig.from_dict(meta["st"])
+    sd = load_file(os.path.join(run, "model.safetensors"))
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
+    model = StateTransition(cfg, pert_table=sd.get("pert_table"))
+    model.load_state_dict(sd)
+    return model.to(device).eval(), meta
+
+
+@torch.no_grad()
+def predict_windows(model, ctrl, windows, device, max_cells=8192):
+    """ctrl (N,Din) float32 control rows; windows: list of (idx into ctrl (n<=S,), pert code, batch
+    codes (n,) or None). Returns a list of (n, Dout) float32 predictions (decoded genes when the model
+    has a gene decoder). Windows are batched by length (key-padding lens), never padded with cells."""
+    S = model.cfg.set_size
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+    out = [None] * len(windows)
+    bs = max(1, max_cells // S)
+    for a in tqdm(range(0, len(order), bs), desc="predict", unit="batch", leave=False,
+                  disable=not sys.stderr.isatty() and os.environ.get("TQDM", "") != "1"):
+        ids = order[a:a + bs]
+        L = len(windows[ids[0]][0])
+        x = torch.zeros(len(ids), L, ctrl.shape[1])
+        bt = torch.zeros(len(ids), L, dtype=torch.int64)
+        lens = torch.tensor([len(windows[i][0]) for i in ids])
+        pert = torch.tensor([windows[i][1] for i in ids], dtype=torch.int64)
+        for j, i in enumerate(ids):
+            w = windows[i]
+            x[j, :len(w[0])] = torch.from_numpy(ctrl[w[0]])
+            if w[2] is not None:
+                bt[j, :len(w[0])] = torch.as_tensor(w[2])
+        x, bt, lens, pert = x.to(device), bt.to(device), lens.to(device), pert.to(device)
+        y = model(x, pert, batch=bt if model.cfg.n_batch else None, lens=lens)
+        if model.decoder is not None:
+            y = model.decode(y)
+        y = y.float().cpu().numpy()
+        for j, i in enumerate(ids):
+            out[i] = y[j, :len(windows[i][0])]
+    return out
+
+
+def make_windows(n, S):
+    """Sizes of ceil(n/S) windows of at most S cells (the last one short, reference)."""
+    return [min(S, n - a) for a in range(0, n, S)]
+
+
+def spread_report(groups):
+    """groups: list of (name, pred (n,G), real (m,G), ctrl (c,G)). Per-gene std and mean shift of the
+    predictions vs the real cells (the reference's predictions collapse: spread ratio << 1)."""
+    rows = []
+    for name, p, r, c in groups:
+        mc = c.mean(0)
+        dp, dr = p.mean(0) - mc, r.mean(0) - mc
+        sr = r.std(0).mean()
+        corr = np.corrcoef(dp, dr)[0, 1] if dp.std() > 0 and dr.std() > 0 else float("nan")
+        rows.append((name, p.std(0).mean() / max(sr, 1e-12), np.linalg.norm(dp) / max(np.linalg.norm(dr), 1e-12),
+                     np.abs(p.mean(0) - r.mean(0)).mean(), corr))
+    a = np.array([r[1:] for r in rows], dtype=np.float64)
+    lines = [f"{'group':34s} {'spread':>7s} {'shift':>7s} {'mae_mean':>9s} {'delta_r':>8s}"]
+    for r in rows[:12]:
+        lines.append(f"{r[0][:34]:34s} {r[1]:7.3f} {r[2]:7.3f} {r[3]:9.4f} {r[4]:8.3f}")
+    if len(rows) > 12:
+        lines.append(f"... ({len(rows) - 12} more)")
+    med = np.nanmedian(a, 0)
+    lines.append(f"{'median over ' + str(len(rows)) + ' groups':34s} {med[0]:7.3f} {med[1]:7.3f} "
+                 f"{med[2]:9.4f} {med[3]:8.3f}")
+    lines.append("spread = mean per-gene std of predicted / real cells (1 = same heterogeneity; the "
+                 "reference collapses toward 0); shift = |mean(pred)-mean(ctrl)| / |mean(real)-mean(ctrl)|; "
+                 "mae_mean = mean |mean(pred)-mean(real)| per gene; delta_r = pearson of the two deltas")
+    return "\n".join(lines), med
+
+# -----------------------------------------------------------------------------
+# test: replay the split's test groups
+
+
+def cmd_test(argv):
+    cfg = {"run": "", "data": "", "split": "", "out": "", "seed": 0, "device": "cpu",
+           "clip": True, "max_cells": 8192}
+    configure(argv, cfg)
+    from state.data import Prepared
+    from state.splits import Split
+    model, meta = load_run(cfg["run"], cfg["device"])
+    D, sp = Prepared(cfg["data"]), Split.load(cfg["split"])
+    if list(D.genes) != list(meta["genes"]):
+        sys.exit("predict.py: the prepared data's genes differ from the run's (order included)")
+    if D.checksum != meta["data_checksum"]:
+        print(f"WARNING: data checksum {D.checksum} differs from the run's {meta['data_checksum']}")
+    if list(D.pert_names) != list(meta["pert_names"]):
+        sys.exit("predict.py: the data's perturbation vocabulary differs from the run's")
+    S, ctl = model.cfg.set_size, D.control_code
+    rng = np.random.default_rng(cfg["seed"])
+    test = np.asarray(sp.test, dtype=np.int64)
+    test = test[D.pert[test] != ctl]
+    tctrl = np.asarray(sp.test_ctrl, dtype=np.int64)
+    ctx_of = {c: tctrl[D.context[tctrl] == c] for c in np.unique(D.context[tctrl])}
+    # groups in the split's order: (context code, pert code) -> real rows
+    keys = sorted({(int(c), int(p)) for c, p in zip(D.context[test], D.pert[test])})
+    windows, meta_w = [], []
+    ctrl_rows_all = np.unique(tctrl)
+    pos = {int(r): i for i, r in enumerate(ctrl_rows_all)}
+    ctrlX = D.rows(ctrl_rows_all)  # (Nc, G)
+    real_rows = []
+    for c, p in keys:
+        rows = test[(D.context[test] == c) & (D.pert[test] == p)]
+        pool = ctx_of.get(c)
+        if pool is None or len(pool) == 0:
+            sys.exit(f"predict.py: context {D.context_names[c]} has no control cells in the test split")
+        real_rows.append(rows)
+        for n in make_windows(len(rows), S):
+            draw = pool[rng.integers(0, len(pool), n)]
+            windows.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw]))
+            meta_w.append((c, p, draw))
+    t0 = time.perf_counter()
+    preds = predict_windows(model, ctrlX, windows, cfg["device"], cfg["max_cells"])
+    dt = time.perf_counter() - t0
+    P = np.concatenate(preds) if preds else np.zeros((0, D.n_genes), np.float32)
+    if cfg["clip"] and model.cfg.gene_space:
+        P = np.clip(P, 0.0, 14.0)
+    pc, cc = D.pert_col, D.context_col or "context"
+    pn, cn = np.asarray(D.pert_names, dtype=object), np.asarray(D.context_names, dtype=object)
+    draw_all = np.concatenate([m[2] for m in meta_w]) if meta_w else np.zeros(0, np.int64)
+    wc = np.concatenate([[m[0]] * len(m[2]) for m in meta_w]).astype(int)
+    wp = np.concatenate([[m[1]] * len(m[2]) for m in meta_w]).astype(int)
+    real_parts = real_rows
+    real_rows = np.concatenate(real_rows) if real_rows else np.zeros(0, np.int64)
+    ctrl_rows = np.sort(tctrl)
+    # pred: predicted cells + the real controls; real: real perturbed cells + the same controls
+    Xc = D.rows(ctrl_rows)
+    Xp = np.concatenate([P, Xc]).astype(np.float32)
+    Xr = np.concatenate([D.rows(real_rows), Xc]).astype(np.float32)
+    on = np.asarray(D.obs_names, dtype=object)
+    uns = {"nanostate": {"pert_col": pc, "control": D.control, "context_col": cc,
+                         "source": os.path.abspath(cfg["run"]), "seed": cfg["seed"],
+                         "clip": "0,14" if cfg["clip"] else "none"}}
+    pred_obs = {pc: np.concatenate([pn[wp], pn[D.pert[ctrl_rows]]]),
+                cc: np.concatenate([cn[wc], cn[D.context[ctrl_rows]]]),
+                "is_predicted": np.concatenate([np.ones(len(P), bool), np.zeros(len(ctrl_rows), bool)]),
+                "ctrl_cell_barcode": np.concatenate([on[draw_all], on[ctrl_rows]])}
+    real_obs = {pc: np.concatenate([pn[D.pert[real_rows]], pn[D.pert[ctrl_rows]]]),
+                cc: np.concatenate([cn[D.context[real_rows]], cn[D.context[ctrl_rows]]]),
+                "is_predicted": np.zeros(len(real_rows) + len(ctrl_rows), bool)}
+    os.makedirs(cfg["out"], exist_ok=True)
+    pred_names = np.array([f"pred_{i}" for i in range(len(P))] + list(on[ctrl_rows]), dtype=object)
+    write_h5ad(os.path.join(cfg["out"], "pred.h5ad"), Xp, pred_names, list(D.genes), obs=pred_obs, uns=uns)
+    write_h5ad(os.path.join(cfg["out"], "real.h5ad"), Xr, np.concatenate([on[real_rows], on[ctrl_rows]]),
+               list(D.genes), obs=real_obs, uns={"nanostate": {**uns["nanostate"], "source": "real"}})
+    print(f"predicted {len(P):,} cells in {len(keys)} test groups ({len(windows)} sets, S {S}) in "
+          f"{dt:.1f}s -> {cfg['out']}/pred.h5ad, real.h5ad ({len(ctrl_rows):,} real controls in both)")
+    # spread / shift report
+    groups, a = [], 0
+    for (c, p), rows in zip(keys, real_parts):
+        n = len(rows)
+        groups.append((f"{cn[c]} / {pn[p]}", P[a:a + n], Xr[a:a + n], Xc[D.context[ctrl_rows] == c]))
+        a += n
+    if groups:
+        text, _ = spread_report(groups)
+        print(text)
+        with open(os.path.join(cfg["out"], "spread.txt"), "w") as f:
+            f.write(text + "\n")
+    return cfg["out"]
+
+# -----------------------------------------------------------------------------
+# simulate: a virtual screen from control cells
+
+
+def cmd_simulate(argv):
+    cfg = {"run": "", "adata": "", "perts": "", "out": "", "n_cells": 0, "seed": 0, "device": "cpu",
+           "key": "X", "context_col": "", "pert_col": "", "control": "", "clip": True,
+           "allow_missing_genes": 0.0, "max_cells": 8192}
+    configure(argv, cfg)
+    model, meta = load_run(cfg["run"], cfg["device"])
+    S, genes = model.cfg.set_size, list(meta["genes"])
+    vocab = {n: i for i, n in enumerate(meta["pert_names"])}
+    perts = cfg["perts"]
+    if os.path.exists(perts):
+        perts = [l.strip().split("\t")[0] for l in open(perts) if l.strip()]
+    else:
+        perts = [p for p in perts.split(",") if p]
+    if not perts:
+        sys.exit("predict.py simulate: --perts=A,B or a file with one perturbation per line")
+    bad = [p for p in perts if p not in vocab]
+    if bad:
+        sys.exit(f"predict.py simulate: {len(bad)} perturbations are not in the run's vocabulary "
+                 f"({len(vocab)} names): {bad[:20]}")
+    with H5AD(cfg["adata"]) as f:
+        names = list(f.var_names())
+        cols = f.columns()
+        pcol = cfg["pert_col"] or meta["pert_col"]
+        ctrl_label = cfg["control"] or meta["control"]
+        keep = np.arange(f.n_obs)
+        if pcol in cols:
+            keep = np.flatnonzero(np.asarray(f.column(pcol)).astype(str) == ctrl_label)
+            if len(keep) == 0:
+                sys.exit(f"predict.py simulate: no '{ctrl_label}' cells in column '{pcol}'")
+        ccol = cfg["context_col"] or meta.get("context_col") or ""
+        ctx = np.asarray(f.column(ccol)).astype(str)[keep] if ccol in cols else np.array(["all"] * len(keep))
+        bcol = meta.get("batch_col")
+        bnames = {n: i for i, n in enumerate(meta.get("batch_names", []))}
+        bt = np.zeros(len(keep), np.int64)
+        if model.cfg.n_batch and bcol in cols:
+            bt = np.array([bnames.get(b, 0) for b in np.asarray(f.column(bcol)).astype(str)[keep]])
+        obs_names = np.asarray(f.obs_names, dtype=object)[keep]
+        Xin = f.matrix(cfg["key"]).rows(keep)  # (N, G_file)
+    # map genes by name to the run's ordered list
+    where = {g: i for i, g in enumerate(names)}
+    miss = [g for g in genes if g not in where]
+    if len(miss) > cfg["allow_missing_genes"] * len(genes):
+        sys.exit(f"predict.py simulate: {len(miss)}/{len(genes)} of the run's genes are missing from "
+                 f"{cfg['adata']} (e.g. {miss[:10]}); --allow_missing_genes=FRACTION zero-fills them")
+    if miss:
+        print(f"WARNING: zero-filling {len(miss)} missing genes: {miss[:20]}")
+    X = np.zeros((len(keep), len(genes)), np.float32)
+    have = [i for i, g in enumerate(genes) if g in where]
+    X[:, have] = Xin[:, [where[genes[i]] for i in have]]
+    mx = float(X.max()) if X.size else 0.0
+    if model.cfg.gene_space and mx > 30 and np.allclose(X[:1000], np.round(X[:1000])):
+        sys.exit("predict.py simulate: the input looks like raw counts; give log1p-normalised values "
+                 "prepared with the run's recipe (python -m state.data prepare ...)")
+    rng = np.random.default_rng(cfg["seed"])
+    windows, info = [], []
+    for c in sorted(set(ctx)):
+        pool = np.flatnonzero(ctx == c)
+        n = cfg["n_cells"] or len(pool)
+        for p in perts:
+            for m in make_windows(n, S):
+                draw = pool[rng.integers(0, len(pool), m)]
+                windows.append((draw, vocab[p], bt[draw]))
+                info.append((c, p, draw))
+    preds = predict_windows(model, X, windows, cfg["device"], cfg["max_cells"])
+    P = np.concatenate(preds).astype(np.float32)
+    if cfg["clip"] and model.cfg.gene_space:
+        P = np.clip(P, 0.0, 14.0)
+    pc, cc = meta["pert_col"], meta.get("context_col") or "context"
+    draw = np.concatenate([i[2] for i in info])
+    obs = {pc: np.concatenate([[i[1]] * len(i[2]) for i in info] + [[meta["control"]] * len(X)]).astype(object),
+           cc: np.concatenate([[i[0]] * len(i[2]) for i in info] + [ctx]).astype(object),
+           "is_predicted": np.concatenate([np.ones(len(P), bool), np.zeros(len(X), bool)]),
+           "ctrl_cell_barcode": np.concatenate([obs_names[draw], obs_names])}
+    out = cfg["out"] or os.path.join(cfg["run"], "predictions",
+                                     os.path.basename(cfg["adata"]).rsplit(".", 1)[0] + "_pred.h5ad")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_h5ad(out, np.concatenate([P, X]), np.array([f"pred_{i}" for i in range(len(P))] + list(obs_names),
+                                                    dtype=object), genes, obs=obs,
+               uns={"nanostate": {"pert_col": pc, "control": meta["control"], "context_col": cc,
+                                  "source": os.path.abspath(cfg["run"]), "seed": cfg["seed"],
+                                  "controls": os.path.abspath(cfg["adata"])}})
+    print(f"simulated {len(P):,} cells ({len(perts)} perturbations x {len(set(ctx))} contexts) + "
+          f"{len(X):,} real controls -> {out}")
+    return out
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv):
+    if not argv or argv[0] not in ("test", "simulate", "eval", "report"):
+        sys.exit(__doc__)
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "test":
+        return cmd_test(rest)
+    if cmd == "simulate":
+        return cmd_simulate(rest)
+    if cmd == "eval":
+        from state import eval as ev  # lazy: written by the evaluator's owner
+        return ev.main(rest)
+    from state import baselines
+    return baselines.main(rest)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

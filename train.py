@@ -1,0 +1,325 @@
+"""
+Train ST (State Transition) on a prepared dataset and a split. One flat script: config, setup, data,
+model, loop; no Trainer, no callbacks.
+
+CPU (tiny, ~1-2 min):
+    python train.py --data=/tmp/q --split=/tmp/q/split.json --preset=tiny --out=runs/q --max_steps=300
+1 GPU (bf16 autocast, fp32 master weights and loss):
+    python train.py --data=DIR --split=split.json --preset=default --batch_size=16 --out=runs/st
+N GPUs (plain DDP; every rank draws its own block of sets of each step):
+    torchrun --standalone --nproc_per_node=8 train.py --data=DIR --split=split.json --out=runs/st
+CPU, 2 processes (gloo):
+    torchrun --standalone --nproc_per_node=2 train.py --data=DIR --split=split.json --out=runs/st2
+Resume exactly where a run stopped (same batches, same losses): add --resume.
+
+Overrides are `--key=value` over the globals below and over STConfig's fields (`--hidden=128`);
+unknown keys and type mismatches are errors. The run directory gets `model.safetensors`, `meta.json`
+(config, genes, perturbation vocabulary, data checksum, split hash, step) and `state.pt` (optimizer,
+sampler, RNG), each written atomically, plus `log.jsonl` (one line per log/val step).
+"""
+
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from state.config import configure
+from state.data import Prepared, SetSampler
+from state.dist import compute_cleanup, compute_init, print0
+from state.splits import Split
+from state.st import STConfig, StateTransition, load_pert_features
+
+# -----------------------------------------------------------------------------
+# config (every global here can be overridden with --key=value)
+data = ""                # prepared dataset directory (python -m state.data prepare ...)
+split = ""               # split.json (python -m state.splits make ...)
+out = "runs/st"          # run directory; must not exist unless --resume
+resume = False           # continue the run in `out` from its last checkpoint
+preset = "tiny"          # STConfig preset: tiny | small | default | paper
+max_steps = 1000         # optimizer steps in total (a resumed run continues to this)
+batch_size = 16          # sets per step per process (reference 16)
+lr = 1e-4                # Adam, constant: no warmup, no schedule (reference)
+weight_decay = 0.0       # reference ignores its weight_decay key: none
+grad_clip = 10.0         # global grad-norm clip (reference 10); 0 disables
+seed = 42                # data order, controls, init
+dtype = "auto"           # autocast dtype: auto (bf16 on cuda, float32 on cpu) | float32 | bfloat16
+matmul_precision = "high"  # torch.set_float32_matmul_precision: highest | high | medium
+device = ""              # "" = cuda when available, else cpu
+threads = 0              # torch.set_num_threads on cpu; 0 = torch's default
+mapping = "random"       # control matching: random (reference) | batch
+control_sets = True      # control cells form their own sets (teaches the identity)
+batch_encoder = False    # add a batch embedding to every token
+pert_features = ""       # {perturbation: vector} file (.pt/.safetensors/.npz/.tsv); "" = one-hot
+missing_pert_features = "error"  # error | zero (reference behaviour, warned)
+log_every = 10           # steps between log lines (the only host syncs in the loop)
+val_every = 250          # steps between validation losses (0 = only at the end)
+val_batches = 8          # batches per validation
+ckpt_every = 500         # steps between checkpoints (always one at the end)
+compile = False          # torch.compile the model (GPU)
+# model fields (STConfig) are overridable too: --hidden=128 --n_layers=4 ...
+st_over = {f.name: f.default for f in fields(STConfig)
+           if f.name not in ("n_in", "n_out", "n_pert", "n_batch", "n_genes")}
+train_keys = [k for k, v in list(globals().items()) if not k.startswith("_") and
+              isinstance(v, (int, float, bool, str)) and k not in ("st_over",)]
+train_cfg = {k: globals()[k] for k in train_keys}
+over = configure(sys.argv[1:], train_cfg, st_over)
+globals().update(train_cfg)
+
+# -----------------------------------------------------------------------------
+# setup
+ddp, rank, local_rank, world, dev = compute_init(seed, device or None)
+master = rank == 0
+if threads and dev.type == "cpu":
+    torch.set_num_threads(threads)
+torch.set_float32_matmul_precision(matmul_precision)
+print0(f"torch.set_float32_matmul_precision({matmul_precision!r})  (torch {torch.__version__}, "
+       f"device {dev}, world {world}, threads {torch.get_num_threads()})")
+if dtype == "auto":
+    dtype = "bfloat16" if dev.type == "cuda" else "float32"
+amp = dtype == "bfloat16"
+if amp and dev.type == "cpu":
+    print0("WARNING: bf16 autocast on CPU is slower than fp32 here; use it only for parity checks")
+autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp)
+if not data or not split:
+    sys.exit("train.py: --data=PREPARED_DIR and --split=split.json are required")
+
+
+def file_sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+
+
+if os.path.isdir(out) and os.listdir(out) and not resume:
+    sys.exit(f"train.py: run directory {out} exists and is not empty; pass --resume to continue it "
+             "or choose another --out")
+if resume and not os.path.exists(os.path.join(out, "state.pt")):
+    sys.exit(f"train.py: --resume but {out}/state.pt does not exist")
+
+# -----------------------------------------------------------------------------
+# data
+D = Prepared(data)
+sp = Split.load(split)
+sp.validate(D)
+split_hash = file_sha(split)
+recipe = D.index.get("recipe", {})
+key = recipe.get("key", "X")
+# embeddings (obsm/X_state etc.) are signed: no ReLU; gene-valued inputs (X, layers, X_hvg) are
+gene_space = not (str(key).startswith("obsm/") and not str(key).endswith("X_hvg"))
+pert_table = None
+if pert_features:
+    pert_table = load_pert_features(pert_features, list(D.pert_names), missing=missing_pert_features)
+cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over},
+                         n_in=D.n_genes, n_pert=(pert_table.shape[1] if pert_table is not None
+                                                 else len(D.pert_names)),
+                         n_batch=len(D.batch_names) if batch_encoder else 0,
+                         gene_space=st_over["gene_space"] if "gene_space" in over else gene_space)
+S, B = cfg.set_size, batch_size
+train_rows = np.asarray(sp.train)
+val_rows = np.asarray(sp.val)
+sampler = SetSampler(D, train_rows, set_size=S, batch_size=B, seed=seed, rank=rank, world=world,
+                     train=True, control_sets=control_sets, mapping=mapping)
+print0(f"data {data}: {D.n_cells:,} cells x {D.n_genes} features ({key}), {len(D.pert_names)} "
+       f"perturbations, {len(D.context_names)} contexts | split {split} ({sp.task}, held out "
+       f"{sp.context}): train {len(train_rows):,} val {len(val_rows):,} test {len(sp.test):,} rows")
+
+
+def to_dev(b):
+    nb = dev.type == "cuda"
+    return {k: v.to(dev, non_blocking=nb) for k, v in b.items()}
+
+
+def model_inputs(b):
+    return dict(ctrl=b["ctrl"], pert=b["pert"], batch=b.get("batch") if cfg.n_batch else None,
+                tgt=b["tgt"], tgt_genes=b.get("tgt_genes"))
+
+
+# -----------------------------------------------------------------------------
+# model / optimizer
+model = StateTransition(cfg, pert_table=pert_table).to(dev)
+raw = model
+opt = model.configure_optimizer(lr=lr, weight_decay=weight_decay, device_type=dev.type)
+if compile:
+    model = torch.compile(model)
+if ddp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(model, device_ids=[local_rank] if dev.type == "cuda" else None)
+n_params, n_mm = raw.num_params(), raw.num_params(matmul_only=True)
+flops_step = raw.estimate_flops(B * world, S)
+print0(f"ST {preset}: {n_params:,} params ({n_mm:,} in matmuls), S {S}, B {B} x {world} proc, "
+       f"{flops_step / 1e9:.2f} GFLOP/step | dtype {dtype}")
+print0("config: " + json.dumps({**train_cfg, "st": cfg.to_dict()}))
+PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "T4": 65e12}
+peak = None
+if dev.type == "cuda":
+    name = torch.cuda.get_device_name(dev)
+    peak = next((v for k, v in PEAK.items() if k in name), None)
+
+# -----------------------------------------------------------------------------
+# checkpointing
+
+
+def atomic_write(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return None
+
+
+def save_checkpoint(step, val_loss):
+    from safetensors.torch import save_file
+    sd = {k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()}
+    state = {"step": step, "optimizer": opt.state_dict(), "sampler": samp_state,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                     "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}}
+    meta = {"step": step, "val_loss": val_loss, "st": cfg.to_dict(), "train": train_cfg,
+            "genes": list(D.genes), "key": key, "recipe": recipe, "gene_space": cfg.gene_space,
+            "pert_names": list(D.pert_names), "context_names": list(D.context_names),
+            "batch_names": list(D.batch_names), "pert_col": D.pert_col, "context_col": D.context_col,
+            "batch_col": D.batch_col, "control": D.control, "data": os.path.abspath(data),
+            "data_checksum": D.checksum, "split": os.path.abspath(split), "split_hash": split_hash,
+            "pert_features": pert_features or None,
+            "pert_features_hash": file_sha(pert_features) if pert_features else None,
+            "world": world, "git": git_sha(), "torch": torch.__version__}
+    os.makedirs(out, exist_ok=True)
+    # state.pt first and meta.json last: meta.json names the step the other two files hold
+    atomic_write(os.path.join(out, "state.pt"), lambda p: torch.save(state, p))
+    atomic_write(os.path.join(out, "model.safetensors"), lambda p: save_file(sd, p, {"step": str(step)}))
+    atomic_write(os.path.join(out, "meta.json"),
+                 lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+
+
+start = 0
+if resume:
+    from safetensors.torch import load_file
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    state = torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=False)
+    if meta["step"] != state["step"]:
+        sys.exit(f"train.py: {out}: meta.json step {meta['step']} != state.pt step {state['step']}")
+    if meta["data_checksum"] != D.checksum or meta["split_hash"] != split_hash:
+        sys.exit("train.py: --resume with a different dataset or split than the run was trained on")
+    if meta["st"] != cfg.to_dict():
+        sys.exit("train.py: --resume with a different model config than the run's meta.json")
+    raw.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
+    opt.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if dev.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
+    start = state["step"]
+    print0(f"resumed {out} at step {start}")
+
+# -----------------------------------------------------------------------------
+# validation (val rows are held-back cells of *training* groups; never the test split)
+
+
+@torch.no_grad()
+def val_loss():
+    """Mean per-set energy over the first `val_batches` batches of the val pass (unpadded sets of
+    variable length through `lens`; the sampler's wrap-around duplicates are masked by `valid`)."""
+    if len(val_rows) == 0:
+        return None
+    vs = SetSampler(D, val_rows, set_size=S, batch_size=B, seed=seed, rank=rank, world=world,
+                    train=False, control_sets=control_sets, mapping=mapping)
+    model.eval()
+    tot = torch.zeros(2, device=dev)
+    for i, b in enumerate(vs):
+        if i == val_batches:
+            break
+        b = to_dev(b)
+        with autocast:
+            pred = raw(b["ctrl"], b["pert"], batch=b["batch"] if cfg.n_batch else None, lens=b["lens"])
+        e = raw.set_energy(pred, b["tgt"], b["lens"])  # (B,)
+        v = b["valid"].float()
+        tot[0] += (e * v).sum()
+        tot[1] += v.sum()
+    model.train()
+    if ddp:
+        dist.all_reduce(tot)
+    return (tot[0] / tot[1].clamp_min(1)).item()
+
+
+if len(val_rows) == 0:
+    print0("WARNING: the split has no val rows: no validation loss (test rows are never used here)")
+
+# -----------------------------------------------------------------------------
+# loop
+logf = None
+if master:
+    os.makedirs(out, exist_ok=True)
+    logf = open(os.path.join(out, "log.jsonl"), "a")
+samp_state = sampler.state_dict()  # state *before* the pending batch: what a checkpoint stores
+batch = to_dev(sampler.next())
+model.train()
+t_last, step_last, dt_ema = time.perf_counter(), start, None
+vl = None
+for step in range(start, max_steps + 1):
+    last = step == max_steps
+    if (val_every and step % val_every == 0 and step > start) or last:
+        vl = val_loss()
+        if vl is not None:
+            print0(f"step {step}/{max_steps} | val_loss {vl:.4f}")
+            if logf:
+                logf.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
+                logf.flush()
+    if (step % ckpt_every == 0 and step > start) or last:
+        if master:
+            save_checkpoint(step, vl)
+    if last:
+        break
+    with autocast:
+        loss, parts = model(**model_inputs(batch), lens=None)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    # next batch: the sampler state saved in a checkpoint is the one *before* the pending batch,
+    # so a resumed run redraws exactly the batch the uninterrupted run would use next
+    samp_state = sampler.state_dict()
+    batch = to_dev(sampler.next())
+    if step == start:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 1000 == 0:
+        gc.collect()
+    if (step + 1) % log_every == 0 or step + 1 == max_steps:
+        lossf = loss.item()  # sync point (host reads the loss)
+        now = time.perf_counter()
+        dt = (now - t_last) / (step + 1 - step_last)
+        step_last, t_last = step + 1, now
+        dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
+        cells = B * S * world / dt
+        eta = dt_ema * (max_steps - step - 1)
+        extra = "".join(f" | {k} {v.item():.4f}" for k, v in parts.items() if k != "main")
+        mfu = f" | mfu {100 * flops_step / dt / peak:.1f}%" if peak else ""
+        gn = f" | gnorm {gnorm.item():.2f}" if gnorm is not None else ""
+        print0(f"step {step + 1}/{max_steps} | loss {lossf:.4f}{extra} | lr {lr:.1e}{gn} | "
+               f"dt {dt * 1000:.0f}ms | cells/s {cells:,.0f}{mfu} | eta {int(eta // 3600)}h"
+               f"{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+        if logf:
+            logf.write(json.dumps({"step": step + 1, "loss": lossf, "dt_ms": dt * 1000}) + "\n")
+            logf.flush()
+
+if logf:
+    logf.close()
+print0(f"done: {out} (step {max_steps}, val_loss {vl})")
+compute_cleanup()
