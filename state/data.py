@@ -565,13 +565,19 @@ class Prepared:
     def rows(self, idx):
         """Dense float32 rows (len(idx), G), any order: one sorted fancy read of the memmap."""
         idx = np.asarray(idx, np.int64).ravel()
+        if len(idx) < 2 or np.all(idx[1:] >= idx[:-1]):
+            return self._read(idx)
         order = np.argsort(idx, kind="stable")
-        x = self.X[idx[order]]  # sorted reads walk the file forwards
         out = np.empty((len(idx), self.n_genes), np.float32)
-        if self.dtype == "bfloat16":
-            x = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float().numpy()
-        out[order] = x
+        out[order] = self._read(idx[order])  # sorted reads walk the file forwards
         return out
+
+    def _read(self, idx):
+        """X[idx] as float32: a single copy out of the page cache for float32 storage."""
+        x = self.X[idx]  # (n, G) fancy read of the memmap
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float().numpy()
+        return x.astype(np.float32, copy=False)
 
     def label(self, what, codes):
         """Names for codes: label('pert', data.pert[idx]) -> np str array."""
@@ -664,8 +670,11 @@ class SetSampler:
             else:
                 perm = np.concatenate([perm, np.full(pad, -1)])
                 L.append(np.minimum(S, n - S * np.arange(k)))
-            T.append(perm.reshape(k, S)); gid.append(np.full(k, i))
+            # sort each set's rows (valid prefix; -1 padding stays last): same set, forward memmap reads
+            T.append(np.sort(np.where(perm < 0, np.iinfo(np.int64).max, perm).reshape(k, S), axis=1))
+            gid.append(np.full(k, i))
         T, L, gid = np.concatenate(T), np.concatenate(L), np.concatenate(gid)
+        T[T == np.iinfo(np.int64).max] = -1
         if self.train:
             o = rng.permutation(len(T))
             T, L, gid = T[o], L[o], gid[o]
@@ -687,9 +696,11 @@ class SetSampler:
         pool = np.array([self.groups[i][3] for i in g])
         u = rng.random((B, S))
         ci = self.pool_rows[self.pool_off[pool][:, None] + (u * self.pool_len[pool][:, None]).astype(np.int64)]
+        ci = np.sort(ci, axis=1)  # order within a set is arbitrary: sorted rows read the memmap forwards
         pad = t < 0
         ci[pad] = -1
-        x = self.data.rows(np.concatenate([np.where(pad, t[:, :1], t).ravel(), np.where(pad, ci[:, :1], ci).ravel()]))
+        # one fancy read for targets and controls; padding reads the set's first row and is zeroed below
+        x = self.data._read(np.concatenate([np.where(pad, t[:, :1], t).ravel(), np.where(pad, ci[:, :1], ci).ravel()]))
         x = torch.from_numpy(x).view(2, B, S, -1)
         if pad.any():
             x[:, torch.from_numpy(pad)] = 0

@@ -24,7 +24,7 @@ from state.h5ad import _attrs, _write_df, _write_uns
 
 
 def make_synthetic(path, n_cells=3600, n_genes=200, n_perts=12, n_contexts=3, seed=0, counts=False,
-                   n_batches=2, compression=None, chunk=20_000):
+                   n_batches=2, compression=None, chunk=5000):
     """Write the dataset described in the module docstring to `path`; returns the ground truth dict
     (effects delta (P+1, G), context scales s (K, P+1), labels)."""
     rng = np.random.default_rng(seed)
