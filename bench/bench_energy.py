@@ -1,0 +1,203 @@
+"""Benchmark the energy distance (value + dX): Triton kernel vs plain-torch reference vs geomloss.
+
+    python bench/bench_energy.py                      # ST shapes: B 16, set 32..512, D 64..2058
+    python bench/bench_energy.py --sets 128 --dims 2058 --reps 5
+
+GPU: triton.testing.do_bench (median, 20/80% quantiles) of forward (x needs no grad), forward with
+grad (the Triton kernel writes dX there), backward, and both; TFLOP/s from SPEC 12.1's FLOP model
+(forward 2D(NM+N^2+M^2), dX 2D(NM+N^2) per set); peak memory = max_memory_allocated over the inputs.
+geomloss is timed when importable.
+CPU (no Triton: the interpreter is a test tool, not a path): each (implementation, shape) runs in a
+fresh subprocess so its peak memory is its own: peak RSS growth over the inputs (ru_maxrss) and the
+median wall time over --reps repetitions after one warm-up. geomloss SamplesLoss("energy") runs in
+/work/refvenv (it is not a dependency of nanostate). Both use the same thread count (--threads;
+default torch's).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFPY = Path(os.environ.get("NANOSTATE_REFPY", "/work/refvenv/bin/python"))
+
+
+def flops(B, N, M, D):
+    fwd = 2 * B * D * (N * M + N * N + M * M)
+    dx = 2 * B * D * (N * M + N * N)
+    return fwd, dx
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU worker: one implementation, one shape, in its own process
+
+def worker(impl, B, N, M, D, reps, threads):
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(B, N, D)
+    y = torch.randn(B, M, D) + 0.1
+    if impl == "ref":
+        sys.path.insert(0, str(ROOT))
+        from kernels.energy import energy_ref as fn
+    elif impl == "geomloss":
+        from geomloss import SamplesLoss
+        fn = SamplesLoss("energy")
+    else:
+        raise ValueError(impl)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    xg = x.clone().requires_grad_(True)
+    t_fwd, t_fg, t_bwd = [], [], []
+    t_start = time.perf_counter()
+    i = -1
+    while True:  # at least `reps` timed repetitions, more (up to 50) while under 2 s: the CPU is shared
+        i += 1
+        if i > reps and (i > 50 or time.perf_counter() - t_start > 2.0):
+            break
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn(x, y)
+        t1 = time.perf_counter()
+        v = fn(xg, y)
+        t2 = time.perf_counter()
+        v.sum().backward()
+        t3 = time.perf_counter()
+        xg.grad = None
+        del v
+        if i:  # first iteration is warm-up
+            t_fwd.append(t1 - t0)
+            t_fg.append(t2 - t1)
+            t_bwd.append(t3 - t2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    med = statistics.median
+    both = [a + b for a, b in zip(t_fg, t_bwd)]
+    return {"impl": impl, "fwd_s": med(t_fwd), "fwd_grad_s": med(t_fg), "bwd_s": med(t_bwd),
+            "both_s": med(both), "both_min_s": min(both), "n_reps": len(both), "peak_mib": (peak - base) / 1024,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def run_worker(python, impl, B, N, M, D, reps, threads):
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", impl, "--batch", str(B),
+           "--n", str(N), "--m", str(M), "--d", str(D), "--reps", str(reps), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"impl": impl, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_cpu(args):
+    print(f"CPU bench, B={args.batch}, N=M in {args.sets}, D in {args.dims}, reps>={args.reps}, "
+          f"threads={args.threads or 'torch default'} "
+          f"(median, min; GFLOP/s from the median; peak = RSS growth over inputs, fwd+bwd)")
+    hdr = f"{'N=M':>5} {'D':>5} | {'impl':>8} | {'fwd ms':>8} {'fwd+g ms':>8} {'bwd ms':>8} " \
+          f"{'both ms':>8} {'min ms':>8} {'GFLOP/s':>8} | {'peak MiB':>8} {'reps':>4}"
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for N in args.sets:
+        for D in args.dims:
+            B, M = args.batch, N
+            f_fwd, f_dx = flops(B, N, M, D)
+            impls = [("ref", sys.executable)]
+            if REFPY.exists() and not args.no_geomloss:
+                impls.append(("geomloss", REFPY))
+            for impl, py in impls:
+                r = run_worker(py, impl, B, N, M, D, args.reps, args.threads)
+                r.update(N=N, D=D, B=B)
+                rows.append(r)
+                if "error" in r:
+                    print(f"{N:>5} {D:>5} | {impl:>8} | error: {r['error']}")
+                    continue
+                gf = (f_fwd + f_dx) / r["both_s"] / 1e9
+                print(f"{N:>5} {D:>5} | {impl:>8} | {r['fwd_s']*1e3:8.1f} {r['fwd_grad_s']*1e3:8.1f} "
+                      f"{r['bwd_s']*1e3:8.1f} {r['both_s']*1e3:8.1f} {r['both_min_s']*1e3:8.1f} {gf:8.1f} | "
+                      f"{r['peak_mib']:8.1f} {r['n_reps']:4d}")
+            sys.stdout.flush()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU
+
+def bench_gpu(args):
+    import torch
+    from triton.testing import do_bench
+    sys.path.insert(0, str(ROOT))
+    from kernels.energy import energy_ref, energy_triton
+    impls = {"triton": energy_triton, "ref": energy_ref}
+    try:
+        from geomloss import SamplesLoss
+        impls["geomloss"] = SamplesLoss("energy")
+    except ImportError:
+        pass
+    dtype = getattr(torch, args.dtype)
+    print(f"GPU bench on {torch.cuda.get_device_name()}, {args.dtype}, B={args.batch}, "
+          f"median [20%, 80%] of do_bench")
+    for N in args.sets:
+        for D in args.dims:
+            B, M = args.batch, N
+            f_fwd, f_dx = flops(B, N, M, D)
+            x = torch.randn(B, N, D, device="cuda", dtype=dtype)
+            y = torch.randn(B, M, D, device="cuda", dtype=dtype) + 0.1
+            for name, fn in impls.items():
+                xg = x.clone().requires_grad_(True)
+
+                def fwd():
+                    with torch.no_grad():
+                        fn(x, y)
+
+                def both():
+                    fn(xg, y).sum().backward()
+                    xg.grad = None
+
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                both()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                q = [0.5, 0.2, 0.8]
+                tf = do_bench(fwd, quantiles=q)
+                tb_all = do_bench(both, quantiles=q)
+                v = fn(xg, y).sum()
+                tbw = do_bench(lambda: v.backward(retain_graph=True), quantiles=q)
+                print(f"N=M {N:4d} D {D:5d} {name:>8}: fwd {tf[0]*1e3:8.1f} us ({f_fwd/tf[0]/1e9:6.1f} TFLOP/s)"
+                      f" | bwd {tbw[0]*1e3:8.1f} us | both {tb_all[0]*1e3:8.1f} us [{tb_all[1]*1e3:.1f},"
+                      f" {tb_all[2]*1e3:.1f}] ({(f_fwd+f_dx)/tb_all[0]/1e9:6.1f} TFLOP/s) | peak {peak:7.1f} MiB")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--sets", type=int, nargs="+", default=[32, 128, 512])
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 512, 2058])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", help="GPU input dtype")
+    ap.add_argument("--threads", type=int, default=0, help="CPU: torch threads per worker (0: default)")
+    ap.add_argument("--no-geomloss", action="store_true")
+    ap.add_argument("--json", help="write the CPU rows here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--m", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--d", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.batch, args.n, args.m, args.d, args.reps, args.threads)))
+        return
+    import torch
+    if torch.cuda.is_available():
+        bench_gpu(args)
+    else:
+        rows = bench_cpu(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
