@@ -340,9 +340,12 @@ def score(agg_user, agg_base):
         raise ValueError(f"columns differ: {list(u)} != {list(b)}")
     zero = [m for m in u if BEST.get(m) == 0 and m not in EXTRA]
     one = [m for m in u if BEST.get(m) == 1 and m not in EXTRA]
+    U0, B0 = np.array([u[m] for m in zero]), np.array([b[m] for m in zero])
+    U1, B1 = np.array([u[m] for m in one]), np.array([b[m] for m in one])
     with np.errstate(divide="ignore", invalid="ignore"):
-        s = [1.0 - u[m] / b[m] for m in zero] + [(u[m] - b[m]) / (1.0 - b[m]) for m in one]
-    s = np.clip(np.nan_to_num(np.array(s, np.float64), nan=0.0, posinf=np.inf, neginf=0.0), 0, None)
+        s = np.concatenate([1.0 - U0 / B0, (U1 - B1) / (1.0 - B1)])
+    s[np.isnan(s)] = 0.0
+    s = np.clip(s, 0, None)
     out = dict(zip(zero + one, s.tolist()))
     return out, float(s.mean()) if len(s) else float("nan")
 

@@ -1,0 +1,363 @@
+"""
+Baselines (SPEC 11) that write the same cell-level pred.h5ad as the model, so every metric applies,
+and a side-by-side report of the baselines (and of model predictions) on one split.
+
+    python -m state.baselines report --data DIR --split split.json [--pred runs/x/pred.h5ad ...] \
+        [--out baselines_out] [--profile full]
+    python -m state.baselines write --data DIR --split split.json --which perturbation_mean --out pred.h5ad
+
+`report` trains nothing heavy (means and one closed-form ridge), evaluates every baseline with
+state.eval against the real test cells, and prints one table: the mean of each metric per method,
+the per-metric winner marked `*`, and "model - best baseline" for each --pred. A --pred file is
+compared with the real.h5ad next to it when there is one (predict.py writes both), else with the
+real test cells of the split.
+
+All baselines are built from `split.train` rows only, except `celleval_baseline`, which is
+cell-eval's `baseline` command and is built from the TEST data (labelled so):
+  perturbation_mean  x_hat = x_ctrl(c*) + mean over training contexts c of (mu_{c,p} - mu_ctrl_c)
+                     (a perturbation with no training context falls back to the mean training delta)
+  context_mean       x_hat = mean of the perturbed training cells of c*; zero-shot fallback (none):
+                     mu_ctrl_{c*} + mean over training contexts of (mu_pert_c - mu_ctrl_c)
+  linear             Y ~ G W P^T + b 1^T (Ahlmann-Eltze et al.), the two-sided ridge closed form
+                     W = (G^T G + lam I)^-1 G^T (Y - b 1^T) P (P^T P + lam I)^-1 with G = top-d PCA
+                     gene loadings of training cells, P = one-hot (identity), b = row means of Y,
+                     lam picked on the val rows; x_hat = x_ctrl + G W P[p]^T + b
+  celleval_baseline  every perturbed cell = mean of the per-perturbation pseudobulks of the test
+                     file (control included, as cell-eval computes it); real controls appended
+Control cells are copied through as real cells (is_predicted False) in every pred.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from state.eval import BEST, evaluate, score
+from state.h5ad import H5AD, write_h5ad
+
+NAMES = ["perturbation_mean", "context_mean", "linear", "celleval_baseline"]
+
+# -----------------------------------------------------------------------------------------------
+# training statistics
+
+
+def group_means(data, rows):
+    """Mean expression per (context, pert) over the given rows: dict (c, p) -> (mean (G,), n)."""
+    rows = np.sort(np.asarray(rows, np.int64))
+    sums = {}
+    for g in data.groups:
+        a, b = np.searchsorted(rows, [g.start, g.stop])
+        if b > a:
+            x = data.rows(rows[a:b]).astype(np.float64)
+            s, n = sums.get((g.context, g.pert), (0.0, 0))
+            sums[(g.context, g.pert)] = (s + x.sum(0), n + (b - a))
+    return {k: (s / n, n) for k, (s, n) in sums.items()}
+
+
+def _test_layout(data, split):
+    """Rows of the real test file: perturbed test cells then the held-out controls."""
+    return np.concatenate([split.test, split.test_ctrl])
+
+
+def _obs(data, rows, is_pred, ctrl_rows=None):
+    obs = {data.pert_col: data.label("pert", data.pert[rows]).astype(str),
+           data.context_col or "context": data.label("context", data.context[rows]).astype(str),
+           "is_predicted": np.asarray(is_pred, bool)}
+    cb = np.array(data.obs_names[rows], dtype=object)
+    if ctrl_rows is not None:
+        cb[:len(ctrl_rows)] = data.obs_names[ctrl_rows]
+    obs["ctrl_cell_barcode"] = cb.astype(str)
+    return obs
+
+
+def real_pair(data, split):
+    """The real test cells as an (X, obs) pair (controls of the held-out context included)."""
+    rows = _test_layout(data, split)
+    return data.rows(rows), _obs(data, rows, np.zeros(len(rows), bool))
+
+
+def _controls_for(data, split, rng):
+    """For each perturbed test cell, a control cell of its own context drawn (with replacement)
+    from the training controls of that context."""
+    tr = split.train[data.pert[split.train] == data.control_code]
+    out = np.empty(len(split.test), np.int64)
+    for c in np.unique(data.context[split.test]):
+        m = data.context[split.test] == c
+        pool = tr[data.context[tr] == c]
+        if len(pool) == 0:
+            raise ValueError(f"context '{data.context_names[c]}' has no training controls")
+        out[m] = rng.choice(pool, m.sum(), replace=True)
+    return out
+
+
+def _assemble(data, split, Xhat, ctrl_rows):
+    """pred (X, obs): predicted test cells then the real held-out controls."""
+    X = np.concatenate([np.clip(Xhat, 0, 14).astype(np.float32), data.rows(split.test_ctrl)])
+    rows = _test_layout(data, split)
+    isp = np.r_[np.ones(len(split.test), bool), np.zeros(len(split.test_ctrl), bool)]
+    obs = _obs(data, rows, isp)
+    if ctrl_rows is not None:
+        obs["ctrl_cell_barcode"][:len(split.test)] = data.obs_names[ctrl_rows]
+    return X, obs
+
+
+def _deltas(data, M):
+    """delta_{c,p} = mu_{c,p} - mu_ctrl_c for every training (c, p) with a control mean in c."""
+    ctl = data.control_code
+    return {(c, p): m - M[(c, ctl)][0] for (c, p), (m, _) in M.items()
+            if p != ctl and (c, ctl) in M}
+
+
+# -----------------------------------------------------------------------------------------------
+# baselines: each returns a pred (X, obs) pair
+
+
+def perturbation_mean(data, split, seed=0):
+    """Control cells of the target context + the perturbation's mean delta over training contexts."""
+    rng = np.random.default_rng(seed)
+    M = group_means(data, split.train)
+    D = _deltas(data, M)
+    allmean = np.mean(list(D.values()), axis=0)
+    ctrl = _controls_for(data, split, rng)
+    Xc = data.rows(ctrl)
+    shift, fb = {}, []
+    for p in np.unique(data.pert[split.test]):
+        ds = [d for (c, q), d in D.items() if q == p]
+        shift[p] = np.mean(ds, axis=0) if ds else allmean
+        if not ds:
+            fb.append(data.pert_names[p])
+    if fb:
+        print(f"WARNING: perturbation_mean: no training context for {fb}: mean training delta used")
+    Xhat = Xc + np.stack([shift[p] for p in data.pert[split.test]]).astype(np.float32)
+    return _assemble(data, split, Xhat, ctrl)
+
+
+def context_mean(data, split, seed=0):
+    """Mean of the perturbed training cells of the target context (zero-shot: labelled fallback)."""
+    M = group_means(data, split.train)
+    ctl = data.control_code
+    Xhat = np.empty((len(split.test), data.n_genes), np.float32)
+    for c in np.unique(data.context[split.test]):
+        m = data.context[split.test] == c
+        ks = [(k, n) for k, n in M.items() if k[0] == c and k[1] != ctl]
+        if ks:
+            tot = sum(n for _, (_, n) in ks)
+            mu = sum(v * n for _, (v, n) in ks) / tot
+        else:  # zero-shot: ctrl mean of c* + mean training shift of perturbed vs control cells
+            print(f"WARNING: context_mean: context '{data.context_names[c]}' has no perturbed "
+                  "training cells: zero-shot fallback mu_ctrl(c*) + mean_c (mu_pert_c - mu_ctrl_c)")
+            sh = []
+            for cc in {k[0] for k in M if k[0] != c}:
+                kk = [(v, n) for (c2, p), (v, n) in M.items() if c2 == cc and p != ctl]
+                if kk and (cc, ctl) in M:
+                    sh.append(sum(v * n for v, n in kk) / sum(n for _, n in kk) - M[(cc, ctl)][0])
+            mu = M[(c, ctl)][0] + np.mean(sh, axis=0)
+        Xhat[m] = mu
+    return _assemble(data, split, Xhat, None)
+
+
+def ridge2(G, Y, P, lam):
+    """W = (G^T G + lam I)^-1 G^T Y P (P^T P + lam I)^-1 (SPEC 11; Y already centred by b)."""
+    A = np.linalg.solve(G.T @ G + lam * np.eye(G.shape[1]), G.T @ Y)  # (d_g, K)
+    return np.linalg.solve(P.T @ P + lam * np.eye(P.shape[1]), (A @ P).T).T  # (d_g, d_p)
+
+
+def gene_pca(data, rows, d=10, n_max=20000, seed=0):
+    """Top-d principal axes of the training cells (G, d): gene embeddings."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(rows, min(len(rows), n_max), replace=False))
+    X = data.rows(rows).astype(np.float64)
+    X -= X.mean(0)
+    w, V = np.linalg.eigh(X.T @ X)
+    return V[:, ::-1][:, :min(d, X.shape[1])]
+
+
+def linear(data, split, seed=0, d=10, lams=(0.01, 0.1, 1.0, 10.0, 100.0)):
+    """Linear low-rank ridge on perturbation deltas (one-hot perturbations, PCA gene embeddings)."""
+    rng = np.random.default_rng(seed)
+    ctl = data.control_code
+
+    def Ymat(rows):
+        M = group_means(data, rows)
+        D = _deltas(data, M)
+        # Y_p: cell-weighted mean over contexts of the per-context delta (= mean of x - mu_ctrl(c))
+        Y = {}
+        for (c, p), dl in D.items():
+            s, n = Y.get(p, (0.0, 0))
+            Y[p] = (s + dl * M[(c, p)][1], n + M[(c, p)][1])
+        return {p: s / n for p, (s, n) in Y.items()}
+
+    Ytr = Ymat(split.train)
+    perts = sorted(Ytr)
+    Y = np.stack([Ytr[p] for p in perts], 1)  # (G, K)
+    b = Y.mean(1, keepdims=True)
+    G = gene_pca(data, split.train, d, seed=seed)
+    P = np.eye(len(perts))
+    lam = lams[0]
+    if len(split.val):
+        Yv = Ymat(np.concatenate([split.val, split.train[data.pert[split.train] == ctl]]))
+        cols = [i for i, p in enumerate(perts) if p in Yv]
+        if cols:
+            Yval = np.stack([Yv[perts[i]] for i in cols], 1)
+            err = [np.mean((G @ ridge2(G, Y - b, P, l) @ P[cols].T + b - Yval) ** 2) for l in lams]
+            lam = lams[int(np.argmin(err))]
+    W = ridge2(G, Y - b, P, lam)
+    fit = G @ W @ P.T + b  # (G, K)
+    col = {p: i for i, p in enumerate(perts)}
+    ctrl = _controls_for(data, split, rng)
+    shift = np.stack([fit[:, col[p]] if p in col else b[:, 0] for p in data.pert[split.test]])
+    print(f"linear: d={G.shape[1]} K={len(perts)} lambda={lam}")
+    return _assemble(data, split, data.rows(ctrl) + shift.astype(np.float32), ctrl)
+
+
+def celleval_baseline(data, split, seed=0):
+    """cell-eval `baseline`: mean of the per-perturbation pseudobulks of the TEST file (control
+    included) for every perturbed cell; real controls appended. Built from test data."""
+    X, obs = real_pair(data, split)
+    lab = obs[data.pert_col]
+    mu = np.mean([X[lab == p].astype(np.float64).mean(0) for p in np.unique(lab)], axis=0)
+    n = len(split.test)
+    return _assemble(data, split, np.broadcast_to(mu, (n, X.shape[1])), None)
+
+
+BASELINES = dict(perturbation_mean=perturbation_mean, context_mean=context_mean, linear=linear,
+                 celleval_baseline=celleval_baseline)
+
+
+def write_pred(path, pair, data, source):
+    X, obs = pair
+    write_h5ad(path, X, [f"cell{i}" for i in range(len(X))], list(data.genes), obs=obs,
+               uns={"nanostate": {"pert_col": data.pert_col, "control": data.control,
+                                  "context_col": data.context_col or "context", "source": source}})
+
+
+# -----------------------------------------------------------------------------------------------
+# report
+
+
+def _mean_row(agg):
+    i = list(agg["statistic"]).index("mean")
+    return {c: (np.nan if agg[c][i] is None else float(agg[c][i])) for c in agg if c != "statistic"}
+
+
+def table(results, models=()):
+    """results: {name: agg Table}. Winner per metric marked '*' (baselines and models together);
+    one 'model - best baseline' column per model."""
+    names = list(results)
+    base = [n for n in names if n not in models]
+    rows = {n: _mean_row(a) for n, a in results.items()}
+    metrics = [m for m in rows[names[0]]]
+    w = max(12, *(len(n) for n in names))
+    head = f"{'metric':<28s}" + "".join(f"{n[:w]:>{w + 2}s}" for n in names)
+    head += "".join(f"{(m + '-best')[:w + 4]:>{w + 6}s}" for m in models)
+    out = [head]
+    for m in metrics:
+        v = np.array([rows[n].get(m, np.nan) for n in names])
+        best = BEST.get(m)
+        win = np.zeros(len(v), bool)  # all methods equal to the best; none when all tie
+        if best is not None and np.isfinite(v).any():
+            bv = np.nanmax(v) if best == 1 else np.nanmin(v)
+            win = v == bv
+            if win.all():
+                win[:] = False
+        line = f"{m:<28s}"
+        for i, x in enumerate(v):
+            line += f"{('nan' if np.isnan(x) else f'{x:.4f}') + ('*' if win[i] else ' '):>{w + 2}s}"
+        for mo in models:
+            bv = np.array([rows[n].get(m, np.nan) for n in base])
+            if best is None or not np.isfinite(bv).any():
+                line += f"{'':>{w + 6}s}"
+                continue
+            bb = np.nanmax(bv) if best == 1 else np.nanmin(bv)
+            line += f"{rows[mo][m] - bb:>+{w + 6}.4f}"
+        out.append(line)
+    if "celleval_baseline" in results:
+        sc = {n: score(results[n], results["celleval_baseline"])[1] for n in names}
+        out.append(f"{'vcc_score_vs_celleval_base':<28s}" +
+                   "".join(f"{100 * sc[n]:>{w + 1}.2f} " for n in names))
+    return "\n".join(out)
+
+
+def report(data, split, preds=None, out=None, profile="full", seed=0):
+    """Evaluate every baseline (and each pred file) on the split's test cells; -> table string."""
+    preds = preds or {}
+    out = out or "baselines_out"
+    os.makedirs(out, exist_ok=True)
+    real = real_pair(data, split)
+    genes = np.array(data.genes, dtype=object)
+    realp = os.path.join(out, "real.h5ad")
+    write_pred(realp, real, data, "real")
+    ctxc = data.context_col or "context"
+    results, notes = {}, []
+    for name, fn in BASELINES.items():
+        pair = fn(data, split, seed=seed)
+        pp = os.path.join(out, f"{name}_pred.h5ad")
+        write_pred(pp, pair, data, name + (" (built from test data)" if name == "celleval_baseline"
+                                           else ""))
+        _, agg = evaluate(pp, realp, data.pert_col, data.control, ctxc, profile,
+                          out=os.path.join(out, name))
+        results[name] = agg
+        notes += agg.notes  # about the real data: the same for every method
+    for name, path in preds.items():
+        rp = os.path.join(os.path.dirname(os.path.abspath(path)), "real.h5ad")
+        rp = rp if os.path.exists(rp) else realp
+        with H5AD(path) as f:
+            if list(f.var_names()) != list(genes):
+                raise ValueError(f"{path}: genes differ from the prepared data's")
+        _, agg = evaluate(path, rp, data.pert_col, data.control, ctxc, profile,
+                          out=os.path.join(out, name))
+        results[name] = agg
+        notes += [f"{name}: {n}" for n in agg.notes]
+    t = table(results, models=list(preds))
+    extra = []
+    for n, a in results.items():
+        for c, inf in (a.info.items() if a.info and isinstance(next(iter(a.info.values())), dict)
+                       else [(None, a.info)]):
+            if "cross_pert_corr_pred" in inf:
+                extra.append(f"{n}{'' if c is None else f' [{c}]'}: cross-perturbation corr of "
+                             f"predicted deltas {inf['cross_pert_corr_pred']:.3f} "
+                             f"(real {inf['cross_pert_corr_real']:.3f})")
+    notes = sorted(set(notes))
+    txt = "\n".join([t, "", *extra, *[f"NOTE: {n}" for n in notes],
+                     "celleval_baseline is built from the TEST data (cell-eval's baseline command)."])
+    with open(os.path.join(out, "report.txt"), "w") as f:
+        f.write(txt + "\n")
+    return txt
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m state.baselines", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("report")
+    r.add_argument("--data", required=True)
+    r.add_argument("--split", required=True)
+    r.add_argument("--pred", nargs="*", default=[], help="model pred.h5ad files (name = parent dir)")
+    r.add_argument("--out", default="baselines_out")
+    r.add_argument("--profile", default="full")
+    r.add_argument("--seed", type=int, default=0)
+    w = sub.add_parser("write")
+    w.add_argument("--data", required=True)
+    w.add_argument("--split", required=True)
+    w.add_argument("--which", choices=NAMES, required=True)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    from state.data import Prepared
+    from state.splits import Split
+    data = Prepared(a.data)
+    split = Split.load(a.split).validate(data)
+    if a.cmd == "write":
+        write_pred(a.out, BASELINES[a.which](data, split, seed=a.seed), data, a.which)
+        print(f"wrote {a.out}")
+        return 0
+    preds = {}
+    for p in a.pred:
+        n = os.path.basename(os.path.dirname(os.path.abspath(p))) or p
+        preds[n if n not in preds else p] = p
+    print(report(data, split, preds, a.out, a.profile, a.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
