@@ -1,0 +1,134 @@
+"""train.py + predict.py end to end (subprocesses, as a user runs them): synthetic data -> prepare ->
+split -> train -> exact resume -> predict test (pred/real pair) -> simulate. Budget: ~60 s on 2 cores."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, ok=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
+    if ok and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from state.data import prepare
+    from state.splits import make_split
+    from state.synth import make_synthetic
+    d = tmp_path_factory.mktemp("synth")
+    make_synthetic(d / "s.h5ad", n_cells=1200, n_genes=40, n_perts=6, n_contexts=3, seed=0)
+    D = prepare([str(d / "s.h5ad")], d / "prep", pert_col="perturbation", control="control",
+                context_col="cell_type")
+    sp = make_split(D, task="fewshot", context=D.context_names[0], support=0.3, seed=0)
+    sp.save(d / "split.json")
+    return d
+
+
+def args(d, out, steps, *extra):
+    return ["train.py", f"--data={d / 'prep'}", f"--split={d / 'split.json'}", "--preset=tiny",
+            f"--out={out}", f"--max_steps={steps}", "--log_every=1", "--val_every=4", "--val_batches=2",
+            "--ckpt_every=100", "--batch_size=4", *extra]
+
+
+def losses(out):
+    return [json.loads(l) for l in open(Path(out) / "log.jsonl")]
+
+
+def test_train_resume_predict(synth, tmp_path):
+    d = synth
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = run(*args(d, full, 10))
+    assert "set_float32_matmul_precision" in r.stdout
+    assert "cells/s" in r.stdout and "eta" in r.stdout and "val_loss" in r.stdout
+    for f in ("model.safetensors", "meta.json", "state.pt", "log.jsonl"):
+        assert (full / f).exists(), f
+    meta = json.load(open(full / "meta.json"))
+    assert meta["step"] == 10 and meta["st"]["hidden"] == 64
+    for k in ("genes", "pert_names", "data_checksum", "split_hash", "pert_col", "control"):
+        assert meta[k], k
+    # an existing run dir without --resume is an error; unknown keys and bad types are errors
+    assert run(*args(d, full, 10), ok=False).returncode != 0
+    r = run(*args(d, tmp_path / "x", 1, "--no_such_key=3"), ok=False)
+    assert r.returncode != 0 and "unknown config key" in r.stderr
+    r = run(*args(d, tmp_path / "x", 1, "--lr=abc"), ok=False)
+    assert r.returncode != 0 and "expected float" in r.stderr
+    # interrupted at step 5, resumed to 10: same batches, same losses, same weights
+    run(*args(d, part, 5))
+    run(*args(d, part, 10, "--resume"))
+    a = [x for x in losses(full) if "loss" in x]
+    b = {x["step"]: x["loss"] for x in losses(part) if "loss" in x}
+    for x in a:
+        assert abs(b[x["step"]] - x["loss"]) <= 1e-5 * max(1.0, abs(x["loss"])), (x, b[x["step"]])
+    va = [x["val_loss"] for x in losses(full) if "val_loss" in x]
+    vb = [x["val_loss"] for x in losses(part) if "val_loss" in x]
+    assert va[-1] == pytest.approx(vb[-1], rel=1e-5)
+    from safetensors.torch import load_file
+    wa, wb = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    # the losses are not all equal (the test could fail): training moves them
+    assert len({round(x["loss"], 6) for x in a}) > 1
+
+    # predict test: pred/real pair in the DESIGN contract
+    out = tmp_path / "pred"
+    r = run("predict.py", "test", f"--run={full}", f"--data={d / 'prep'}", f"--split={d / 'split.json'}",
+            f"--out={out}")
+    assert "spread" in r.stdout
+    from state.data import Prepared
+    from state.h5ad import H5AD
+    from state.splits import Split
+    D, sp = Prepared(d / "prep"), Split.load(d / "split.json")
+    n_test = int((D.pert[sp.test] != D.control_code).sum())
+    n_ctrl = len(sp.test_ctrl)
+    with H5AD(out / "pred.h5ad") as p, H5AD(out / "real.h5ad") as q:
+        assert p.n_obs == q.n_obs == n_test + n_ctrl
+        assert list(p.var_names()) == list(q.var_names()) == list(D.genes)
+        Xp = p.matrix("X").block(0, p.n_obs)
+        assert Xp.shape == (n_test + n_ctrl, D.n_genes) and Xp.min() >= 0 and Xp.max() <= 14
+        pc, cc = D.pert_col, D.context_col
+        for f in (p, q):
+            assert {pc, cc, "is_predicted"} <= set(f.columns())
+        assert "ctrl_cell_barcode" in p.columns()
+        lp, lq = np.asarray(p.column(pc)).astype(str), np.asarray(q.column(pc)).astype(str)
+        # same label multiset: every real test cell has one prediction, controls copied in both
+        assert sorted(lp) == sorted(lq)
+        want = {(D.context_names[c], D.pert_names[k]) for c, k in zip(D.context[sp.test], D.pert[sp.test])
+                if k != D.control_code}
+        got = set(zip(np.asarray(p.column(cc)).astype(str)[p.column("is_predicted").astype(bool)],
+                      lp[p.column("is_predicted").astype(bool)]))
+        assert got == want
+        assert (lp[~p.column("is_predicted").astype(bool)] == D.control).all()
+        assert not q.column("is_predicted").astype(bool).any()
+        # the real file's perturbed cells are the data's rows
+        Xq = q.matrix("X").block(0, q.n_obs)
+        names = np.asarray(q.obs_names).astype(str)
+        pos = {n: i for i, n in enumerate(D.obs_names)}
+        np.testing.assert_allclose(Xq[:5], D.rows(np.array([pos[n] for n in names[:5]])), atol=1e-6)
+        u = p.uns("nanostate")
+        assert u["pert_col"] == pc and u["control"] == D.control
+
+    # simulate: a virtual screen from the held-out context's controls in the real file
+    sim = tmp_path / "sim.h5ad"
+    perts = [n for n in D.pert_names if n != D.control][:2]
+    run("predict.py", "simulate", f"--run={full}", f"--adata={out / 'real.h5ad'}",
+        f"--perts={','.join(perts)}", "--n_cells=20", f"--out={sim}")
+    with H5AD(sim) as s:
+        isp = s.column("is_predicted").astype(bool)
+        assert isp.sum() == 20 * len(perts) * len(set(np.asarray(s.column(cc)).astype(str)[~isp]))
+        assert sorted(set(np.asarray(s.column(pc)).astype(str)[isp])) == sorted(perts)
+    r = run("predict.py", "simulate", f"--run={full}", f"--adata={out / 'real.h5ad'}", "--perts=NOPE",
+            f"--out={tmp_path / 'bad.h5ad'}", ok=False)
+    assert r.returncode != 0 and "not in the run's vocabulary" in r.stderr
