@@ -239,7 +239,7 @@ def _blocks(L, BD, bwd):
     if _interp():
         return 32, 32, 4
     if bwd:
-        return (64, 64, 4) if BD <= 64 else (32, 64, 4) if BD <= 128 else (32, 32, 8)
+        return (64, 64, 4) if BD <= 64 else (32, 64, 8) if BD <= 128 else (32, 32, 8)
     return (128, 64, 4) if BD <= 64 else (128, 64, 8) if BD <= 128 else (64, 32, 8)
 
 

@@ -35,8 +35,9 @@ a set with n_x == 0 or n_y == 0 has value NaN (the caller takes a nanmean over s
 Plain-torch reference (`energy_ref`)
 ------------------------------------
 Also the CPU training path. It is a custom autograd.Function computing the same closed-form gradient
-with in-place epilogues: peak extra memory is about three B x N x max(N, M) fp32 matrices plus dX,
-versus geomloss' autograd through its distance matrices (which saves them all for backward).
+with in-place epilogues, a chunk of sets at a time (about 16 MiB of centred copies and pair matrices
+per chunk), writing dX straight into the buffer saved for backward: peak extra memory is dX plus one
+chunk, versus geomloss' autograd through its distance matrices (which saves them for backward).
 
 Triton kernels (`energy_triton`)
 --------------------------------
@@ -90,30 +91,25 @@ def _pair_block(a, b, aa, bb, diag, valid, need_w):
     return s, w
 
 
-def _energy_ref_impl(x, y, n_x, n_y, scale, statistic, upcast, need_dx, need_dy):
-    """Value (B,), dX or None, dY or None, computed without autograd."""
+def _energy_ref_chunk(x, y, nx, ny, scale, statistic, dt, dx_out, dy_out):
+    """Value for a chunk of sets; writes dX / dY into the given (B,N,D) / (B,M,D) buffers (or None)."""
     B, N, D = x.shape
     M = y.shape[1]
-    dt = x.dtype
-    if upcast and dt in (torch.float16, torch.bfloat16):
-        dt = torch.float32
     dev = x.device
-    nx = _set_sizes(n_x, N, B, dev)
-    ny = _set_sizes(n_y, M, B, dev)
-    xf = x.detach().to(dt)
-    yf = y.detach().to(dt)
+    need_dx, need_dy = dx_out is not None, dy_out is not None
+    xf = x.detach()
+    yf = y.detach()
     mx = None if nx is None else torch.arange(N, device=dev)[None, :] < nx[:, None]  # (B, N)
     my = None if ny is None else torch.arange(M, device=dev)[None, :] < ny[:, None]  # (B, M)
     nf = torch.full((B,), float(N), dtype=dt, device=dev) if nx is None else nx.to(dt)
     mf = torch.full((B,), float(M), dtype=dt, device=dev) if ny is None else ny.to(dt)
     # centre both sets on the mean of Y (translation invariance; keeps the Gram trick accurate)
     if my is None:
-        c = yf.mean(1, keepdim=True)  # (B, 1, D)
+        c = yf.mean(1, keepdim=True, dtype=dt)  # (B, 1, D)
     else:
-        yf = yf.masked_fill(~my[:, :, None], 0.0)
-        c = yf.sum(1, keepdim=True) / mf.clamp_min(1)[:, None, None]
-    xf = xf - c
-    yf = yf - c
+        c = (yf.to(dt) * my[:, :, None]).sum(1, keepdim=True) / mf.clamp_min(1)[:, None, None]
+    xf = torch.sub(xf.to(dt), c)  # the only copies of x and y: one chunk at a time
+    yf = torch.sub(yf.to(dt), c)
     if mx is not None:
         xf.masked_fill_(~mx[:, :, None], 0.0)
     if my is not None:
@@ -132,30 +128,65 @@ def _energy_ref_impl(x, y, n_x, n_y, scale, statistic, upcast, need_dx, need_dy)
     n1, m1 = nf.clamp_min(1), mf.clamp_min(1)
     if statistic == "v":
         cxx, cyy = 1.0 / (n1 * n1), 1.0 / (m1 * m1)
-    elif statistic == "u":
+    else:
         cxx = torch.where(nf > 1, 1.0 / (n1 * (n1 - 1).clamp_min(1)), torch.zeros_like(nf))
         cyy = torch.where(mf > 1, 1.0 / (m1 * (m1 - 1).clamp_min(1)), torch.zeros_like(mf))
-    else:
-        raise ValueError(f"statistic must be 'v' or 'u', got {statistic!r}")
     cxy = 1.0 / (n1 * m1)
     empty = (nf == 0) | (mf == 0)
     val = scale * (2.0 * cxy * s_xy - cxx * s_xx - cyy * s_yy)
     val = torch.where(empty, torch.full_like(val, float("nan")), val)
     live = (~empty).to(dt)
-    dx = dy = None
     if need_w:
         W.mul_((2.0 * scale * cxy * live)[:, None, None])
     if need_dx:
         V.mul_((2.0 * scale * cxx * live)[:, None, None])
-        dx = xf * (W.sum(-1) - V.sum(-1))[:, :, None]  # (B, N, D)
-        dx.baddbmm_(W, yf, alpha=-1.0)
-        dx.baddbmm_(V, xf)
+        rc = (W.sum(-1) - V.sum(-1))[:, :, None]
+        if dx_out.dtype == dt:  # write straight into the saved gradient
+            torch.mul(xf, rc, out=dx_out)
+            dx_out.baddbmm_(W, yf, alpha=-1.0)
+            dx_out.baddbmm_(V, xf)
+        else:
+            dx = xf * rc
+            dx.baddbmm_(W, yf, alpha=-1.0)
+            dx.baddbmm_(V, xf)
+            dx_out.copy_(dx)
         del V
     if need_dy:
         U.mul_((2.0 * scale * cyy * live)[:, None, None])
         dy = yf * (W.sum(1) - U.sum(-1))[:, :, None]  # (B, M, D)
         dy.baddbmm_(W.transpose(1, 2), xf, alpha=-1.0)
         dy.baddbmm_(U, yf)
+        dy_out.copy_(dy)
+    return val
+
+
+REF_CHUNK_ELEMS = 1 << 22  # sets per chunk so that a chunk's copies + pair matrices stay ~16 MiB fp32
+
+
+def _energy_ref_impl(x, y, n_x, n_y, scale, statistic, upcast, need_dx, need_dy):
+    """Value (B,), dX or None, dY or None, computed without autograd, a chunk of sets at a time (the
+    centred copies and the pair matrices exist for one chunk only; dX is written into its buffer)."""
+    if statistic not in ("v", "u"):
+        raise ValueError(f"statistic must be 'v' or 'u', got {statistic!r}")
+    B, N, D = x.shape
+    M = y.shape[1]
+    dt = x.dtype
+    if upcast and dt in (torch.float16, torch.bfloat16):
+        dt = torch.float32
+    dev = x.device
+    nx = _set_sizes(n_x, N, B, dev)
+    ny = _set_sizes(n_y, M, B, dev)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=dev) if need_dx else None
+    dy = torch.empty(y.shape, dtype=y.dtype, device=dev) if need_dy else None
+    per_set = (N + M) * D + N * M + N * N + M * M
+    bc = max(1, REF_CHUNK_ELEMS // per_set)
+    vals = []
+    for b0 in range(0, B, bc):
+        b1 = min(B, b0 + bc)
+        vals.append(_energy_ref_chunk(
+            x[b0:b1], y[b0:b1], None if nx is None else nx[b0:b1], None if ny is None else ny[b0:b1],
+            scale, statistic, dt, None if dx is None else dx[b0:b1], None if dy is None else dy[b0:b1]))
+    val = vals[0] if len(vals) == 1 else torch.cat(vals)
     return val, dx, dy
 
 

@@ -114,6 +114,19 @@ def test_ref_ragged_duplicates_scale_and_dy():
     close(gy1, gy2, 1e-8, 1e-12, "dy")
 
 
+def test_ref_chunked_equals_whole(monkeypatch):
+    """The reference processes sets in chunks to bound memory; chunking must not change anything."""
+    import kernels.energy as E
+    x, y = data(5, 20, 17, 30)
+    n_x, n_y = torch.tensor([20, 3, 0, 9, 1]), torch.tensor([17, 2, 5, 0, 17])
+    v1, g1 = grad_of(energy_ref, x, y, n_x, n_y)
+    monkeypatch.setattr(E, "REF_CHUNK_ELEMS", 3000)  # 1 set per chunk
+    v2, g2 = grad_of(energy_ref, x, y, n_x, n_y)
+    assert torch.equal(v1.isnan(), v2.isnan())
+    close(v2.nan_to_num(), v1.nan_to_num(), 1e-12, 0, "value")
+    close(g2, g1, 1e-12, 1e-15, "grad")
+
+
 def test_ref_fp32_far_from_origin():
     """Centring: fp32 at |mean|/spread = 40, D = 300 stays close to fp64."""
     x, y = data(2, 64, 48, 300, offset=40.0)
