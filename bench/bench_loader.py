@@ -37,6 +37,14 @@ def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def anon_mb():
+    """Current anonymous (non-file) resident memory: RSS minus the memmap's page-cache pages."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def run(a):
     from state.data import Prepared, SetSampler
     d = Prepared(Path(a.dir) / "prep")
@@ -56,15 +64,15 @@ def run(a):
             pos = {nm: i for i, nm in enumerate(h.obs_names)}
             src = np.array([pos[nm] for nm in d.obs_names])  # prepared row -> file row
             m = h.matrix("X")
-            n = max(1, a.steps // 10)
-            bs = [s.next() for _ in range(n)]  # the same batches, index only
-            m.rows(src[bs[0]["tgt_idx"].numpy().ravel()[:8]])  # open / first chunk
+            n = max(1, a.steps // 20)
+            bs = [s.indices(0, 3 + i)[:2] for i in range(n)]  # the same batches as memmap mode, indices only
+            m.rows(src[bs[0][0].ravel()[:8]])  # open / first chunk
             t0 = time.perf_counter()
-            for b in bs:
-                tgt = torch.from_numpy(m.rows(src[b["tgt_idx"].numpy().ravel()]))
-                ctrl = torch.from_numpy(m.rows(src[b["ctrl_idx"].numpy().ravel()]))
+            for t, ci in bs:
+                tgt = torch.from_numpy(m.rows(src[t.ravel()])).view(t.shape + (-1,))  # (B,S,G)
+                ctrl = torch.from_numpy(m.rows(src[ci.ravel()])).view(t.shape + (-1,))
             dt = time.perf_counter() - t0
-    print(json.dumps(dict(mode=a.mode, steps=n, sec=dt, cells_per_s=cells * n / dt, peak_rss_mb=rss_mb(),
+    print(json.dumps(dict(mode=a.mode, steps=n, sec=dt, cells_per_s=cells * n / dt, peak_rss_mb=rss_mb(), anon_mb=anon_mb(),
                           shape=[a.sets, a.set_size, d.n_genes])))
 
 
@@ -100,7 +108,8 @@ def main():
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         res.append(json.loads(out))
         r = res[-1]
-        print(f"{mode:7s} {r['cells_per_s']:>12,.0f} cells/s  peak RSS {r['peak_rss_mb']:,.0f} MB  "
+        print(f"{mode:7s} {r['cells_per_s']:>12,.0f} cells/s  peak RSS {r['peak_rss_mb']:,.0f} MB "
+              f"(anon {r['anon_mb']:,.0f} MB)  "
               f"({r['steps']} batches of {r['shape']})")
     print(f"speed-up {res[0]['cells_per_s'] / res[1]['cells_per_s']:.0f}x")
 

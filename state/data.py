@@ -686,8 +686,10 @@ class SetSampler:
         self._plan = (epoch, p)
         return p
 
-    def batch(self, epoch, step):
-        """The batch at (epoch, step) of this rank: a pure function of (seed, epoch, rank, step)."""
+    def indices(self, epoch, step):
+        """Row indices of the batch at (epoch, step) of this rank, without reading X: target rows t and
+        control rows ci (B,S) (-1 = padding), lens (B,), group ids g (B,), valid (B,).
+        A pure function of (seed, epoch, rank, step)."""
         T, L, gid, valid = self.plan(epoch)
         sl = slice(step * self.B, (step + 1) * self.B)
         t, lens, g, v = T[sl], L[sl], gid[sl], valid[sl]  # (B,S) (B,) (B,) (B,)
@@ -697,8 +699,14 @@ class SetSampler:
         u = rng.random((B, S))
         ci = self.pool_rows[self.pool_off[pool][:, None] + (u * self.pool_len[pool][:, None]).astype(np.int64)]
         ci = np.sort(ci, axis=1)  # order within a set is arbitrary: sorted rows read the memmap forwards
+        ci[t < 0] = -1
+        return t, ci, lens, g, v
+
+    def batch(self, epoch, step):
+        """The batch (dict of tensors, see the class docstring) at (epoch, step) of this rank."""
+        t, ci, lens, g, v = self.indices(epoch, step)
+        B, S = t.shape
         pad = t < 0
-        ci[pad] = -1
         # one fancy read for targets and controls; padding reads the set's first row and is zeroed below
         x = self.data._read(np.concatenate([np.where(pad, t[:, :1], t).ravel(), np.where(pad, ci[:, :1], ci).ravel()]))
         x = torch.from_numpy(x).view(2, B, S, -1)

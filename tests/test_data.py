@@ -371,3 +371,31 @@ def test_synth_learnable(syn):
     for p in range(1, len(d.pert_names)):
         g = d.genes.index(d.pert_names[p])
         assert shift[:, p, g].mean() < 0
+
+
+def test_plain_strings_dense_obsm_gene_col(tmp_path):
+    """obs as plain string arrays (not categoricals), dense X, an obsm key, gene names from a var column."""
+    import h5py
+    rng = np.random.default_rng(0)
+    n = 30
+    X = np.log1p(rng.poisson(2, (n, 6))).astype(np.float32)
+    p = tmp_path / "p.h5ad"
+    write_h5ad(p, X, [f"c{i}" for i in range(n)], [f"ENSG{i}" for i in range(6)],
+               obs={"gene": labels(n)}, var={"symbol": np.array([f"S{i}" for i in range(6)], object)},
+               obsm={"X_emb": rng.normal(0, 1, (n, 3)).astype(np.float32)})
+    with h5py.File(p, "a") as f:
+        del f["obs/gene"]
+        f["obs"].create_dataset("gene", data=np.array(["NT" if v == "control" else v for v in labels(n)], object),
+                                dtype=h5py.string_dtype("utf-8"))
+    d = prepare(p, tmp_path / "o", gene_col="symbol")
+    assert d.pert_col == "gene" and d.control == "NT" and d.genes == [f"S{i}" for i in range(6)]
+    assert d.context_names == ["all"] and d.context_col is None
+    i = np.flatnonzero(d.obs_names == "c4")[0]
+    np.testing.assert_array_equal(d.rows([i])[0], X[4])
+    e = prepare(p, tmp_path / "e", key="obsm/X_emb")
+    assert e.genes == ["X_emb_0", "X_emb_1", "X_emb_2"] and e.index["sources"][0]["scale"]["kind"] == "embedding"
+    with H5AD(p) as h:
+        emb = h.matrix("obsm/X_emb").block(0, n)
+    np.testing.assert_array_equal(e.rows([i])[0], emb[4])
+    with pytest.raises(H5ADError, match="no obs column 'nope'|var column 'nope'"):
+        prepare(p, tmp_path / "g", gene_col="nope")
