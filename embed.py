@@ -467,14 +467,14 @@ def transform(argv):
     inp = pos[0]
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"])
     model, meta = load_model(C["ckpt"], dev)
-    D = model.cfg.out + (model.cfg.n_ds if model.cfg.ds_token else 0)
+    D = model.cfg.d_out + (model.cfg.n_ds if model.cfg.ds_token else 0)
     with H5AD(inp) as h:
         n = h.n_obs
         gm = GeneMap(h, model.genes)
     valid = torch.from_numpy(gm.valid()).to(dev)
     cls = torch.tensor([gm.cls_gene()], device=dev)
     info = dict(se_hash=meta["se_hash"], ckpt=os.path.abspath(C["ckpt"]), preset=meta.get("preset", ""),
-                width=D, out_dim=model.cfg.out, ds_dim=D - model.cfg.out, key=C["key"], seed=C["seed"],
+                width=D, out_dim=model.cfg.d_out, ds_dim=D - model.cfg.d_out, key=C["key"], seed=C["seed"],
                 gene_column=gm.column, genes_used=int(len(gm.ids)), genes_in_file=int(gm.n_vars),
                 obsm_key=C["obsm_key"])
     o = C["output"]

@@ -46,7 +46,7 @@ class SEConfig:
     ff: int = 1024            # feed-forward hidden width
     n_head: int = 16          # attention heads (head dim d / n_head)
     n_layer: int = 8          # encoder layers
-    out: int = 512            # output_dim: cell-embedding width (X_state = out + n_ds)
+    d_out: int = 512          # output_dim: cell-embedding width (X_state = d_out + n_ds)
     n_ds: int = 10            # dataset-embedding width (reference hard-codes 10)
     pad_length: int = 2048    # CLS + top (pad_length - 1) genes; + dataset token => L = pad_length + 1
     n_bins: int = 10          # soft expression bins of count_emb
@@ -83,12 +83,12 @@ class SEConfig:
 
 PRESETS = {
     # seconds on a laptop CPU; what the tests and the CPU evaluation in dev/LOG.md use
-    "tiny": dict(d=64, ff=128, n_head=4, n_layer=2, out=64, pad_length=128, count_hidden=64,
+    "tiny": dict(d=64, ff=128, n_head=4, n_layer=2, d_out=64, pad_length=128, count_hidden=64,
                  P=32, N=32, S=32),
     # reference arc-state `state-defaults.yaml`
-    "default": dict(d=512, ff=1024, n_head=16, n_layer=8, out=512, pad_length=2048, P=512, N=512, S=512),
+    "default": dict(d=512, ff=1024, n_head=16, n_layer=8, d_out=512, pad_length=2048, P=512, N=512, S=512),
     # the released SE-600M: output 2048 certain, d_model 2048 / FF 4096 inferred (SPEC 8.2)
-    "se600m": dict(d=2048, ff=4096, n_head=16, n_layer=16, out=2048, pad_length=2048,
+    "se600m": dict(d=2048, ff=4096, n_head=16, n_layer=16, d_out=2048, pad_length=2048,
                    P=512, N=512, S=512),
 }
 
@@ -407,12 +407,12 @@ class StateEmbedding(nn.Module):
         self.bins = nn.Parameter(torch.randn(cfg.n_bins, d))  # learnable bin vectors (nn.Embedding init)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(d) if cfg.norm == "pre" else nn.Identity()
-        self.dec = nn.Sequential(SkipBlock(d), nn.Linear(d, cfg.out))
-        zd = d + cfg.out + 1 + (cfg.n_ds if cfg.ds_token else 0)
+        self.dec = nn.Sequential(SkipBlock(d), nn.Linear(d, cfg.d_out))
+        zd = d + cfg.d_out + 1 + (cfg.n_ds if cfg.ds_token else 0)
         self.exp_dec = nn.Sequential(SkipBlock(zd), SkipBlock(zd), nn.Linear(zd, 1))
         if cfg.ds_token:
-            self.ds_emb = nn.Linear(cfg.out, cfg.n_ds)
-            self.ds_head = nn.Sequential(nn.Linear(cfg.out, d), nn.SiLU(), nn.LayerNorm(d),
+            self.ds_emb = nn.Linear(cfg.d_out, cfg.n_ds)
+            self.ds_head = nn.Sequential(nn.Linear(cfg.d_out, d), nn.SiLU(), nn.LayerNorm(d),
                                          nn.Dropout(0.1), nn.Linear(d, cfg.n_datasets))
 
     @property
@@ -427,7 +427,7 @@ class StateEmbedding(nn.Module):
         c = self.cfg
         L = c.pad_length + int(c.ds_token)
         n_enc = c.E * c.d + c.n_layer * (4 * c.d * c.d + 2 * c.d * c.ff)
-        zd = c.d + c.out + 1 + (c.n_ds if c.ds_token else 0)
+        zd = c.d + c.d_out + 1 + (c.n_ds if c.ds_token else 0)
         T = c.P + c.N + c.S
         n_dec = 2 * (4 * zd * zd) + c.E * c.d
         return 6 * n_enc * B * L + 12 * c.n_layer * c.d * L * L * B + 6 * n_dec * B * T
