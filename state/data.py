@@ -6,7 +6,7 @@ rows are sorted by (context, perturbation, batch), and sample cell sets with mat
         [--pert-col target_gene] [--control non-targeting] [--context-col cell_type] [--batch-col gem_group] \\
         [--key X|layers/counts|raw/X|obsm/X_state] [--gene-col gene_symbol] [--genes genes.txt] [--intersect] \\
         [--hvg 2000] [--normalize auto|yes|no] [--target-sum 1e4] [--assume normalized|log1p] \\
-        [--dtype float32|float16|bfloat16] [--keep cell_type=A172,T98G,U87MG]
+        [--dtype float32|float16|bfloat16] [--keep cell_type=A172,T98G,U87MG] [--modality]
     python -m state.data info OUT_DIR
 
 Unset column names and the control label are detected (SPEC 2.2) and printed. The scale of the matrix is
@@ -274,11 +274,12 @@ def _blocks(src, chunk, desc):
 
 def prepare(inputs, out_dir, pert_col=None, control=None, context_col=None, batch_col=None, key="X",
             hvg=None, normalize="auto", target_sum=None, dtype="float32", keep=None,
-            intersect=False, genes=None, gene_col=None, assume=None, chunk=None):
+            intersect=False, genes=None, gene_col=None, assume=None, chunk=None, modality=False):
     """Convert one or more .h5ad files into OUT_DIR (see module docstring) and return Prepared(out_dir).
     Extra (additive) options: intersect (align multiple files on their common genes), genes (a list of
     gene names to keep, in order), gene_col (var column holding gene names), assume ('normalized' or
-    'log1p' to override the scale detector)."""
+    'log1p' to override the scale detector), modality (key labels as 'type:label' when a
+    perturbation_type column gives one label several types)."""
     paths = _expand(inputs)
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' not one of {', '.join(DTYPES)}")
@@ -286,14 +287,14 @@ def prepare(inputs, out_dir, pert_col=None, control=None, context_col=None, batc
     hs = [H5AD(p) for p in paths]
     try:
         return _prepare(hs, Path(out_dir), pert_col, control, context_col, batch_col, key, hvg, normalize,
-                        target_sum, dtype, keep or {}, intersect, genes, gene_col, assume, chunk)
+                        target_sum, dtype, keep or {}, intersect, genes, gene_col, assume, chunk, modality)
     finally:
         for h in hs:
             h.close()
 
 
 def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, normalize, target_sum, dtype,
-             keep, intersect, genes, gene_col, assume, chunk):
+             keep, intersect, genes, gene_col, assume, chunk, modality):
     # --- columns, labels, keep filter ---
     srcs = []
     for h in hs:
@@ -359,8 +360,12 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
         have = set(gl)
         unknown = [g for g in genes if g not in have]
         if unknown:
+            mouse = sum(g[:1].isupper() and g[1:].islower() for g in unknown) > len(unknown) / 2 and \
+                sum(g.isupper() for g in gl) > len(gl) / 2
             raise H5ADError(f"{len(unknown)} requested genes not in {srcs[0]['path']}"
-                            f"{' (after alignment)' if len(srcs) > 1 else ''}: {', '.join(unknown[:20])}")
+                            f"{' (after alignment)' if len(srcs) > 1 else ''}: {', '.join(unknown[:20])}"
+                            + (" (they look like mouse symbols, e.g. Actb; the file has human upper-case "
+                               "symbols, which do not match)" if mouse else ""))
         gl = genes
     for s in srcs:
         pos = {g: i for i, g in enumerate(s["genes"].tolist())}
@@ -433,6 +438,23 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
     cat = lambda k: np.concatenate([np.asarray(s[k], object)[s["keep"]] for s in srcs])
     pert, ctx, bat, names = cat("pert"), cat("ctx"), cat("bat"), cat("names")
     src = np.concatenate([np.full(int(s["keep"].sum()), i, np.int32) for i, s in enumerate(srcs)])
+    if any("ptype" in s for s in srcs):  # modality aliasing (SPEC 2.2): same label, different perturbation_type
+        pt = np.concatenate([s["ptype"][s["keep"]] if "ptype" in s else np.full(int(s["keep"].sum()), "?", object)
+                             for s in srcs])
+        types = {}
+        for p_, t_ in set(zip(pert.tolist(), pt.tolist())):
+            if p_ != control:
+                types.setdefault(p_, set()).add(t_)
+        alias = sorted(p_ for p_, t_ in types.items() if len(t_) > 1)
+        if alias and modality:
+            pert = np.where(pert == control, pert, pt.astype(object) + ":" + pert.astype(object))
+            say(f"modality: {len(alias)} labels occur with several perturbation_type values (e.g. {alias[0]}: "
+                f"{sorted(types[alias[0]])}); perturbations keyed as 'type:label'")
+        elif alias:
+            say(f"WARNING modality aliasing: {len(alias)} perturbation labels occur with different "
+                f"perturbation_type values (e.g. {', '.join(alias[:5])}: {sorted(types[alias[0]])}); they share "
+                "one vocabulary entry. Keep one modality with --keep (e.g. --keep cell_type=...) or pass "
+                "--modality to key them as 'type:label'")
     pert_names = [control] + sorted(set(pert.tolist()) - {control})
     context_names = sorted(set(ctx.tolist()))
     batch_names = sorted(set(bat.tolist()))
@@ -445,18 +467,6 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
         if not np.any((C == k) & (P == 0)):
             raise H5ADError(f"context '{name}' (obs column '{context_col or '-'}') has no control cells "
                             f"('{control}' in '{pert_col}'); drop it with --keep or fix the labels")
-    if any("ptype" in s for s in srcs):
-        pt = np.concatenate([s["ptype"][s["keep"]] if "ptype" in s else np.full(int(s["keep"].sum()), "?", object)
-                             for s in srcs])
-        types = {}
-        for p_, t_ in set(zip(pert.tolist(), pt.tolist())):
-            if p_ != control:
-                types.setdefault(p_, set()).add(t_)
-        alias = sorted(p_ for p_, t_ in types.items() if len(t_) > 1)
-        if alias:
-            say(f"WARNING modality aliasing: {len(alias)} perturbation labels occur with different "
-                f"perturbation_type values (e.g. {', '.join(alias[:5])}: {sorted(types[alias[0]])}); they share "
-                "one vocabulary entry. Keep one modality with --keep (e.g. --keep cell_type=...)")
     n_dup = len(names) - len(set(names.tolist()))
     if n_dup:
         say(f"WARNING {n_dup} duplicate obs names across the inputs")
@@ -487,11 +497,17 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
     np.save(out / "codes.npy", codes.astype(np.int32))
     sources = [dict(path=os.path.abspath(s["path"]), md5=md5(s["path"]), n_obs=int(len(s["keep"])),
                     kept=int(s["keep"].sum()), scale=dict(kind=s["scale"].kind, target_sum=s["scale"].target_sum,
-                                                          evidence=s["scale"].evidence), transform=s["tr"])
+                                                          evidence=s["scale"].evidence), transform=s["tr"],
+                    se=s["h"].uns("nanostate_se") if emb else None)  # SE provenance of obsm/X_state (embed.py)
                for s in srcs]
+    se_hashes = {(x["se"] or {}).get("se_hash") for x in sources if x["se"]}
+    if len(se_hashes) > 1:  # embeddings from different SE checkpoints live in different spaces
+        raise H5ADError(f"'{key}' comes from different SE checkpoints {sorted(se_hashes)} across files; "
+                        "re-embed them with one checkpoint (embed.py transform --ckpt=...)")
     recipe = dict(key=key, normalize=str(normalize), target_sum=target_sum, log1p=bool(logged and not emb),
                   hvg=int(hvg) if hvg else None, genes=None if genes is None else "requested list",
-                  intersect=bool(intersect), keep=keep, dtype=dtype, assume=assume, gene_col=gene_col)
+                  intersect=bool(intersect), keep=keep, dtype=dtype, assume=assume, gene_col=gene_col,
+                  modality=bool(modality))
     cs = hashlib.sha256(json.dumps([[x["md5"] for x in sources], recipe, gl, context_names, pert_names],
                                    sort_keys=True).encode()).hexdigest()[:16]
     index = dict(format=FORMAT, n_cells=Ncell, n_genes=G, dtype=dtype, genes=gl, obs_names=names[order].tolist(),
@@ -767,6 +783,7 @@ def main(argv=None):
     p.add_argument("--target-sum", type=float); p.add_argument("--assume", choices=["normalized", "log1p"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--keep", action="append", default=[], help="col=v1,v2 (repeatable): keep only these cells")
+    p.add_argument("--modality", action="store_true", help="key labels 'type:label' by obs perturbation_type")
     i = sub.add_parser("info", help="summarise a prepared folder")
     i.add_argument("dir")
     a = ap.parse_args(argv)
@@ -782,7 +799,8 @@ def main(argv=None):
                 keep[k] = v.split(",")
             genes = Path(a.genes).read_text().split() if a.genes else None
             d = prepare(a.paths[:-1], a.paths[-1], a.pert_col, a.control, a.context_col, a.batch_col, a.key,
-                        a.hvg, a.normalize, a.target_sum, a.dtype, keep, a.intersect, genes, a.gene_col, a.assume)
+                        a.hvg, a.normalize, a.target_sum, a.dtype, keep, a.intersect, genes, a.gene_col, a.assume,
+                        modality=a.modality)
         else:
             d = Prepared(a.dir)
         print(d)

@@ -119,6 +119,10 @@ def test_modality_aliasing_warns(gbm_path, tmp_path, capsys):
     prepare(gbm_path, tmp_path / "p", keep={"cell_type": ["k562", "A172"]}, hvg=100)
     out = capsys.readouterr().out
     assert "modality aliasing" in out and "MAP2K3" in out
+    d = prepare(gbm_path, tmp_path / "m", keep={"cell_type": ["k562", "A172"]}, modality=True)
+    assert "CRISPRa:MAP2K3" in d.pert_names and "CRISPRi:MAP2K3" in d.pert_names and d.control == "control"
+    a172 = d.context_names.index("A172")
+    assert {d.pert_names[p].split(":")[0] for p in d.pert[(d.context == a172) & (d.pert != 0)]} == {"CRISPRi"}
 
 
 def test_prepare_kang_counts_hvg_batch(kang_path, tmp_path):
@@ -185,8 +189,10 @@ def test_multi_file_alignment(syn, tmp_path):
         genes = h.var_names()
     perm = np.random.default_rng(0).permutation(len(genes))
     names = [f"other{i}" for i in range(200)]
-    write_h5ad(tmp_path / "b.h5ad", X[:, perm], names, genes[perm], obs=obs)
-    d = prepare([d0 / "s.h5ad", tmp_path / "b.h5ad"], tmp_path / "o", batch_col="batch")
+    (tmp_path / "in").mkdir()
+    shutil.copy(d0 / "s.h5ad", tmp_path / "in" / "a.h5ad")
+    write_h5ad(tmp_path / "in" / "b.h5ad", X[:, perm], names, genes[perm], obs=obs)
+    d = prepare(str(tmp_path / "in" / "*.h5ad"), tmp_path / "o", batch_col="batch")  # a glob
     assert d.n_cells == data.n_cells + 200 and d.genes == genes.tolist()
     i = np.flatnonzero(d.obs_names == "other7")[0]
     np.testing.assert_array_equal(d.rows([i])[0], X[7])
@@ -202,6 +208,8 @@ def test_multi_file_alignment(syn, tmp_path):
     assert d.genes == ["GENE0003", "GENE0001"]
     with pytest.raises(H5ADError, match="NOTAGENE"):
         prepare(d0 / "s.h5ad", tmp_path / "o5", genes=["GENE0003", "NOTAGENE"])
+    with pytest.raises(H5ADError, match="mouse symbols"):
+        prepare(d0 / "s.h5ad", tmp_path / "o6", genes=["Actb", "Gapdh"])
 
 
 # --- bad input -> clear errors --------------------------------------------------------------------
