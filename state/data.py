@@ -803,6 +803,13 @@ def main(argv=None):
                         modality=a.modality)
         else:
             d = Prepared(a.dir)
+            for k, c in enumerate(d.context_names):
+                m = d.context == k
+                print(f"  {c}: {int(m.sum())} cells, {int((m & (d.pert == d.control_code)).sum())} controls, "
+                      f"{len(set(d.pert[m].tolist()) - {d.control_code})} perturbations")
+            print(f"  recipe {d.index['recipe']}")
+            for src in d.index["sources"]:
+                print(f"  source {src['path']} md5 {src['md5']}: {src['scale']['kind']} -> {src['transform']}")
         print(d)
     except (H5ADError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

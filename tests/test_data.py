@@ -407,3 +407,15 @@ def test_plain_strings_dense_obsm_gene_col(tmp_path):
     np.testing.assert_array_equal(e.rows([i])[0], emb[4])
     with pytest.raises(H5ADError, match="no obs column 'nope'|var column 'nope'"):
         prepare(p, tmp_path / "g", gene_col="nope")
+
+
+def test_synth_cli_counts(tmp_path):
+    from state.synth import main as synth_main
+    synth_main([str(tmp_path / "c.h5ad"), "--n-cells", "400", "--n-genes", "30", "--n-perts", "4",
+                "--counts", "--compression", "gzip"])
+    with H5AD(tmp_path / "c.h5ad") as h:
+        assert h.n_vars == 30 and set(h.column("perturbation")) == {"control", "GENE0000", "GENE0001",
+                                                                      "GENE0002", "GENE0003"}
+        assert detect_scale(h.matrix("X")).kind == "counts"
+    d = prepare(tmp_path / "c.h5ad", tmp_path / "o")
+    assert d.index["sources"][0]["transform"] == "normalize+log1p"
