@@ -93,8 +93,9 @@ def run_worker(python, impl, B, N, M, D, reps, threads):
 
 def bench_cpu(args):
     print(f"CPU bench, B={args.batch}, N=M in {args.sets}, D in {args.dims}, reps>={args.reps}, "
+          f"rounds={args.rounds}, "
           f"threads={args.threads or 'torch default'} "
-          f"(median, min; GFLOP/s from the median; peak = RSS growth over inputs, fwd+bwd)")
+          f"(median of per-round medians, min; GFLOP/s from the median; peak = max RSS growth over inputs, fwd+bwd)")
     hdr = f"{'N=M':>5} {'D':>5} | {'impl':>8} | {'fwd ms':>8} {'fwd+g ms':>8} {'bwd ms':>8} " \
           f"{'both ms':>8} {'min ms':>8} {'GFLOP/s':>8} | {'peak MiB':>8} {'reps':>4}"
     print(hdr)
@@ -107,13 +108,23 @@ def bench_cpu(args):
             impls = [("ref", sys.executable)]
             if REFPY.exists() and not args.no_geomloss:
                 impls.append(("geomloss", REFPY))
-            for impl, py in impls:
-                r = run_worker(py, impl, B, N, M, D, args.reps, args.threads)
-                r.update(N=N, D=D, B=B)
-                rows.append(r)
-                if "error" in r:
-                    print(f"{N:>5} {D:>5} | {impl:>8} | error: {r['error']}")
+            # alternate the implementations over --rounds so both see the same (shared-CPU) load
+            runs = {impl: [] for impl, _ in impls}
+            for _ in range(args.rounds):
+                for impl, py in impls:
+                    runs[impl].append(run_worker(py, impl, B, N, M, D, args.reps, args.threads))
+            for impl, _ in impls:
+                ok = [r for r in runs[impl] if "error" not in r]
+                if not ok:
+                    print(f"{N:>5} {D:>5} | {impl:>8} | error: {runs[impl][0]['error']}")
                     continue
+                med = statistics.median
+                r = {"impl": impl, "N": N, "D": D, "B": B, "rounds": ok,
+                     "fwd_s": med([o["fwd_s"] for o in ok]), "fwd_grad_s": med([o["fwd_grad_s"] for o in ok]),
+                     "bwd_s": med([o["bwd_s"] for o in ok]), "both_s": med([o["both_s"] for o in ok]),
+                     "both_min_s": min(o["both_min_s"] for o in ok), "n_reps": sum(o["n_reps"] for o in ok),
+                     "peak_mib": max(o["peak_mib"] for o in ok)}
+                rows.append(r)
                 gf = (f_fwd + f_dx) / r["both_s"] / 1e9
                 print(f"{N:>5} {D:>5} | {impl:>8} | {r['fwd_s']*1e3:8.1f} {r['fwd_grad_s']*1e3:8.1f} "
                       f"{r['bwd_s']*1e3:8.1f} {r['both_s']*1e3:8.1f} {r['both_min_s']*1e3:8.1f} {gf:8.1f} | "
@@ -179,6 +190,7 @@ def main():
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 512, 2058])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", help="GPU input dtype")
+    ap.add_argument("--rounds", type=int, default=2, help="CPU: alternating worker runs per impl")
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch threads per worker (0: default)")
     ap.add_argument("--no-geomloss", action="store_true")
     ap.add_argument("--json", help="write the CPU rows here")
