@@ -71,10 +71,11 @@ FIT = dict(
     resume=False,
     stop_at=-1,               # save and exit after this step (a time slot); --resume continues exactly
     compile=False,
+    threads=0,                # torch.set_num_threads on CPU; 0 = torch's default (1 helps on a busy box)
 )
 
 TRANSFORM = dict(ckpt="", output="", key="X", batch_size=256, seed=0, dtype="auto",
-                 obsm_key="X_state", device="auto")
+                 obsm_key="X_state", device="auto", threads=0)
 
 
 def parse(argv, defaults, model_keys=()):
@@ -242,6 +243,8 @@ def fit(argv):
     if not files:
         raise SystemExit("embed.py fit: give one or more .h5ad files")
     ddp, rank, local_rank, world, device = compute_init(seed=C["seed"])
+    if C["threads"] and device.type == "cpu":
+        torch.set_num_threads(C["threads"])
     master = rank == 0
     out = C["out"]
     os.makedirs(out, exist_ok=True)
@@ -466,6 +469,8 @@ def transform(argv):
         raise SystemExit("usage: embed.py transform --ckpt=RUN_DIR IN.h5ad [--output=OUT.h5ad|OUT.npy]")
     inp = pos[0]
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"])
+    if C["threads"] and dev.type == "cpu":
+        torch.set_num_threads(C["threads"])
     model, meta = load_model(C["ckpt"], dev)
     D = model.cfg.d_out + (model.cfg.n_ds if model.cfg.ds_token else 0)
     with H5AD(inp) as h:
