@@ -76,28 +76,32 @@ def _keys(X):
     return np.where(i < 0, -(i & 0x7FFFFFFF), i)
 
 
-def _runlen(s):
-    """Per element of column-sorted s (n, G): the size of its tie group."""
-    n = s.shape[0]
-    new = np.ones(s.shape, bool)
-    new[1:] = s[1:] != s[:-1]
-    idx = np.arange(n)[:, None]
-    start = np.maximum.accumulate(np.where(new, idx, 0), axis=0)
-    last = np.ones(s.shape, bool)
-    last[:-1] = new[1:]
-    end = np.minimum.accumulate(np.where(last, idx, n)[::-1], axis=0)[::-1]
-    return end - start + 1
-
-
 class Ref:
-    """A reference (control) group sorted once per gene, for many rank-sum tests against it."""
+    """A reference (control) group prepared once for many rank-sum tests against it: the sorted
+    keys of its nonzero entries (gene-major) and its zero count per gene."""
 
-    def __init__(self, Xc):
-        k = np.sort(_keys(Xc), axis=0)  # (n2, G)
-        self.n, G = k.shape
-        self.off = np.arange(G, dtype=np.int64) << 33  # keys span < 2^32: column blocks never overlap
-        self.flat = (k + self.off).T.ravel()  # (G*n2,) sorted: gene 0's block, then gene 1's, ...
-        self.t3 = (_runlen(k).astype(np.float64) ** 2).sum(0)  # sum_v b_v^3 per gene
+    def __init__(self, Xc, sparse=None):
+        self.Xc = Xc = np.asarray(Xc, np.float32)
+        self.n, self.G = Xc.shape
+        # zeros are one tie group handled analytically, unless there are negative values
+        self.sparse = not (Xc < 0).any() if sparse is None else sparse
+        self.k, cnt = _nzkeys(Xc, 0, self.sparse, self.G)
+        self.z = self.n - cnt  # zeros per gene
+        self.before = np.r_[0, np.cumsum(cnt)[:-1]]  # nonzero controls in earlier genes
+
+
+def _nzkeys(X, bit, sparse, G):
+    """Sorted int64 keys gene << 33 | (value key + 2^31) << 1 | bit of the (nonzero) entries,
+    and the count of such entries per gene. Sorting the columns (fast, float32) and reading them
+    gene-major gives the keys already sorted."""
+    S = np.sort(X, axis=0).T  # (G, n) view, each row ascending
+    if sparse:
+        g, _ = np.nonzero(S)
+        v = S[S != 0]
+    else:
+        g, v = np.repeat(np.arange(G), S.shape[1]), S.ravel()
+    k = (g.astype(np.int64) << 33) | ((_keys(v) + (1 << 31)) << 1) | bit
+    return k, np.bincount(g, minlength=G)
 
 
 def _erfc(z):
@@ -106,18 +110,36 @@ def _erfc(z):
 
 
 def mwu(Xp, ref):
-    """Two-sided asymptotic Mann-Whitney U of each gene of Xp (n1, G) vs the Ref; -> (U1, p)."""
-    s = np.sort(_keys(Xp), axis=0)
-    n1, n2 = s.shape[0], ref.n
+    """Two-sided asymptotic Mann-Whitney U of each gene of Xp (n1, G) vs the Ref; -> (U1, p).
+
+    One sort of the merged nonzero keys of both groups: in it, a tie group is a run of equal
+    (gene, value); U1 = sum over pert entries of (#controls below + #controls tied / 2) and the tie
+    term is sum over runs of t^3 - t, with the zeros of each gene as one more run."""
+    Xp = np.asarray(Xp, np.float32)
+    n1, n2, G = Xp.shape[0], ref.n, ref.G
     n = n1 + n2
-    a = _runlen(s).astype(np.float64)
-    q = (s + ref.off).T.ravel()  # sorted queries: gene-major
-    lo = np.searchsorted(ref.flat, q, "left").reshape(-1, n1).T
-    hi = np.searchsorted(ref.flat, q, "right").reshape(-1, n1).T
-    b = (hi - lo).astype(np.float64)  # ties of x's value among controls
-    less = lo - (np.arange(s.shape[1]) * n2)[None, :]  # controls strictly below x
-    U1 = less.sum(0) + 0.5 * b.sum(0)
-    tie = (a * a).sum(0) + ref.t3 + 3.0 * (a * b + b * b).sum(0) - n
+    sparse = ref.sparse and not (Xp < 0).any()
+    if sparse != ref.sparse:  # negative values in the perturbation: all entries take part
+        ref = Ref(ref.Xc, sparse=False)
+    kx, cx = _nzkeys(Xp, 1, sparse, G)
+    k = np.concatenate([ref.k, kx])
+    k.sort(kind="stable")  # two sorted runs: a merge
+    isx = (k & 1).astype(np.int32)
+    new = np.empty(len(k), bool)
+    new[:1] = True
+    np.greater(k[1:] ^ k[:-1], 1, out=new[1:])  # (gene, value) changes: a new tie run
+    start = np.flatnonzero(new)
+    t = np.diff(np.r_[start, len(k)]).astype(np.float64)
+    cxe = np.r_[0, np.cumsum(isx)]  # perturbation entries before each position
+    nx = (cxe[start + t.astype(np.int64)] - cxe[start]).astype(np.float64)
+    ny = t - nx
+    gene = k[start] >> 33
+    # controls below a run: nonzero controls of this gene before it + the gene's zeros
+    below = (start - cxe[start]) - ref.before[gene] + ref.z[gene]
+    zx, zy = n1 - cx, ref.z
+    U1 = np.bincount(gene, weights=nx * (below + ny / 2), minlength=G) + zx * zy / 2.0
+    tz = (zx + zy).astype(np.float64)
+    tie = np.bincount(gene, weights=t ** 3 - t, minlength=G) + tz ** 3 - tz
     U = np.maximum(U1, n1 * n2 - U1)
     s2 = n1 * n2 / 12.0 * ((n + 1.0) - tie / (n * (n - 1.0)))
     ok = s2 > 0
@@ -185,22 +207,39 @@ def de(X_pert, X_ctrl, pseudobulk=0, seed=0):
     return dict(lfc=l, p=p, fdr=bh(p), U=U)
 
 
-def de_groups(Xs, starts, ctrl, pseudobulk=0, seed=0):
-    """DE of every group vs the control group of a row-grouped matrix.
-
-    Xs: (N, G) float32 with groups in contiguous row blocks [starts[i], starts[i+1]); ctrl is the
-    control's group index. Returns lfc, p, fdr as (P, G) arrays for the non-control groups."""
-    blocks = [Xs[starts[i]:starts[i + 1]] for i in range(len(starts) - 1)]
+def summarise(X, lab, allp, ci, de_on=True, ed_on=False, pseudobulk=0, seed=0):
+    """One file, one context, one pass over its groups (no sorted copy of X is made):
+    mu (groups, G) float64 pseudobulks; with de_on, DE of every non-control group vs the control
+    (lfc, p, fdr as (P, G)); with ed_on, the energy distance of every group to the control."""
+    code = np.searchsorted(allp, lab)
+    order = np.argsort(code, kind="stable")  # within a group: original row order, as pdex
+    st = np.r_[0, np.cumsum(np.bincount(code, minlength=len(allp)))]
+    idx = [order[st[i]:st[i + 1]] for i in range(len(allp))]
     rng = np.random.default_rng(seed)
-    Xc = blocks[ctrl]
-    means = np.stack([b.mean(0) for b in blocks])  # float32, as pdex
-    l = lfc(means, means[ctrl][None, :])
-    ref = Ref(_pseudo(Xc, pseudobulk, rng) if pseudobulk else Xc)
-    ps = [mwu(_pseudo(b, pseudobulk, rng) if pseudobulk else b, ref)[1]
-          for i, b in enumerate(blocks) if i != ctrl]
-    keep = [i for i in range(len(blocks)) if i != ctrl]
-    p = np.stack(ps) if ps else np.zeros((0, Xs.shape[1]))
-    return dict(lfc=l[keep], p=p, fdr=bh(p))
+    C = X[idx[ci]]
+    out = dict(mu=np.zeros((len(allp), X.shape[1])))
+    if de_on:
+        m32 = np.zeros((len(allp), X.shape[1]), np.float32)
+        ref = Ref(_pseudo(C, pseudobulk, rng) if pseudobulk else C)
+        ps = []
+    if ed_on:
+        sc, ed = _mean_pdist(C), []
+    for i in range(len(allp)):
+        Xi = C if i == ci else X[idx[i]]
+        out["mu"][i] = Xi.sum(0, dtype=np.float64) / len(Xi)
+        if de_on:
+            m32[i] = Xi.mean(0)  # float32, as pdex
+            if i != ci:
+                ps.append(mwu(_pseudo(Xi, pseudobulk, rng) if pseudobulk else Xi, ref)[1])
+        if ed_on and i != ci:  # float32 arithmetic, as cell-eval: 2 * delta - sigma_x - sigma_y
+            ed.append(np.float32(2) * _mean_pdist(Xi, C) - _mean_pdist(Xi) - sc)
+    keep = [i for i in range(len(allp)) if i != ci]
+    if de_on:
+        p = np.stack(ps) if ps else np.zeros((0, X.shape[1]))
+        out.update(lfc=lfc(m32, m32[ci][None, :])[keep], p=p, fdr=bh(p))
+    if ed_on:
+        out["ed"] = np.array(ed, np.float64)
+    return out
 
 
 # -----------------------------------------------------------------------------------------------
@@ -357,31 +396,16 @@ def score(agg_user, agg_base):
 # Loading
 
 
-def load(x, pert_col, context_col=None):
-    """Path, (X, obs) or (X, obs, genes) -> (X float32 (N, G), labels, contexts or None, genes)."""
-    if isinstance(x, (str, os.PathLike)):
-        with H5AD(x) as f:
-            X = f.matrix("X").block(0, f.n_obs)
-            genes = np.asarray(f.var_names(), dtype=object)
-            lab = f.column(pert_col)
-            ctx = f.column(context_col) if context_col else None
-    else:
-        X, obs = x[0], x[1]
-        genes = np.asarray(x[2] if len(x) > 2 else [str(i) for i in range(X.shape[1])], object)
-        lab = np.asarray(obs[pert_col])
-        ctx = np.asarray(obs[context_col]) if context_col else None
-    X = np.asarray(X, dtype=np.float32)
-    lab = np.array([str(v) for v in lab], dtype=object)
-    if ctx is not None:
-        ctx = np.array([str(v) for v in ctx], dtype=object)
-    return X, lab, ctx, genes
-
-
 def normlog_if_counts(X, which, allow_discrete=False):
     """cell-eval's guard: integer data is normalize_total(median)+log1p'd; fractional data must be
     in [0, 15)."""
-    frac = np.modf(X)[0]
-    if not (frac > 1e-3).any():
+    frac = False  # any fractional entry (> 1e-3)? row blocks, stopping at the first one
+    for i in range(0, len(X), 2048):
+        b = X[i:i + 2048]
+        if ((b - np.floor(b)) > 1e-3).any():
+            frac = True
+            break
+    if not frac:
         if allow_discrete:
             return X
         print(f"WARNING: {which} looks like integer counts: normalising to the median library size "
@@ -399,14 +423,6 @@ def normlog_if_counts(X, which, allow_discrete=False):
 
 # -----------------------------------------------------------------------------------------------
 # Metrics of one context
-
-
-def _group(X, lab, perts):
-    """Rows sorted by label (stable: original order within a label), group starts, codes."""
-    code = np.searchsorted(perts, lab)
-    order = np.argsort(code, kind="stable")
-    starts = np.r_[0, np.cumsum(np.bincount(code, minlength=len(perts)))]
-    return X[order], starts
 
 
 def _topk_names(sig, key, k):
@@ -478,24 +494,13 @@ def discrimination(eff_pred, eff_real, genes, perts, metric):
     return out
 
 
-def _context_metrics(Xp, lp, Xr, lr, genes, control, metrics, pseudobulk=0):
-    """All requested metrics for one context. Returns (Table per perturbation, DE dicts, notes)."""
-    perts_r, perts_p = np.unique(lr), np.unique(lp)
-    if not np.array_equal(perts_r, perts_p):
-        raise ValueError(f"perturbations differ: only real {sorted(set(perts_r) - set(perts_p))}, "
-                         f"only pred {sorted(set(perts_p) - set(perts_r))}")
-    if control not in perts_r:
-        raise ValueError(f"control '{control}' not in the files")
-    allp = perts_r.astype(object)
-    ci = int(np.flatnonzero(allp == control)[0])
-    perts = np.array([p for p in allp if p != control], dtype=object)
+def _context_metrics(Sp, Sr, allp, ci, genes, metrics):
+    """All requested metrics for one context from the two files' summaries.
+    Returns (Table per perturbation, DE dicts, notes, info, perts)."""
+    perts = np.array([p for p in allp if p != allp[ci]], dtype=object)
     T = len(perts)
-    sr, str_ = _group(Xr, lr, allp)
-    sp, stp = _group(Xp, lp, allp)
-    # pseudobulks (float64) and deltas, each file against its own control
-    mu_r = np.add.reduceat(sr, str_[:-1], axis=0, dtype=np.float64) / np.diff(str_)[:, None]
-    mu_p = np.add.reduceat(sp, stp[:-1], axis=0, dtype=np.float64) / np.diff(stp)[:, None]
     keep = [i for i in range(len(allp)) if i != ci]
+    mu_r, mu_p = Sr["mu"], Sp["mu"]  # pseudobulks; deltas against each file's own control
     d_r, d_p = mu_r[keep] - mu_r[ci], mu_p[keep] - mu_p[ci]
     m_r, m_p = mu_r[keep], mu_p[keep]
     per = Table(perturbation=perts)
@@ -503,7 +508,7 @@ def _context_metrics(Xp, lp, Xr, lr, genes, control, metrics, pseudobulk=0):
     want = set(metrics)
     DE = None
     if want & set(DE_METRICS):
-        DE = dict(real=de_groups(sr, str_, ci, pseudobulk), pred=de_groups(sp, stp, ci, pseudobulk))
+        DE = {k: dict(lfc=S["lfc"], p=S["p"], fdr=S["fdr"]) for k, S in (("real", Sr), ("pred", Sp))}
         f32 = {k: np.float32(v["fdr"]) for k, v in DE.items()}
         l32 = {k: np.float32(v["lfc"]) for k, v in DE.items()}
         sig = {k: f32[k] < FDR for k in DE}
@@ -588,13 +593,7 @@ def _context_metrics(Xp, lp, Xr, lr, genes, control, metrics, pseudobulk=0):
             notes.append("pearson_edistance is NaN: a correlation over perturbations needs >= 2 "
                          "(cell-eval errors and drops the column)")
         else:
-            ed = {}
-            for k, (S, st) in dict(real=(sr, str_), pred=(sp, stp)).items():
-                C = S[st[ci]:st[ci + 1]]
-                sc = _mean_pdist(C)
-                # float32 arithmetic, as cell-eval: 2 * delta - sigma_x - sigma_y
-                ed[k] = np.array([np.float32(2) * _mean_pdist(S[st[i]:st[i + 1]], C)
-                                  - _mean_pdist(S[st[i]:st[i + 1]]) - sc for i in keep], np.float64)
+            ed = {"real": Sr["ed"], "pred": Sp["ed"]}
             per["pearson_edistance"] = np.full(T, pearson(ed["real"], ed["pred"]))
             info["edistance_real"], info["edistance_pred"] = ed["real"], ed["pred"]
     if "pdisc_norm" in want:
@@ -631,25 +630,65 @@ def evaluate(pred, real, pert_col, control, context_col=None, profile="full", ps
         torch.set_num_threads(nt)
 
 
+def load_obs(x, pert_col, context_col=None):
+    """Labels (and contexts) of a path or an (X, obs[, genes]) pair, and the genes."""
+    if isinstance(x, (str, os.PathLike)):
+        with H5AD(x) as f:
+            genes = np.asarray(f.var_names(), dtype=object)
+            lab, ctx = f.column(pert_col), (f.column(context_col) if context_col else None)
+    else:
+        X, obs = x[0], x[1]
+        genes = np.asarray(x[2] if len(x) > 2 else [str(i) for i in range(X.shape[1])], object)
+        lab, ctx = np.asarray(obs[pert_col]), (np.asarray(obs[context_col]) if context_col else None)
+    lab = np.array([str(v) for v in lab], dtype=object)
+    ctx = None if ctx is None else np.array([str(v) for v in ctx], dtype=object)
+    return lab, ctx, genes
+
+
+def load_X(x):
+    if isinstance(x, (str, os.PathLike)):
+        with H5AD(x) as f:
+            return f.matrix("X").block(0, f.n_obs)
+    return np.asarray(x[0], dtype=np.float32)
+
+
 def _evaluate(pred, real, pert_col, control, context_col, profile, pseudobulk, allow_discrete, out):
     metrics = PROFILES[profile] if isinstance(profile, str) else list(profile)
-    Xp, lp, cp, gp = load(pred, pert_col, context_col)
-    Xr, lr, cr, gr = load(real, pert_col, context_col)
-    if Xp.shape[1] != Xr.shape[1] or not np.array_equal(gp, gr):
+    lp, cp, gp = load_obs(pred, pert_col, context_col)
+    lr, cr, gr = load_obs(real, pert_col, context_col)
+    if len(gp) != len(gr) or not np.array_equal(gp, gr):
         raise ValueError("pred and real must have identical var names in the same order")
-    Xp = normlog_if_counts(Xp, "pred", allow_discrete)
-    Xr = normlog_if_counts(Xr, "real", allow_discrete)
-    if out:
-        os.makedirs(out, exist_ok=True)
-    ctxs = [None] if context_col is None else sorted(set(cr))
     if context_col is not None and set(cp) != set(cr):
         raise ValueError(f"contexts differ: pred {sorted(set(cp))} vs real {sorted(set(cr))}")
-    tabs, notes, infos = [], [], {}
+    ctxs = [None] if context_col is None else sorted(set(cr))
+    plan = {}
     for c in ctxs:
-        mp = slice(None) if c is None else cp == c
-        mr = slice(None) if c is None else cr == c
-        per, DE, nt, info, perts = _context_metrics(Xp[mp], lp[mp], Xr[mr], lr[mr], gr, control,
-                                                    metrics, pseudobulk)
+        mp = np.ones(len(lp), bool) if c is None else cp == c
+        mr = np.ones(len(lr), bool) if c is None else cr == c
+        pr_, pp_ = np.unique(lr[mr]), np.unique(lp[mp])
+        if not np.array_equal(pr_, pp_):
+            raise ValueError(f"perturbations differ{'' if c is None else f' in {c}'}: only real "
+                             f"{sorted(set(pr_) - set(pp_))}, only pred {sorted(set(pp_) - set(pr_))}")
+        if control not in pr_:
+            raise ValueError(f"control '{control}' not in the files{'' if c is None else f' ({c})'}")
+        allp = pr_.astype(object)
+        plan[c] = (mp, mr, allp, int(np.flatnonzero(allp == control)[0]))
+    want = set(metrics)
+    de_on, ed_on = bool(want & set(DE_METRICS)), "pearson_edistance" in want
+    # one file at a time: only one expression matrix in memory
+    S = {}
+    for which, x, lab in (("real", real, lr), ("pred", pred, lp)):
+        X = normlog_if_counts(load_X(x), which, allow_discrete)
+        for c, (mp, mr, allp, ci) in plan.items():
+            m = mr if which == "real" else mp
+            S[which, c] = summarise(X[m] if c is not None else X, lab[m], allp, ci, de_on,
+                                    ed_on and len(allp) > 2, pseudobulk)
+        del X
+    if out:
+        os.makedirs(out, exist_ok=True)
+    tabs, notes, infos = [], [], {}
+    for c, (mp, mr, allp, ci) in plan.items():
+        per, DE, nt, info, perts = _context_metrics(S["pred", c], S["real", c], allp, ci, gr, metrics)
         pre = "" if c is None else f"{str(c).replace('/', '-')}_"
         if out:
             per.write_csv(os.path.join(out, f"{pre}results.csv"))
@@ -666,8 +705,8 @@ def _evaluate(pred, real, pert_col, control, context_col, profile, pseudobulk, a
         else:
             notes += nt
             infos = info
-        tabs.append((per, DE))
-    per = tabs[0][0] if len(tabs) == 1 else _concat([t[0] for t in tabs])
+        tabs.append(per)
+    per = tabs[0] if len(tabs) == 1 else _concat(tabs)
     agg = aggregate(per)
     agg.notes, agg.info = notes, infos
     if out and context_col is not None:
@@ -691,13 +730,12 @@ def _concat(tabs):
 
 def write_de(path, d, perts, genes):
     """cell-eval's DE table schema: target, feature, log2_fold_change, p_value, fdr."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["target", "feature", "log2_fold_change", "p_value", "fdr"])
+    gq = [str(g) for g in genes]
+    with open(path, "w") as f:
+        f.write("target,feature,log2_fold_change,p_value,fdr\n")
         for i, p in enumerate(perts):
-            for j, g in enumerate(genes):
-                w.writerow([p, g, repr(float(d["lfc"][i, j])), repr(float(d["p"][i, j])),
-                            repr(float(d["fdr"][i, j]))])
+            cols = [map(repr, d[k][i].tolist()) for k in ("lfc", "p", "fdr")]
+            f.write("".join(map(f"{p},{{}},{{}},{{}},{{}}\n".format, gq, *cols)))
 
 
 # -----------------------------------------------------------------------------------------------
