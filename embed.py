@@ -78,6 +78,11 @@ TRANSFORM = dict(ckpt="", output="", key="X", batch_size=256, seed=0, dtype="aut
                  obsm_key="X_state", device="auto", threads=0)
 
 
+# dense bf16 peak FLOP/s per device (for the mfu figure; unknown devices print none)
+PEAK = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+        "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12}
+
+
 def parse(argv, defaults, model_keys=()):
     """`--key=value` overrides (ast.literal_eval, else the raw string); positional args returned."""
     cfg, model, pos = dict(defaults), {}, []
@@ -393,6 +398,7 @@ def fit(argv):
         print0(f"saved {out} at step {step} (se_hash {h})")
 
     # --- loop
+    flops = raw.estimate_flops(C["batch_size"])  # per micro-batch (fwd + bwd)
     T = C["max_steps"]
     B = C["batch_size"]
     model.train()
@@ -434,12 +440,14 @@ def fit(argv):
             t1 = time.time()
             dt = (t1 - t0) / max(1, n_acc / (B * C["grad_accum"] * world))
             cps = n_acc / max(1e-9, t1 - t0)
+            peak = PEAK.get(torch.cuda.get_device_name(device) if device.type == "cuda" else "", 0)
+            mfu = f" | mfu {100 * flops * (cps / world) / B / peak:.1f}%" if peak else ""
             eta = (T - step - 1) * dt
             print0(f"step {step}/{T} | loss {lv:.4f} | gene {parts['gene'].item():.4f} | "
                    f"cell {parts['cell'].item():.4f}"
                    + (f" | ds {parts['ds'].item():.3f}" if "ds" in parts else "")
                    + f" | lr {lrs:.2e} | gnorm {gn.item():.2f} | dt {1000 * dt:.0f}ms | "
-                   f"cells/s {cps:,.0f} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+                   f"cells/s {cps:,.0f}{mfu} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
             t0, n_acc = time.time(), 0
     for h in h5s:
         h.close()

@@ -228,26 +228,32 @@ def pca_gene_vectors(sources, V, k=256, max_cells=200_000, seed=0, iters=4, bloc
     def blocks():
         for f, (m, gm) in enumerate(sources):
             rows = pick[(pick >= offs[f]) & (pick < offs[f + 1])] - offs[f]
+            ok = torch.from_numpy(gm.valid()).double()  # (V,) genes this file measured
             for a in range(0, len(rows), block):
                 xb = torch.from_numpy(gm.to_vocab(m.rows(rows[a:a + block])))
-                yield to_log1p(xb).double()  # (n, V)
+                yield to_log1p(xb).double(), ok  # (n, V), (V,)
 
+    # a gene a file did not measure is missing, not zero: centre each gene over the cells that
+    # measured it and give missing entries the mean (0 after centring), so that PCs do not just
+    # encode which file (gene panel) a cell came from
     mu = torch.zeros(V, dtype=torch.float64)
-    for xb in blocks():
+    n_g = torch.zeros(V, dtype=torch.float64)
+    for xb, ok in blocks():
         mu += xb.sum(0)
-    mu /= take
+        n_g += ok * xb.shape[0]
+    mu /= n_g.clamp_min(1)
     l = min(k + 10, V, take)
     g = torch.Generator().manual_seed(seed)
     Q = torch.linalg.qr(torch.randn(V, l, generator=g, dtype=torch.float64))[0]  # (V, l)
     for _ in range(iters):
         Z = torch.zeros(V, l, dtype=torch.float64)
-        for xb in blocks():
-            xc = xb - mu
+        for xb, ok in blocks():
+            xc = (xb - mu) * ok
             Z += xc.T @ (xc @ Q)  # (V, l): X^T X Q, one streamed pass
         Q = torch.linalg.qr(Z)[0]
     M = torch.zeros(l, l, dtype=torch.float64)
-    for xb in blocks():
-        y = (xb - mu) @ Q  # (n, l)
+    for xb, ok in blocks():
+        y = ((xb - mu) * ok) @ Q  # (n, l)
         M += y.T @ y
     ev, U = torch.linalg.eigh(M)  # ascending
     U = U[:, torch.argsort(ev, descending=True)]
@@ -474,14 +480,23 @@ class StateEmbedding(nn.Module):
             return z
         return torch.cat([z, self.ds_emb(dsv).float()], 1)
 
-    def decode(self, z, dsv, genes, rda):
-        """Expression decoder: z (B, out), genes (B, T) vocab rows, rda (B,) -> yhat (B, T) log1p."""
+    def decode(self, z, ds, genes, rda):
+        """Expression decoder: z (B, out), ds (B, n_ds) or None, genes (B, T) vocab rows, rda (B,)
+        -> yhat (B, T) log1p."""
         B, T = genes.shape
         g = self.enc(self.emb[genes])  # raw gene vectors: no L2 norm, no sqrt(d)   (B, T, d)
         parts = [g, z[:, None].to(g.dtype).expand(B, T, -1), rda.to(g.dtype)[:, None, None].expand(B, T, 1)]
-        if dsv is not None:
-            parts.append(self.ds_emb(dsv)[:, None].to(g.dtype).expand(B, T, -1))
+        if ds is not None:
+            parts.append(ds[:, None].to(g.dtype).expand(B, T, -1))
         return self.exp_dec(torch.cat(parts, -1)).squeeze(-1)
+
+    def expression(self, xs, genes):
+        """Decode X_state rows xs (B, out + n_ds) at vocab rows `genes` (T,) -> (B, T) log1p, with the
+        reference's inference rda (4.0)."""
+        c = self.cfg
+        z, ds = xs[:, :c.d_out], (xs[:, c.d_out:] if c.ds_token else None)
+        g = torch.as_tensor(genes, device=xs.device).expand(xs.shape[0], -1)
+        return self.decode(z, ds, g, torch.full((xs.shape[0],), c.rda_infer, device=xs.device))
 
     def forward(self, x, valid, rows, salt=0, ds=None, cls_gene=None):
         """Training step maths. x (B, V), valid (B, V), rows (B,) cell ids, salt (e.g. the step: new
@@ -493,7 +508,7 @@ class StateEmbedding(nn.Module):
         z, dsv = self.encode(ids, cnt)
         nz = (y > 0).float()
         rda = (y * nz).sum(1) / nz.sum(1).clamp_min(1)  # mean nonzero target (0 if none)
-        yhat = self.decode(z, dsv, genes, rda).float()  # (B, T)
+        yhat = self.decode(z, None if dsv is None else self.ds_emb(dsv), genes, rda).float()  # (B, T)
         gene = (yhat - y).norm(dim=1).mean()  # unsquared, per cell
         S = min(c.S, self.V)
         cell = (yhat[:, -S:] - y[:, -S:]).norm(dim=0).mean() if S > 0 else yhat.new_zeros(())

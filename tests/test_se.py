@@ -125,6 +125,8 @@ def test_shapes(norm):
     e = m.embed(x, valid, torch.arange(5), 0, torch.full((5,), 3))
     assert e.shape == (5, 12 + 10)
     assert torch.allclose(e[:, :12].norm(dim=1), torch.ones(5), atol=1e-5)
+    yh = m.expression(e, torch.tensor([0, 5, 7]))  # decode X_state at 3 genes (inference rda 4.0)
+    assert yh.shape == (5, 3) and torch.isfinite(yh).all()
     m2 = _model(ds_token=False).eval()
     assert m2.embed(x, valid, torch.arange(5)).shape == (5, 12)
     loss, parts = m.train()(x, valid, torch.arange(5), 0, torch.tensor([0, 1, 0, 1, 0]))
