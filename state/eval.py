@@ -595,6 +595,10 @@ def _context_metrics(Sp, Sr, allp, ci, genes, metrics):
         else:
             ed = {"real": Sr["ed"], "pred": Sp["ed"]}
             per["pearson_edistance"] = np.full(T, pearson(ed["real"], ed["pred"]))
+            e = ed["pred"]
+            if np.ptp(e) <= 1e-5 * max(np.abs(e).max(), 1e-12):
+                notes.append("predicted energy distances are constant across perturbations (e.g. "
+                             "identical predicted cells): pearson_edistance is NaN or rounding noise")
             info["edistance_real"], info["edistance_pred"] = ed["real"], ed["pred"]
     if "pdisc_norm" in want:
         D = _dist(m_p, m_r, "l1")  # paper: pseudobulks, no column excluded
@@ -761,8 +765,34 @@ def report(per, agg):
                          " (pred >> real suggests mode collapse)")
         if "n_no_real_de" in inf:
             lines.append(f"{tag}perturbations with no real DE signal: {inf['n_no_real_de']}")
+    for c in agg:
+        if c != "statistic" and agg[c][i] is not None and np.isnan(agg[c][i]):
+            v = np.asarray(per[c], np.float64)[~per.null.get(c, np.zeros(len(per[c]), bool))]
+            if np.isfinite(v).any():
+                lines.append(f"NOTE: {c} mean is NaN (cell-eval convention: NaN rows propagate); "
+                             f"nanmean {np.nanmean(v):.4f} over {np.isfinite(v).sum()}/{len(v)} rows")
     lines += [f"NOTE: {n}" for n in agg.notes]
     return "\n".join(lines)
+
+
+def plot(per, path):
+    """Optional PNG: per-perturbation histograms of a few metrics (only if matplotlib imports)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ms = [m for m in ("pearson_delta", "mae", "discrimination_score_l1", "overlap_at_N") if m in per]
+    fig, ax = plt.subplots(1, len(ms), figsize=(3.2 * len(ms), 2.6))
+    for a, m in zip(np.atleast_1d(ax), ms):
+        v = np.asarray(per[m], np.float64)
+        a.hist(v[np.isfinite(v)], bins=20)
+        a.set_title(m, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):
@@ -786,7 +816,8 @@ def main(argv=None):
         s, avg = score(agg, read_csv_table(a.baseline_agg))
         print(f"VCC-2025 score vs baseline: {100 * avg:.2f} " +
               " ".join(f"{k}={v:.3f}" for k, v in s.items()))
-    print(f"wrote {a.out}/results.csv, agg_results.csv")
+    png = plot(per, os.path.join(a.out, "metrics.png"))
+    print(f"wrote {a.out}/results.csv, agg_results.csv" + (f", {png}" if png else ""))
     return per, agg
 
 
