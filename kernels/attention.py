@@ -234,12 +234,16 @@ def _dot_dtype(dt):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dt, tl.float32)
 
 
-def _blocks(L, BD, bwd):
-    """(BM, BN, num_warps). Hard-coded, untuned: no GPU was available when this was written."""
+def _blocks(L, BD, bwd, dtype):
+    """(BM, BN, num_warps). Hand-picked, not timed: no GPU was available when this was written; they
+    compile for sm_90 without register spills (checked with Triton's ptxas, see dev/LOG.md).
+    fp32 inputs take IEEE fp32 dots (FMA, no tensor cores): small tiles, it is the correctness path."""
     if _interp():
         return 32, 32, 4
+    if dtype == torch.float32:
+        return (32, 32, 4) if BD <= 64 else (16, 32, 4)
     if bwd:
-        return (64, 64, 4) if BD <= 64 else (32, 64, 8) if BD <= 128 else (32, 32, 8)
+        return (64, 64, 8) if BD <= 64 else (32, 64, 8) if BD <= 128 else (32, 32, 8)
     return (128, 64, 4) if BD <= 64 else (128, 64, 8) if BD <= 128 else (64, 32, 8)
 
 
@@ -252,7 +256,7 @@ def _lens(lens, B, L, device):
 def _attn_fwd(q, k, v, n, scale):
     B, H, L, d = q.shape
     BD = max(16, triton.next_power_of_2(d))
-    BM, BN, warps = _blocks(L, BD, False)
+    BM, BN, warps = _blocks(L, BD, False, q.dtype)
     o = torch.empty_like(q)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     _attn_fwd_kernel[(triton.cdiv(L, BM), B * H)](
@@ -265,7 +269,7 @@ def _attn_fwd(q, k, v, n, scale):
 def _attn_bwd(q, k, v, o, lse, do, n, scale):
     B, H, L, d = q.shape
     BD = max(16, triton.next_power_of_2(d))
-    BM, BN, warps = _blocks(L, BD, True)
+    BM, BN, warps = _blocks(L, BD, True, q.dtype)
     delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, H, L) fp32, D_i = rowsum(dO*O)
     dq = torch.empty((B, H, L, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, L, d), dtype=k.dtype, device=q.device)

@@ -408,6 +408,25 @@ def _dot_dtype(dt):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dt, tl.float32)
 
 
+def _plan_a_blocks(D, dtype):
+    """(BN, BM, BD, num_warps) for plan A. Hand-picked, untimed (no GPU when written)."""
+    BD = max(16, triton.next_power_of_2(D))
+    if _interp():
+        return 32, 32, BD, 4
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles
+        return (32, 32, BD, 4) if BD <= 64 else (16, 32, BD, 4) if BD <= 128 else (16, 32, BD, 8)
+    return (64, 64, BD, 4) if BD <= 64 else (32, 64, BD, 8) if BD <= 128 else (16, 32, BD, 8)
+
+
+def _plan_b_blocks(D, dtype):
+    """(BN, BM, BK, num_warps) for plan B. Hand-picked, untimed (no GPU when written)."""
+    if _interp():
+        return 32, 32, 32, 4
+    if dtype == torch.float32:
+        return 32, 32, 32, 4
+    return 64, 64, 64, 8
+
+
 def _lengths(n, size, B, device):
     if n is None:
         return torch.full((B,), size, dtype=torch.int32, device=device)
@@ -435,10 +454,7 @@ def _energy_fwd_triton(x, y, n_x, n_y, scale, statistic, need_dx):
     dd = _dot_dtype(x.dtype)
     interp = _interp()
     if D <= PLAN_A_MAX_D:
-        BD = max(16, triton.next_power_of_2(D))
-        BN = 32 if (interp or BD > 128) else 64
-        BM = 32 if BD > 128 else 64
-        warps = 4 if BD <= 64 else 8
+        BN, BM, BD, warps = _plan_a_blocks(D, x.dtype)
         dx = torch.empty((B, N, D), dtype=torch.float32, device=dev) if need_dx else x.new_empty(1)
         nbx = triton.cdiv(N, BN)
         part_x = torch.empty((B, nbx, 2), dtype=torch.float32, device=dev)
@@ -461,9 +477,7 @@ def _energy_fwd_triton(x, y, n_x, n_y, scale, statistic, need_dx):
         s_xx = part_x[:, :, 1].sum(1)
         s_yy = part_y[:, :, 1].sum(1)
     else:
-        BN, BM = (32, 32) if interp else (64, 64)
-        BK = 32 if interp else (64 if x.dtype == torch.float32 else 64)
-        warps = 4
+        BN, BM, BK, warps = _plan_b_blocks(D, x.dtype)
 
         def tiles(a, na, p, npl, NA, NP, diag, w):
             gn, gm = triton.cdiv(NA, BN), triton.cdiv(NP, BM)
