@@ -290,6 +290,21 @@ def cmd_simulate(argv):
 # main
 
 
+def with_label_defaults(argv):
+    """Fill --pert-col/--control/--context-col from the pred file's uns['nanostate'] unless given."""
+    pred = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+                 if a.split("=", 1)[0] == "--pred"), None)
+    if pred is None or not os.path.exists(pred):
+        return argv
+    with H5AD(pred) as f:
+        u = f.uns("nanostate") or {}
+    argv = list(argv)
+    for flag, k in (("--pert-col", "pert_col"), ("--control", "control"), ("--context-col", "context_col")):
+        if u.get(k) and not any(a.split("=", 1)[0] == flag for a in argv):
+            argv += [flag, str(u[k])]
+    return argv
+
+
 def main(argv):
     if not argv or argv[0] not in ("test", "simulate", "eval", "report"):
         sys.exit(__doc__)
@@ -300,7 +315,7 @@ def main(argv):
         return cmd_simulate(rest)
     if cmd == "eval":
         from state import eval as ev  # lazy: written by the evaluator's owner
-        return ev.main(rest)
+        return ev.main(with_label_defaults(rest))
     from state import baselines
     return baselines.main(rest)
 

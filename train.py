@@ -234,18 +234,17 @@ if resume:
 
 @torch.no_grad()
 def val_loss():
-    """Mean per-set energy over the first `val_batches` batches of the val pass (unpadded sets of
-    variable length through `lens`; the sampler's wrap-around duplicates are masked by `valid`)."""
+    """Mean per-set energy over `val_batches` batches of val sets, padded to S by resampling as in
+    training (the reference's val semantics; unpadded small sets would inflate the V-statistic, whose
+    within-set term is biased by ~1/N). A fresh sampler with a fixed seed: the same sets every time."""
     if len(val_rows) == 0:
         return None
-    vs = SetSampler(D, val_rows, set_size=S, batch_size=B, seed=seed, rank=rank, world=world,
-                    train=False, control_sets=control_sets, mapping=mapping)
+    vs = SetSampler(D, val_rows, set_size=S, batch_size=B, seed=seed + 1, rank=rank, world=world,
+                    train=True, control_sets=control_sets, mapping=mapping)
     model.eval()
     tot = torch.zeros(2, device=dev)
-    for i, b in enumerate(vs):
-        if i == val_batches:
-            break
-        b = to_dev(b)
+    for _ in range(val_batches):
+        b = to_dev(vs.next())
         with autocast:
             pred = raw(b["ctrl"], b["pert"], batch=b["batch"] if cfg.n_batch else None, lens=b["lens"])
         e = raw.set_energy(pred, b["tgt"], b["lens"])  # (B,)
