@@ -96,12 +96,19 @@ def _nzkeys(X, bit, sparse, G):
     gene-major gives the keys already sorted."""
     S = np.sort(X, axis=0).T  # (G, n) view, each row ascending
     if sparse:
-        g, _ = np.nonzero(S)
-        v = S[S != 0]
+        nz = S != 0
+        cnt, v = nz.sum(1), S[nz]  # boolean indexing walks S row by row: gene-major
     else:
-        g, v = np.repeat(np.arange(G), S.shape[1]), S.ravel()
-    k = (g.astype(np.int64) << 33) | ((_keys(v) + (1 << 31)) << 1) | bit
-    return k, np.bincount(g, minlength=G)
+        cnt, v = np.full(G, S.shape[1]), S.ravel()
+    g = np.repeat(np.arange(G, dtype=np.int64), cnt)
+    return (g << 33) | ((_keys(v) + (1 << 31)) << 1) | bit, cnt
+
+
+def _segsum(w, seg, G):
+    """Sums of w over the runs of a non-decreasing segment id in [0, G) (cheaper than bincount)."""
+    b = np.searchsorted(seg, np.arange(G + 1))
+    c = np.r_[0.0, np.cumsum(w)]
+    return c[b[1:]] - c[b[:-1]]
 
 
 def _erfc(z):
@@ -123,23 +130,32 @@ def mwu(Xp, ref):
         ref = Ref(ref.Xc, sparse=False)
     kx, cx = _nzkeys(Xp, 1, sparse, G)
     k = np.concatenate([ref.k, kx])
-    k.sort(kind="stable")  # two sorted runs: a merge
-    isx = (k & 1).astype(np.int32)
-    new = np.empty(len(k), bool)
-    new[:1] = True
-    np.greater(k[1:] ^ k[:-1], 1, out=new[1:])  # (gene, value) changes: a new tie run
-    start = np.flatnonzero(new)
-    t = np.diff(np.r_[start, len(k)]).astype(np.float64)
-    cxe = np.r_[0, np.cumsum(isx)]  # perturbation entries before each position
-    nx = (cxe[start + t.astype(np.int64)] - cxe[start]).astype(np.float64)
-    ny = t - nx
-    gene = k[start] >> 33
-    # controls below a run: nonzero controls of this gene before it + the gene's zeros
-    below = (start - cxe[start]) - ref.before[gene] + ref.z[gene]
-    zx, zy = n1 - cx, ref.z
-    U1 = np.bincount(gene, weights=nx * (below + ny / 2), minlength=G) + zx * zy / 2.0
-    tz = (zx + zy).astype(np.float64)
-    tie = np.bincount(gene, weights=t ** 3 - t, minlength=G) + tz ** 3 - tz
+    k.sort(kind="stable")  # two sorted runs: a merge; at equal values controls (bit 0) come first
+    isx = k & 1
+    csx = np.zeros(len(k) + 1, np.int64)  # csx[i] = perturbation entries before position i
+    np.cumsum(isx, out=csx[1:])
+    ix = np.flatnonzero(isx)  # perturbation entries, gene-major
+    # controls at or below each perturbation entry, within its gene (ix - #x before = #y before)
+    c = np.zeros(len(ix) + 1)
+    np.cumsum(ix - csx[ix], out=c[1:])
+    e = np.cumsum(cx)
+    U1 = c[e] - c[e - cx] - cx * ref.before  # per gene: sum of #controls <= x over nonzero x
+    U1 += cx * ref.z + (n1 - cx) * ref.z / 2.0  # zeros: below every nonzero x; ties among zeros
+    # tie runs (equal value, any group): rare in continuous data, so handled on their own
+    v = k >> 1
+    dup = np.flatnonzero(v[1:] == v[:-1])  # position i+1 ties with i
+    tie = np.zeros(G)
+    if len(dup):
+        first = np.r_[True, dup[1:] != dup[:-1] + 1]  # dup positions starting a new run
+        rs = dup[first]  # run starts (the run spans rs .. re inclusive)
+        re = np.r_[dup[np.flatnonzero(first)[1:] - 1], dup[-1]] + 1
+        t = (re - rs + 1).astype(np.float64)
+        nx = (csx[re + 1] - csx[rs]).astype(np.float64)
+        gene = k[rs] >> 33
+        np.add.at(U1, gene, -nx * (t - nx) / 2.0)  # le counted tied controls fully: take half back
+        np.add.at(tie, gene, t ** 3 - t)
+    tz = (n1 - cx + ref.z).astype(np.float64)
+    tie += tz ** 3 - tz
     U = np.maximum(U1, n1 * n2 - U1)
     s2 = n1 * n2 / 12.0 * ((n + 1.0) - tie / (n * (n - 1.0)))
     ok = s2 > 0
