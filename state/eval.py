@@ -498,16 +498,37 @@ def _mean_pdist(A, B=None, chunk=1024, exact_max=64_000_000):
 
 def discrimination(eff_pred, eff_real, genes, perts, metric):
     """cell-eval discrimination_score_<metric>: 1 - rank/T of the true perturbation among the real
-    deltas sorted by distance to the predicted delta, the perturbation's own gene column excluded."""
-    D = _dist(eff_pred, eff_real, metric)  # D[p, q] = d(pred_p, real_q), all columns
+    deltas sorted by distance to the predicted delta, the perturbation's own gene column excluded.
+    The exclusion is applied to the all-column distances in closed form (no per-row recompute)."""
+    P = np.asarray(eff_pred, np.float64)
+    R = np.asarray(eff_real, np.float64)
     gi = {g: i for i, g in enumerate(genes)}
+    rows = np.array([i for i, p in enumerate(perts) if p in gi], dtype=np.int64)
+    col = np.array([gi[perts[i]] for i in rows], dtype=np.int64)
+    if metric == "cosine":
+        dot, npn, nrn = P @ R.T, (P * P).sum(1), (R * R).sum(1)
+        npn = np.broadcast_to(npn[:, None], dot.shape).copy()
+        nrn = np.broadcast_to(nrn[None, :], dot.shape).copy()
+        if len(rows):  # drop column g_i from row i: dot, |pred_i|^2 and every |real_q|^2
+            pc, rc = P[rows, col], R[:, col].T  # (r,), (r, T)
+            dot[rows] -= pc[:, None] * rc
+            npn[rows] -= (pc ** 2)[:, None]
+            nrn[rows] -= rc ** 2
+        npn, nrn = np.sqrt(np.clip(npn, 0, None)), np.sqrt(np.clip(nrn, 0, None))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = dot / (np.where(npn == 0, 1, npn) * np.where(nrn == 0, 1, nrn))
+        D = np.clip(1 - cos, 0, 2)
+    else:
+        D = _dist(P, R, metric)
+        if len(rows):
+            diff = P[rows, col][:, None] - R[:, col].T  # (r, T): the excluded column's term
+            if metric == "l1":
+                D[rows] -= np.abs(diff)
+            else:
+                D[rows] = np.sqrt(np.clip(D[rows] ** 2 - diff ** 2, 0, None))
     out = np.empty(len(perts))
-    for i, p in enumerate(perts):
-        d = D[i]
-        if p in gi:  # recompute this row without the target gene's column
-            keep = np.flatnonzero(genes != p)
-            d = _dist(eff_pred[i:i + 1, keep], eff_real[:, keep], metric)[0]
-        rank = np.flatnonzero(np.argsort(d) == i)[0]
+    for i in range(len(perts)):
+        rank = np.flatnonzero(np.argsort(D[i]) == i)[0]
         out[i] = 1.0 - rank / len(perts)
     return out
 

@@ -322,3 +322,28 @@ def test_report_runs_and_marks_winners(synth, tmp_path):
                          str(tmp_path / "rep" / "real.h5ad"), data.pert_col, data.control)
     assert per2["discrimination_score_l1"].mean() <= per["discrimination_score_l1"].mean()
     assert agg.info["cross_pert_corr_pred"] < 0.99
+
+
+def test_discrimination_exclusion_closed_form_matches_recompute():
+    rng = np.random.default_rng(9)
+    T_, G_ = 7, 25
+    genes = np.array([f"g{j}" for j in range(G_)], dtype=object)
+    perts = np.array(["g3", "g0", "x1", "g7", "x2", "g24", "g11"], dtype=object)
+    P, R = rng.normal(size=(T_, G_)), rng.normal(size=(T_, G_))
+    R[2] = 0.0  # a zero vector: cosine distance 1 by sklearn's convention
+    P[:, 3] *= 40  # make the excluded columns matter
+    for metric in ("l1", "l2", "cosine"):
+        got = E.discrimination(P, R, genes, perts, metric)
+        exp = []
+        for i, p in enumerate(perts):
+            keep = genes != p
+            a, b = P[i, keep], R[:, keep]
+            if metric == "l1":
+                d = np.abs(b - a).sum(1)
+            elif metric == "l2":
+                d = np.sqrt(((b - a) ** 2).sum(1))
+            else:
+                na, nb = np.linalg.norm(a), np.linalg.norm(b, axis=1)
+                d = 1 - (b @ a) / (np.where(nb == 0, 1, nb) * (na or 1))
+            exp.append(1 - np.flatnonzero(np.argsort(d) == i)[0] / T_)
+        np.testing.assert_array_equal(got, exp, err_msg=metric)
