@@ -298,7 +298,8 @@ def report(data, split, preds=None, out=None, profile="full", seed=0):
         _, agg = evaluate(pp, realp, data.pert_col, data.control, ctxc, profile,
                           out=os.path.join(out, name))
         results[name] = agg
-        notes += agg.notes  # about the real data: the same for every method
+        # notes about the real data are the same for every method; those about a prediction are not
+        notes += [f"{name}: {n}" if "predicted" in n else n for n in agg.notes]
     for name, path in preds.items():
         rp = os.path.join(os.path.dirname(os.path.abspath(path)), "real.h5ad")
         rp = rp if os.path.exists(rp) else realp
@@ -308,7 +309,7 @@ def report(data, split, preds=None, out=None, profile="full", seed=0):
         _, agg = evaluate(path, rp, data.pert_col, data.control, ctxc, profile,
                           out=os.path.join(out, name))
         results[name] = agg
-        notes += [f"{name}: {n}" for n in agg.notes]
+        notes += [f"{name}: {n}" if "predicted" in n else n for n in agg.notes]
     t = table(results, models=list(preds))
     extra = []
     for n, a in results.items():
