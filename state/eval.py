@@ -22,12 +22,21 @@ Definitions (SPEC 10; verified against cell_eval/pdex source):
     a gene is significant when float32(fdr) < 0.05; genes rank by float32 |LFC|, ties in gene order.
   Delta = pseudobulk (mean of X) of a perturbation minus the SAME file's control pseudobulk.
 
-Ranking trick (why this is fast): ranks are never materialised. For a perturbation X (n1 cells)
-and the control Y (n2 cells), sorted once per context, U1 = sum_x [#(y < x) + #(y == x)/2] and
-the tie term sum_v (a_v + b_v)^3 - n expands into per-group terms plus 3 sum_x (a b + b^2), where
-a, b are the tie counts of x's value in X and in Y. Both come from one `searchsorted` of the
-sorted X columns into the sorted Y columns (floats mapped to order-preserving int64 keys, columns
-offset by 2^33 so all genes live in one sorted 1-D array).
+Ranking trick (why this is fast): ranks are never materialised. Values become order-preserving
+int64 keys gene << 33 | value << 1 | group bit (control 0, perturbation 1), so one sorted 1-D array
+holds every gene. The control's keys are sorted once per context; per perturbation its columns are
+sorted (float32) and the two key arrays merged (a stable sort of two runs). At equal values the
+controls come first, so for each perturbation entry #(controls <= x) = its position minus the
+perturbation entries before it, and U1 = sum_x #(y <= x) - (tied controls)/2. Zeros are one tie
+run per gene counted analytically (log1p data is mostly zeros); the other tie runs are rare and
+handled on their own, which also gives the tie term sum (t^3 - t). Bit-identical to pdex's numba
+kernel on the parity data (tests/test_parity_celleval.py).
+
+Metrics (cell-eval names): overlap_at_{N,50,100,200,500}, precision_at_*, de_spearman_sig,
+de_direction_match, de_spearman_lfc_sig, de_sig_genes_recall, de_nsig_counts_{real,pred}, pr_auc,
+roc_auc, pearson_delta, mse, mae, mse_delta, mae_delta, discrimination_score_{l1,l2,cosine},
+pearson_edistance; plus pdisc_norm (paper: 1 - 2 PDisc on pseudobulks, L1). clustering_agreement
+(Leiden) is not computed.
 """
 
 import argparse
