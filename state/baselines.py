@@ -32,6 +32,7 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 from state.eval import BEST, evaluate, score
 from state.h5ad import H5AD, write_h5ad
@@ -60,15 +61,12 @@ def _test_layout(data, split):
     return np.concatenate([split.test, split.test_ctrl])
 
 
-def _obs(data, rows, is_pred, ctrl_rows=None):
-    obs = {data.pert_col: data.label("pert", data.pert[rows]).astype(str),
-           data.context_col or "context": data.label("context", data.context[rows]).astype(str),
-           "is_predicted": np.asarray(is_pred, bool)}
-    cb = np.array(data.obs_names[rows], dtype=object)
-    if ctrl_rows is not None:
-        cb[:len(ctrl_rows)] = data.obs_names[ctrl_rows]
-    obs["ctrl_cell_barcode"] = cb.astype(str)
-    return obs
+def _obs(data, rows, is_pred):
+    """obs columns of the pred/real contract; real cells carry their own barcode."""
+    return {data.pert_col: data.label("pert", data.pert[rows]).astype(str),
+            data.context_col or "context": data.label("context", data.context[rows]).astype(str),
+            "is_predicted": np.asarray(is_pred, bool),
+            "ctrl_cell_barcode": np.array(data.obs_names[rows], dtype=object).astype(str)}
 
 
 def real_pair(data, split):
@@ -97,8 +95,9 @@ def _assemble(data, split, Xhat, ctrl_rows):
     rows = _test_layout(data, split)
     isp = np.r_[np.ones(len(split.test), bool), np.zeros(len(split.test_ctrl), bool)]
     obs = _obs(data, rows, isp)
-    if ctrl_rows is not None:
-        obs["ctrl_cell_barcode"][:len(split.test)] = data.obs_names[ctrl_rows]
+    cb = obs["ctrl_cell_barcode"].astype(object)  # predicted cells: the control they started from
+    cb[:len(split.test)] = data.obs_names[ctrl_rows] if ctrl_rows is not None else ""
+    obs["ctrl_cell_barcode"] = cb.astype(str)
     return X, obs
 
 
@@ -169,8 +168,13 @@ def gene_pca(data, rows, d=10, n_max=20000, seed=0):
     rows = np.sort(rng.choice(rows, min(len(rows), n_max), replace=False))
     X = data.rows(rows).astype(np.float64)
     X -= X.mean(0)
-    w, V = np.linalg.eigh(X.T @ X)
-    return V[:, ::-1][:, :min(d, X.shape[1])]
+    d = min(d, *X.shape)
+    if X.shape[1] <= 4096:  # exact: eigenvectors of the G x G scatter matrix
+        w, V = np.linalg.eigh(X.T @ X)
+        return V[:, ::-1][:, :d]
+    torch.manual_seed(seed)  # many genes: randomized PCA, no G x G matrix
+    _, _, V = torch.pca_lowrank(torch.from_numpy(X), q=min(d + 10, *X.shape), center=False, niter=6)
+    return V[:, :d].numpy()
 
 
 def linear(data, split, seed=0, d=10, lams=(0.01, 0.1, 1.0, 10.0, 100.0)):
