@@ -200,10 +200,13 @@ def test_triton_ragged_empty_duplicates_fp16():
         v1, g1 = grad_of(energy_triton, x.float(), y.float(), n_x, n_y, statistic=stat)
         assert torch.isnan(v1[2]) and torch.isfinite(v1[:2]).all()
         assert torch.isfinite(g1).all() and (g1[2] == 0).all() and (g1[1, 11:] == 0).all()
-        # fp32 Gram noise makes the duplicate pair's d^2 ~1e-6 instead of 0 (a spurious ~1e-3 distance,
-        # as in the fp32 reference and geomloss), hence the absolute tolerance here
-        close(v1[:2].double(), v0[:2], 2e-5, 3e-5, f"value {stat}")
-        close(g1.double(), g0, 1e-4, 1e-6, f"grad {stat}")
+        # fp32 Gram noise makes a duplicate pair's d^2 ~ eps32 |a|^2 ~ 1e-6 instead of 0, i.e. a
+        # spurious distance ~1e-3 (as in the fp32 reference and geomloss, order-dependent); set 1 has
+        # n m = 22, so its value may move by ~1e-3 / 22 * 2 * 0.5 ~ 5e-5: allow 2e-4 on values here
+        # (the no-duplicate tests above keep 2e-5 relative)
+        close(v1[:2].double(), v0[:2], 2e-5, 2e-4, f"value {stat}")
+        # the same spurious weight (~1/1e-3) multiplies x_i - y_j = 0 up to fp32 rounding
+        close(g1.double(), g0, 1e-4, 1e-3 * g0.abs().max().item(), f"grad {stat}")
     # fp16 storage: compare with the reference on the same fp16-rounded inputs
     xh, yh = x.half(), y.half()
     v0, g0 = grad_of(energy_ref, xh.double(), yh.double(), n_x, n_y)
