@@ -319,7 +319,7 @@ def fit(argv):
     # --- model
     lr = C["lr"] if C["lr"] > 0 else (1e-3 if C["preset"] == "tiny" else 1e-5)
     if resume:
-        mc = {k: v for k, v in meta_old["config"].items() if k != "k"}
+        mc = {{"d": "d_model", "out": "d_out"}.get(k, k): v for k, v in meta_old["config"].items() if k != "k"}
         cfg = SEConfig(**mc)
         from safetensors.torch import load_file
         sd = load_file(os.path.join(out, "model.safetensors"))

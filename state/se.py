@@ -42,7 +42,7 @@ from kernels import attention
 
 @dataclass
 class SEConfig:
-    d: int = 512              # model width (d_model)
+    d_model: int = 512        # model width
     ff: int = 1024            # feed-forward hidden width
     n_head: int = 16          # attention heads (head dim d / n_head)
     n_layer: int = 8          # encoder layers
@@ -63,7 +63,7 @@ class SEConfig:
     E: int = 0                # gene-vector width (set from the gene table)
 
     def __post_init__(self):
-        assert self.d % self.n_head == 0, f"d={self.d} not divisible by n_head={self.n_head}"
+        assert self.d_model % self.n_head == 0, f"d_model={self.d_model} not divisible by n_head={self.n_head}"
         assert self.norm in ("post", "pre"), self.norm
         assert self.cls_count in ("ref", "zero"), self.cls_count
         assert self.pad_length >= 2
@@ -83,12 +83,12 @@ class SEConfig:
 
 PRESETS = {
     # seconds on a laptop CPU; what the tests and the CPU evaluation in dev/LOG.md use
-    "tiny": dict(d=64, ff=128, n_head=4, n_layer=2, d_out=64, pad_length=128, count_hidden=64,
+    "tiny": dict(d_model=64, ff=128, n_head=4, n_layer=2, d_out=64, pad_length=128, count_hidden=64,
                  P=32, N=32, S=32),
     # reference arc-state `state-defaults.yaml`
-    "default": dict(d=512, ff=1024, n_head=16, n_layer=8, d_out=512, pad_length=2048, P=512, N=512, S=512),
+    "default": dict(d_model=512, ff=1024, n_head=16, n_layer=8, d_out=512, pad_length=2048, P=512, N=512, S=512),
     # the released SE-600M: output 2048 certain, d_model 2048 / FF 4096 inferred (SPEC 8.2)
-    "se600m": dict(d=2048, ff=4096, n_head=16, n_layer=16, d_out=2048, pad_length=2048,
+    "se600m": dict(d_model=2048, ff=4096, n_head=16, n_layer=16, d_out=2048, pad_length=2048,
                    P=512, N=512, S=512),
 }
 
@@ -368,12 +368,12 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.qkv = nn.Linear(cfg.d, 3 * cfg.d)
-        self.proj = nn.Linear(cfg.d, cfg.d)
-        self.ln1 = nn.LayerNorm(cfg.d)
-        self.ln2 = nn.LayerNorm(cfg.d)
-        self.w1 = nn.Linear(cfg.d, cfg.ff)
-        self.w2 = nn.Linear(cfg.ff, cfg.d)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.w1 = nn.Linear(cfg.d_model, cfg.ff)
+        self.w2 = nn.Linear(cfg.ff, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def attn(self, x):
@@ -404,7 +404,7 @@ class StateEmbedding(nn.Module):
         self.cfg = cfg
         self.genes = list(genes) if genes is not None else None
         self.register_buffer("emb", emb.clone())  # (V, E)
-        E, d = cfg.E, cfg.d
+        E, d = cfg.E, cfg.d_model
         self.cls = nn.Parameter(torch.randn(1, 1, E))
         self.ds_tok = nn.Parameter(torch.randn(1, 1, E)) if cfg.ds_token else None
         self.enc = nn.Sequential(nn.Linear(E, d), nn.LayerNorm(d), nn.SiLU())  # gene-token encoder
@@ -432,11 +432,11 @@ class StateEmbedding(nn.Module):
         """Training FLOPs per step: 6 * matmul params * tokens + attention, + the expression decoder."""
         c = self.cfg
         L = c.pad_length + int(c.ds_token)
-        n_enc = c.E * c.d + c.n_layer * (4 * c.d * c.d + 2 * c.d * c.ff)
-        zd = c.d + c.d_out + 1 + (c.n_ds if c.ds_token else 0)
+        n_enc = c.E * c.d_model + c.n_layer * (4 * c.d_model * c.d_model + 2 * c.d_model * c.ff)
+        zd = c.d_model + c.d_out + 1 + (c.n_ds if c.ds_token else 0)
         T = c.P + c.N + c.S
-        n_dec = 2 * (4 * zd * zd) + c.E * c.d
-        return 6 * n_enc * B * L + 12 * c.n_layer * c.d * L * L * B + 6 * n_dec * B * T
+        n_dec = 2 * (4 * zd * zd) + c.E * c.d_model
+        return 6 * n_enc * B * L + 12 * c.n_layer * c.d_model * L * L * B + 6 * n_dec * B * T
 
     def configure_optimizer(self, lr, wd=0.01, betas=(0.9, 0.999)):
         dec = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
@@ -453,7 +453,7 @@ class StateEmbedding(nn.Module):
         B = ids.shape[0]
         e = F.normalize(self.emb[ids], dim=-1)  # (B, k, E)
         tok = [self.cls.expand(B, 1, -1), e] + ([self.ds_tok.expand(B, 1, -1)] if self.ds_token_on else [])
-        h = self.enc(torch.cat(tok, 1)) * math.sqrt(self.cfg.d)  # (B, L, d)
+        h = self.enc(torch.cat(tok, 1)) * math.sqrt(self.cfg.d_model)  # (B, L, d)
         c = torch.cat([cnt, cnt.new_zeros(B, 1)], 1) if self.ds_token_on else cnt  # dataset token: 0
         h = h + self.count_emb(c) * (torch.arange(h.shape[1], device=h.device) < cnt.shape[1])[None, :, None]
         for blk in self.blocks:
@@ -563,7 +563,8 @@ def load_model(ckpt, device="cpu"):
     if meta.get("kind") != "nanostate-se":
         raise ValueError(f"{ckpt}: not an SE checkpoint (meta.json kind={meta.get('kind')!r})")
     sd = load_file(wp)
-    c = {k: v for k, v in meta["config"].items() if k != "k"}
+    legacy = {"d": "d_model", "out": "d_out"}  # field names of the first checkpoints
+    c = {legacy.get(k, k): v for k, v in meta["config"].items() if k != "k"}
     c["dropout"] = 0.0  # inference: no dropout (the reference forgot this in SDPA)
     model = StateEmbedding(SEConfig(**c), sd["emb"], meta.get("genes"))
     model.load_state_dict(sd)

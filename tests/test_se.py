@@ -16,7 +16,7 @@ from state.h5ad import H5AD, write_h5ad  # noqa: E402
 from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,  # noqa: E402
                       load_model, pca_gene_vectors, save_model, task_genes, to_log1p, tokenize)
 
-MICRO = dict(d=16, ff=32, n_head=2, n_layer=1, d_out=12, pad_length=24, count_hidden=16, P=6, N=6, S=5)
+MICRO = dict(d_model=16, ff=32, n_head=2, n_layer=1, d_out=12, pad_length=24, count_hidden=16, P=6, N=6, S=5)
 
 
 def _model(V=40, E=8, seed=0, **kw):
@@ -195,7 +195,7 @@ def test_fit_resume_and_transform(tmp_path):
     b = _h5ad(str(tmp_path / "b.h5ad"), X[60:, 5:], [g.lower() for g in genes[5:]])  # other case, subset
     common = [a, b, "--batch_size=8", "--max_steps=5", "--block=16", "--mix=2", "--pca_dim=6",
               "--val_cells=4", "--eval_every=100", "--save_every=100", "--log_every=100",
-              "--d=16", "--ff=32", "--n_head=2", "--n_layer=1", "--d_out=12", "--pad_length=16",
+              "--d_model=16", "--ff=32", "--n_head=2", "--n_layer=1", "--d_out=12", "--pad_length=16",
               "--count_hidden=8", "--P=4", "--N=4", "--S=4"]
     embed.main(["fit", *common, f"--out={tmp_path}/r1"])
     embed.main(["fit", *common, f"--out={tmp_path}/r2", "--stop_at=2"])
