@@ -346,10 +346,13 @@ def fit(argv):
     if resume:
         st = torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=False)
         opt.load_state_dict(st["opt"])
-        stream.load_state_dict(st["stream"][rank] if isinstance(st["stream"], list) else st["stream"])
-        torch.set_rng_state(st["rng"])
-        if device.type == "cuda" and st.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(st["cuda_rng"])
+        if len(st["ranks"]) != world:
+            raise SystemExit(f"{out}/state.pt was written by {len(st['ranks'])} processes; resume with as many")
+        mine = st["ranks"][rank]  # per-rank data cursor and RNG (dropout) state
+        stream.load_state_dict(mine["stream"])
+        torch.set_rng_state(mine["rng"])
+        if device.type == "cuda" and mine.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"])
         step0 = st["step"]
         print0(f"resumed from {out} at step {step0}")
 
@@ -377,21 +380,21 @@ def fit(argv):
             return tot["loss"] / n
 
     def save(step, val_loss=None):
-        stream_states = [cursor]  # the cursor before the prefetched batch: resume re-reads it
+        # the cursor before the prefetched batch (resume re-reads it) and the RNG, of every rank
+        mine = dict(stream=cursor, rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        ranks = [mine]
         if ddp:
             import torch.distributed as dist
-            allst = [None] * world
-            dist.all_gather_object(allst, cursor)
-            stream_states = allst
+            ranks = [None] * world
+            dist.all_gather_object(ranks, mine)
         if not master:
             return
         meta = dict(step=step, preset=C["preset"], fit=C, files=[os.path.abspath(p) for p in files],
                     gene_emb=src, datasets=ds_names, ds_col=C["ds_col"], key=C["key"], val_loss=val_loss,
                     torch=torch.__version__)
         h = save_model(raw, out, meta)
-        st = dict(step=step, opt=opt.state_dict(), stream=stream_states if ddp else stream_states[0],
-                  rng=torch.get_rng_state(),
-                  cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None)
+        st = dict(step=step, opt=opt.state_dict(), ranks=ranks)
         tmp = os.path.join(out, f"state.pt.tmp{os.getpid()}")
         torch.save(st, tmp)
         os.replace(tmp, os.path.join(out, "state.pt"))
