@@ -206,6 +206,15 @@ def test_fit_resume_and_transform(tmp_path):
     assert meta["se_hash"] == h1 and len(meta["genes"]) == 25 and meta["step"] == 5
     with pytest.raises(SystemExit, match="unknown setting"):
         embed.main(["fit", a, "--no_such_key=1"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        embed.main(["fit", *common, f"--out={tmp_path}/r3", f"--gene_emb={tmp_path}/esm_missing.pt"])
+    # a user {gene: vector} file (lower-case keys, one gene missing from it) and the onehot fallback
+    torch.save({g.lower(): torch.randn(7) for g in genes[1:]}, tmp_path / "vec.pt")
+    embed.main(["fit", *common, f"--out={tmp_path}/r4", f"--gene_emb={tmp_path}/vec.pt", "--max_steps=1"])
+    m4 = json.load(open(tmp_path / "r4" / "meta.json"))
+    assert len(m4["genes"]) == 24 and m4["config"]["E"] == 7 and m4["gene_emb"]["kind"] == "file"
+    embed.main(["fit", *common, f"--out={tmp_path}/r5", "--gene_emb=onehot", "--max_steps=1"])
+    assert json.load(open(tmp_path / "r5" / "meta.json"))["config"]["E"] == 25
 
     # transform in place (other content untouched), to a copy, and to .npy; == the model's forward
     with h5py.File(b, "r") as f:
