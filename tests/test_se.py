@@ -245,3 +245,15 @@ def test_fit_resume_and_transform(tmp_path):
     assert Z.shape == (30, 22)
     np.testing.assert_allclose(Z, ref, atol=1e-5)
     assert not np.allclose(Z[0], Z[1])
+
+
+def test_losses_are_unsquared_norms():
+    m = _model()
+    x = torch.from_numpy(_counts(6, 40, seed=4))
+    valid = torch.ones(6, 40, dtype=torch.bool)
+    rows = torch.arange(6)
+    m.decode = lambda z, ds, genes, rda: torch.zeros(genes.shape)  # yhat = 0: the losses are norms of y
+    _, parts = m(x, valid, rows, 3)
+    _, y = task_genes(to_log1p(x), valid, 6, 6, 5, rows, 3)
+    assert torch.allclose(parts["gene"], y.norm(dim=1).mean())  # per cell over its 17 task genes
+    assert torch.allclose(parts["cell"], y[:, -5:].norm(dim=0).mean())  # per shared gene over cells
