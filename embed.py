@@ -345,6 +345,9 @@ def fit(argv):
     step0 = 0
     if resume:
         st = torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=False)
+        if st["step"] != meta_old["step"]:  # a crash between the two atomic writes
+            raise SystemExit(f"{out}: model.safetensors/meta.json are at step {meta_old['step']} but state.pt "
+                             f"at step {st['step']}; cannot resume exactly")
         opt.load_state_dict(st["opt"])
         if len(st["ranks"]) != world:
             raise SystemExit(f"{out}/state.pt was written by {len(st['ranks'])} processes; resume with as many")
