@@ -498,6 +498,9 @@ def transform(argv):
                 obsm_key=C["obsm_key"])
     o = C["output"]
     npy = o.endswith(".npy")
+    if not o and not (os.stat(inp).st_mode & 0o222):  # root ignores permissions: honour the marking
+        raise SystemExit(f"{inp} is marked read-only; not writing into it. Use --output=OUT.h5ad "
+                         "(a copy plus obsm/X_state) or --output=OUT.npy")
     target = o if o else inp
     tmp = f"{target}.tmp{os.getpid()}"
     if o and not npy:
@@ -505,7 +508,11 @@ def transform(argv):
     if npy:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, D))
     else:
-        f = h5py.File(tmp if o else inp, "r+")
+        try:
+            f = h5py.File(tmp if o else inp, "r+")
+        except OSError as e:
+            raise SystemExit(f"{inp}: cannot open for writing ({e}); write a copy with "
+                             "--output=OUT.h5ad or --output=OUT.npy") from None
         if "obsm" not in f:
             g = f.create_group("obsm")
             g.attrs["encoding-type"], g.attrs["encoding-version"] = "dict", "0.1.0"

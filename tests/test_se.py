@@ -232,6 +232,11 @@ def test_fit_resume_and_transform(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), Z, atol=1e-5)  # batch size does not matter
     with h5py.File(a, "r") as f:
         assert "X_state" not in f["obsm"]  # --output leaves the source alone
+    os.chmod(a, 0o444)
+    with pytest.raises(SystemExit, match="read-only"):  # even as root: no in-place write
+        embed.main(["transform", f"--ckpt={tmp_path}/r1", a])
+    with h5py.File(a, "r") as f:
+        assert "X_state" not in f["obsm"]
     with H5AD(str(tmp_path / "a2.h5ad")) as h:
         assert h.matrix("obsm/X_state").shape == (60, 22)
 
