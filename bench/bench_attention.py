@@ -9,9 +9,16 @@ kernel (full sets and ragged `lens`), `attention_ref` (SDPA with a boolean key m
 sum len_b^2), backward 2.5x forward; peak memory = max_memory_allocated over the inputs.
 CPU (the Triton interpreter is a test tool, not a path): the reference paths only, each
 (implementation, shape) in a fresh subprocess: median/min wall time and peak RSS growth.
+
+    python bench/bench_attention.py --aot 90      # no GPU needed: compile every GPU config for sm_90
+
+--aot compiles the kernels with the launch configurations `kernels/attention.py` would use on a GPU,
+through Triton's own backend (ptxas), and prints registers, spilled bytes and shared memory per
+kernel: a check that the GPU code compiles and fits, not a timing.
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -106,6 +113,66 @@ def bench_cpu(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# AOT compile check (no GPU needed)
+
+def aot_compile(fn, types, consts, num_warps, arch=90):
+    """Compile a @triton.jit kernel for CUDA sm_<arch> without a GPU; returns 'regs/spill/smem'."""
+    import re
+    import tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = fn.arg_names
+    sig = {n: ("constexpr" if n in consts else types(n)) for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    out = subprocess.run([str(bindir / "cuobjdump"), "--dump-resource-usage", f.name],
+                         capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    reg = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    return f"regs {reg.group(1) if reg else '?'} stack {stack.group(1) if stack else '?'} B " \
+           f"smem {k.metadata.shared} B"
+
+
+def bench_aot(args):
+    import importlib
+    import torch
+    import triton.language as tl
+    sys.path.insert(0, str(ROOT))
+    A = importlib.import_module("kernels.attention")
+
+    def types(dt):
+        def f(n):
+            if n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+                return "*" + dt
+            if n in ("LSE", "DELTA"):
+                return "*fp32"
+            if n == "LENS":
+                return "*i32"
+            if n in ("qk_scale", "sm_scale"):
+                return "fp32"
+            return "i32"
+        return f
+
+    print(f"AOT compile for sm_{args.aot} (Triton's ptxas; spills show as stack bytes)")
+    for dt, tdt, tt in (("bf16", tl.bfloat16, torch.bfloat16), ("fp16", tl.float16, torch.float16),
+                        ("fp32", tl.float32, torch.float32)):
+        for BD in (16, 64, 128, 256):
+            fm, fn_, fw = A._blocks(0, BD, False, tt)
+            bm, bn, bw = A._blocks(0, BD, True, tt)
+            c = dict(BD=BD, DOT_DTYPE=tdt, PREC=A._F32_DOT)
+            r1 = aot_compile(A._attn_fwd_kernel, types(dt), dict(c, BM=fm, BN=fn_), fw, args.aot)
+            r2 = aot_compile(A._attn_bwd_dkdv_kernel, types(dt), dict(c, BM=bm, BN=bn), bw, args.aot)
+            r3 = aot_compile(A._attn_bwd_dq_kernel, types(dt), dict(c, BM=bm, BN=bn), bw, args.aot)
+            print(f"{dt} BD {BD:3d} | fwd {(fm, fn_, fw)}: {r1} | dkdv {(bm, bn, bw)}: {r2} | dq: {r3}")
+            sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------------
 # GPU
 
 def bench_gpu(args):
@@ -160,9 +227,13 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch threads per worker (0: default)")
     ap.add_argument("--dtype", default="bfloat16", help="GPU input dtype")
     ap.add_argument("--json", help="write the CPU rows here")
+    ap.add_argument("--aot", type=int, help="compile the GPU configs for sm_AOT and report (no GPU needed)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.aot:
+        bench_aot(args)
+        return
     if args.worker:
         H, L, d = map(int, args.worker_shape.split(":"))
         print(json.dumps(worker(args.worker, args.batch, H, L, d, args.reps, args.threads)))

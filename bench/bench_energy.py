@@ -10,7 +10,13 @@ geomloss is timed when importable.
 CPU (no Triton: the interpreter is a test tool, not a path): each (implementation, shape) runs in a
 fresh subprocess so its peak memory is its own: peak RSS growth over the inputs (ru_maxrss) and the
 median wall time over --reps repetitions after one warm-up. geomloss SamplesLoss("energy") runs in
-/work/refvenv (it is not a dependency of nanostate). Both use the same thread count (--threads;
+/work/refvenv (it is not a dependency of nanostate).
+
+    python bench/bench_energy.py --aot 90         # no GPU needed: compile every GPU config for sm_90
+
+--aot compiles both plans' kernels with the launch configurations `kernels/energy.py` would use on a
+GPU (Triton's backend and ptxas) and prints registers, spill stack and shared memory: a check that the
+GPU code compiles and fits, not a timing. Both use the same thread count (--threads;
 default torch's).
 """
 import argparse
@@ -134,6 +140,50 @@ def bench_cpu(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# AOT compile check (no GPU needed)
+
+def bench_aot(args):
+    import importlib
+    import torch
+    import triton.language as tl
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_attention import aot_compile
+    E = importlib.import_module("kernels.energy")
+
+    def types(dt):
+        def f(n):
+            if n in ("A", "P"):
+                return "*" + dt
+            if n in ("C", "DA", "PART", "W"):
+                return "*fp32"
+            if n in ("LA", "LP"):
+                return "*i32"
+            if n in ("scale", "coef"):
+                return "fp32"
+            return "i32"
+        return f
+
+    print(f"AOT compile for sm_{args.aot} (Triton's ptxas; spills show as stack bytes)")
+    for dt, tdt, tt in (("bf16", tl.bfloat16, torch.bfloat16), ("fp16", tl.float16, torch.float16),
+                        ("fp32", tl.float32, torch.float32)):
+        for D in (16, 64, 128, 256):
+            BN, BM, BD, w = E._plan_a_blocks(D, tt)
+            c = dict(U_STAT=False, BN=BN, BM=BM, BD=BD, DOT_DTYPE=tdt, PREC=E._F32_DOT)
+            r1 = aot_compile(E._energy_rows_kernel, types(dt), dict(c, TERM_P=True, NEED_GRAD=True), w, args.aot)
+            r2 = aot_compile(E._energy_rows_kernel, types(dt), dict(c, TERM_P=False, NEED_GRAD=False), w, args.aot)
+            print(f"{dt} plan A BD {BD:3d} {(BN, BM, BD, w)} | x rows + dX: {r1} | y rows: {r2}")
+            sys.stdout.flush()
+        BN, BM, BK, w = E._plan_b_blocks(2058, tt)
+        c = dict(U_STAT=False, BN=BN, BM=BM, BK=BK, DOT_DTYPE=tdt, PREC=E._F32_DOT)
+        r1 = aot_compile(E._energy_tile_kernel, types(dt), dict(c, DIAG=False, WRITE_W=True), w, args.aot)
+        r2 = aot_compile(E._energy_tile_kernel, types(dt), dict(c, DIAG=True, WRITE_W=True), w, args.aot)
+        r3 = aot_compile(E._energy_tile_kernel, types(dt), dict(c, DIAG=True, WRITE_W=False), w, args.aot)
+        print(f"{dt} plan B {(BN, BM, BK, w)} | XY->W: {r1} | XX->V: {r2} | YY: {r3}")
+        sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------------
 # GPU
 
 def bench_gpu(args):
@@ -194,11 +244,15 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch threads per worker (0: default)")
     ap.add_argument("--no-geomloss", action="store_true")
     ap.add_argument("--json", help="write the CPU rows here")
+    ap.add_argument("--aot", type=int, help="compile the GPU configs for sm_AOT and report (no GPU needed)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--m", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--d", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.aot:
+        bench_aot(args)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.n, args.m, args.d, args.reps, args.threads)))
         return
