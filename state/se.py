@@ -4,7 +4,7 @@ SE (State Embedding): a transformer that turns one cell into an embedding (SPEC 
 A cell becomes a *sentence*: a learnable CLS vector, the cell's top-k expressed genes (each token a
 frozen gene vector, e.g. ESM2, plus a soft-binned expression embedding) and a learnable dataset
 token, so L = 1 + k + 1. After a post-norm encoder (`norm="pre"` for the paper's layout) the CLS
-output gives the cell embedding z = L2norm(dec[:, 0]) (out-d) and the dataset token gives the
+output gives the cell embedding z = L2norm(dec[:, 0]) (d_out wide; "out" in shape comments) and the dataset token gives the
 dataset embedding ds = Linear(dec[:, -1]) (10-d); obsm['X_state'] = [z | ds].
 
 Training (embed.py fit): an expression decoder reads [enc(g), z, rda, ds] for sampled task genes
@@ -27,7 +27,7 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
