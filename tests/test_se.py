@@ -16,6 +16,15 @@ from state.h5ad import H5AD, write_h5ad  # noqa: E402
 from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,  # noqa: E402
                       load_model, pca_gene_vectors, save_model, task_genes, to_log1p, tokenize)
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matmuls: OpenMP threads only add spin-waits on a busy 2-core CI box (10x slower measured)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 MICRO = dict(d_model=16, ff=32, n_head=2, n_layer=1, d_out=12, pad_length=24, count_hidden=16, P=6, N=6, S=5)
 
 
