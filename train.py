@@ -6,11 +6,15 @@ CPU (tiny, ~1-2 min):
     python train.py --data=/tmp/q --split=/tmp/q/split.json --preset=tiny --out=runs/q --max_steps=300
 1 GPU (bf16 autocast, fp32 master weights and loss):
     python train.py --data=DIR --split=split.json --preset=default --batch_size=16 --out=runs/st
-N GPUs (plain DDP; every rank draws its own block of sets of each step):
+N GPUs (FSDP2 by default, --parallel=ddp for plain DDP; every rank takes its own block of the
+step's micro-batches; --grad_accum=k micro-steps per optimizer step, synced on the last):
     torchrun --standalone --nproc_per_node=8 train.py --data=DIR --split=split.json --out=runs/st
 CPU, 2 processes (gloo):
     torchrun --standalone --nproc_per_node=2 train.py --data=DIR --split=split.json --out=runs/st2
-Resume exactly where a run stopped (same batches, same losses): add --resume.
+Resume exactly where a run stopped (same batches, same losses): add --resume. The global batch is
+batch_size x world x grad_accum sets; 1 process with --grad_accum=4 follows the same trajectory as
+2 processes with --grad_accum=2, and a run may resume at another world size (sharded DCP checkpoint
+in `dcp-<step>/`, data order from one global cursor).
 
 Overrides are `--key=value` over the globals below and over STConfig's fields (`--hidden=128`);
 unknown keys and type mismatches are errors. The run directory gets `model.safetensors`, `meta.json`
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +40,8 @@ import torch.distributed as dist
 
 from state.config import configure
 from state.data import Prepared, SetSampler
-from state.dist import compute_cleanup, compute_init, print0
+from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, full_state_dict,
+                        load_sharded, print0, save_sharded, set_sync, shard)
 from state.splits import Split
 from state.st import STConfig, StateTransition, load_pert_features
 
@@ -67,6 +73,8 @@ val_every = 250          # steps between validation losses (0 = only at the end)
 val_batches = 8          # batches per validation
 ckpt_every = 500         # steps between checkpoints (always one at the end)
 compile = False          # torch.compile the model (GPU)
+parallel = "fsdp"        # multi-process: fsdp (FSDP2, sharded params/grads/optimizer) | ddp
+grad_accum = 1           # micro-steps per optimizer step (gradient sync only on the last)
 # model fields (STConfig) are overridable too: --hidden=128 --n_layers=4 ...
 st_over = {f.name: f.default for f in fields(STConfig)
            if f.name not in ("n_in", "n_out", "n_pert", "n_batch", "n_genes")}
@@ -126,8 +134,11 @@ cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over}
 S, B = cfg.set_size, batch_size
 train_rows = np.asarray(sp.train)
 val_rows = np.asarray(sp.val)
-sampler = SetSampler(D, train_rows, set_size=S, batch_size=B, seed=seed, rank=rank, world=world,
-                     train=True, control_sets=control_sets, mapping=mapping)
+if parallel not in ("fsdp", "ddp") or grad_accum < 1:
+    sys.exit(f"train.py: --parallel must be fsdp or ddp (got {parallel!r}), --grad_accum >= 1")
+# one global sequence of B-set micro-batches; this rank takes its block of each step (state/dist.py)
+sampler = StepSampler(SetSampler(D, train_rows, set_size=S, batch_size=B, seed=seed, train=True,
+                                 control_sets=control_sets, mapping=mapping), rank, world, grad_accum)
 print0(f"data {data}: {D.n_cells:,} cells x {D.n_genes} features ({key}), {len(D.pert_names)} "
        f"perturbations, {len(D.context_names)} contexts | split {split} ({sp.task}, held out "
        f"{sp.context}): train {len(train_rows):,} val {len(val_rows):,} test {len(sp.test):,} rows")
@@ -145,18 +156,32 @@ def model_inputs(b):
 
 # -----------------------------------------------------------------------------
 # model / optimizer
+if ddp:
+    torch.manual_seed(seed)  # the same initial weights on every rank, and as one process
 model = StateTransition(cfg, pert_table=pert_table).to(dev)
 raw = model
-opt = model.configure_optimizer(lr=lr, weight_decay=weight_decay, device_type=dev.type)
-if compile:
-    model = torch.compile(model)
-if ddp:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    model = DDP(model, device_ids=[local_rank] if dev.type == "cuda" else None)
 n_params, n_mm = raw.num_params(), raw.num_params(matmul_only=True)
-flops_step = raw.estimate_flops(B * world, S)
-print0(f"ST {preset}: {n_params:,} params ({n_mm:,} in matmuls), S {S}, B {B} x {world} proc, "
-       f"{flops_step / 1e9:.2f} GFLOP/step | dtype {dtype}")
+if ddp and parallel == "fsdp":
+    # FSDP2 (SPEC 13): compile blocks first (torchtitan order), then fully_shard each block and the
+    # root; params become DTensors sharded on dim 0 (bf16 compute copies + fp32 reduce on GPU, fp32
+    # on CPU). The optimizer is built on the sharded params: its state is sharded too.
+    if compile:
+        for blk in raw.blocks:
+            blk.compile()
+    model = shard(raw, raw.blocks)
+    opt = raw.configure_optimizer(lr=lr, weight_decay=weight_decay, device_type=dev.type)
+else:
+    opt = model.configure_optimizer(lr=lr, weight_decay=weight_decay, device_type=dev.type)
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if dev.type == "cuda" else None)
+if ddp:
+    torch.manual_seed(seed + rank)  # per-rank dropout streams
+flops_step = raw.estimate_flops(B * world * grad_accum, S)
+print0(f"ST {preset}: {n_params:,} params ({n_mm:,} in matmuls), S {S}, B {B} x {world} proc x "
+       f"{grad_accum} accum{f' ({parallel})' if ddp else ''}, {flops_step / 1e9:.2f} GFLOP/step | dtype {dtype}")
 print0("config: " + json.dumps({**train_cfg, "st": cfg.to_dict()}))
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "T4": 65e12}
 peak = None
@@ -183,12 +208,28 @@ def git_sha():
 
 
 def save_checkpoint(step, val_loss):
+    """Collective: every rank calls it. `dcp-<step>/` (torch.distributed.checkpoint: model + optimizer
+    sharded per rank, reloadable at any world size), then on rank 0 `state.pt` (step, global sampler
+    cursor, every rank's RNG; the optimizer too in single-process runs), the consolidated fp32
+    `model.safetensors` and `meta.json` last (it names the step the others hold); older dcp dirs go."""
     from safetensors.torch import save_file
-    sd = {k: v.detach().cpu().contiguous() for k, v in raw.state_dict().items()}
-    state = {"step": step, "optimizer": opt.state_dict(), "sampler": samp_state,
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                     "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}}
+    name = f"dcp-{step}"
+    save_sharded(raw, opt, os.path.join(out, name))
+    sd = full_state_dict(raw)  # collective gather: fp32 on rank 0, {} on the others
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+    rngs = [rng]
+    if ddp:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng)
+    if not master:
+        dist.barrier()
+        return
+    state = {"step": step, "sampler": samp_state, "rng": rng, "rng_ranks": rngs, "dcp": name,
+             "world": world, "grad_accum": grad_accum}
+    if not ddp:
+        state["optimizer"] = opt.state_dict()
     meta = {"step": step, "val_loss": val_loss, "st": cfg.to_dict(), "train": train_cfg,
             "genes": list(D.genes), "key": key, "recipe": recipe, "gene_space": cfg.gene_space,
             "pert_names": list(D.pert_names), "context_names": list(D.context_names),
@@ -197,13 +238,19 @@ def save_checkpoint(step, val_loss):
             "data_checksum": D.checksum, "split": os.path.abspath(split), "split_hash": split_hash,
             "pert_features": pert_features or None,
             "pert_features_hash": file_sha(pert_features) if pert_features else None,
-            "world": world, "git": git_sha(), "torch": torch.__version__}
+            "world": world, "grad_accum": grad_accum, "parallel": parallel if ddp else None,
+            "global_batch": B * world * grad_accum, "git": git_sha(), "torch": torch.__version__}
     os.makedirs(out, exist_ok=True)
     # state.pt first and meta.json last: meta.json names the step the other two files hold
     atomic_write(os.path.join(out, "state.pt"), lambda p: torch.save(state, p))
     atomic_write(os.path.join(out, "model.safetensors"), lambda p: save_file(sd, p, {"step": str(step)}))
     atomic_write(os.path.join(out, "meta.json"),
                  lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+    for f in os.listdir(out):
+        if f.startswith("dcp-") and f != name:
+            shutil.rmtree(os.path.join(out, f), ignore_errors=True)
+    if ddp:
+        dist.barrier()
 
 
 start = 0
@@ -217,14 +264,25 @@ if resume:
         sys.exit("train.py: --resume with a different dataset or split than the run was trained on")
     if meta["st"] != cfg.to_dict():
         sys.exit("train.py: --resume with a different model config than the run's meta.json")
-    raw.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
-    opt.load_state_dict(state["optimizer"])
+    if state.get("dcp") and os.path.isdir(os.path.join(out, state["dcp"])):
+        load_sharded(raw, opt, os.path.join(out, state["dcp"]))  # any world size: DCP reshards
+    elif ddp:
+        sys.exit(f"train.py: --resume at world {world} needs a sharded checkpoint ({out}/dcp-<step>/)")
+    else:
+        raw.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
+        opt.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if dev.type == "cuda" and state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
+    rngs = state.get("rng_ranks") or [state["rng"]]
+    r = rngs[rank] if len(rngs) == world else rngs[0]
+    torch.set_rng_state(r["torch"])
+    np.random.set_state(r["numpy"])
+    random.setstate(r["python"])
+    if dev.type == "cuda" and r["cuda"] is not None:
+        torch.cuda.set_rng_state(r["cuda"], dev)
+    if len(rngs) != world:  # another world size: same data order, fresh per-rank dropout streams
+        torch.manual_seed(seed + rank + 7919 * state["step"])
+        print0(f"note: resuming a world-{len(rngs)} run at world {world}: data order continues, "
+               "dropout RNG reseeded per rank")
     start = state["step"]
     print0(f"resumed {out} at step {start}")
 
@@ -239,16 +297,18 @@ def val_loss():
     within-set term is biased by ~1/N). A fresh sampler with a fixed seed: the same sets every time."""
     if len(val_rows) == 0:
         return None
-    vs = SetSampler(D, val_rows, set_size=S, batch_size=B, seed=seed + 1, rank=rank, world=world,
-                    train=True, control_sets=control_sets, mapping=mapping)
+    vs = SetSampler(D, val_rows, set_size=S, batch_size=B, seed=seed + 1, train=True,
+                    control_sets=control_sets, mapping=mapping)
     model.eval()
     tot = torch.zeros(2, device=dev)
-    for _ in range(val_batches):
-        b = to_dev(vs.next())
+    # the same val_batches batches at any world size: rank r takes batches r, r+W, ...; every rank
+    # runs the same number of forwards (FSDP all-gathers inside), the surplus weighted 0
+    for i in range(rank, -(-val_batches // world) * world, world):
+        b = to_dev(vs.batch(*divmod(i, vs.steps_per_epoch)))
         with autocast:
             pred = raw(b["ctrl"], b["pert"], batch=b["batch"] if cfg.n_batch else None, lens=b["lens"])
         e = raw.set_energy(pred, b["tgt"], b["lens"])  # (B,)
-        v = b["valid"].float()
+        v = b["valid"].float() * (i < val_batches)
         tot[0] += (e * v).sum()
         tot[1] += v.sum()
     model.train()
@@ -266,8 +326,8 @@ logf = None
 if master:
     os.makedirs(out, exist_ok=True)
     logf = open(os.path.join(out, "log.jsonl"), "a")
-samp_state = sampler.state_dict()  # state *before* the pending batch: what a checkpoint stores
-batch = to_dev(sampler.next())
+samp_state = sampler.state_dict()  # state *before* the pending batches: what a checkpoint stores
+batches = [to_dev(b) for b in sampler.next()]  # this rank's grad_accum micro-batches of the step
 model.train()
 t_last, step_last, dt_ema = time.perf_counter(), start, None
 vl = None
@@ -281,20 +341,28 @@ for step in range(start, max_steps + 1):
                 logf.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
                 logf.flush()
     if (step % ckpt_every == 0 and step > start) or last:
-        if master:
-            save_checkpoint(step, vl)
+        save_checkpoint(step, vl)  # collective: every rank calls it
     if last:
         break
-    with autocast:
-        loss, parts = model(**model_inputs(batch), lens=None)
-    loss.backward()
+    # the loss is the mean over the GLOBAL sets of the step (all micro-batches, all ranks), counted
+    # and all-reduced on device (no host sync). Each micro-loss is a mean over its own sets, so it is
+    # weighted n_j / n_tot; FSDP/DDP average gradients over ranks, hence x world.
+    n_sets = torch.stack([(b["lens"] > 0).sum() for b in batches]).float()  # (k,)
+    n_tot = all_reduce_sum(n_sets.sum())
+    loss_sum = torch.zeros((), device=dev)
+    for j, b in enumerate(batches):
+        set_sync(model, j == len(batches) - 1)  # gradient reduce only after the last micro-step
+        with autocast:
+            loss, parts = model(**model_inputs(b), lens=None)
+        (loss * (n_sets[j] * world / n_tot)).backward()
+        loss_sum += loss.detach() * n_sets[j]
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
     opt.step()
     opt.zero_grad(set_to_none=True)
-    # next batch: the sampler state saved in a checkpoint is the one *before* the pending batch,
-    # so a resumed run redraws exactly the batch the uninterrupted run would use next
+    # next batches: the sampler state saved in a checkpoint is the one *before* the pending batches,
+    # so a resumed run redraws exactly the batches the uninterrupted run would use next
     samp_state = sampler.state_dict()
-    batch = to_dev(sampler.next())
+    batches = [to_dev(b) for b in sampler.next()]
     if step == start:
         gc.collect()
         gc.freeze()
@@ -302,15 +370,17 @@ for step in range(start, max_steps + 1):
     elif step % 1000 == 0:
         gc.collect()
     if (step + 1) % log_every == 0 or step + 1 == max_steps:
-        lossf = loss.item()  # sync point (host reads the loss)
+        lossf = (all_reduce_sum(loss_sum) / n_tot).item()  # sync point: global mean over the step
         now = time.perf_counter()
         dt = (now - t_last) / (step + 1 - step_last)
         step_last, t_last = step + 1, now
         dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
-        cells = B * S * world / dt
+        cells = B * S * world * grad_accum / dt
         eta = dt_ema * (max_steps - step - 1)
         extra = "".join(f" | {k} {v.item():.4f}" for k, v in parts.items() if k != "main")
         mfu = f" | mfu {100 * flops_step / dt / peak:.1f}%" if peak else ""
+        if hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()  # DTensor norm (FSDP2): a collective, every rank is here
         gn = f" | gnorm {gnorm.item():.2f}" if gnorm is not None else ""
         print0(f"step {step + 1}/{max_steps} | loss {lossf:.4f}{extra} | lr {lr:.1e}{gn} | "
                f"dt {dt * 1000:.0f}ms | cells/s {cells:,.0f}{mfu} | eta {int(eta // 3600)}h"

@@ -109,3 +109,49 @@ def load_sharded(model, opt, path):
     sd = {"model": msd, "optim": osd}
     dcp.load(sd, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+class StepSampler:
+    """This rank's micro-batches of each optimizer step, cut from ONE global sequence of B-set
+    micro-batches that does not depend on the world size: a world=1 `SetSampler` (same seed on every
+    rank, so every rank computes the same epoch plan) read at micro-batch index c, epoch c // spe.
+    Optimizer step g uses micro-batches [g*W*k, (g+1)*W*k); rank r takes the contiguous block
+    [r*k, (r+1)*k) of it. So ranks never overlap within an epoch, every rank runs the same number of
+    steps, the epoch reshuffle is the sampler's (seed + epoch), and 1 process x 4 micro-steps sees the
+    same sets as 2 processes x 2 micro-steps. The state is one global cursor (micro-batches consumed by
+    all ranks), so a run resumes at another world size (same B; same W*k for the same trajectory)."""
+
+    def __init__(self, sampler, rank=0, world=1, accum=1):
+        if sampler.world != 1 or sampler.rank != 0:
+            raise ValueError("StepSampler shards a world=1 SetSampler itself")
+        self.s, self.rank, self.world, self.accum = sampler, rank, world, accum
+        self.cursor = 0
+
+    def micro(self, c):
+        epoch, step = divmod(c, self.s.steps_per_epoch)
+        return self.s.batch(epoch, step)
+
+    def next(self):
+        """-> list of `accum` batches (this rank's share of the next optimizer step)."""
+        base = self.cursor + self.rank * self.accum
+        bs = [self.micro(base + j) for j in range(self.accum)]
+        self.cursor += self.world * self.accum
+        return bs
+
+    @property
+    def epoch(self):
+        return self.cursor / self.s.steps_per_epoch
+
+    def state_dict(self):
+        return dict(cursor=self.cursor, seed=self.s.seed, set_size=self.s.S, batch_size=self.s.B,
+                    steps_per_epoch=self.s.steps_per_epoch, world=self.world, accum=self.accum)
+
+    def load_state_dict(self, sd):
+        if "cursor" not in sd:  # a per-rank SetSampler state (older single-process runs)
+            if sd.get("world", 1) != 1:
+                raise ValueError("cannot resume a per-rank sampler state at world > 1")
+            sd = dict(sd, cursor=int(sd["epoch"]) * sd["steps_per_epoch"] + int(sd["step"]))
+        for k in ("seed", "set_size", "batch_size", "steps_per_epoch"):
+            if sd[k] != self.state_dict()[k]:
+                raise ValueError(f"sampler state has {k}={sd[k]} but this run has {self.state_dict()[k]}")
+        self.cursor = int(sd["cursor"])
