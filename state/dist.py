@@ -52,6 +52,7 @@ def compute_init(seed=42, device=None):
 
 def compute_cleanup():
     if dist.is_initialized():
+        dist.barrier()  # nobody tears down (closing its gloo/NCCL connections) while a peer still runs
         dist.destroy_process_group()
 
 
