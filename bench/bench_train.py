@@ -142,7 +142,7 @@ def state_bin(refvenv):
     return p if p.exists() else None
 
 
-def bench_ref(work, name, refvenv, steps, repeats, timeout):
+def bench_ref(work, name, refvenv, steps, repeats, timeout, threads=0):
     """cells/s of `state tx train` from Lightning's own progress bar (it/s of the finished epoch bar,
     so start-up is excluded); one run per repeat. Returns (median, all rates)."""
     import re
@@ -153,7 +153,9 @@ def bench_ref(work, name, refvenv, steps, repeats, timeout):
         cmd = [str(exe), "tx", "train", f"data.kwargs.toml_config_path={work / (name + '.toml')}",
                f"training.max_steps={steps}", f"output_dir={out}", "name=ref", *REF_OVERRIDES]
         r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "WANDB_MODE": "disabled"})
+                           env={**os.environ, "WANDB_MODE": "disabled",
+                                **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                                   if threads else {})})
         log = r.stdout + r.stderr
         (work / f"ref_{name}_{i}.log").write_text(log)
         its = re.findall(rf"{steps}/{steps}\s.*?([0-9.]+)(it/s|s/it)", log)
@@ -178,7 +180,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", default="float32,bfloat16",
                     help="autocast dtypes to time for ours (bf16 matmuls use avx512_bf16 on these CPUs)")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for ours and OMP_NUM_THREADS for arc-state (0 = defaults); on a "
+                         "shared, oversubscribed box 1 thread is 3-4x faster than 2")
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--ref-steps", type=int, default=20, help="steps per arc-state run")
     ap.add_argument("--refvenv", default="/work/refvenv")
@@ -188,10 +192,10 @@ def main(argv=None):
     ap.add_argument("--keep", default="", help="work directory to keep (default: a temp dir)")
     a = ap.parse_args(argv)
     torch.set_float32_matmul_precision("medium")
-    print(f'torch.set_float32_matmul_precision("medium") | torch {torch.__version__} | device {a.device} | '
-          f"threads {a.threads or torch.get_num_threads()}")
     if a.threads:
         torch.set_num_threads(a.threads)
+    print(f'torch.set_float32_matmul_precision("medium") | torch {torch.__version__} | device {a.device} | '
+          f"threads {torch.get_num_threads()}")
     dtypes = [d for d in a.dtypes.split(",") if d]
     configs = {"gbm500": 500, "synth2000": 2000}
     names = [c for c in a.configs.split(",") if c]
@@ -222,7 +226,8 @@ def main(argv=None):
                       f"{', '.join(f'{r:,.0f}' for r in rates)}; {n_params:,} params; {gf:.1f} GFLOP/s)")
             ref, ref_rates = None, []
             if ref_ok:
-                ref, ref_rates = bench_ref(work, n, a.refvenv, a.ref_steps, a.repeats, a.ref_timeout)
+                ref, ref_rates = bench_ref(work, n, a.refvenv, a.ref_steps, a.repeats, a.ref_timeout,
+                                           a.threads)
                 if ref:
                     print(f"{n}: arc-state {ref:,.0f} cells/s median, best {max(ref_rates):,.0f} (repeats "
                           f"{', '.join(f'{r:,.0f}' for r in ref_rates)})")
