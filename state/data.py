@@ -4,7 +4,7 @@ rows are sorted by (context, perturbation, batch), and sample cell sets with mat
 
     python -m state.data prepare IN.h5ad [IN2.h5ad 'more/*.h5ad' DIR ...] OUT_DIR \\
         [--pert-col target_gene] [--control non-targeting] [--context-col cell_type] [--batch-col gem_group] \\
-        [--key X|layers/counts|raw/X|obsm/X_state] [--gene-col gene_symbol] [--genes genes.txt] [--intersect] \\
+        [--key X|layers/counts|raw/X|obsm/X_state] [--genes-key X] [--gene-col gene_symbol] [--genes genes.txt] [--intersect] \\
         [--hvg 2000] [--normalize auto|yes|no] [--target-sum 1e4] [--assume normalized|log1p] \\
         [--dtype float32|float16|bfloat16] [--keep cell_type=A172,T98G,U87MG] [--modality]
     python -m state.data info OUT_DIR
@@ -17,6 +17,7 @@ are refused with the reason.
 OUT_DIR holds:
     X.bin       (n_cells, n_genes) raw row-major array (float32, float16, or bfloat16 stored as uint16)
     codes.npy   (n_cells, 4) int32: context, perturbation, batch, source-file codes
+    G.bin       (n_cells, n_genes_out), only with --genes-key: gene-space rows of the same cells (decoder target)
     index.json  genes, obs names, vocabularies, groups (contiguous row ranges), recipe, scale, checksums
 """
 
@@ -274,27 +275,52 @@ def _blocks(src, chunk, desc):
 
 def prepare(inputs, out_dir, pert_col=None, control=None, context_col=None, batch_col=None, key="X",
             hvg=None, normalize="auto", target_sum=None, dtype="float32", keep=None,
-            intersect=False, genes=None, gene_col=None, assume=None, chunk=None, modality=False):
+            intersect=False, genes=None, gene_col=None, assume=None, chunk=None, modality=False,
+            genes_key=None):
     """Convert one or more .h5ad files into OUT_DIR (see module docstring) and return Prepared(out_dir).
     Extra (additive) options: intersect (align multiple files on their common genes), genes (a list of
     gene names to keep, in order), gene_col (var column holding gene names), assume ('normalized' or
     'log1p' to override the scale detector), modality (key labels as 'type:label' when a
-    perturbation_type column gives one label several types)."""
+    perturbation_type column gives one label several types).
+
+    genes_key ('X', 'layers/counts', ...): with an embedding `key` (obsm/X_state), also store the gene-space
+    matrix of the same cells in the same row order as G.bin (the ST gene decoder's target, SPEC 3.3). The
+    gene options (hvg, genes, gene_col, intersect, normalize, target_sum, assume) apply to it; its genes
+    are Prepared.gene_names_out."""
     paths = _expand(inputs)
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' not one of {', '.join(DTYPES)}")
     normalize = {"yes": True, "no": False, "true": True, "false": False}.get(str(normalize).lower(), normalize)
     hs = [H5AD(p) for p in paths]
+    out_dir = Path(out_dir)
     try:
-        return _prepare(hs, Path(out_dir), pert_col, control, context_col, batch_col, key, hvg, normalize,
-                        target_sum, dtype, keep or {}, intersect, genes, gene_col, assume, chunk, modality)
+        gt = None
+        if genes_key:
+            # the gene matrix first, into a scratch folder, with the same filters and labels: rows come
+            # out in the same (context, pert, batch, file) order; _prepare checks that before adopting it
+            tmp = out_dir / f".genes.tmp{os.getpid()}"
+            gt = _prepare(hs, tmp, pert_col, control, context_col, batch_col, genes_key, hvg, normalize,
+                          target_sum, dtype, keep or {}, intersect, genes, gene_col, assume, chunk, modality)
+            pert_col, control = gt.pert_col, gt.control
+            context_col, batch_col = gt.context_col or "", gt.batch_col or None
+            emb = key.startswith("obsm/") and not key.endswith("X_hvg")
+            if emb:  # gene options belong to the gene matrix, not to the embedding
+                hvg, genes, gene_col, intersect, assume = None, None, None, False, None
+        try:
+            return _prepare(hs, out_dir, pert_col, control, context_col, batch_col, key, hvg, normalize,
+                            target_sum, dtype, keep or {}, intersect, genes, gene_col, assume, chunk, modality,
+                            gene_target=gt)
+        finally:
+            if gt is not None:
+                import shutil
+                shutil.rmtree(gt.dir, ignore_errors=True)
     finally:
         for h in hs:
             h.close()
 
 
 def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, normalize, target_sum, dtype,
-             keep, intersect, genes, gene_col, assume, chunk, modality):
+             keep, intersect, genes, gene_col, assume, chunk, modality, gene_target=None):
     # --- columns, labels, keep filter ---
     srcs = []
     for h in hs:
@@ -508,17 +534,33 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
                   hvg=int(hvg) if hvg else None, genes=None if genes is None else "requested list",
                   intersect=bool(intersect), keep=keep, dtype=dtype, assume=assume, gene_col=gene_col,
                   modality=bool(modality))
-    cs = hashlib.sha256(json.dumps([[x["md5"] for x in sources], recipe, gl, context_names, pert_names],
+    gtx = None
+    if gene_target is not None:  # the gene-space matrix of the same cells (prepare(genes_key=...))
+        gx = gene_target.index
+        if gx["obs_names"] != names[order].tolist() or not np.array_equal(
+                np.load(gene_target.dir / "codes.npy"), codes.astype(np.int32)):
+            raise H5ADError(f"--genes-key {gx['recipe']['key']}: its rows do not line up with '{key}' "
+                            "(internal error: same filters should give the same order)")
+        os.replace(gene_target.dir / "X.bin", out / "G.bin")
+        gtx = dict(key=gx["recipe"]["key"], genes=gx["genes"], n_genes=gx["n_genes"], dtype=gx["dtype"],
+                   recipe=gx["recipe"], checksum=gx["checksum"],
+                   sources=[dict(path=x["path"], scale=x["scale"], transform=x["transform"]) for x in gx["sources"]])
+        recipe["genes_key"] = gtx["key"]
+    cs = hashlib.sha256(json.dumps([[x["md5"] for x in sources], recipe, gl, context_names, pert_names]
+                                   + ([gtx["checksum"]] if gtx else []),
                                    sort_keys=True).encode()).hexdigest()[:16]
     index = dict(format=FORMAT, n_cells=Ncell, n_genes=G, dtype=dtype, genes=gl, obs_names=names[order].tolist(),
                  pert_col=pert_col, control=control, context_col=context_col or None, batch_col=batch_col or None,
                  pert_names=pert_names, context_names=context_names, batch_names=batch_names, groups=groups,
                  recipe=recipe, sources=sources, checksum=cs)
+    if gtx:
+        index["gene_target"] = gtx
     with open(out / "index.json.tmp", "w") as f:
         json.dump(index, f)
     os.replace(out / "index.json.tmp", out / "index.json")
     say(f"wrote {out}: {Ncell} cells x {G} genes ({dtype}), {len(context_names)} contexts, "
-        f"{len(pert_names) - 1} perturbations + control '{control}', {len(groups)} groups")
+        f"{len(pert_names) - 1} perturbations + control '{control}', {len(groups)} groups"
+        + (f"; gene targets G.bin from '{gtx['key']}': {gtx['n_genes']} genes" if gtx else ""))
     return Prepared(out)
 
 
@@ -563,6 +605,12 @@ class Prepared:
         self.groups = [Group(*g) for g in ix["groups"]]
         self.checksum = ix["checksum"]
         self._X, self._pid = None, None
+        # optional gene-space targets of the same rows (prepare(..., genes_key=...)): G.bin
+        gt = ix.get("gene_target")
+        self.genes_key = gt["key"] if gt else None
+        self.gene_names_out = list(gt["genes"]) if gt else None
+        self.n_genes_out = int(gt["n_genes"]) if gt else 0
+        self._G, self._gpid = None, None
 
     @property
     def X(self):
@@ -573,9 +621,32 @@ class Prepared:
             self._pid = os.getpid()
         return self._X
 
+    @property
+    def G(self):
+        """(n_cells, n_genes_out) memmap of the gene-space targets, or None without --genes-key."""
+        if not self.n_genes_out:
+            return None
+        if self._G is None or self._gpid != os.getpid():
+            gt = self.index["gene_target"]
+            self._G = np.memmap(self.dir / "G.bin", dtype=DTYPES[gt["dtype"]], mode="r",
+                                shape=(self.n_cells, self.n_genes_out))
+            self._gpid = os.getpid()
+        return self._G
+
+    def rows_genes(self, idx):
+        """Dense float32 gene-space rows (len(idx), n_genes_out), any order (requires --genes-key)."""
+        if self.G is None:
+            raise ValueError(f"{self.dir}: no gene-space targets (prepare with --genes-key X)")
+        idx = np.asarray(idx, np.int64).ravel()
+        order = np.argsort(idx, kind="stable")
+        out = np.empty((len(idx), self.n_genes_out), np.float32)
+        out[order] = self._read(idx[order], genes=True)
+        return out
+
     def __getstate__(self):  # never pickle the memmap's pages into a worker
         d = self.__dict__.copy()
         d["_X"] = None
+        d["_G"] = None
         return d
 
     def rows(self, idx):
@@ -588,9 +659,9 @@ class Prepared:
         out[order] = self._read(idx[order])  # sorted reads walk the file forwards
         return out
 
-    def _read(self, idx):
-        """X[idx] as float32: a single copy out of the page cache for float32 storage."""
-        x = self.X[idx]  # (n, G) fancy read of the memmap
+    def _read(self, idx, genes=False):
+        """X[idx] (G[idx] with genes=True) as float32: a single copy out of the page cache for float32."""
+        x = (self.G if genes else self.X)[idx]  # (n, G) fancy read of the memmap
         if self.dtype == "bfloat16":
             return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float().numpy()
         return x.astype(np.float32, copy=False)
@@ -616,7 +687,8 @@ class SetSampler:
     every rank gets the same number of steps (the set list wraps around). train=False: unpadded sets
     (lens < set_size, zero rows beyond), fixed order; padded duplicates for equal rank steps have valid=False.
     Batches are dicts of tensors: ctrl, tgt (B,S,G) float32; pert, context, lens (B,) int64; batch (B,S);
-    tgt_idx, ctrl_idx (B,S) row indices (-1 = padding); valid (B,) bool."""
+    tgt_idx, ctrl_idx (B,S) row indices (-1 = padding); valid (B,) bool; tgt_genes (B,S,G_out) float32 when
+    the data has gene-space targets (prepare --genes-key)."""
 
     def __init__(self, data, rows, set_size, batch_size, seed=0, rank=0, world=1, train=True,
                  control_sets=True, mapping="random"):
@@ -728,7 +800,13 @@ class SetSampler:
         x = torch.from_numpy(x).view(2, B, S, -1)
         if pad.any():
             x[:, torch.from_numpy(pad)] = 0
-        return dict(ctrl=x[1], tgt=x[0],
+        extra = {}
+        if self.data.G is not None:  # gene-space targets of the same target cells (gene decoder)
+            tg = torch.from_numpy(self.data._read(np.where(pad, t[:, :1], t).ravel(), genes=True)).view(B, S, -1)
+            if pad.any():
+                tg[torch.from_numpy(pad)] = 0
+            extra["tgt_genes"] = tg
+        return dict(ctrl=x[1], tgt=x[0], **extra,
                     pert=torch.tensor([self.groups[i][2] for i in g], dtype=torch.int64),
                     context=torch.tensor([self.groups[i][1] for i in g], dtype=torch.int64),
                     batch=torch.from_numpy(np.where(pad, 0, self.data.batch[np.maximum(t, 0)]).astype(np.int64)),
@@ -777,6 +855,8 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", help="input .h5ad files, globs or folders, then OUT_DIR")
     p.add_argument("--pert-col"); p.add_argument("--control"); p.add_argument("--context-col")
     p.add_argument("--batch-col"); p.add_argument("--key", default="X"); p.add_argument("--gene-col")
+    p.add_argument("--genes-key", help="with an embedding --key: also store this gene matrix (X, layers/..) "
+                   "of the same cells as the gene decoder's target (G.bin)")
     p.add_argument("--genes", help="text file with one gene name per line to keep, in order")
     p.add_argument("--intersect", action="store_true", help="align files on their common genes")
     p.add_argument("--hvg", type=int); p.add_argument("--normalize", default="auto", choices=["auto", "yes", "no"])
@@ -800,7 +880,7 @@ def main(argv=None):
             genes = Path(a.genes).read_text().split() if a.genes else None
             d = prepare(a.paths[:-1], a.paths[-1], a.pert_col, a.control, a.context_col, a.batch_col, a.key,
                         a.hvg, a.normalize, a.target_sum, a.dtype, keep, a.intersect, genes, a.gene_col, a.assume,
-                        modality=a.modality)
+                        modality=a.modality, genes_key=a.genes_key)
         else:
             d = Prepared(a.dir)
             for k, c in enumerate(d.context_names):
@@ -808,6 +888,8 @@ def main(argv=None):
                 print(f"  {c}: {int(m.sum())} cells, {int((m & (d.pert == d.control_code)).sum())} controls, "
                       f"{len(set(d.pert[m].tolist()) - {d.control_code})} perturbations")
             print(f"  recipe {d.index['recipe']}")
+            if d.n_genes_out:
+                print(f"  gene targets (G.bin) from '{d.genes_key}': {d.n_genes_out} genes")
             for src in d.index["sources"]:
                 print(f"  source {src['path']} md5 {src['md5']}: {src['scale']['kind']} -> {src['transform']}")
         print(d)

@@ -419,3 +419,58 @@ def test_synth_cli_counts(tmp_path):
         assert detect_scale(h.matrix("X")).kind == "counts"
     d = prepare(tmp_path / "c.h5ad", tmp_path / "o")
     assert d.index["sources"][0]["transform"] == "normalize+log1p"
+
+
+# --- gene-space targets next to an embedding (prepare --genes-key; ST gene decoder) --------------
+
+def add_fake_embedding(path, dim=8, seed=0, name="X_emb"):
+    """obsm[name] = a fixed random projection of log1p(X) (a stand-in for X_state)."""
+    import h5py
+    with H5AD(path) as h:
+        X = h.matrix("X").block(0, h.n_obs)
+    E = (np.log1p(X) @ np.random.default_rng(seed).normal(0, 1, (X.shape[1], dim))).astype(np.float32)
+    with h5py.File(path, "a") as f:
+        g = f.require_group("obsm")
+        g.attrs.setdefault("encoding-type", "dict")
+        g.attrs.setdefault("encoding-version", "0.1.0")
+        g.create_dataset(name, data=E)
+    return E
+
+
+def test_genes_key_targets(tmp_path):
+    p = tmp_path / "c.h5ad"
+    make_synthetic(p, n_cells=600, n_genes=40, n_perts=4, n_contexts=2, seed=1, counts=True)
+    E = add_fake_embedding(p, dim=8)
+    ref = prepare(p, tmp_path / "genes", hvg=12)  # the gene-space reference: same cells, same recipe
+    d = prepare(p, tmp_path / "emb", key="obsm/X_emb", genes_key="X", hvg=12)
+    assert d.n_genes == 8 and d.genes == [f"X_emb_{i}" for i in range(8)]
+    assert d.genes_key == "X" and d.n_genes_out == 12 and d.gene_names_out == ref.genes
+    assert d.G.shape == (d.n_cells, 12) and not any(x.name.startswith(".genes") for x in d.dir.iterdir())
+    gt = d.index["gene_target"]
+    assert gt["sources"][0]["transform"] == "normalize+log1p" and gt["recipe"]["hvg"] == 12
+    # same rows, same order as the gene-only preparation; G holds the normalised log1p genes
+    assert list(d.obs_names) == list(ref.obs_names)
+    np.testing.assert_array_equal(d.pert, ref.pert)
+    idx = np.array([5, 0, d.n_cells - 1, 17, 17])
+    np.testing.assert_array_equal(d.rows_genes(idx), ref.rows(idx))
+    with H5AD(p) as h:
+        names = list(h.obs_names.astype(str))
+    np.testing.assert_array_equal(d.rows(idx), E[[names.index(n) for n in d.obs_names[idx]]])
+    plain = prepare(p, tmp_path / "plain", key="obsm/X_emb")
+    assert plain.G is None and plain.n_genes_out == 0 and plain.checksum != d.checksum
+    with pytest.raises(ValueError, match="genes-key"):
+        plain.rows_genes([0])
+    # sampler: tgt_genes are the gene rows of the very target cells; absent without gene targets
+    for train in (True, False):
+        b = SetSampler(d, np.arange(d.n_cells), set_size=16, batch_size=4, seed=0, train=train).batch(0, 0)
+        assert b["tgt_genes"].shape == (4, 16, 12) and b["tgt"].shape == (4, 16, 8)
+        t = b["tgt_idx"].numpy()
+        ok = t >= 0
+        np.testing.assert_array_equal(b["tgt_genes"].numpy()[ok], ref.rows(t[ok]))
+        assert (b["tgt_genes"].numpy()[~ok] == 0).all()
+    assert "tgt_genes" not in SetSampler(plain, np.arange(plain.n_cells), 16, 4).batch(0, 0)
+    # CLI
+    assert main(["prepare", str(p), str(tmp_path / "cli"), "--key", "obsm/X_emb", "--genes-key", "X",
+                 "--hvg", "12"]) == 0
+    c = Prepared(tmp_path / "cli")
+    assert c.gene_names_out == ref.genes and c.checksum == d.checksum
