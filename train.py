@@ -68,6 +68,8 @@ control_sets = True      # control cells form their own sets (teaches the identi
 batch_encoder = False    # add a batch embedding to every token
 pert_features = ""       # {perturbation: vector} file (.pt/.safetensors/.npz/.tsv); "" = one-hot
 missing_pert_features = "error"  # error | zero (reference behaviour, warned)
+decoder = True           # train the gene decoder when the data has gene targets (prepare --genes-key X);
+                         # its loss (weight --decoder_weight, reference 1.0, paper 0.1) is logged as `dec`
 log_every = 10           # steps between log lines (the only host syncs in the loop)
 val_every = 250          # steps between validation losses (0 = only at the end)
 val_batches = 8          # batches per validation
@@ -130,6 +132,7 @@ cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over}
                          n_in=D.n_genes, n_pert=(pert_table.shape[1] if pert_table is not None
                                                  else len(D.pert_names)),
                          n_batch=len(D.batch_names) if batch_encoder else 0,
+                         n_genes=D.n_genes_out if decoder else 0,  # decoder only with a gene target
                          gene_space=st_over["gene_space"] if "gene_space" in over else gene_space)
 S, B = cfg.set_size, batch_size
 train_rows = np.asarray(sp.train)
@@ -142,6 +145,11 @@ sampler = StepSampler(SetSampler(D, train_rows, set_size=S, batch_size=B, seed=s
 print0(f"data {data}: {D.n_cells:,} cells x {D.n_genes} features ({key}), {len(D.pert_names)} "
        f"perturbations, {len(D.context_names)} contexts | split {split} ({sp.task}, held out "
        f"{sp.context}): train {len(train_rows):,} val {len(val_rows):,} test {len(sp.test):,} rows")
+if cfg.n_genes:
+    print0(f"gene decoder: {cfg.n_out} -> {list(cfg.decoder_hidden)} -> {cfg.n_genes} genes ('{D.genes_key}'), "
+           f"loss weight {cfg.decoder_weight}")
+elif D.n_genes_out:
+    print0(f"note: the data has gene targets ('{D.genes_key}', {D.n_genes_out} genes) but --decoder=False")
 
 
 def to_dev(b):
@@ -151,7 +159,7 @@ def to_dev(b):
 
 def model_inputs(b):
     return dict(ctrl=b["ctrl"], pert=b["pert"], batch=b.get("batch") if cfg.n_batch else None,
-                tgt=b["tgt"], tgt_genes=b.get("tgt_genes"))
+                tgt=b["tgt"], tgt_genes=b.get("tgt_genes") if cfg.n_genes else None)
 
 
 # -----------------------------------------------------------------------------
@@ -232,6 +240,8 @@ def save_checkpoint(step, val_loss):
         state["optimizer"] = opt.state_dict()
     meta = {"step": step, "val_loss": val_loss, "st": cfg.to_dict(), "train": train_cfg,
             "genes": list(D.genes), "key": key, "recipe": recipe, "gene_space": cfg.gene_space,
+            "genes_out": list(D.gene_names_out) if cfg.n_genes else None,  # decoder output genes
+            "genes_key": D.genes_key if cfg.n_genes else None,
             "pert_names": list(D.pert_names), "context_names": list(D.context_names),
             "batch_names": list(D.batch_names), "pert_col": D.pert_col, "context_col": D.context_col,
             "batch_col": D.batch_col, "control": D.control, "data": os.path.abspath(data),
@@ -300,7 +310,7 @@ def val_loss():
     vs = SetSampler(D, val_rows, set_size=S, batch_size=B, seed=seed + 1, train=True,
                     control_sets=control_sets, mapping=mapping)
     model.eval()
-    tot = torch.zeros(2, device=dev)
+    tot = torch.zeros(3, device=dev)
     # the same val_batches batches at any world size: rank r takes batches r, r+W, ...; every rank
     # runs the same number of forwards (FSDP all-gathers inside), the surplus weighted 0
     for i in range(rank, -(-val_batches // world) * world, world):
@@ -311,10 +321,18 @@ def val_loss():
         v = b["valid"].float() * (i < val_batches)
         tot[0] += (e * v).sum()
         tot[1] += v.sum()
+        if cfg.n_genes:  # gene-decoder loss on the same sets (SPEC 4.3: val/decoder_loss)
+            with autocast:
+                xg = raw.decode(pred)
+            tot[2] += (raw.set_energy(xg, b["tgt_genes"], b["lens"]) * v).sum()
     model.train()
     if ddp:
         dist.all_reduce(tot)
+    val_parts["dec"] = (tot[2] / tot[1].clamp_min(1)).item() if cfg.n_genes else None
     return (tot[0] / tot[1].clamp_min(1)).item()
+
+
+val_parts = {"dec": None}  # the decoder part of the last validation
 
 
 if len(val_rows) == 0:
@@ -336,9 +354,11 @@ for step in range(start, max_steps + 1):
     if (val_every and step % val_every == 0 and step > start) or last:
         vl = val_loss()
         if vl is not None:
-            print0(f"step {step}/{max_steps} | val_loss {vl:.4f}")
+            vd = val_parts["dec"]
+            print0(f"step {step}/{max_steps} | val_loss {vl:.4f}" + (f" | val_dec {vd:.4f}" if vd is not None else ""))
             if logf:
-                logf.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
+                logf.write(json.dumps({"step": step, "val_loss": vl,
+                                       **({"val_dec": vd} if vd is not None else {})}) + "\n")
                 logf.flush()
     if (step % ckpt_every == 0 and step > start) or last:
         save_checkpoint(step, vl)  # collective: every rank calls it
@@ -377,7 +397,8 @@ for step in range(start, max_steps + 1):
         dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
         cells = B * S * world * grad_accum / dt
         eta = dt_ema * (max_steps - step - 1)
-        extra = "".join(f" | {k} {v.item():.4f}" for k, v in parts.items() if k != "main")
+        short = {"decoder": "dec"}
+        extra = "".join(f" | {short.get(k, k)} {v.item():.4f}" for k, v in parts.items() if k != "main")
         mfu = f" | mfu {100 * flops_step / dt / peak:.1f}%" if peak else ""
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()  # DTensor norm (FSDP2): a collective, every rank is here
@@ -386,7 +407,8 @@ for step in range(start, max_steps + 1):
                f"dt {dt * 1000:.0f}ms | cells/s {cells:,.0f}{mfu} | eta {int(eta // 3600)}h"
                f"{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
         if logf:
-            logf.write(json.dumps({"step": step + 1, "loss": lossf, "dt_ms": dt * 1000}) + "\n")
+            logf.write(json.dumps({"step": step + 1, "loss": lossf, "dt_ms": dt * 1000,
+                                   **({"dec": parts["decoder"].item()} if "decoder" in parts else {})}) + "\n")
             logf.flush()
 
 if logf:
