@@ -46,13 +46,16 @@ def load_run(run, device="cpu"):
 
 
 @torch.no_grad()
-def predict_windows(model, ctrl, windows, device, max_cells=8192):
+def predict_windows(model, ctrl, windows, device, max_cells=8192, return_latent=False):
     """ctrl (N,Din) float32 control rows; windows: list of (idx into ctrl (n<=S,), pert code, batch
     codes (n,) or None). Returns a list of (n, Dout) float32 predictions (decoded genes when the model
-    has a gene decoder). Windows are batched by length (key-padding lens), never padded with cells."""
+    has a gene decoder). Windows are batched by length (key-padding lens), never padded with cells.
+    return_latent=True: (that list, a list of the (n, Dout) embedding predictions before the gene
+    decoder, or None without a decoder)."""
     S = model.cfg.set_size
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     out = [None] * len(windows)
+    lat = [None] * len(windows) if model.decoder is not None else None
     bs = max(1, max_cells // S)
     for a in tqdm(range(0, len(order), bs), desc="predict", unit="batch", leave=False,
                   disable=not sys.stderr.isatty() and os.environ.get("TQDM", "") != "1"):
@@ -70,11 +73,14 @@ def predict_windows(model, ctrl, windows, device, max_cells=8192):
         x, bt, lens, pert = x.to(device), bt.to(device), lens.to(device), pert.to(device)
         y = model(x, pert, batch=bt if model.cfg.n_batch else None, lens=lens)
         if model.decoder is not None:
+            z = y.float().cpu().numpy()
+            for j, i in enumerate(ids):
+                lat[i] = z[j, :len(windows[i][0])]
             y = model.decode(y)
         y = y.float().cpu().numpy()
         for j, i in enumerate(ids):
             out[i] = y[j, :len(windows[i][0])]
-    return out
+    return (out, lat) if return_latent else out
 
 
 def make_windows(n, S):
@@ -125,6 +131,14 @@ def cmd_test(argv):
         print(f"WARNING: data checksum {D.checksum} differs from the run's {meta['data_checksum']}")
     if list(D.pert_names) != list(meta["pert_names"]):
         sys.exit("predict.py: the data's perturbation vocabulary differs from the run's")
+    # a run with a gene decoder (ST on an embedding): predictions and real cells in GENE space (the
+    # decoder's genes, the stored gene matrix G.bin of the same cells); embeddings kept in obsm
+    dec = model.decoder is not None
+    if dec and (D.G is None or list(D.gene_names_out) != list(meta.get("genes_out") or [])):
+        sys.exit("predict.py: the run has a gene decoder but the prepared data has no gene targets with "
+                 "the run's output genes (prepare with the run's --genes-key)")
+    out_genes = list(meta["genes_out"]) if dec else list(D.genes)
+    gene_rows = D.rows_genes if dec else D.rows
     S, ctl = model.cfg.set_size, D.control_code
     rng = np.random.default_rng(cfg["seed"])
     test = np.asarray(sp.test, dtype=np.int64)
@@ -149,10 +163,11 @@ def cmd_test(argv):
             windows.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw]))
             meta_w.append((c, p, draw))
     t0 = time.perf_counter()
-    preds = predict_windows(model, ctrlX, windows, cfg["device"], cfg["max_cells"])
+    preds, lats = predict_windows(model, ctrlX, windows, cfg["device"], cfg["max_cells"], return_latent=True)
     dt = time.perf_counter() - t0
-    P = np.concatenate(preds) if preds else np.zeros((0, D.n_genes), np.float32)
-    if cfg["clip"] and model.cfg.gene_space:
+    P = np.concatenate(preds) if preds else np.zeros((0, len(out_genes)), np.float32)
+    clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
+    if clip:
         P = np.clip(P, 0.0, 14.0)
     pc, cc = D.pert_col, D.context_col or "context"
     pn, cn = np.asarray(D.pert_names, dtype=object), np.asarray(D.context_names, dtype=object)
@@ -163,13 +178,20 @@ def cmd_test(argv):
     real_rows = np.concatenate(real_rows) if real_rows else np.zeros(0, np.int64)
     ctrl_rows = np.sort(tctrl)
     # pred: predicted cells + the real controls; real: real perturbed cells + the same controls
-    Xc = D.rows(ctrl_rows)
+    Xc = gene_rows(ctrl_rows)
     Xp = np.concatenate([P, Xc]).astype(np.float32)
-    Xr = np.concatenate([D.rows(real_rows), Xc]).astype(np.float32)
+    Xr = np.concatenate([gene_rows(real_rows), Xc]).astype(np.float32)
+    obsm_p, obsm_r = {}, {}
+    if dec:  # embedding predictions (and the real cells' embeddings) next to the gene-space X
+        E = np.concatenate(lats) if lats else np.zeros((0, D.n_genes), np.float32)
+        obsm_p = {"X_state_pred": np.concatenate([E, D.rows(ctrl_rows)]).astype(np.float32)}
+        obsm_r = {"X_state": np.concatenate([D.rows(real_rows), D.rows(ctrl_rows)]).astype(np.float32)}
     on = np.asarray(D.obs_names, dtype=object)
     uns = {"nanostate": {"pert_col": pc, "control": D.control, "context_col": cc,
                          "source": os.path.abspath(cfg["run"]), "seed": cfg["seed"],
-                         "clip": "0,14" if cfg["clip"] else "none"}}
+                         "clip": "0,14" if clip else "none",
+                         "space": "gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding"),
+                         "key": meta.get("key", "X"), "genes_key": meta.get("genes_key") if dec else None}}
     pred_obs = {pc: np.concatenate([pn[wp], pn[D.pert[ctrl_rows]]]),
                 cc: np.concatenate([cn[wc], cn[D.context[ctrl_rows]]]),
                 "is_predicted": np.concatenate([np.ones(len(P), bool), np.zeros(len(ctrl_rows), bool)]),
@@ -179,11 +201,16 @@ def cmd_test(argv):
                 "is_predicted": np.zeros(len(real_rows) + len(ctrl_rows), bool)}
     os.makedirs(cfg["out"], exist_ok=True)
     pred_names = np.array([f"pred_{i}" for i in range(len(P))] + list(on[ctrl_rows]), dtype=object)
-    write_h5ad(os.path.join(cfg["out"], "pred.h5ad"), Xp, pred_names, list(D.genes), obs=pred_obs, uns=uns)
+    write_h5ad(os.path.join(cfg["out"], "pred.h5ad"), Xp, pred_names, out_genes, obs=pred_obs, obsm=obsm_p,
+               uns=uns)
     write_h5ad(os.path.join(cfg["out"], "real.h5ad"), Xr, np.concatenate([on[real_rows], on[ctrl_rows]]),
-               list(D.genes), obs=real_obs, uns={"nanostate": {**uns["nanostate"], "source": "real"}})
+               out_genes, obs=real_obs, obsm=obsm_r,
+               uns={"nanostate": {**uns["nanostate"], "source": "real", "clip": "none",
+                                  "space": "gene" if dec else uns["nanostate"]["space"]}})
     print(f"predicted {len(P):,} cells in {len(keys)} test groups ({len(windows)} sets, S {S}) in "
-          f"{dt:.1f}s -> {cfg['out']}/pred.h5ad, real.h5ad ({len(ctrl_rows):,} real controls in both)")
+          f"{dt:.1f}s -> {cfg['out']}/pred.h5ad, real.h5ad ({len(ctrl_rows):,} real controls in both)"
+          + (f"; gene space: {len(out_genes)} decoded genes ('{meta.get('genes_key')}'), embedding "
+             "predictions in obsm['X_state_pred']" if dec else ""))
     # spread / shift report
     groups, a = [], 0
     for (c, p), rows in zip(keys, real_parts):
@@ -203,10 +230,15 @@ def cmd_test(argv):
 
 def cmd_simulate(argv):
     cfg = {"run": "", "adata": "", "perts": "", "out": "", "n_cells": 0, "seed": 0, "device": "cpu",
-           "key": "X", "context_col": "", "pert_col": "", "control": "", "clip": True,
+           "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
            "allow_missing_genes": 0.0, "max_cells": 8192}
     configure(argv, cfg)
     model, meta = load_run(cfg["run"], cfg["device"])
+    dec = model.decoder is not None
+    # the input matrix: --key, else the run's key when it is an embedding (obsm/X_state), else X; with a
+    # gene decoder the real controls are written in gene space from --genes_key (default: the run's)
+    cfg["key"] = cfg["key"] or (meta.get("key") if str(meta.get("key", "")).startswith("obsm/") else "X")
+    cfg["genes_key"] = cfg["genes_key"] or (meta.get("genes_key") or "X")
     S, genes = model.cfg.set_size, list(meta["genes"])
     vocab = {n: i for i, n in enumerate(meta["pert_names"])}
     perts = cfg["perts"]
@@ -239,6 +271,10 @@ def cmd_simulate(argv):
             bt = np.array([bnames.get(b, 0) for b in np.asarray(f.column(bcol)).astype(str)[keep]])
         obs_names = np.asarray(f.obs_names, dtype=object)[keep]
         Xin = f.matrix(cfg["key"]).rows(keep)  # (N, G_file)
+        if cfg["key"].startswith("obsm/"):  # embedding dims are named like the prepared ones: X_state_0 ..
+            names = [f"{cfg['key'][5:]}_{i}" for i in range(Xin.shape[1])]
+        if dec:  # the controls' genes (decoder output space), mapped by name below
+            gnames, Gin = list(f.var_names()), f.matrix(cfg["genes_key"]).rows(keep)
     # map genes by name to the run's ordered list
     where = {g: i for i, g in enumerate(names)}
     miss = [g for g in genes if g not in where]
@@ -254,6 +290,20 @@ def cmd_simulate(argv):
     if model.cfg.gene_space and mx > 30 and np.allclose(X[:1000], np.round(X[:1000])):
         sys.exit("predict.py simulate: the input looks like raw counts; give log1p-normalised values "
                  "prepared with the run's recipe (python -m state.data prepare ...)")
+    out_genes, Xout = genes, X
+    if dec:
+        out_genes = list(meta["genes_out"])
+        gw = {g: i for i, g in enumerate(gnames)}
+        gmiss = [g for g in out_genes if g not in gw]
+        if len(gmiss) > cfg["allow_missing_genes"] * len(out_genes):
+            sys.exit(f"predict.py simulate: {len(gmiss)}/{len(out_genes)} of the decoder's genes are missing "
+                     f"from '{cfg['genes_key']}' of {cfg['adata']} (e.g. {gmiss[:10]})")
+        Xout = np.zeros((len(keep), len(out_genes)), np.float32)
+        gh = [i for i, g in enumerate(out_genes) if g in gw]
+        Xout[:, gh] = Gin[:, [gw[out_genes[i]] for i in gh]]
+        if float(Xout.max(initial=0)) > 30 and np.allclose(Xout[:1000], np.round(Xout[:1000])):
+            sys.exit(f"predict.py simulate: '{cfg['genes_key']}' looks like raw counts; the real controls must "
+                     "be log1p values on the decoder's scale (--genes_key=...)")
     rng = np.random.default_rng(cfg["seed"])
     windows, info = [], []
     for c in sorted(set(ctx)):
@@ -264,10 +314,12 @@ def cmd_simulate(argv):
                 draw = pool[rng.integers(0, len(pool), m)]
                 windows.append((draw, vocab[p], bt[draw]))
                 info.append((c, p, draw))
-    preds = predict_windows(model, X, windows, cfg["device"], cfg["max_cells"])
+    preds, lats = predict_windows(model, X, windows, cfg["device"], cfg["max_cells"], return_latent=True)
     P = np.concatenate(preds).astype(np.float32)
-    if cfg["clip"] and model.cfg.gene_space:
+    clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
+    if clip:
         P = np.clip(P, 0.0, 14.0)
+    obsm = {"X_state_pred": np.concatenate(lats + [X]).astype(np.float32)} if dec else {}
     pc, cc = meta["pert_col"], meta.get("context_col") or "context"
     draw = np.concatenate([i[2] for i in info])
     obs = {pc: np.concatenate([[i[1]] * len(i[2]) for i in info] + [[meta["control"]] * len(X)]).astype(object),
@@ -277,11 +329,14 @@ def cmd_simulate(argv):
     out = cfg["out"] or os.path.join(cfg["run"], "predictions",
                                      os.path.basename(cfg["adata"]).rsplit(".", 1)[0] + "_pred.h5ad")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_h5ad(out, np.concatenate([P, X]), np.array([f"pred_{i}" for i in range(len(P))] + list(obs_names),
-                                                    dtype=object), genes, obs=obs,
+    write_h5ad(out, np.concatenate([P, Xout]), np.array([f"pred_{i}" for i in range(len(P))] + list(obs_names),
+                                                       dtype=object), out_genes, obs=obs, obsm=obsm,
                uns={"nanostate": {"pert_col": pc, "control": meta["control"], "context_col": cc,
                                   "source": os.path.abspath(cfg["run"]), "seed": cfg["seed"],
-                                  "controls": os.path.abspath(cfg["adata"])}})
+                                  "controls": os.path.abspath(cfg["adata"]), "clip": "0,14" if clip else "none",
+                                  "space": "gene (decoded)" if dec else
+                                  ("gene" if model.cfg.gene_space else "embedding"), "key": cfg["key"],
+                                  "genes_key": cfg["genes_key"] if dec else None}})
     print(f"simulated {len(P):,} cells ({len(perts)} perturbations x {len(set(ctx))} contexts) + "
           f"{len(X):,} real controls -> {out}")
     return out
