@@ -1,7 +1,8 @@
 """Decoder ceiling for an ST run with a gene decoder: decode the REAL test cells' embeddings
 (real.h5ad obsm['X_state'], written by predict.py test) with the run's trained gene decoder and write a
-pred.h5ad of the same layout (real controls copied through). It bounds what any latent prediction can
-reach through that decoder.
+pred.h5ad of the same layout (real controls copied through). Caveat: the decoder is trained on ST's
+PREDICTED latents only (reference; no detach_decoder with ground-truth latents), so real embeddings can be
+out of distribution for it and this is not a true ceiling (dev/LOG.md, SE extrinsic with the ST decoder).
 
     python dev/st_decoder_ceiling.py --run=RUN --test=TEST_DIR --out=OUT_DIR
 """
