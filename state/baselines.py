@@ -337,7 +337,7 @@ def main(argv=None):
     r = sub.add_parser("report")
     r.add_argument("--data", required=True)
     r.add_argument("--split", required=True)
-    r.add_argument("--pred", nargs="*", default=[], help="model pred.h5ad files (name = parent dir)")
+    r.add_argument("--pred", nargs="*", default=[], help="model pred.h5ad files, PATH or NAME=PATH (default name: the parent dir)")
     r.add_argument("--out", default="baselines_out")
     r.add_argument("--profile", default="full")
     r.add_argument("--seed", type=int, default=0)
@@ -358,8 +358,9 @@ def main(argv=None):
         return 0
     preds = {}
     for p in a.pred:
-        n = os.path.basename(os.path.dirname(os.path.abspath(p))) or p
-        preds[n if n not in preds else p] = p
+        n, _, q = p.rpartition("=") if "=" in p and not os.path.exists(p) else ("", "", p)
+        n = n or os.path.basename(os.path.dirname(os.path.abspath(q))) or q
+        preds[n if n not in preds else q] = q
     print(report(data, split, preds, a.out, a.profile, a.seed))
     return 0
 

@@ -1,13 +1,13 @@
 """
 The quickstart: the whole pipeline on an embedded synthetic dataset, on CPU, in a few minutes.
 
-    python -m state.demo [--out runs/quickstart] [--max_steps 600] [--keep]
+    python -m state.demo [--out runs/quickstart] [--max_steps 1500]
 
 It runs, and prints, the same commands a user runs on their own data:
   1. python -m state.synth            a small Perturb-seq-like dataset (3 contexts x 12 perturbations)
   2. python -m state.data prepare     sorted memory-mapped matrix + JSON index
   3. python -m state.splits make      few-shot split: ctxC held out, 30% of its perturbations train
-  4. python train.py                  a tiny ST, energy-distance loss
+  4. python train.py                  a small ST (hidden 128, 4 layers, lr 1e-3), energy-distance loss
   5. python predict.py test           pred.h5ad / real.h5ad for the held-out groups
   6. python -m state.baselines report  ST next to the perturbation-mean, context-mean and linear baselines
 """
@@ -33,7 +33,7 @@ def run(cmd):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/quickstart", help="work directory (replaced)")
-    ap.add_argument("--max_steps", type=int, default=600)
+    ap.add_argument("--max_steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     out = os.path.join(ROOT, a.out) if not os.path.isabs(a.out) else a.out
@@ -49,11 +49,12 @@ def main(argv=None):
     run([py, "-m", "state.splits", "make", "--data", data, "--task", "fewshot", "--context", "ctxC",
          "--support", "0.3", "--seed", str(a.seed), "--out", split])
     run([py, "train.py", f"--data={data}", f"--split={split}", "--preset=tiny", f"--out={run_dir}",
-         f"--max_steps={a.max_steps}", "--lr=1e-3"])
+         f"--max_steps={a.max_steps}", "--hidden=128", "--n_layers=4", "--set_size=32", "--lr=1e-3",
+         "--control_sets=False", "--threads=1"])
     run([py, "predict.py", "test", f"--run={run_dir}", f"--data={data}", f"--split={split}",
          f"--out={run_dir}/test"])
     run([py, "-m", "state.baselines", "report", "--data", data, "--split", split,
-         "--pred", f"{run_dir}/test/pred.h5ad", "--out", os.path.join(out, "report")])
+         "--pred", f"ST={run_dir}/test/pred.h5ad", "--out", os.path.join(out, "report")])
     print(f"\n[demo] whole pipeline in {time.time() - t0:.0f}s; files in {out}")
 
 
