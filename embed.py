@@ -10,8 +10,8 @@ Embedding (transform), streamed in row blocks, memory bounded whatever the file 
     python embed.py transform --ckpt=runs/se_tiny data.h5ad                 (adds/replaces obsm/X_state in place)
     python embed.py transform --ckpt=runs/se_tiny data.h5ad --output=out.h5ad   (copy, then add)
     python embed.py transform --ckpt=runs/se_tiny data.h5ad --output=emb.npy
-Settings are `--key=value` (parsed with ast.literal_eval); unknown keys are rejected. The model preset's
-fields (d, n_layer, pad_length, P, N, S, ...) can be overridden the same way.
+Settings are `--key=value` (state/config.py: ast.literal_eval, type-checked); unknown keys are rejected. The model preset's
+fields (d_model, n_layer, pad_length, P, N, S, ...) can be overridden the same way.
 
 Gene vectors: `--gene_emb=FILE` ({gene: vector} .safetensors/.pt/.npz, e.g. ESM2) or the fallbacks
 `pca` (default; top 256 right singular vectors of the centred log1p training matrix) or `onehot`.
@@ -21,7 +21,6 @@ A checkpoint is model.safetensors (weights + frozen gene table) + meta.json + st
 step, data cursor), each written atomically.
 """
 
-import ast
 import contextlib
 import gc
 import json
@@ -30,11 +29,12 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 import numpy as np
 import torch
 
+from state.config import configure
 from state.dist import all_reduce_sum, compute_cleanup, compute_init, print0
 from state.h5ad import H5AD
 from state.se import (PRESETS, GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,
@@ -83,43 +83,22 @@ PEAK = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 9
         "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12}
 
 
-def parse(argv, defaults, model_keys=()):
-    """`--key=value` overrides (ast.literal_eval, else the raw string); positional args returned."""
-    cfg, model, pos = dict(defaults), {}, []
-    mtypes = {f.name: f.type for f in fields(SEConfig)}
+def parse(argv, defaults, model=False):
+    """`--key=value` overrides through state.config.configure (unknown keys and wrong types are errors);
+    `model=True` also accepts SEConfig fields. -> (settings, model overrides, positional args)."""
+    pos = [a for a in argv if not a.startswith("--")]
+    flags = []
     for a in argv:
-        if not a.startswith("--"):
-            pos.append(a)
-            continue
-        k, _, v = a[2:].partition("=")
-        k = k.replace("-", "_")
-        if v == "":
-            v = "True"  # bare flag
-        try:
-            val = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            val = v
-        if k in cfg:
-            ref = defaults[k]
-            if isinstance(ref, bool):
-                assert isinstance(val, bool), f"--{k} expects a bool, got {v!r}"
-            elif isinstance(ref, float) and isinstance(val, int):
-                val = float(val)
-            elif isinstance(ref, str):
-                val = str(v)
-            assert isinstance(val, type(ref)), f"--{k} expects {type(ref).__name__}, got {v!r}"
-            cfg[k] = val
-        elif k in model_keys:
-            t = {"int": int, "float": float, "str": str, "bool": bool}.get(str(mtypes[k]), None) or mtypes[k]
-            if t is float and isinstance(val, int):
-                val = float(val)
-            if t is str:
-                val = str(v)
-            assert isinstance(val, t), f"--{k} expects {t.__name__}, got {v!r}"
-            model[k] = val
-        else:
-            raise SystemExit(f"unknown setting --{k}; known: {', '.join(list(defaults) + list(model_keys))}")
-    return cfg, model, pos
+        if a.startswith("--"):
+            k, eq, v = a[2:].partition("=")
+            flags.append(f"--{k.replace('-', '_')}{eq}{v}")
+    cfg = dict(defaults)
+    mdef = {f.name: (None if f.default is MISSING else f.default) for f in fields(SEConfig)} if model else {}
+    try:
+        seen = configure(flags, cfg, mdef)
+    except ValueError as e:
+        raise SystemExit(f"embed.py: {e}")
+    return cfg, {k: mdef[k] for k in seen if k in mdef}, pos
 
 
 def autocast(device, dtype):
@@ -244,7 +223,7 @@ def lr_at(step, T, lr, warmup, floor):
 # fit
 
 def fit(argv):
-    C, mkw, files = parse(argv, FIT, model_keys=[f.name for f in fields(SEConfig)])
+    C, mkw, files = parse(argv, FIT, model=True)
     if not files:
         raise SystemExit("embed.py fit: give one or more .h5ad files")
     ddp, rank, local_rank, world, device = compute_init(seed=C["seed"])
