@@ -52,3 +52,15 @@ def pytest_collection_modifyitems(config, items):
     for it in items:
         if "gpu" in it.keywords:
             it.add_marker(skip)
+
+
+def make_synth_prepared(d):
+    """A small synthetic dataset prepared in d/prep with a few-shot split in d/split.json (train/dist tests)."""
+    from state.data import prepare
+    from state.splits import make_split
+    from state.synth import make_synthetic
+    make_synthetic(d / "s.h5ad", n_cells=1200, n_genes=40, n_perts=6, n_contexts=3, seed=0)
+    D = prepare([str(d / "s.h5ad")], d / "prep", pert_col="perturbation", control="control",
+                context_col="cell_type")
+    make_split(D, task="fewshot", context=D.context_names[0], support=0.3, seed=0).save(d / "split.json")
+    return d

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_synth_prepared
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,14 +46,7 @@ def close(a, b):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from state.data import prepare
-    from state.splits import make_split
-    from state.synth import make_synthetic
-    d = tmp_path_factory.mktemp("dist")
-    make_synthetic(d / "s.h5ad", n_cells=1200, n_genes=40, n_perts=6, n_contexts=3, seed=0)
-    D = prepare([str(d / "s.h5ad")], d / "prep", pert_col="perturbation", control="control",
-                context_col="cell_type")
-    make_split(D, task="fewshot", context=D.context_names[0], support=0.3, seed=0).save(d / "split.json")
+    d = make_synth_prepared(tmp_path_factory.mktemp("dist"))
     run(0, d, d / "one", 6, 4)        # 1 process x 4 micro-steps
     run(2, d, d / "two", 6, 2)        # 2 processes x 2 micro-steps: the same global batch of 16 sets
     return d

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_synth_prepared
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,16 +25,7 @@ def run(*args, ok=True):
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    from state.data import prepare
-    from state.splits import make_split
-    from state.synth import make_synthetic
-    d = tmp_path_factory.mktemp("synth")
-    make_synthetic(d / "s.h5ad", n_cells=1200, n_genes=40, n_perts=6, n_contexts=3, seed=0)
-    D = prepare([str(d / "s.h5ad")], d / "prep", pert_col="perturbation", control="control",
-                context_col="cell_type")
-    sp = make_split(D, task="fewshot", context=D.context_names[0], support=0.3, seed=0)
-    sp.save(d / "split.json")
-    return d
+    return make_synth_prepared(tmp_path_factory.mktemp("synth"))
 
 
 def args(d, out, steps, *extra):
