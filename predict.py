@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from state.config import configure
+from state.eval import group_spread
 from state.h5ad import H5AD, write_h5ad
 from state.st import STConfig, StateTransition
 
@@ -90,15 +91,9 @@ def make_windows(n, S):
 
 def spread_report(groups):
     """groups: list of (name, pred (n,G), real (m,G), ctrl (c,G)). Per-gene std and mean shift of the
-    predictions vs the real cells (the reference's predictions collapse: spread ratio << 1)."""
-    rows = []
-    for name, p, r, c in groups:
-        mc = c.mean(0)
-        dp, dr = p.mean(0) - mc, r.mean(0) - mc
-        sr = r.std(0).mean()
-        corr = np.corrcoef(dp, dr)[0, 1] if dp.std() > 0 and dr.std() > 0 else float("nan")
-        rows.append((name, p.std(0).mean() / max(sr, 1e-12), np.linalg.norm(dp) / max(np.linalg.norm(dr), 1e-12),
-                     np.abs(p.mean(0) - r.mean(0)).mean(), corr))
+    predictions vs the real cells (state.eval.group_spread; the reference's predictions collapse:
+    spread ratio << 1)."""
+    rows = [(name, *group_spread(p, r, c)) for name, p, r, c in groups]
     a = np.array([r[1:] for r in rows], dtype=np.float64)
     lines = [f"{'group':34s} {'spread':>7s} {'shift':>7s} {'mae_mean':>9s} {'delta_r':>8s}"]
     for r in rows[:12]:

@@ -22,6 +22,8 @@ cell-eval's `baseline` command and is built from the TEST data (labelled so):
                      W = (G^T G + lam I)^-1 G^T (Y - b 1^T) P (P^T P + lam I)^-1 with G = top-d PCA
                      gene loadings of training cells, P = one-hot (identity), b = row means of Y,
                      lam picked on the val rows; x_hat = x_ctrl + G W P[p]^T + b
+  two_way            x_hat = x_ctrl(c*) + alpha_p + beta_c*: the perturbation's mean delta over training
+                     contexts plus c*'s mean residual over its support perturbations (shift_table)
   celleval_baseline  every perturbed cell = mean of the per-perturbation pseudobulks of the test
                      file (control included, as cell-eval computes it); real controls appended
 Control cells are copied through as real cells (is_predicted False) in every pred.
@@ -37,7 +39,7 @@ import torch
 from state.eval import BEST, evaluate, score
 from state.h5ad import H5AD, write_h5ad
 
-NAMES = ["perturbation_mean", "context_mean", "linear", "celleval_baseline"]
+NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "celleval_baseline"]
 
 # -----------------------------------------------------------------------------------------------
 # training statistics
@@ -215,6 +217,68 @@ def linear(data, split, seed=0, d=10, lams=(0.01, 0.1, 1.0, 10.0, 100.0)):
     return _assemble(data, split, data.rows(ctrl) + shift.astype(np.float32), ctrl)
 
 
+def shift_table(data, rows, kind="two_way"):
+    """(n_contexts, n_perts, G) float32 mean shifts over control, for every (context, perturbation)
+    pair, from the given (training) rows only. Each pair's shift is what `kind` predicts for it as if
+    that pair were held out (cross-fitted: a pair never sees its own cells), so a model anchored on
+    the table learns, on training pairs, to correct the baseline's error on unseen pairs:
+      pert_mean     alpha[c,p] = mean over other contexts c' of delta[c',p] (no other context: the mean
+                    of all training deltas)
+      context_mean  cell-weighted mean of delta[c,p'] over the other perturbations p' of c (none, as
+                    zero-shot: the mean over the other contexts of their own context shift)
+      two_way       alpha[c,p] + beta[c,p], beta = mean over the other perturbations p' of c of the
+                    residual delta[c,p'] - alpha[c,p'] (none: 0); an additive context x perturbation model
+    with delta[c,p] = mean(x | c,p) - mean(x | c, control). Controls get a zero shift."""
+    if kind not in ("pert_mean", "context_mean", "two_way"):
+        raise ValueError(f"shift kind '{kind}' not one of pert_mean, context_mean, two_way")
+    M = group_means(data, rows)
+    nC, nP, G = len(data.context_names), len(data.pert_names), data.n_genes
+    D = np.zeros((nC, nP, G))
+    H = np.zeros((nC, nP))  # 1 where delta[c,p] exists
+    W = np.zeros((nC, nP))  # cells of (c,p)
+    for (c, p), d in _deltas(data, M).items():
+        D[c, p], H[c, p], W[c, p] = d, 1.0, M[(c, p)][1]
+    if not H.any():
+        raise ValueError("no perturbed training group with controls in its context: no shifts to learn from")
+
+    def loo(V, w, axis):
+        """Weighted mean of V over `axis` leaving each entry itself out -> (values, has-any mask)."""
+        tot, n = (V * w[..., None]).sum(axis, keepdims=True), w.sum(axis, keepdims=True)
+        num, den = tot - V * w[..., None], n - w
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return num / den[..., None], den > 0
+
+    allmean = (D * H[..., None]).sum((0, 1)) / H.sum()
+    alpha, ok = loo(D, H, 0)
+    alpha = np.where(ok[..., None], alpha, allmean)
+    if kind == "pert_mean":
+        T = alpha
+    elif kind == "context_mean":
+        T, ok = loo(D, W, 1)
+        full = (D * W[..., None]).sum(1) / np.maximum(W.sum(1), 1)[:, None]  # (nC, G) context shifts
+        has = W.sum(1) > 0
+        for c in range(nC):  # zero-shot context: the other contexts' mean shift
+            others = has & (np.arange(nC) != c)
+            fb = full[others].mean(0) if others.any() else allmean
+            T[c] = np.where(ok[c][:, None], T[c], fb)
+    else:
+        beta, ok = loo((D - alpha) * H[..., None], H, 1)
+        T = alpha + np.where(ok[..., None], beta, 0.0)
+    T[:, data.control_code] = 0.0
+    return T.astype(np.float32)
+
+
+def two_way(data, split, seed=0):
+    """Control cells of the target context + alpha_p + beta_c (shift_table 'two_way'): the
+    perturbation's mean effect in the other contexts plus the held-out context's mean residual over
+    its support perturbations (zero-shot: alpha_p alone, i.e. the perturbation mean)."""
+    rng = np.random.default_rng(seed)
+    T = shift_table(data, split.train, "two_way")
+    ctrl = _controls_for(data, split, rng)
+    Xhat = data.rows(ctrl) + T[data.context[split.test], data.pert[split.test]]
+    return _assemble(data, split, Xhat, ctrl)
+
+
 def celleval_baseline(data, split, seed=0):
     """cell-eval `baseline`: mean of the per-perturbation pseudobulks of the TEST file (control
     included) for every perturbed cell; real controls appended. Built from test data."""
@@ -226,7 +290,7 @@ def celleval_baseline(data, split, seed=0):
 
 
 BASELINES = dict(perturbation_mean=perturbation_mean, context_mean=context_mean, linear=linear,
-                 celleval_baseline=celleval_baseline)
+                 two_way=two_way, celleval_baseline=celleval_baseline)
 
 
 def write_pred(path, pair, data, source):

@@ -419,6 +419,38 @@ def score(agg_user, agg_base):
     return out, float(s.mean()) if len(s) else float("nan")
 
 
+def group_spread(p, r, c):
+    """One group's heterogeneity and magnitude diagnostics: pred (n,G), real (m,G), controls (k,G) ->
+    (spread, shift, mae_mean, delta_r). spread = mean per-gene std of pred / of real (1 = same
+    heterogeneity; a collapsed model gives ~0); shift = |mean(pred) - mean(ctrl)| / |mean(real) -
+    mean(ctrl)| (1 = right magnitude); mae_mean = mean |mean(pred) - mean(real)|; delta_r = pearson of
+    the two deltas."""
+    mc = c.mean(0)
+    dp, dr = p.mean(0) - mc, r.mean(0) - mc
+    corr = np.corrcoef(dp, dr)[0, 1] if dp.std() > 0 and dr.std() > 0 else float("nan")
+    return (p.std(0).mean() / max(r.std(0).mean(), 1e-12), np.linalg.norm(dp) / max(np.linalg.norm(dr), 1e-12),
+            float(np.abs(p.mean(0) - r.mean(0)).mean()), corr)
+
+
+def spread_stats(pred, real, pert_col, control, context_col=None):
+    """Medians over (context, perturbation) groups of group_spread, for a pred/real pair (paths or
+    (X, obs[, genes])); controls are the real file's control cells of the group's context."""
+    lp, cp, _ = load_obs(pred, pert_col, context_col)
+    lr, cr, _ = load_obs(real, pert_col, context_col)
+    cp = np.zeros(len(lp), object) if cp is None else cp
+    cr = np.zeros(len(lr), object) if cr is None else cr
+    Xp, Xr = load_X(pred), load_X(real)
+    rows = []
+    for c in sorted(set(cr)):
+        ctrl = Xr[(cr == c) & (lr == control)]
+        for p in sorted(set(lr[cr == c]) - {control}):
+            mp, mr = (cp == c) & (lp == p), (cr == c) & (lr == p)
+            if mp.any() and mr.any() and len(ctrl):
+                rows.append(group_spread(Xp[mp], Xr[mr], ctrl))
+    med = np.nanmedian(np.array(rows, dtype=np.float64), 0) if rows else [np.nan] * 4
+    return dict(zip(("spread", "shift", "mae_mean", "delta_r"), map(float, med)))
+
+
 # -----------------------------------------------------------------------------------------------
 # Loading
 

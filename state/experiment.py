@@ -1,0 +1,394 @@
+"""
+The multi-seed protocol: does ST beat the simple baselines by more than seed noise, on several tasks?
+
+    python -m state.experiment run --recipe="--preset=cpu" --seeds=0,1,2 --out=runs/exp/cpu
+    python -m state.experiment run --tasks=pap_rep1,kang_cd14 --recipe="--preset=tiny --lr=1e-3" --out=..
+    python -m state.experiment table runs/exp/cpu            # reprint the table from saved scores
+    python -m state.experiment compare runs/exp/a runs/exp/b  # recipes side by side (key metrics)
+
+For every task (prepared data + split, built once from ../shared/data into --cache) and every seed it
+trains ST (`train.py --seed=s` + the recipe), replays the test split (`predict.py test`), scores ST and
+every baseline with `state.eval` (baselines built from training cells only, with the same seed for their
+control draws), and prints per task and metric:
+  - each method's mean +- sd over seeds;
+  - the paired difference ST - best baseline (the baseline with the best mean on that metric), mean +- sd,
+    and how many seeds ST won;
+  - a noise ceiling: how well one random half of the real test cells of each group predicts the other
+    half (same metrics, same controls; mean of 2 halvings). It uses half the cells per side, so it is a
+    conservative ceiling for count-driven metrics (DE overlap);
+  - the calibrated score (ST - best baseline) / (ceiling - best baseline): 0 = the best baseline,
+    1 = as good as a replicate; "-" where the ceiling is not above the best baseline;
+  - which metrics are uninformative on the task (one perturbation: discrimination and pearson_edistance;
+    no real DE gene: every DE metric) instead of averaging them in.
+The target check at the end is issue 11's: discrimination_l1 mean >= best baseline, a paired win larger
+than its sd on overlap_at_N or pearson_delta, MAE within 10% of the best baseline, spread >= 0.7.
+
+Tasks (choose recipes on the `choose` ones; the `check` ones are kept for independent confirmation):
+  pap_rep1  Papalexi few-shot, rep_1 held out, 30% of its KOs train          choose
+  pap_rep2  Papalexi few-shot, rep_2 held out, 30% of its KOs train          choose
+  kang_cd14 Kang zero-shot, IFN-beta in CD14+ Monocytes held out               choose
+  gbm_u87   GBM few-shot, U87MG held out, MAP2K3/MAP2K6/MAP3K21 train        choose
+  gbm_t98   GBM few-shot, T98G held out, MAP2K3/MAP2K6/MAP3K21 train         choose
+  gbm_a172  GBM few-shot, A172 held out, same support                        check
+  pap_rep3  Papalexi few-shot, rep_3 held out, 30% of its KOs train          check
+Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+DATASETS = {  # name -> (file, prepare options)
+    "pap": ("papalexi2021_thp1_eccite_sceptre.h5ad",
+            ["--pert-col", "target_gene", "--control", "non-targeting", "--context-col", "bio_rep"]),
+    "gbm": ("perturbench_devel_norman19_mcfaline23.h5ad",
+            ["--pert-col", "perturbation", "--control", "control", "--context-col", "cell_type",
+             "--keep", "cell_type=A172,T98G,U87MG"]),
+    "kang": ("kang2018_ifnb_pbmc_muscat_counts.h5ad",
+             ["--pert-col", "perturbation", "--control", "control", "--context-col", "cell_type"]),
+}
+GBM_SUPPORT = "MAP2K3,MAP2K6,MAP3K21"
+TASKS = {  # name -> (dataset, split options, role)
+    "pap_rep1": ("pap", ["--task", "fewshot", "--context", "rep_1", "--support", "0.3"], "choose"),
+    "pap_rep2": ("pap", ["--task", "fewshot", "--context", "rep_2", "--support", "0.3"], "choose"),
+    "kang_cd14": ("kang", ["--task", "zeroshot", "--context", "CD14+ Monocytes"], "choose"),
+    "gbm_u87": ("gbm", ["--task", "fewshot", "--context", "U87MG", "--support-perts", GBM_SUPPORT], "choose"),
+    "gbm_t98": ("gbm", ["--task", "fewshot", "--context", "T98G", "--support-perts", GBM_SUPPORT], "choose"),
+    "gbm_a172": ("gbm", ["--task", "fewshot", "--context", "A172", "--support-perts", GBM_SUPPORT], "check"),
+    "pap_rep3": ("pap", ["--task", "fewshot", "--context", "rep_3", "--support", "0.3"], "check"),
+}
+METRICS = ["pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "de_direction_match",
+           "pearson_edistance", "spread", "shift"]
+LOWER = {"mse", "mae"}  # lower is better; spread/shift are diagnostics (best 1), never "won"
+DIAG = {"spread", "shift"}
+DE = {"overlap_at_N", "de_direction_match"}
+ONE_PERT = {"discrimination_score_l1", "pearson_edistance"}
+BASELINES = ["perturbation_mean", "context_mean", "linear", "two_way"]
+
+
+def sh(cmd, log=None):
+    """Run a command from the repo root; its output goes to `log` (appended); raise on failure."""
+    with open(log or os.devnull, "a") as f:
+        f.write(f"$ {' '.join(shlex.quote(c) for c in cmd)}\n")
+        f.flush()
+        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd)}" + (f"; see {log}" if log else ""))
+
+
+def task_data(task, cache, shared):
+    """Prepared folder and split file of a task, built once under `cache`."""
+    ds, split_args, _ = TASKS[task]
+    f, prep = DATASETS[ds]
+    d = os.path.join(cache, ds)
+    if not os.path.exists(os.path.join(d, "index.json")):
+        src = os.path.join(shared, f)
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"{src} not found (pass --shared=FOLDER holding {f})")
+        sh([sys.executable, "-m", "state.data", "prepare", src, d, *prep], os.path.join(cache, f"{ds}.log"))
+    sp = os.path.join(cache, f"{task}.json")
+    if not os.path.exists(sp):
+        sh([sys.executable, "-m", "state.splits", "make", "--data", d, *split_args, "--out", sp],
+           os.path.join(cache, f"{task}.log"))
+    return d, sp
+
+# -----------------------------------------------------------------------------------------------
+# scoring
+
+
+def mean_scores(pred, real, data):
+    """{metric: value} of one prediction (path or (X, obs, genes)) against the real test cells."""
+    from state.eval import evaluate, spread_stats
+    from state.baselines import _mean_row
+    ctxc = data.context_col or "context"
+    _, agg = evaluate(pred, real, data.pert_col, data.control, ctxc, "full")
+    row = _mean_row(agg)
+    out = {m: row.get(m, np.nan) for m in METRICS if m not in DIAG}
+    out["de_nsig_counts_real"] = row.get("de_nsig_counts_real", np.nan)
+    out["n_perts"] = int(agg["perturbation"][0]) if "perturbation" in agg else None
+    sp = spread_stats(pred, real, data.pert_col, data.control, ctxc)
+    out["spread"], out["shift"] = sp["spread"], sp["shift"]
+    return out
+
+
+def ceiling(data, split, halvings=2, seed=0):
+    """Split-half noise ceiling: half A of each test group's real cells scored against half B."""
+    from state.baselines import _obs
+    rng = np.random.default_rng(seed)
+    genes = list(data.genes)
+    ctrl = split.test_ctrl
+    Xc = data.rows(ctrl)
+    res = []
+    for h in range(halvings):
+        A, B = [], []
+        key = data.context[split.test].astype(np.int64) * len(data.pert_names) + data.pert[split.test]
+        for k in np.unique(key):
+            r = rng.permutation(split.test[key == k])
+            A.append(r[: len(r) // 2])
+            B.append(r[len(r) // 2:])
+        A, B = np.sort(np.concatenate(A)), np.sort(np.concatenate(B))
+        pair = lambda rows: (np.concatenate([data.rows(rows), Xc]),
+                             _obs(data, np.concatenate([rows, ctrl]), np.zeros(len(rows) + len(ctrl), bool)),
+                             genes)
+        res.append(mean_scores(pair(A), pair(B), data))
+    with np.errstate(all="ignore"):
+        return {m: float(np.mean([r[m] for r in res])) for m in res[0] if m not in ("n_perts",)}
+
+
+def baseline_scores(data, split, seed):
+    from state import baselines as bl
+    real = (*bl.real_pair(data, split), list(data.genes))
+    return {n: mean_scores((*bl.BASELINES[n](data, split, seed=seed), list(data.genes)), real, data)
+            for n in BASELINES}
+
+
+def cached(path, fn):
+    if os.path.exists(path):
+        return json.load(open(path))
+    v = fn()
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(v, f, indent=1, default=float)
+    os.replace(tmp, path)
+    return v
+
+# -----------------------------------------------------------------------------------------------
+# one (task, seed): train, predict, score
+
+
+def st_job(task, seed, out, cache, shared, recipe):
+    from state.data import Prepared
+    from state.splits import Split
+    from state.baselines import real_pair
+    d, sp = task_data(task, cache, shared)
+    run = os.path.join(out, task, f"s{seed}")
+    score_f = os.path.join(run, "scores.json")
+    if os.path.exists(score_f):
+        return json.load(open(score_f))
+    log = os.path.join(out, task, f"s{seed}.log")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    t0 = time.time()
+    if not os.path.exists(os.path.join(run, "meta.json")):
+        if os.path.isdir(run):  # a run killed before its first checkpoint: start it again
+            import shutil
+            shutil.rmtree(run)
+        sh([sys.executable, "train.py", f"--data={d}", f"--split={sp}", f"--out={run}", f"--seed={seed}",
+            "--threads=1", "--log_every=100", *shlex.split(recipe)], log)
+    t1 = time.time()
+    sh([sys.executable, "predict.py", "test", f"--run={run}", f"--data={d}", f"--split={sp}",
+        f"--out={run}/test", f"--seed={seed}"], log)
+    data, split = Prepared(d), Split.load(sp)
+    s = mean_scores(os.path.join(run, "test", "pred.h5ad"), os.path.join(run, "test", "real.h5ad"), data)
+    s["train_s"], s["total_s"] = t1 - t0, time.time() - t0
+    return cached(score_f, lambda: s)
+
+
+def run(tasks, seeds, out, cache, shared, recipe, jobs=2):
+    from state.data import Prepared
+    from state.splits import Split
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(cache, exist_ok=True)
+    cfg_f = os.path.join(out, "protocol.json")
+    cfg = {"recipe": recipe, "tasks": tasks, "seeds": seeds}
+    if os.path.exists(cfg_f) and json.load(open(cfg_f))["recipe"] != recipe:
+        sys.exit(f"{out} holds a protocol run with another recipe ({json.load(open(cfg_f))['recipe']!r}); "
+                 "use another --out")
+    json.dump(cfg, open(cfg_f, "w"), indent=1)
+    for t in tasks:  # data, splits, ceilings and baselines first (cheap, cached)
+        d, sp = task_data(t, cache, shared)
+        data = Prepared(d)
+        split = Split.load(sp).validate(data)
+        cached(os.path.join(cache, f"{t}_ceiling.json"), lambda: ceiling(data, split))
+        for s in seeds:
+            cached(os.path.join(cache, f"{t}_baselines_s{s}.json"), lambda: baseline_scores(data, split, s))
+    todo = [(t, s) for t in tasks for s in seeds]
+    t0 = time.time()
+    with ThreadPoolExecutor(jobs) as ex:
+        futs = {ex.submit(st_job, t, s, out, cache, shared, recipe): (t, s) for t, s in todo}
+        for i, f in enumerate(futs):
+            t, s = futs[f]
+            r = f.result()
+            print(f"[{i + 1}/{len(todo)}] {t} seed {s}: pearson_delta {r['pearson_delta']:.3f} "
+                  f"disc_l1 {r['discrimination_score_l1']:.3f} mae {r['mae']:.4f} "
+                  f"({r.get('train_s', 0):.0f}s train; {time.time() - t0:.0f}s elapsed)", flush=True)
+    txt = table(out, cache)
+    print(txt)
+    return txt
+
+# -----------------------------------------------------------------------------------------------
+# the table
+
+
+def collect(out, cache):
+    cfg = json.load(open(os.path.join(out, "protocol.json")))
+    res = {}
+    for t in cfg["tasks"]:
+        st = [json.load(open(os.path.join(out, t, f"s{s}", "scores.json"))) for s in cfg["seeds"]
+              if os.path.exists(os.path.join(out, t, f"s{s}", "scores.json"))]
+        bl = [json.load(open(os.path.join(cache, f"{t}_baselines_s{s}.json"))) for s in cfg["seeds"]]
+        res[t] = dict(st=st, bl=bl, ceil=json.load(open(os.path.join(cache, f"{t}_ceiling.json"))))
+    return cfg, res
+
+
+def uninformative(m, n_real_de, n_perts):
+    if m in ONE_PERT and (n_perts or 0) < 2:
+        return "one perturbation"
+    if m in DE and not (n_real_de or 0) > 0:
+        return "no real DE gene"
+    return None
+
+
+def analyse(res):
+    """Per task and metric: method means/sds, best baseline, paired diff, wins, ceiling, calibrated."""
+    out = {}
+    for t, r in res.items():
+        if not r["st"]:
+            continue
+        K = len(r["st"])
+        rows = {}
+        for m in METRICS:
+            st = np.array([x[m] for x in r["st"]], float)
+            bl = {n: np.array([x[n][m] for x in r["bl"][:K]], float) for n in BASELINES}
+            sign = -1 if m in LOWER else 1
+            best = None if m in DIAG else max(BASELINES, key=lambda n: sign * np.nanmean(bl[n])
+                                              if np.isfinite(np.nanmean(bl[n])) else -np.inf)
+            d = st - bl[best] if best else None
+            c = r["ceil"].get(m, np.nan)
+            cal = None
+            if best:
+                gap = sign * (c - np.nanmean(bl[best]))
+                cal = float(sign * np.nanmean(d) / gap) if gap > 1e-9 else None
+            rows[m] = dict(st=(float(np.nanmean(st)), float(np.nanstd(st, ddof=1)) if K > 1 else 0.0),
+                           bl={n: (float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if K > 1 else 0.0)
+                               for n, v in bl.items()},
+                           best=best, ceil=float(c),
+                           diff=None if d is None else (float(np.nanmean(d)), float(np.nanstd(d, ddof=1))
+                                                        if K > 1 else 0.0),
+                           wins=None if d is None else int(np.sum(sign * d > 0)), K=K, cal=cal,
+                           flag=uninformative(m, r["bl"][0]["perturbation_mean"]["de_nsig_counts_real"],
+                                              r["st"][0].get("n_perts")))
+        out[t] = rows
+    return out
+
+
+def targets(rows):
+    """Issue 11's targets on one task -> list of (name, ok or None when uninformative, detail)."""
+    res = []
+    dl = rows["discrimination_score_l1"]
+    if dl["flag"]:
+        res.append(("disc_l1 >= best", None, dl["flag"]))
+    else:
+        res.append(("disc_l1 >= best", dl["diff"][0] >= 0, f"{dl['diff'][0]:+.3f}"))
+    ok = []
+    for m in ("overlap_at_N", "pearson_delta"):
+        r = rows[m]
+        if not r["flag"]:
+            ok.append(r["diff"][0] > 0 and r["diff"][0] > r["diff"][1])
+    res.append(("overlap or pdelta: paired win > sd", any(ok), ""))
+    ma = rows["mae"]
+    res.append(("mae within 10% of best", ma["st"][0] <= 1.1 * ma["bl"][ma["best"]][0],
+                f"{ma['st'][0] / ma['bl'][ma['best']][0]:.2f}x"))
+    res.append(("spread >= 0.7", rows["spread"]["st"][0] >= 0.7, f"{rows['spread']['st'][0]:.2f}"))
+    return res
+
+
+def table(out, cache):
+    cfg, res = collect(out, cache)
+    A = analyse(res)
+    short = {"perturbation_mean": "pert-mean", "context_mean": "ctx-mean", "linear": "linear",
+             "two_way": "two-way"}
+    lines = [f"# protocol: {out}", f"recipe: `{cfg['recipe']}`", ""]
+    for t, rows in A.items():
+        K = rows["mae"]["K"]
+        lines += [f"## {t} ({TASKS[t][2]}; {K} seeds)", "",
+                  "| metric | " + " | ".join(short[n] for n in BASELINES) +
+                  " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated |",
+                  "|---|" + "---|" * (len(BASELINES) + 5)]
+        for m, r in rows.items():
+            b = " | ".join((f"**{r['bl'][n][0]:.4f}**" if n == r["best"] else f"{r['bl'][n][0]:.4f}")
+                           for n in BASELINES)
+            st = f"{r['st'][0]:.4f} +- {r['st'][1]:.4f}"
+            if r["flag"]:
+                lines.append(f"| {m} | {b} | {r['ceil']:.4f} | {st} | uninformative: {r['flag']} | | |")
+                continue
+            df = "" if r["diff"] is None else f"{r['diff'][0]:+.4f} ({r['diff'][1]:.4f})"
+            wins = "" if r["wins"] is None else f"{r['wins']}/{r['K']}"
+            cal = "" if r["best"] is None else ("-" if r["cal"] is None else f"{r['cal']:+.2f}")
+            lines.append(f"| {m} | {b} | {r['ceil']:.4f} | {st} | {df} | {wins} | {cal} |")
+        tg = targets(rows)
+        lines += ["", "targets: " + "; ".join(f"{n}: {'n/a (' + d + ')' if ok is None else ('MET' if ok else 'not met')}"
+                                               + (f" {d}" if d and ok is not None else "") for n, ok, d in tg), ""]
+    txt = "\n".join(lines)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(txt + "\n")
+    json.dump(A, open(os.path.join(out, "summary.json"), "w"), indent=1)
+    return txt
+
+
+def compare(outs, cache, metrics=("pearson_delta", "mae", "discrimination_score_l1", "overlap_at_N",
+                                  "spread")):
+    """Several protocol outputs (recipes) side by side: ST mean +- sd and ST - best baseline."""
+    lines = []
+    res = {o: analyse(collect(o, cache)[1]) for o in outs}
+    tasks = [t for t in TASKS if any(t in r for r in res.values())]
+    for t in tasks:
+        lines += [f"## {t}", "", "| recipe | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for o, A in res.items():
+            if t not in A:
+                continue
+            cells = []
+            for m in metrics:
+                r = A[t][m]
+                s = f"{r['st'][0]:.3f}+-{r['st'][1]:.3f}"
+                if r["diff"] is not None and not r["flag"]:
+                    s += f" ({r['diff'][0]:+.3f}, {r['wins']}/{r['K']})"
+                cells.append(s)
+            lines.append(f"| {os.path.basename(o.rstrip('/'))} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m state.experiment", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--tasks", default=",".join(t for t, v in TASKS.items() if v[2] == "choose"))
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--recipe", default="", help="train.py overrides, e.g. '--preset=cpu --max_steps=2000'")
+    r.add_argument("--out", required=True)
+    r.add_argument("--cache", default="runs/exp/data", help="prepared data, splits, ceilings, baselines")
+    r.add_argument("--shared", default=SHARED)
+    r.add_argument("--jobs", type=int, default=2)
+    t = sub.add_parser("table")
+    t.add_argument("out")
+    t.add_argument("--cache", default="runs/exp/data")
+    c = sub.add_parser("compare")
+    c.add_argument("outs", nargs="+")
+    c.add_argument("--cache", default="runs/exp/data")
+    a = ap.parse_args(argv)
+    if a.cmd == "run":
+        tasks = [x for x in a.tasks.split(",") if x]
+        bad = [x for x in tasks if x not in TASKS]
+        if bad:
+            sys.exit(f"unknown task(s) {bad}; tasks: {list(TASKS)}")
+        seeds = [int(x) for x in a.seeds.split(",")]
+        run(tasks, seeds, os.path.abspath(a.out), os.path.abspath(a.cache), a.shared, a.recipe, a.jobs)
+    elif a.cmd == "table":
+        print(table(os.path.abspath(a.out), os.path.abspath(a.cache)))
+    else:
+        print(compare([os.path.abspath(o) for o in a.outs], os.path.abspath(a.cache)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
