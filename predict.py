@@ -41,18 +41,37 @@ def load_run(run, device="cpu"):
     cfg = STConfig.from_dict(meta["st"])
     sd = load_file(os.path.join(run, "model.safetensors"))
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
-    model = StateTransition(cfg, pert_table=sd.get("pert_table"))
+    model = StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table"))
     model.load_state_dict(sd)
     return model.to(device).eval(), meta
 
 
+def load_runs(runs, device="cpu"):
+    """--run=A[,B,...]: -> (models, meta of the first). Several runs form a seed ensemble whose
+    predictions are averaged; they must share genes, perturbation vocabulary, set size and output space."""
+    models, metas = zip(*(load_run(r, device) for r in runs.split(",") if r))
+    if not models:
+        sys.exit("predict.py: --run=RUN_DIR[,RUN_DIR...] is required")
+    m0 = metas[0]
+    for r, m, mo in zip(runs.split(","), metas[1:], models[1:]):
+        for k in ("genes", "pert_names", "context_names", "genes_out", "gene_space"):
+            if m.get(k) != m0.get(k):
+                sys.exit(f"predict.py: ensemble member {r} has other {k} than {runs.split(',')[0]}")
+        if mo.cfg.set_size != models[0].cfg.set_size or (mo.decoder is None) != (models[0].decoder is None):
+            sys.exit(f"predict.py: ensemble member {r} has another set size or decoder than the first run")
+    return list(models), m0
+
+
 @torch.no_grad()
-def predict_windows(model, ctrl, windows, device, max_cells=8192, return_latent=False):
+def predict_windows(models, ctrl, windows, device, max_cells=8192, return_latent=False):
     """ctrl (N,Din) float32 control rows; windows: list of (idx into ctrl (n<=S,), pert code, batch
-    codes (n,) or None). Returns a list of (n, Dout) float32 predictions (decoded genes when the model
-    has a gene decoder). Windows are batched by length (key-padding lens), never padded with cells.
+    codes (n,) or None, context code). Returns a list of (n, Dout) float32 predictions (decoded genes
+    when the model has a gene decoder), averaged over `models` (a seed ensemble; one model is fine).
+    Windows are batched by length (key-padding lens), never padded with cells.
     return_latent=True: (that list, a list of the (n, Dout) embedding predictions before the gene
     decoder, or None without a decoder)."""
+    models = models if isinstance(models, (list, tuple)) else [models]
+    model = models[0]
     S = model.cfg.set_size
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     out = [None] * len(windows)
@@ -66,19 +85,20 @@ def predict_windows(model, ctrl, windows, device, max_cells=8192, return_latent=
         bt = torch.zeros(len(ids), L, dtype=torch.int64)
         lens = torch.tensor([len(windows[i][0]) for i in ids])
         pert = torch.tensor([windows[i][1] for i in ids], dtype=torch.int64)
+        ctx = torch.tensor([windows[i][3] for i in ids], dtype=torch.int64)
         for j, i in enumerate(ids):
             w = windows[i]
             x[j, :len(w[0])] = torch.from_numpy(ctrl[w[0]])
             if w[2] is not None:
                 bt[j, :len(w[0])] = torch.as_tensor(w[2])
-        x, bt, lens, pert = x.to(device), bt.to(device), lens.to(device), pert.to(device)
-        y = model(x, pert, batch=bt if model.cfg.n_batch else None, lens=lens)
+        x, bt, lens, pert, ctx = x.to(device), bt.to(device), lens.to(device), pert.to(device), ctx.to(device)
+        ys = [m(x, pert, batch=bt if m.cfg.n_batch else None, lens=lens, ctx=ctx) for m in models]
         if model.decoder is not None:
-            z = y.float().cpu().numpy()
+            z = torch.stack(ys).float().mean(0).cpu().numpy()
             for j, i in enumerate(ids):
                 lat[i] = z[j, :len(windows[i][0])]
-            y = model.decode(y)
-        y = y.float().cpu().numpy()
+            ys = [m.decode(yy) for m, yy in zip(models, ys)]
+        y = torch.stack(ys).float().mean(0).cpu().numpy()
         for j, i in enumerate(ids):
             out[i] = y[j, :len(windows[i][0])]
     return (out, lat) if return_latent else out
@@ -118,7 +138,8 @@ def cmd_test(argv):
     configure(argv, cfg)
     from state.data import Prepared
     from state.splits import Split
-    model, meta = load_run(cfg["run"], cfg["device"])
+    models, meta = load_runs(cfg["run"], cfg["device"])
+    model = models[0]
     D, sp = Prepared(cfg["data"]), Split.load(cfg["split"])
     if list(D.genes) != list(meta["genes"]):
         sys.exit("predict.py: the prepared data's genes differ from the run's (order included)")
@@ -155,10 +176,10 @@ def cmd_test(argv):
         real_rows.append(rows)
         for n in make_windows(len(rows), S):
             draw = pool[rng.integers(0, len(pool), n)]
-            windows.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw]))
+            windows.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw], c))
             meta_w.append((c, p, draw))
     t0 = time.perf_counter()
-    preds, lats = predict_windows(model, ctrlX, windows, cfg["device"], cfg["max_cells"], return_latent=True)
+    preds, lats = predict_windows(models, ctrlX, windows, cfg["device"], cfg["max_cells"], return_latent=True)
     dt = time.perf_counter() - t0
     P = np.concatenate(preds) if preds else np.zeros((0, len(out_genes)), np.float32)
     clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
@@ -183,8 +204,8 @@ def cmd_test(argv):
         obsm_r = {"X_state": np.concatenate([D.rows(real_rows), D.rows(ctrl_rows)]).astype(np.float32)}
     on = np.asarray(D.obs_names, dtype=object)
     uns = {"nanostate": {"pert_col": pc, "control": D.control, "context_col": cc,
-                         "source": os.path.abspath(cfg["run"]), "seed": cfg["seed"],
-                         "clip": "0,14" if clip else "none",
+                         "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
+                         "seed": cfg["seed"], "clip": "0,14" if clip else "none",
                          "space": "gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding"),
                          "key": meta.get("key", "X"), "genes_key": meta.get("genes_key") if dec else None}}
     pred_obs = {pc: np.concatenate([pn[wp], pn[D.pert[ctrl_rows]]]),
@@ -228,7 +249,8 @@ def cmd_simulate(argv):
            "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
            "allow_missing_genes": 0.0, "max_cells": 8192}
     configure(argv, cfg)
-    model, meta = load_run(cfg["run"], cfg["device"])
+    models, meta = load_runs(cfg["run"], cfg["device"])
+    model = models[0]
     dec = model.decoder is not None
     # the input matrix: --key, else the run's key when it is an embedding (obsm/X_state), else X; with a
     # gene decoder the real controls are written in gene space from --genes_key (default: the run's)
@@ -301,15 +323,22 @@ def cmd_simulate(argv):
                      "be log1p values on the decoder's scale (--genes_key=...)")
     rng = np.random.default_rng(cfg["seed"])
     windows, info = [], []
+    cvocab = {n: i for i, n in enumerate(meta.get("context_names", []))}
+    if model.cfg.anchor != "none":  # the anchor's shift is per training context
+        unknown = sorted(set(ctx) - set(cvocab))
+        if unknown:
+            sys.exit(f"predict.py simulate: the run is anchored on per-context baseline shifts and contexts "
+                     f"{unknown[:10]} are not among its {len(cvocab)} contexts ({list(cvocab)[:10]}); set "
+                     f"--context_col to a column holding the run's context names")
     for c in sorted(set(ctx)):
         pool = np.flatnonzero(ctx == c)
         n = cfg["n_cells"] or len(pool)
         for p in perts:
             for m in make_windows(n, S):
                 draw = pool[rng.integers(0, len(pool), m)]
-                windows.append((draw, vocab[p], bt[draw]))
+                windows.append((draw, vocab[p], bt[draw], cvocab.get(c, 0)))
                 info.append((c, p, draw))
-    preds, lats = predict_windows(model, X, windows, cfg["device"], cfg["max_cells"], return_latent=True)
+    preds, lats = predict_windows(models, X, windows, cfg["device"], cfg["max_cells"], return_latent=True)
     P = np.concatenate(preds).astype(np.float32)
     clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
     if clip:
@@ -327,8 +356,8 @@ def cmd_simulate(argv):
     write_h5ad(out, np.concatenate([P, Xout]), np.array([f"pred_{i}" for i in range(len(P))] + list(obs_names),
                                                        dtype=object), out_genes, obs=obs, obsm=obsm,
                uns={"nanostate": {"pert_col": pc, "control": meta["control"], "context_col": cc,
-                                  "source": os.path.abspath(cfg["run"]), "seed": cfg["seed"],
-                                  "controls": os.path.abspath(cfg["adata"]), "clip": "0,14" if clip else "none",
+                                  "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
+                                  "seed": cfg["seed"], "controls": os.path.abspath(cfg["adata"]), "clip": "0,14" if clip else "none",
                                   "space": "gene (decoded)" if dec else
                                   ("gene" if model.cfg.gene_space else "embedding"), "key": cfg["key"],
                                   "genes_key": cfg["genes_key"] if dec else None}})

@@ -54,7 +54,12 @@ resume = False           # continue the run in `out` from its last checkpoint
 preset = "tiny"          # STConfig preset: tiny | small | default | paper
 max_steps = 1000         # optimizer steps in total (a resumed run continues to this)
 batch_size = 16          # sets per step per process (reference 16)
-lr = 1e-4                # Adam, constant: no warmup, no schedule (reference)
+lr = 1e-4                # Adam peak learning rate (reference 1e-4, constant)
+schedule = "constant"    # constant (reference) | cosine: linear warmup, then cosine decay to min_lr x lr
+warmup = 0               # warmup steps (linear from 0; any schedule)
+min_lr = 0.1             # cosine floor as a fraction of lr
+ema = 0.0                # weight EMA decay (e.g. 0.999); 0 = off. model.safetensors then holds the EMA
+                         # weights (what predict.py uses); the raw weights stay in dcp-<step>/ for resume
 weight_decay = 0.0       # reference ignores its weight_decay key: none
 grad_clip = 10.0         # global grad-norm clip (reference 10); 0 disables
 seed = 42                # data order, controls, init
@@ -79,7 +84,7 @@ parallel = "fsdp"        # multi-process: fsdp (FSDP2, sharded params/grads/opti
 grad_accum = 1           # micro-steps per optimizer step (gradient sync only on the last)
 # model fields (STConfig) are overridable too: --hidden=128 --n_layers=4 ...
 st_over = {f.name: f.default for f in fields(STConfig)
-           if f.name not in ("n_in", "n_out", "n_pert", "n_batch", "n_genes")}
+           if f.name not in ("n_in", "n_out", "n_pert", "n_batch", "n_genes", "n_ctx")}
 train_keys = [k for k, v in list(globals().items()) if not k.startswith("_") and
               isinstance(v, (int, float, bool, str)) and k not in ("st_over",)]
 train_cfg = {k: globals()[k] for k in train_keys}
@@ -130,7 +135,7 @@ if pert_features:
     pert_table = load_pert_features(pert_features, list(D.pert_names), missing=missing_pert_features)
 cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over},
                          n_in=D.n_genes, n_pert=(pert_table.shape[1] if pert_table is not None
-                                                 else len(D.pert_names)),
+                                                 else len(D.pert_names)), n_ctx=len(D.context_names),
                          n_batch=len(D.batch_names) if batch_encoder else 0,
                          n_genes=D.n_genes_out if decoder else 0,  # decoder only with a gene target
                          gene_space=st_over["gene_space"] if "gene_space" in over else gene_space)
@@ -139,6 +144,17 @@ train_rows = np.asarray(sp.train)
 val_rows = np.asarray(sp.val)
 if parallel not in ("fsdp", "ddp") or grad_accum < 1:
     sys.exit(f"train.py: --parallel must be fsdp or ddp (got {parallel!r}), --grad_accum >= 1")
+if schedule not in ("constant", "cosine") or warmup < 0 or not 0 <= min_lr <= 1 or not 0 <= ema < 1:
+    sys.exit(f"train.py: --schedule must be constant or cosine (got {schedule!r}), --warmup >= 0, "
+             f"0 <= --min_lr <= 1, 0 <= --ema < 1")
+if ema and ddp and parallel == "fsdp":
+    sys.exit("train.py: --ema with FSDP is not supported yet; use --parallel=ddp")
+anchor_table = None
+if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
+    from state.baselines import shift_table
+    anchor_table = shift_table(D, train_rows, cfg.anchor)
+    print0(f"anchored output: y = ctrl + {cfg.anchor} shift[context, perturbation] + correction "
+           f"(table {anchor_table.shape}, from {len(train_rows):,} training rows)")
 # one global sequence of B-set micro-batches; this rank takes its block of each step (state/dist.py)
 sampler = StepSampler(SetSampler(D, train_rows, set_size=S, batch_size=B, seed=seed, train=True,
                                  control_sets=control_sets, mapping=mapping), rank, world, grad_accum)
@@ -159,14 +175,14 @@ def to_dev(b):
 
 def model_inputs(b):
     return dict(ctrl=b["ctrl"], pert=b["pert"], batch=b.get("batch") if cfg.n_batch else None,
-                tgt=b["tgt"], tgt_genes=b.get("tgt_genes") if cfg.n_genes else None)
+                tgt=b["tgt"], tgt_genes=b.get("tgt_genes") if cfg.n_genes else None, ctx=b["context"])
 
 
 # -----------------------------------------------------------------------------
 # model / optimizer
 if ddp:
     torch.manual_seed(seed)  # the same initial weights on every rank, and as one process
-model = StateTransition(cfg, pert_table=pert_table).to(dev)
+model = StateTransition(cfg, pert_table=pert_table, anchor_table=anchor_table).to(dev)
 raw = model
 n_params, n_mm = raw.num_params(), raw.num_params(matmul_only=True)
 if ddp and parallel == "fsdp":
@@ -187,6 +203,20 @@ else:
         model = DDP(model, device_ids=[local_rank] if dev.type == "cuda" else None)
 if ddp:
     torch.manual_seed(seed + rank)  # per-rank dropout streams
+# weight EMA (fp32, on the device): what predict.py gets; the raw weights keep training
+ema_p = [p.detach().clone().float() for p in raw.parameters()] if ema else None
+ema_names = [n for n, _ in raw.named_parameters()]
+
+
+def lr_at(step):
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr * (min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * t)))
+
 flops_step = raw.estimate_flops(B * world * grad_accum, S)
 print0(f"ST {preset}: {n_params:,} params ({n_mm:,} in matmuls), S {S}, B {B} x {world} proc x "
        f"{grad_accum} accum{f' ({parallel})' if ddp else ''}, {flops_step / 1e9:.2f} GFLOP/step | dtype {dtype}")
@@ -225,6 +255,8 @@ def save_checkpoint(step, val_loss):
     save_sharded(raw, opt, os.path.join(out, name))
     sd = full_state_dict(raw)  # collective gather: fp32 on rank 0, {} on the others
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    if ema_p is not None and sd:  # the consolidated weights predict.py loads are the EMA ones
+        sd.update({n: e.detach().cpu().contiguous() for n, e in zip(ema_names, ema_p)})
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
     rngs = [rng]
@@ -238,7 +270,7 @@ def save_checkpoint(step, val_loss):
              "world": world, "grad_accum": grad_accum}
     if not ddp:
         state["optimizer"] = opt.state_dict()
-    meta = {"step": step, "val_loss": val_loss, "st": cfg.to_dict(), "train": train_cfg,
+    meta = {"step": step, "val_loss": val_loss, "st": cfg.to_dict(), "train": train_cfg, "ema": bool(ema),
             "genes": list(D.genes), "key": key, "recipe": recipe, "gene_space": cfg.gene_space,
             "genes_out": list(D.gene_names_out) if cfg.n_genes else None,  # decoder output genes
             "genes_key": D.genes_key if cfg.n_genes else None,
@@ -274,13 +306,19 @@ if resume:
         sys.exit("train.py: --resume with a different dataset or split than the run was trained on")
     if meta["st"] != cfg.to_dict():
         sys.exit("train.py: --resume with a different model config than the run's meta.json")
+    if bool(meta.get("ema")) != bool(ema):
+        sys.exit(f"train.py: --resume with --ema={ema} but the run was trained with ema={meta.get('ema')}")
     if state.get("dcp") and os.path.isdir(os.path.join(out, state["dcp"])):
         load_sharded(raw, opt, os.path.join(out, state["dcp"]))  # any world size: DCP reshards
-    elif ddp:
-        sys.exit(f"train.py: --resume at world {world} needs a sharded checkpoint ({out}/dcp-<step>/)")
+    elif ddp or ema:
+        sys.exit(f"train.py: --resume{' with --ema' if ema else ''} needs a sharded checkpoint ({out}/dcp-<step>/)")
     else:
         raw.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
         opt.load_state_dict(state["optimizer"])
+    if ema_p is not None:  # the EMA weights are the consolidated ones of the checkpoint
+        msd = load_file(os.path.join(out, "model.safetensors"))
+        for n, e in zip(ema_names, ema_p):
+            e.copy_(msd[n])
     sampler.load_state_dict(state["sampler"])
     rngs = state.get("rng_ranks") or [state["rng"]]
     r = rngs[rank] if len(rngs) == world else rngs[0]
@@ -316,7 +354,8 @@ def val_loss():
     for i in range(rank, -(-val_batches // world) * world, world):
         b = to_dev(vs.batch(*divmod(i, vs.steps_per_epoch)))
         with autocast:
-            pred = raw(b["ctrl"], b["pert"], batch=b["batch"] if cfg.n_batch else None, lens=b["lens"])
+            pred = raw(b["ctrl"], b["pert"], batch=b["batch"] if cfg.n_batch else None, lens=b["lens"],
+                       ctx=b["context"])
         e = raw.set_energy(pred, b["tgt"], b["lens"])  # (B,)
         v = b["valid"].float() * (i < val_batches)
         tot[0] += (e * v).sum()
@@ -377,8 +416,14 @@ for step in range(start, max_steps + 1):
         (loss * (n_sets[j] * world / n_tot)).backward()
         loss_sum += loss.detach() * n_sets[j]
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    lr_now = lr_at(step)
+    for g in opt.param_groups:
+        g["lr"] = lr_now
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if ema_p is not None:
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_p, [p.detach().float() for p in raw.parameters()], 1.0 - ema)
     # next batches: the sampler state saved in a checkpoint is the one *before* the pending batches,
     # so a resumed run redraws exactly the batches the uninterrupted run would use next
     samp_state = sampler.state_dict()
@@ -403,7 +448,7 @@ for step in range(start, max_steps + 1):
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()  # DTensor norm (FSDP2): a collective, every rank is here
         gn = f" | gnorm {gnorm.item():.2f}" if gnorm is not None else ""
-        print0(f"step {step + 1}/{max_steps} | loss {lossf:.4f}{extra} | lr {lr:.1e}{gn} | "
+        print0(f"step {step + 1}/{max_steps} | loss {lossf:.4f}{extra} | lr {lr_now:.1e}{gn} | "
                f"dt {dt * 1000:.0f}ms | cells/s {cells:,.0f}{mfu} | eta {int(eta // 3600)}h"
                f"{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
         if logf:

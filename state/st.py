@@ -7,11 +7,13 @@ plus a perturbation to the set of S perturbed cells (SPEC 3, 4).
     h = cat(conf_token, h)  if confidence_token          # (B,1+S,H) prepended: no positions, order is free
     z = backbone(h)                                      # LLaMA blocks, no mask/positions, final RMSNorm
     z = z[:, :S] + f_cell(ctrl)                          # residual in hidden space (reference)
-    y = f_out(z)  [ReLU in gene space]                   # (B,S,Dout)
+    y = f_out(z)  [+ ctrl + shift[c,p] if anchored]      # (B,S,Dout)  anchor: a baseline's shift, zero-init f_out
+    y = ReLU(y) in gene space
     x = gene_decoder(y)                                  # (B,S,G), only when trained on an embedding
                                                          #  *and* given gene targets (never untrained)
 
-Attention goes through `kernels.attention(q, k, v, lens)`: the one call the fused Triton kernel serves.
+`mixer` swaps the attention for the set's mean token or nothing (ablations). Attention goes through
+`kernels.attention(q, k, v, lens)`: the one call the fused Triton kernel serves.
 Sets of unequal length share a batch through key-padding `lens`; a padded batch gives the outputs of
 one-set-at-a-time calls (tested). With no positional encoding the model is permutation-equivariant
 over the cells of a set (tested).
@@ -45,6 +47,7 @@ class STConfig:
     n_pert: int = 0             # P: one-hot vocabulary size, or the width of the feature vectors
     n_batch: int = 0            # rows of the batch embedding table; 0 = no batch encoder (reference)
     n_genes: int = 0            # G of the gene decoder; 0 = no decoder. Only set with a gene target
+    n_ctx: int = 0              # contexts of the anchor table (set by train.py when anchor != "none")
     # set transformer
     set_size: int = 512         # S: cells per set (cell_set_len)
     hidden: int = 768           # H: token width
@@ -69,6 +72,13 @@ class STConfig:
     decoder_weight: float = 1.0  # gene-decoder loss weight (reference 1.0, paper 0.1)
     confidence_weight: float = 0.01  # MSE(conf, 10 x set loss) weight (reference)
     init_std: float = 0.02      # normal init std of backbone projections
+    # options tested by the multi-seed protocol (state/experiment.py)
+    anchor: str = "none"        # baseline-anchored output: y = ctrl + shift[c,p] + f_out(z), with the
+                                # (context, perturbation) shift of a baseline computed from training cells
+                                # (state.baselines.shift_table: pert_mean | context_mean | two_way) and
+                                # f_out's last layer zero-initialised, so training starts at the baseline
+    mixer: str = "attention"    # how cells of a set see each other: attention | mean (mean-pooled set
+                                # token, the paper's ablation) | none (cells are independent)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -81,6 +91,12 @@ class STConfig:
         self.decoder_hidden = tuple(self.decoder_hidden)
         assert self.mlp_norm in ("none", "layernorm"), self.mlp_norm
         assert self.residual in ("reference", "paper"), self.residual
+        if self.anchor not in ("none", "pert_mean", "context_mean", "two_way"):
+            raise ValueError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way")
+        if self.mixer not in ("attention", "mean", "none"):
+            raise ValueError(f"mixer '{self.mixer}' not one of attention, mean, none")
+        if self.anchor != "none" and self.n_out != self.n_in:
+            raise ValueError("an anchored output adds to the control cell: needs n_out == n_in")
 
     @classmethod
     def from_name(cls, name, **kw):
@@ -207,6 +223,25 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, L, self.nh * self.d))
 
 
+class MeanMix(nn.Module):
+    """The set's mean token, projected, added to every cell (the paper's mean-pooling ablation):
+    cells see the set only through its mean. Rows beyond lens are left out of the mean."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.wv = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+
+    def forward(self, x, lens=None):
+        B, L, _ = x.shape
+        if lens is None:
+            m = x.mean(1, keepdim=True)  # (B,1,H)
+        else:
+            w = (torch.arange(L, device=x.device)[None, :] < lens[:, None]).to(x.dtype)  # (B,L)
+            m = (x * w[..., None]).sum(1, keepdim=True) / lens.clamp_min(1).to(x.dtype)[:, None, None]
+        return self.wo(self.wv(m)).expand(B, L, -1)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate x) * up x), bias-free; gate and up fused in one matmul."""
 
@@ -223,13 +258,14 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1 = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.norm1 = RMSNorm(cfg.hidden, cfg.norm_eps) if cfg.mixer != "none" else None
+        self.attn = {"attention": Attention, "mean": MeanMix}[cfg.mixer](cfg) if cfg.mixer != "none" else None
         self.norm2 = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, lens=None):
-        x = x + self.attn(self.norm1(x), lens)
+        if self.attn is not None:
+            x = x + self.attn(self.norm1(x), lens)
         return x + self.mlp(self.norm2(x))
 
 
@@ -259,9 +295,10 @@ def gene_decoder(n_in, widths, G, dropout):
 
 
 class StateTransition(nn.Module):
-    def __init__(self, cfg, pert_table=None):
+    def __init__(self, cfg, pert_table=None, anchor_table=None):
         """`pert_table` (n_vocab, P) float: feature vectors looked up by perturbation code. Without it
-        perturbations are one-hot over cfg.n_pert codes."""
+        perturbations are one-hot over cfg.n_pert codes. `anchor_table` (n_ctx, n_vocab, Dout) float:
+        the baseline shifts of cfg.anchor (state.baselines.shift_table), needed when cfg.anchor is set."""
         super().__init__()
         self.cfg = cfg
         H, c = cfg.hidden, cfg
@@ -272,6 +309,16 @@ class StateTransition(nn.Module):
             self.register_buffer("pert_table", pert_table)  # saved with the model: self-contained
         else:
             self.register_buffer("pert_table", None)
+        if c.anchor != "none":
+            if anchor_table is None:
+                raise ValueError(f"anchor '{c.anchor}' needs its shift table (state.baselines.shift_table)")
+            anchor_table = torch.as_tensor(anchor_table, dtype=torch.float32)
+            if anchor_table.shape[0] != c.n_ctx or anchor_table.shape[2] != c.n_out:
+                raise ValueError(f"anchor table {tuple(anchor_table.shape)} does not match n_ctx {c.n_ctx}, "
+                                 f"n_out {c.n_out}")
+            self.register_buffer("anchor_table", anchor_table)  # saved with the model, like pert_table
+        else:
+            self.register_buffer("anchor_table", None)
         self.f_pert = build_mlp(c.n_pert, H, H, c.n_enc, c.mlp_dropout, c.mlp_norm)
         if c.basal_proj:
             self.f_cell = build_mlp(c.n_in, H, H, c.n_enc, c.mlp_dropout, c.mlp_norm)
@@ -300,8 +347,12 @@ class StateTransition(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
         for b in self.blocks:
-            for lin in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2):
+            for lin in [m for m in b.modules() if isinstance(m, nn.Linear)]:
                 nn.init.normal_(lin.weight, 0.0, self.cfg.init_std)
+        if self.anchor_table is not None:  # start exactly at the baseline: the correction starts at 0
+            last = self.f_out if isinstance(self.f_out, nn.Linear) else self.f_out[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         if self.conf_token is not None:
             nn.init.normal_(self.conf_token, 0.0, self.cfg.init_std)
 
@@ -316,8 +367,8 @@ class StateTransition(nn.Module):
         c = self.cfg
         S = set_size or c.set_size
         L = S + (1 if c.confidence_token else 0)
-        return 6 * self.num_params(matmul_only=True) * batch_size * L + \
-            12 * c.n_layers * c.n_heads * c.head_dim * L * L * batch_size
+        attn = 12 * c.n_layers * c.n_heads * c.head_dim * L * L * batch_size if c.mixer == "attention" else 0
+        return 6 * self.num_params(matmul_only=True) * batch_size * L + attn
 
     def configure_optimizer(self, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), device_type="cpu"):
         """Adam(lr=1e-4), no weight decay, no schedule (reference). Fused on CUDA."""
@@ -336,9 +387,10 @@ class StateTransition(nn.Module):
             return F.one_hot(pert.long(), self.cfg.n_pert).to(dtype)  # (B,P)
         return pert.to(dtype)  # (B,P) features given directly
 
-    def forward(self, ctrl, pert, batch=None, lens=None, tgt=None, tgt_genes=None):
-        """ctrl (B,S,Din), pert (B,) codes or (B,P) features, batch (B,S) int, lens (B,) valid cells.
-        Without tgt: pred (B,S,Dout). With tgt (B,S,Dout) [and tgt_genes (B,S,G)]: (loss, parts)."""
+    def forward(self, ctrl, pert, batch=None, lens=None, tgt=None, tgt_genes=None, ctx=None):
+        """ctrl (B,S,Din), pert (B,) codes or (B,P) features, batch (B,S) int, lens (B,) valid cells,
+        ctx (B,) context codes (anchored models). Without tgt: pred (B,S,Dout). With tgt (B,S,Dout)
+        [and tgt_genes (B,S,G)]: (loss, parts)."""
         B, S, _ = ctrl.shape
         c = self.cfg
         cell = self.f_cell(ctrl)  # (B,S,H)
@@ -358,6 +410,10 @@ class StateTransition(nn.Module):
             conf, z, h = self.conf_head(z[:, 0]).squeeze(-1), z[:, 1:], h[:, 1:]  # (B,), (B,S,H)
         z = z + (cell if c.residual == "reference" else h)  # residual in hidden space
         y = self.f_out(z)  # (B,S,Dout)
+        if self.anchor_table is not None:  # a correction on top of the baseline's prediction
+            if ctx is None or pert.dtype not in (torch.int64, torch.int32):
+                raise ValueError("an anchored model needs context codes (ctx=) and perturbation codes")
+            y = y + ctrl + self.anchor_table[ctx.long(), pert.long()].to(y.dtype)[:, None, :]
         if self.relu:
             y = F.relu(y)
         if tgt is None:
@@ -387,5 +443,5 @@ class StateTransition(nn.Module):
             loss = loss + self.cfg.confidence_weight * parts["conf"]
         return loss, parts
 
-    def loss(self, ctrl, pert, tgt, batch=None, lens=None, tgt_genes=None):
-        return self.forward(ctrl, pert, batch=batch, lens=lens, tgt=tgt, tgt_genes=tgt_genes)
+    def loss(self, ctrl, pert, tgt, batch=None, lens=None, tgt_genes=None, ctx=None):
+        return self.forward(ctrl, pert, batch=batch, lens=lens, tgt=tgt, tgt_genes=tgt_genes, ctx=ctx)
