@@ -124,3 +124,38 @@ def test_train_resume_predict(synth, tmp_path):
     r = run("predict.py", "simulate", f"--run={full}", f"--adata={out / 'real.h5ad'}", "--perts=NOPE",
             f"--out={tmp_path / 'bad.h5ad'}", ok=False)
     assert r.returncode != 0 and "not in the run's vocabulary" in r.stderr
+
+
+def test_anchor_cosine_ema_resume_and_ensemble(synth, tmp_path):
+    """The protocol's options together: anchored output, warmup + cosine, weight EMA. Resume is exact
+    (raw weights from dcp, EMA from model.safetensors), the lr follows the schedule, and predict.py
+    replays the anchored run alone and as a two-run ensemble."""
+    d = synth
+    opts = ["--anchor=two_way", "--schedule=cosine", "--warmup=3", "--ema=0.8", "--lr=1e-3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = run(*args(d, full, 8, *opts))
+    assert "anchored output" in r.stdout
+    lrs = [float(l.split("| lr ")[1].split()[0]) for l in r.stdout.splitlines() if "| lr " in l]
+    assert lrs[0] == pytest.approx(1e-3 / 3, rel=1e-2) and lrs[2] == pytest.approx(1e-3, rel=1e-2)
+    assert lrs[-1] < lrs[3]  # cosine decay after the warmup
+    run(*args(d, part, 4, *opts))
+    r = run(*args(d, part, 8, *opts, "--resume"))
+    a = {x["step"]: x["loss"] for x in losses(full) if "loss" in x}
+    b = {x["step"]: x["loss"] for x in losses(part) if "loss" in x}
+    for s in range(5, 9):
+        assert abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])), (s, a[s], b[s])
+    from safetensors.torch import load_file
+    wa, wb = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    assert "anchor_table" in wa
+    r = run(*args(d, part, 9, "--anchor=two_way", "--schedule=cosine", "--warmup=3", "--lr=1e-3", "--resume"),
+            ok=False)
+    assert r.returncode != 0 and "ema" in r.stderr
+    out = tmp_path / "pred"
+    run("predict.py", "test", f"--run={full},{part}", f"--data={d / 'prep'}", f"--split={d / 'split.json'}",
+        f"--out={out}")
+    from state.h5ad import H5AD
+    with H5AD(out / "pred.h5ad") as p:
+        assert "," in p.uns("nanostate")["source"]
+        assert np.isfinite(p.matrix("X").block(0, p.n_obs)).all()
