@@ -152,9 +152,12 @@ if ema and ddp and parallel == "fsdp":
 anchor_table = None
 if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
     from state.baselines import shift_table
-    anchor_table = shift_table(D, train_rows, cfg.anchor)
+    anchor_table, choice = shift_table(D, train_rows, cfg.anchor, return_choice=True), None
+    if cfg.anchor == "auto":
+        anchor_table, choice = anchor_table
     print0(f"anchored output: y = ctrl + {cfg.anchor} shift[context, perturbation] + correction "
-           f"(table {anchor_table.shape}, from {len(train_rows):,} training rows)")
+           f"(table {anchor_table.shape}, from {len(train_rows):,} training rows)"
+           + (f"; per context: {choice}" if choice else ""))
 # one global sequence of B-set micro-batches; this rank takes its block of each step (state/dist.py)
 sampler = StepSampler(SetSampler(D, train_rows, set_size=S, batch_size=B, seed=seed, train=True,
                                  control_sets=control_sets, mapping=mapping), rank, world, grad_accum)

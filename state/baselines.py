@@ -24,6 +24,8 @@ cell-eval's `baseline` command and is built from the TEST data (labelled so):
                      lam picked on the val rows; x_hat = x_ctrl + G W P[p]^T + b
   two_way            x_hat = x_ctrl(c*) + alpha_p + beta_c*: the perturbation's mean delta over training
                      contexts plus c*'s mean residual over its support perturbations (shift_table)
+  auto_shift         x_hat = x_ctrl(c*) + whichever shift (pert-mean, context-mean, two-way) has the lowest
+                     cross-fitted error on c*'s own training perturbations (zero-shot: two-way)
   celleval_baseline  every perturbed cell = mean of the per-perturbation pseudobulks of the test
                      file (control included, as cell-eval computes it); real controls appended
 Control cells are copied through as real cells (is_predicted False) in every pred.
@@ -39,7 +41,7 @@ import torch
 from state.eval import BEST, evaluate, score
 from state.h5ad import H5AD, write_h5ad
 
-NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "celleval_baseline"]
+NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift", "celleval_baseline"]
 
 # -----------------------------------------------------------------------------------------------
 # training statistics
@@ -217,7 +219,24 @@ def linear(data, split, seed=0, d=10, lams=(0.01, 0.1, 1.0, 10.0, 100.0)):
     return _assemble(data, split, data.rows(ctrl) + shift.astype(np.float32), ctrl)
 
 
-def shift_table(data, rows, kind="two_way"):
+KINDS = ("pert_mean", "context_mean", "two_way", "auto")
+
+
+def _delta_grid(data, rows):
+    """delta[c,p] as a dense (nC, nP, G) grid, its mask H and cell counts W."""
+    M = group_means(data, rows)
+    nC, nP, G = len(data.context_names), len(data.pert_names), data.n_genes
+    D = np.zeros((nC, nP, G))
+    H = np.zeros((nC, nP))  # 1 where delta[c,p] exists
+    W = np.zeros((nC, nP))  # cells of (c,p)
+    for (c, p), d in _deltas(data, M).items():
+        D[c, p], H[c, p], W[c, p] = d, 1.0, M[(c, p)][1]
+    if not H.any():
+        raise ValueError("no perturbed training group with controls in its context: no shifts to learn from")
+    return D, H, W
+
+
+def shift_table(data, rows, kind="two_way", return_choice=False):
     """(n_contexts, n_perts, G) float32 mean shifts over control, for every (context, perturbation)
     pair, from the given (training) rows only. Each pair's shift is what `kind` predicts for it as if
     that pair were held out (cross-fitted: a pair never sees its own cells), so a model anchored on
@@ -228,18 +247,28 @@ def shift_table(data, rows, kind="two_way"):
                     zero-shot: the mean over the other contexts of their own context shift)
       two_way       alpha[c,p] + beta[c,p], beta = mean over the other perturbations p' of c of the
                     residual delta[c,p'] - alpha[c,p'] (none: 0); an additive context x perturbation model
-    with delta[c,p] = mean(x | c,p) - mean(x | c, control). Controls get a zero shift."""
-    if kind not in ("pert_mean", "context_mean", "two_way"):
-        raise ValueError(f"shift kind '{kind}' not one of pert_mean, context_mean, two_way")
-    M = group_means(data, rows)
-    nC, nP, G = len(data.context_names), len(data.pert_names), data.n_genes
-    D = np.zeros((nC, nP, G))
-    H = np.zeros((nC, nP))  # 1 where delta[c,p] exists
-    W = np.zeros((nC, nP))  # cells of (c,p)
-    for (c, p), d in _deltas(data, M).items():
-        D[c, p], H[c, p], W[c, p] = d, 1.0, M[(c, p)][1]
-    if not H.any():
-        raise ValueError("no perturbed training group with controls in its context: no shifts to learn from")
+      auto          per context, whichever of the three has the lowest cross-fitted mean squared error
+                    on that context's own training perturbations (a context without any: two_way)
+    with delta[c,p] = mean(x | c,p) - mean(x | c, control). Controls get a zero shift.
+    return_choice=True: (table, {context name: kind}) for auto."""
+    if kind not in KINDS:
+        raise ValueError(f"shift kind '{kind}' not one of {', '.join(KINDS)}")
+    if kind == "auto":
+        Ts = {k: shift_table(data, rows, k) for k in KINDS[:3]}
+        D, H = _delta_grid(data, rows)[:2]
+        T, choice = Ts["two_way"].copy(), {}
+        for c in range(len(data.context_names)):
+            ps = np.flatnonzero(H[c])
+            if len(ps):
+                err = {k: float(np.mean((v[c, ps] - D[c, ps]) ** 2)) for k, v in Ts.items()}
+                best = min(err, key=err.get)
+                T[c] = Ts[best][c]
+                choice[data.context_names[c]] = best
+            else:
+                choice[data.context_names[c]] = "two_way"
+        return (T, choice) if return_choice else T
+    D, H, W = _delta_grid(data, rows)
+    nC = len(data.context_names)
 
     def loo(V, w, axis):
         """Weighted mean of V over `axis` leaving each entry itself out -> (values, has-any mask)."""
@@ -268,15 +297,22 @@ def shift_table(data, rows, kind="two_way"):
     return T.astype(np.float32)
 
 
-def two_way(data, split, seed=0):
+def two_way(data, split, seed=0, kind="two_way"):
     """Control cells of the target context + alpha_p + beta_c (shift_table 'two_way'): the
     perturbation's mean effect in the other contexts plus the held-out context's mean residual over
     its support perturbations (zero-shot: alpha_p alone, i.e. the perturbation mean)."""
     rng = np.random.default_rng(seed)
-    T = shift_table(data, split.train, "two_way")
+    T = shift_table(data, split.train, kind)
     ctrl = _controls_for(data, split, rng)
     Xhat = data.rows(ctrl) + T[data.context[split.test], data.pert[split.test]]
     return _assemble(data, split, Xhat, ctrl)
+
+
+def auto_shift(data, split, seed=0):
+    """Control cells of the target context + the shift (pert_mean, context_mean or two_way) with the
+    lowest cross-fitted error on that context's training perturbations (shift_table 'auto'; zero-shot:
+    two_way). What `--anchor=auto` starts from."""
+    return two_way(data, split, seed, kind="auto")
 
 
 def celleval_baseline(data, split, seed=0):
@@ -290,7 +326,7 @@ def celleval_baseline(data, split, seed=0):
 
 
 BASELINES = dict(perturbation_mean=perturbation_mean, context_mean=context_mean, linear=linear,
-                 two_way=two_way, celleval_baseline=celleval_baseline)
+                 two_way=two_way, auto_shift=auto_shift, celleval_baseline=celleval_baseline)
 
 
 def write_pred(path, pair, data, source):

@@ -75,7 +75,7 @@ class STConfig:
     # options tested by the multi-seed protocol (state/experiment.py)
     anchor: str = "none"        # baseline-anchored output: y = ctrl + shift[c,p] + f_out(z), with the
                                 # (context, perturbation) shift of a baseline computed from training cells
-                                # (state.baselines.shift_table: pert_mean | context_mean | two_way) and
+                                # (state.baselines.shift_table: pert_mean | context_mean | two_way | auto) and
                                 # f_out's last layer zero-initialised, so training starts at the baseline
     mixer: str = "attention"    # how cells of a set see each other: attention | mean (mean-pooled set
                                 # token, the paper's ablation) | none (cells are independent)
@@ -91,8 +91,8 @@ class STConfig:
         self.decoder_hidden = tuple(self.decoder_hidden)
         assert self.mlp_norm in ("none", "layernorm"), self.mlp_norm
         assert self.residual in ("reference", "paper"), self.residual
-        if self.anchor not in ("none", "pert_mean", "context_mean", "two_way"):
-            raise ValueError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way")
+        if self.anchor not in ("none", "pert_mean", "context_mean", "two_way", "auto"):
+            raise ValueError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way, auto")
         if self.mixer not in ("attention", "mean", "none"):
             raise ValueError(f"mixer '{self.mixer}' not one of attention, mean, none")
         if self.anchor != "none" and self.n_out != self.n_in:

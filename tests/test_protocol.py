@@ -66,6 +66,14 @@ def test_shift_table_is_cross_fitted(synth):
     want = xc + Tw[data.context[split.test], data.pert[split.test]]
     inside = (want > 0.01) & (want < 13.9)
     np.testing.assert_allclose(Xh[:n][inside], want[inside], atol=1e-5)
+    # auto: per context, the kind with the lowest cross-fitted error on that context's training pairs
+    Ta, choice = B.shift_table(data, split.train, "auto", return_choice=True)
+    tabs = {"pert_mean": Tp, "context_mean": Tc, "two_way": Tw}
+    for c, name in enumerate(data.context_names):
+        ps = [p for (k, p) in D if k == c]
+        err = {k: np.mean([(v[c, p] - D[(c, p)]) ** 2 for p in ps]) for k, v in tabs.items()}
+        assert choice[name] == min(err, key=err.get)
+        np.testing.assert_allclose(Ta[c], tabs[choice[name]][c])
     with pytest.raises(ValueError, match="shift kind"):
         B.shift_table(data, split.train, "median")
 
