@@ -288,8 +288,9 @@ def cmd_simulate(argv):
             bt = np.array([bnames.get(b, 0) for b in np.asarray(f.column(bcol)).astype(str)[keep]])
         obs_names = np.asarray(f.obs_names, dtype=object)[keep]
         Xin = f.matrix(cfg["key"]).rows(keep)  # (N, G_file)
-        if cfg["key"].startswith("obsm/"):  # embedding dims are named like the prepared ones: X_state_0 ..
-            names = [f"{cfg['key'][5:]}_{i}" for i in range(Xin.shape[1])]
+        if cfg["key"].startswith("obsm/"):  # columns named as prepare names them (genes of X_hvg, X_state_0 ..)
+            from state.data import obsm_names
+            names = list(obsm_names(f, cfg["key"][5:], Xin.shape[1]))
         if dec:  # the controls' genes (decoder output space), mapped by name below
             gnames, Gin = list(f.var_names()), f.matrix(cfg["genes_key"]).rows(keep)
     # map genes by name to the run's ordered list

@@ -276,7 +276,7 @@ def _blocks(src, chunk, desc):
 def prepare(inputs, out_dir, pert_col=None, control=None, context_col=None, batch_col=None, key="X",
             hvg=None, normalize="auto", target_sum=None, dtype="float32", keep=None,
             intersect=False, genes=None, gene_col=None, assume=None, chunk=None, modality=False,
-            genes_key=None):
+            genes_key=None, obsm_genes=None):
     """Convert one or more .h5ad files into OUT_DIR (see module docstring) and return Prepared(out_dir).
     Extra (additive) options: intersect (align multiple files on their common genes), genes (a list of
     gene names to keep, in order), gene_col (var column holding gene names), assume ('normalized' or
@@ -286,7 +286,11 @@ def prepare(inputs, out_dir, pert_col=None, control=None, context_col=None, batc
     genes_key ('X', 'layers/counts', ...): with an embedding `key` (obsm/X_state), also store the gene-space
     matrix of the same cells in the same row order as G.bin (the ST gene decoder's target, SPEC 3.3). The
     gene options (hvg, genes, gene_col, intersect, normalize, target_sum, assume) apply to it; its genes
-    are Prepared.gene_names_out."""
+    are Prepared.gene_names_out.
+
+    obsm_genes: the gene names of an obsm input's columns (`--obsm-genes FILE`); without it they come
+    from uns['<key>_var_names'] or from var where `highly_variable` marks exactly that many genes (see
+    obsm_names), so a perturbed gene's own column can be left out of the discrimination score."""
     paths = _expand(inputs)
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' not one of {', '.join(DTYPES)}")
@@ -309,7 +313,7 @@ def prepare(inputs, out_dir, pert_col=None, control=None, context_col=None, batc
         try:
             return _prepare(hs, out_dir, pert_col, control, context_col, batch_col, key, hvg, normalize,
                             target_sum, dtype, keep or {}, intersect, genes, gene_col, assume, chunk, modality,
-                            gene_target=gt)
+                            gene_target=gt, obsm_genes=obsm_genes)
         finally:
             if gt is not None:
                 import shutil
@@ -319,8 +323,39 @@ def prepare(inputs, out_dir, pert_col=None, control=None, context_col=None, batc
             h.close()
 
 
+EMBEDDINGS = ("X_state", "X_pca", "X_umap", "X_tsne", "X_scvi", "X_uce", "X_scgpt", "X_geneformer")
+
+
+def obsm_names(h, k, n, given=None):
+    """Names of the n columns of obsm/<k>: `given` (a list, e.g. --obsm-genes FILE), else
+    uns['<k>_var_names'], else the var names where var['highly_variable'] marks exactly n genes (scanpy's
+    X_hvg layout), else '<k>_0..n-1'. Unnamed gene-valued columns are warned about: the perturbed gene's
+    own column then stays in the discrimination score, unlike cell-eval on the same cells."""
+    if given is not None:
+        given = [str(g) for g in given]
+        if len(given) != n:
+            raise H5ADError(f"{h.path}: --obsm-genes lists {len(given)} names for the {n} columns of obsm/{k}")
+        if len(set(given)) != n:
+            raise H5ADError(f"{h.path}: --obsm-genes lists a gene twice")
+        return np.array(given)
+    u = h.uns(f"{k}_var_names")
+    if u is not None and len(np.atleast_1d(u)) == n:
+        say(f"{h.path}: obsm/{k} columns named from uns['{k}_var_names']")
+        return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in np.atleast_1d(u)])
+    if "highly_variable" in h.columns("var"):
+        hv = np.asarray(h.column("highly_variable", "var")).astype(bool)
+        if hv.sum() == n:
+            say(f"{h.path}: obsm/{k} columns named from var where highly_variable ({n} genes)")
+            return h.var_names()[hv].astype(str)
+    if k not in EMBEDDINGS:
+        say(f"WARNING: {h.path}: obsm/{k} has no gene names (no uns['{k}_var_names'], no var['highly_variable'] "
+            f"marking {n} genes): columns are named {k}_0..{k}_{n - 1}, so a perturbed gene's own column cannot "
+            "be left out of discrimination scores; pass --obsm-genes FILE (one name per column)")
+    return np.array([f"{k}_{i}" for i in range(n)])
+
+
 def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, normalize, target_sum, dtype,
-             keep, intersect, genes, gene_col, assume, chunk, modality, gene_target=None):
+             keep, intersect, genes, gene_col, assume, chunk, modality, gene_target=None, obsm_genes=None):
     # --- columns, labels, keep filter ---
     srcs = []
     for h in hs:
@@ -353,7 +388,7 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
         if s["m"].shape[0] != h.n_obs:
             raise H5ADError(f"{h.path}: '{key}' has {s['m'].shape[0]} rows but obs has {h.n_obs}")
         if s["m"].key.startswith("obsm/"):
-            s["genes"] = np.array([f"{s['m'].key[5:]}_{i}" for i in range(s["m"].shape[1])])
+            s["genes"] = obsm_names(h, s["m"].key[5:], s["m"].shape[1], obsm_genes)
         else:
             s["genes"] = h.var_names(gene_col).astype(str)
             if s["m"].key == "raw/X" and "raw" in h.f and "var" in h.f["raw"]:
@@ -858,6 +893,7 @@ def main(argv=None):
     p.add_argument("--genes-key", help="with an embedding --key: also store this gene matrix (X, layers/..) "
                    "of the same cells as the gene decoder's target (G.bin)")
     p.add_argument("--genes", help="text file with one gene name per line to keep, in order")
+    p.add_argument("--obsm-genes", help="text file with the gene name of each column of an obsm --key, in order")
     p.add_argument("--intersect", action="store_true", help="align files on their common genes")
     p.add_argument("--hvg", type=int); p.add_argument("--normalize", default="auto", choices=["auto", "yes", "no"])
     p.add_argument("--target-sum", type=float); p.add_argument("--assume", choices=["normalized", "log1p"])
@@ -880,7 +916,8 @@ def main(argv=None):
             genes = Path(a.genes).read_text().split() if a.genes else None
             d = prepare(a.paths[:-1], a.paths[-1], a.pert_col, a.control, a.context_col, a.batch_col, a.key,
                         a.hvg, a.normalize, a.target_sum, a.dtype, keep, a.intersect, genes, a.gene_col, a.assume,
-                        modality=a.modality, genes_key=a.genes_key)
+                        modality=a.modality, genes_key=a.genes_key,
+                        obsm_genes=Path(a.obsm_genes).read_text().split() if a.obsm_genes else None)
         else:
             d = Prepared(a.dir)
             for k, c in enumerate(d.context_names):

@@ -409,6 +409,35 @@ def test_plain_strings_dense_obsm_gene_col(tmp_path):
         prepare(p, tmp_path / "g", gene_col="nope")
 
 
+def test_obsm_gene_names(tmp_path, capsys):
+    """An obsm input that holds genes (scanpy's X_hvg) is named by gene: from var['highly_variable'],
+    uns['X_hvg_var_names'] or --obsm-genes; unnamed gene-valued columns are warned about."""
+    rng = np.random.default_rng(1)
+    n = 24
+    X = np.log1p(rng.poisson(2, (n, 6))).astype(np.float32)
+    hv = np.array([True, False, True, True, False, False])
+    genes = [f"G{i}" for i in range(6)]
+    p = tmp_path / "hv.h5ad"
+    write_h5ad(p, X, [f"c{i}" for i in range(n)], genes, obs={"gene": labels(n)}, var={"highly_variable": hv},
+               obsm={"X_hvg": X[:, hv], "X_other": X[:, :2]})
+    d = prepare(p, tmp_path / "a", key="obsm/X_hvg")
+    assert d.genes == ["G0", "G2", "G3"]
+    assert "no gene names" not in capsys.readouterr().out
+    (tmp_path / "names.txt").write_text("A\nB\n")
+    assert main(["prepare", str(p), str(tmp_path / "b"), "--key", "obsm/X_other",
+                 "--obsm-genes", str(tmp_path / "names.txt")]) == 0
+    from state.data import Prepared
+    assert Prepared(tmp_path / "b").genes == ["A", "B"]
+    e = prepare(p, tmp_path / "c", key="obsm/X_other")  # 2 columns, 3 highly variable: no names
+    assert e.genes == ["X_other_0", "X_other_1"] and "no gene names" in capsys.readouterr().out
+    with pytest.raises(H5ADError, match="lists 3 names for the 2 columns"):
+        prepare(p, tmp_path / "d", key="obsm/X_other", obsm_genes=["A", "B", "C"])
+    p2 = tmp_path / "u.h5ad"
+    write_h5ad(p2, X, [f"c{i}" for i in range(n)], genes, obs={"gene": labels(n)},
+               obsm={"X_hvg": X[:, :2]}, uns={"X_hvg_var_names": np.array(["G0", "G1"], object)})
+    assert prepare(p2, tmp_path / "e", key="obsm/X_hvg").genes == ["G0", "G1"]
+
+
 def test_synth_cli_counts(tmp_path):
     from state.synth import main as synth_main
     synth_main([str(tmp_path / "c.h5ad"), "--n-cells", "400", "--n-genes", "30", "--n-perts", "4",
