@@ -31,6 +31,8 @@ Tasks (choose recipes on the `choose` ones; the `check` ones are kept for indepe
   gbm_t98   GBM few-shot, T98G held out, MAP2K3/MAP2K6/MAP3K21 train         choose
   gbm_a172  GBM few-shot, A172 held out, same support                        check
   pap_rep3  Papalexi few-shot, rep_3 held out, 30% of its KOs train          check
+  kang_b, kang_cd4, kang_cd8, kang_fcgr3a: Kang zero-shot, each other cell type held out (zero-shot magnitude)
+With --ensemble each task also gets the seed ensemble (predict.py test --run=s0,s1,s2), scored once.
 Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
 """
 
@@ -66,6 +68,11 @@ TASKS = {  # name -> (dataset, split options, role)
     "gbm_t98": ("gbm", ["--task", "fewshot", "--context", "T98G", "--support-perts", GBM_SUPPORT], "choose"),
     "gbm_a172": ("gbm", ["--task", "fewshot", "--context", "A172", "--support-perts", GBM_SUPPORT], "check"),
     "pap_rep3": ("pap", ["--task", "fewshot", "--context", "rep_3", "--support", "0.3"], "check"),
+    # zero-shot magnitude: every other Kang cell type held out in turn
+    "kang_b": ("kang", ["--task", "zeroshot", "--context", "B cells"], "zeroshot"),
+    "kang_cd4": ("kang", ["--task", "zeroshot", "--context", "CD4 T cells"], "zeroshot"),
+    "kang_cd8": ("kang", ["--task", "zeroshot", "--context", "CD8 T cells"], "zeroshot"),
+    "kang_fcgr3a": ("kang", ["--task", "zeroshot", "--context", "FCGR3A+ Monocytes"], "zeroshot"),
 }
 METRICS = ["pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "de_direction_match",
            "pearson_edistance", "spread", "shift"]
@@ -197,7 +204,22 @@ def st_job(task, seed, out, cache, shared, recipe):
     return cached(score_f, lambda: s)
 
 
-def run(tasks, seeds, out, cache, shared, recipe, jobs=2):
+def ensemble_job(task, seeds, out, cache, shared):
+    """The seeds' runs as one ensemble (predictions averaged per cell), scored like a single run."""
+    from state.data import Prepared
+    d, sp = task_data(task, cache, shared)
+    ens = os.path.join(out, task, "ensemble")
+    score_f = os.path.join(ens, "scores.json")
+    if os.path.exists(score_f):
+        return json.load(open(score_f))
+    runs = ",".join(os.path.join(out, task, f"s{s}") for s in seeds)
+    sh([sys.executable, "predict.py", "test", f"--run={runs}", f"--data={d}", f"--split={sp}",
+        f"--out={ens}/test", f"--seed={seeds[0]}"], os.path.join(out, task, "ensemble.log"))
+    s = mean_scores(os.path.join(ens, "test", "pred.h5ad"), os.path.join(ens, "test", "real.h5ad"), Prepared(d))
+    return cached(score_f, lambda: s)
+
+
+def run(tasks, seeds, out, cache, shared, recipe, jobs=2, ensemble=False):
     from state.data import Prepared
     from state.splits import Split
     os.makedirs(out, exist_ok=True)
@@ -229,6 +251,8 @@ def run(tasks, seeds, out, cache, shared, recipe, jobs=2):
             print(f"[{i + 1}/{len(todo)}] {t} seed {s}: pearson_delta {r['pearson_delta']:.3f} "
                   f"disc_l1 {r['discrimination_score_l1']:.3f} mae {r['mae']:.4f} "
                   f"({r.get('train_s', 0):.0f}s train; {time.time() - t0:.0f}s elapsed)", flush=True)
+        if ensemble:
+            list(ex.map(lambda t: ensemble_job(t, seeds, out, cache, shared), tasks))
     txt = table(out, cache)
     print(txt)
     return txt
@@ -244,7 +268,9 @@ def collect(out, cache):
         st = [json.load(open(os.path.join(out, t, f"s{s}", "scores.json"))) for s in cfg["seeds"]
               if os.path.exists(os.path.join(out, t, f"s{s}", "scores.json"))]
         bl = [json.load(open(os.path.join(cache, f"{t}_baselines_s{s}.json"))) for s in cfg["seeds"]]
-        res[t] = dict(st=st, bl=bl, ceil=json.load(open(os.path.join(cache, f"{t}_ceiling.json"))))
+        ens = os.path.join(out, t, "ensemble", "scores.json")
+        res[t] = dict(st=st, bl=bl, ceil=json.load(open(os.path.join(cache, f"{t}_ceiling.json"))),
+                      ens=json.load(open(ens)) if os.path.exists(ens) else None)
     return cfg, res
 
 
@@ -277,6 +303,7 @@ def analyse(res):
                 gap = sign * (c - np.nanmean(bl[best]))
                 cal = float(sign * np.nanmean(d) / gap) if gap > 1e-9 else None
             rows[m] = dict(st=(float(np.nanmean(st)), float(np.nanstd(st, ddof=1)) if K > 1 else 0.0),
+                           ens=None if not r.get("ens") else float(r["ens"][m]),
                            bl={n: (float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if K > 1 else 0.0)
                                for n, v in bl.items()},
                            best=best, ceil=float(c),
@@ -320,19 +347,20 @@ def table(out, cache):
         K = rows["mae"]["K"]
         lines += [f"## {t} ({TASKS[t][2]}; {K} seeds)", "",
                   "| metric | " + " | ".join(short[n] for n in BASELINES) +
-                  " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated |",
-                  "|---|" + "---|" * (len(BASELINES) + 5)]
+                  " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated | ensemble |",
+                  "|---|" + "---|" * (len(BASELINES) + 6)]
         for m, r in rows.items():
             b = " | ".join((f"**{r['bl'][n][0]:.4f}**" if n == r["best"] else f"{r['bl'][n][0]:.4f}")
                            for n in BASELINES)
             st = f"{r['st'][0]:.4f} +- {r['st'][1]:.4f}"
+            en = "" if r.get("ens") is None else f"{r['ens']:.4f}"
             if r["flag"]:
-                lines.append(f"| {m} | {b} | {r['ceil']:.4f} | {st} | uninformative: {r['flag']} | | |")
+                lines.append(f"| {m} | {b} | {r['ceil']:.4f} | {st} | uninformative: {r['flag']} | | | {en} |")
                 continue
             df = "" if r["diff"] is None else f"{r['diff'][0]:+.4f} ({r['diff'][1]:.4f})"
             wins = "" if r["wins"] is None else f"{r['wins']}/{r['K']}"
             cal = "" if r["best"] is None else ("-" if r["cal"] is None else f"{r['cal']:+.2f}")
-            lines.append(f"| {m} | {b} | {r['ceil']:.4f} | {st} | {df} | {wins} | {cal} |")
+            lines.append(f"| {m} | {b} | {r['ceil']:.4f} | {st} | {df} | {wins} | {cal} | {en} |")
         tg = targets(rows)
         lines += ["", "targets: " + "; ".join(f"{n}: {'n/a (' + d + ')' if ok is None else ('MET' if ok else 'not met')}"
                                                + (f" {d}" if d and ok is not None else "") for n, ok, d in tg), ""]
@@ -377,6 +405,7 @@ def main(argv=None):
     r.add_argument("--cache", default="runs/exp/data", help="prepared data, splits, ceilings, baselines")
     r.add_argument("--shared", default=SHARED)
     r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--ensemble", action="store_true", help="also score the seeds' ensemble per task")
     t = sub.add_parser("table")
     t.add_argument("out")
     t.add_argument("--cache", default="runs/exp/data")
@@ -390,7 +419,8 @@ def main(argv=None):
         if bad:
             sys.exit(f"unknown task(s) {bad}; tasks: {list(TASKS)}")
         seeds = [int(x) for x in a.seeds.split(",")]
-        run(tasks, seeds, os.path.abspath(a.out), os.path.abspath(a.cache), a.shared, a.recipe, a.jobs)
+        run(tasks, seeds, os.path.abspath(a.out), os.path.abspath(a.cache), a.shared, a.recipe, a.jobs,
+            a.ensemble)
     elif a.cmd == "table":
         print(table(os.path.abspath(a.out), os.path.abspath(a.cache)))
     else:
