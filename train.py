@@ -58,8 +58,11 @@ lr = 1e-4                # Adam peak learning rate (reference 1e-4, constant)
 schedule = "constant"    # constant (reference) | cosine: linear warmup, then cosine decay to min_lr x lr
 warmup = 0               # warmup steps (linear from 0; any schedule)
 min_lr = 0.1             # cosine floor as a fraction of lr
-ema = 0.0                # weight EMA decay (e.g. 0.999); 0 = off. model.safetensors then holds the EMA
-                         # weights (what predict.py uses); the raw weights stay in dcp-<step>/ for resume
+ema = 0.0                # weight EMA decay (e.g. 0.999); 0 = off. The EMA weights are the ones predict.py
+                         # uses (model.safetensors; ema.safetensors keeps them for --resume)
+select = "last"          # which weights model.safetensors holds: last | support (the lowest val loss on
+                         # the held-out context's support perturbations: the val that resembles the test;
+                         # few-shot splits only; checked every val_every steps)
 weight_decay = 0.0       # reference ignores its weight_decay key: none
 grad_clip = 10.0         # global grad-norm clip (reference 10); 0 disables
 seed = 42                # data order, controls, init
@@ -147,8 +150,15 @@ if parallel not in ("fsdp", "ddp") or grad_accum < 1:
 if schedule not in ("constant", "cosine") or warmup < 0 or not 0 <= min_lr <= 1 or not 0 <= ema < 1:
     sys.exit(f"train.py: --schedule must be constant or cosine (got {schedule!r}), --warmup >= 0, "
              f"0 <= --min_lr <= 1, 0 <= --ema < 1")
-if ema and ddp and parallel == "fsdp":
-    sys.exit("train.py: --ema with FSDP is not supported yet; use --parallel=ddp")
+if (ema or select != "last") and ddp and parallel == "fsdp":
+    sys.exit("train.py: --ema / --select with FSDP are not supported yet; use --parallel=ddp")
+if select not in ("last", "support"):
+    sys.exit(f"train.py: --select must be last or support (got {select!r})")
+held = np.unique(D.context[np.asarray(sp.test)])  # held-out context codes
+sup_rows = val_rows[np.isin(D.context[val_rows], held) & (D.pert[val_rows] != D.control_code)]
+if select == "support" and len(sup_rows) == 0:
+    sys.exit(f"train.py: --select=support needs val cells of support perturbations in the held-out context "
+             f"({sp.task} split {split} has none: zero-shot, or --val-frac 0)")
 anchor_table = None
 if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
     from state.baselines import shift_table
@@ -209,6 +219,7 @@ if ddp:
 # weight EMA (fp32, on the device): what predict.py gets; the raw weights keep training
 ema_p = [p.detach().clone().float() for p in raw.parameters()] if ema else None
 ema_names = [n for n, _ in raw.named_parameters()]
+best = {"loss": None, "step": None, "w": None}  # --select=support: the best weights so far (cpu)
 
 
 def lr_at(step):
@@ -258,8 +269,12 @@ def save_checkpoint(step, val_loss):
     save_sharded(raw, opt, os.path.join(out, name))
     sd = full_state_dict(raw)  # collective gather: fp32 on rank 0, {} on the others
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    if ema_p is not None and sd:  # the consolidated weights predict.py loads are the EMA ones
-        sd.update({n: e.detach().cpu().contiguous() for n, e in zip(ema_names, ema_p)})
+    emasd = None
+    if ema_p is not None and sd:  # the weights predict.py loads are the EMA ones (or the selected ones)
+        emasd = {**sd, **{n: e.detach().cpu().contiguous() for n, e in zip(ema_names, ema_p)}}
+        sd = emasd
+    if best["w"] is not None and sd:
+        sd = {**sd, **dict(zip(ema_names, best["w"]))}
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
     rngs = [rng]
@@ -274,6 +289,7 @@ def save_checkpoint(step, val_loss):
     if not ddp:
         state["optimizer"] = opt.state_dict()
     meta = {"step": step, "val_loss": val_loss, "st": cfg.to_dict(), "train": train_cfg, "ema": bool(ema),
+            "select": select, "best_step": best["step"], "best_support_loss": best["loss"],
             "genes": list(D.genes), "key": key, "recipe": recipe, "gene_space": cfg.gene_space,
             "genes_out": list(D.gene_names_out) if cfg.n_genes else None,  # decoder output genes
             "genes_key": D.genes_key if cfg.n_genes else None,
@@ -288,6 +304,8 @@ def save_checkpoint(step, val_loss):
     os.makedirs(out, exist_ok=True)
     # state.pt first and meta.json last: meta.json names the step the other two files hold
     atomic_write(os.path.join(out, "state.pt"), lambda p: torch.save(state, p))
+    if emasd is not None:
+        atomic_write(os.path.join(out, "ema.safetensors"), lambda p: save_file(emasd, p, {"step": str(step)}))
     atomic_write(os.path.join(out, "model.safetensors"), lambda p: save_file(sd, p, {"step": str(step)}))
     atomic_write(os.path.join(out, "meta.json"),
                  lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
@@ -309,8 +327,9 @@ if resume:
         sys.exit("train.py: --resume with a different dataset or split than the run was trained on")
     if meta["st"] != cfg.to_dict():
         sys.exit("train.py: --resume with a different model config than the run's meta.json")
-    if bool(meta.get("ema")) != bool(ema):
-        sys.exit(f"train.py: --resume with --ema={ema} but the run was trained with ema={meta.get('ema')}")
+    if bool(meta.get("ema")) != bool(ema) or meta.get("select", "last") != select:
+        sys.exit(f"train.py: --resume with --ema={ema} --select={select} but the run was trained with "
+                 f"ema={meta.get('ema')} select={meta.get('select', 'last')}")
     if state.get("dcp") and os.path.isdir(os.path.join(out, state["dcp"])):
         load_sharded(raw, opt, os.path.join(out, state["dcp"]))  # any world size: DCP reshards
     elif ddp or ema:
@@ -318,10 +337,13 @@ if resume:
     else:
         raw.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
         opt.load_state_dict(state["optimizer"])
-    if ema_p is not None:  # the EMA weights are the consolidated ones of the checkpoint
-        msd = load_file(os.path.join(out, "model.safetensors"))
+    if ema_p is not None:
+        esd = load_file(os.path.join(out, "ema.safetensors"))
         for n, e in zip(ema_names, ema_p):
-            e.copy_(msd[n])
+            e.copy_(esd[n])
+    if select == "support" and meta.get("best_step") is not None:
+        msd = load_file(os.path.join(out, "model.safetensors"))
+        best.update(loss=meta["best_support_loss"], step=meta["best_step"], w=[msd[n] for n in ema_names])
     sampler.load_state_dict(state["sampler"])
     rngs = state.get("rng_ranks") or [state["rng"]]
     r = rngs[rank] if len(rngs) == world else rngs[0]
@@ -342,14 +364,20 @@ if resume:
 
 
 @torch.no_grad()
-def val_loss():
+def val_loss(support=False):
     """Mean per-set energy over `val_batches` batches of val sets, padded to S by resampling as in
     training (the reference's val semantics; unpadded small sets would inflate the V-statistic, whose
-    within-set term is biased by ~1/N). A fresh sampler with a fixed seed: the same sets every time."""
-    if len(val_rows) == 0:
+    within-set term is biased by ~1/N). A fresh sampler with a fixed seed: the same sets every time.
+    support=True: only the support perturbations' val cells of the held-out context, paired with that
+    context's training controls."""
+    rows = sup_rows if support else val_rows
+    if len(rows) == 0:
         return None
-    vs = SetSampler(D, val_rows, set_size=S, batch_size=B, seed=seed + 1, train=True,
-                    control_sets=control_sets, mapping=mapping)
+    if support:
+        ctl = train_rows[(D.pert[train_rows] == D.control_code) & np.isin(D.context[train_rows], held)]
+        rows = np.concatenate([rows, ctl])
+    vs = SetSampler(D, rows, set_size=S, batch_size=B, seed=seed + 1, train=True,
+                    control_sets=control_sets and not support, mapping=mapping)
     model.eval()
     tot = torch.zeros(3, device=dev)
     # the same val_batches batches at any world size: rank r takes batches r, r+W, ...; every rank
@@ -377,6 +405,22 @@ def val_loss():
 val_parts = {"dec": None}  # the decoder part of the last validation
 
 
+@torch.no_grad()
+def support_loss(step):
+    """Val loss of the weights predict.py would use (EMA if on) on the held-out context's support
+    perturbations; keeps a copy of the best ones."""
+    params = list(raw.parameters())
+    saved = [p.detach().clone() for p in params] if ema_p is not None else None
+    if ema_p is not None:
+        torch._foreach_copy_(params, ema_p)
+    sl = val_loss(support=True)
+    if best["loss"] is None or sl < best["loss"]:
+        best.update(loss=sl, step=step, w=[p.detach().cpu().clone() for p in params])
+    if saved is not None:
+        torch._foreach_copy_(params, saved)
+    return sl
+
+
 if len(val_rows) == 0:
     print0("WARNING: the split has no val rows: no validation loss (test rows are never used here)")
 
@@ -398,9 +442,12 @@ for step in range(start, max_steps + 1):
         if vl is not None:
             vd = val_parts["dec"]
             print0(f"step {step}/{max_steps} | val_loss {vl:.4f}" + (f" | val_dec {vd:.4f}" if vd is not None else ""))
+            sl = support_loss(step) if select == "support" else None
+            if sl is not None:
+                print0(f"step {step}/{max_steps} | support val {sl:.4f} (best {best['loss']:.4f} at step {best['step']})")
             if logf:
-                logf.write(json.dumps({"step": step, "val_loss": vl,
-                                       **({"val_dec": vd} if vd is not None else {})}) + "\n")
+                logf.write(json.dumps({"step": step, "val_loss": vl, **({"val_dec": vd} if vd is not None else {}),
+                                       **({"val_support": sl} if sl is not None else {})}) + "\n")
                 logf.flush()
     if (step % ckpt_every == 0 and step > start) or last:
         save_checkpoint(step, vl)  # collective: every rank calls it
@@ -461,7 +508,8 @@ for step in range(start, max_steps + 1):
 
 if logf:
     logf.close()
-print0(f"done: {out} (step {max_steps}, val_loss {vl})")
+print0(f"done: {out} (step {max_steps}, val_loss {vl})" + (f"; model.safetensors holds step {best['step']}, "
+       f"the lowest support val loss {best['loss']:.4f}" if best["step"] is not None else ""))
 compute_cleanup()
 if ddp:
     # skip interpreter teardown: about 1 in 30 two-process gloo runs aborted a rank at exit, after all

@@ -127,11 +127,12 @@ def test_train_resume_predict(synth, tmp_path):
 
 
 def test_anchor_cosine_ema_resume_and_ensemble(synth, tmp_path):
-    """The protocol's options together: anchored output, warmup + cosine, weight EMA. Resume is exact
-    (raw weights from dcp, EMA from model.safetensors), the lr follows the schedule, and predict.py
-    replays the anchored run alone and as a two-run ensemble."""
+    """The protocol's options together: anchored output, warmup + cosine, weight EMA, selection on the
+    support perturbations' val loss. Resume is exact (raw weights from dcp, EMA from ema.safetensors,
+    the selected weights and their loss from model.safetensors/meta.json), the lr follows the schedule,
+    and predict.py replays the anchored run alone and as a two-run ensemble."""
     d = synth
-    opts = ["--anchor=two_way", "--schedule=cosine", "--warmup=3", "--ema=0.8", "--lr=1e-3"]
+    opts = ["--anchor=two_way", "--schedule=cosine", "--warmup=3", "--ema=0.8", "--lr=1e-3", "--select=support"]
     full, part = tmp_path / "full", tmp_path / "part"
     r = run(*args(d, full, 8, *opts))
     assert "anchored output" in r.stdout
@@ -149,6 +150,10 @@ def test_anchor_cosine_ema_resume_and_ensemble(synth, tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
     assert "anchor_table" in wa
+    ma, mb = json.load(open(full / "meta.json")), json.load(open(part / "meta.json"))
+    assert ma["best_step"] in (4, 8) and ma["best_step"] == mb["best_step"]
+    assert ma["best_support_loss"] == pytest.approx(mb["best_support_loss"], rel=1e-5)
+    assert "support val" in r.stdout
     r = run(*args(d, part, 9, "--anchor=two_way", "--schedule=cosine", "--warmup=3", "--lr=1e-3", "--resume"),
             ok=False)
     assert r.returncode != 0 and "ema" in r.stderr
