@@ -323,7 +323,8 @@ def fit(argv):
     stream = CellStream(mats, train, C["batch_size"], world, rank, C["seed"], C["block"], C["mix"])
     step0 = 0
     if resume:
-        st = torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=False)
+        from state.dist import load_state
+        st = load_state(os.path.join(out, "state.pt"))
         if st["step"] != meta_old["step"]:  # a crash between the two atomic writes
             raise SystemExit(f"{out}: model.safetensors/meta.json are at step {meta_old['step']} but state.pt "
                              f"at step {st['step']}; cannot resume exactly")
@@ -363,7 +364,7 @@ def fit(argv):
 
     def save(step, val_loss=None):
         # the cursor before the prefetched batch (resume re-reads it) and the RNG, of every rank
-        mine = dict(stream=cursor, rng=torch.get_rng_state(),
+        mine = dict(stream={k: int(v) for k, v in cursor.items()}, rng=torch.get_rng_state(),
                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         ranks = [mine]
         if ddp:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -41,7 +40,8 @@ import torch.distributed as dist
 from state.config import configure
 from state.data import Prepared, SetSampler
 from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, full_state_dict,
-                        load_sharded, print0, save_sharded, set_sync, shard)
+                        load_sharded, load_state, print0, rng_state, save_sharded, set_rng_state, set_sync,
+                        shard)
 from state.splits import Split
 from state.st import STConfig, StateTransition, load_pert_features
 
@@ -275,8 +275,7 @@ def save_checkpoint(step, val_loss):
         sd = emasd
     if best["w"] is not None and sd:
         sd = {**sd, **dict(zip(ema_names, best["w"]))}
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+    rng = rng_state(dev)
     rngs = [rng]
     if ddp:
         rngs = [None] * world
@@ -320,7 +319,7 @@ start = 0
 if resume:
     from safetensors.torch import load_file
     meta = json.load(open(os.path.join(out, "meta.json")))
-    state = torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=False)
+    state = load_state(os.path.join(out, "state.pt"))
     if meta["step"] != state["step"]:
         sys.exit(f"train.py: {out}: meta.json step {meta['step']} != state.pt step {state['step']}")
     if meta["data_checksum"] != D.checksum or meta["split_hash"] != split_hash:
@@ -347,11 +346,7 @@ if resume:
     sampler.load_state_dict(state["sampler"])
     rngs = state.get("rng_ranks") or [state["rng"]]
     r = rngs[rank] if len(rngs) == world else rngs[0]
-    torch.set_rng_state(r["torch"])
-    np.random.set_state(r["numpy"])
-    random.setstate(r["python"])
-    if dev.type == "cuda" and r["cuda"] is not None:
-        torch.cuda.set_rng_state(r["cuda"], dev)
+    set_rng_state(r, dev)
     if len(rngs) != world:  # another world size: same data order, fresh per-rank dropout streams
         torch.manual_seed(seed + rank + 7919 * state["step"])
         print0(f"note: resuming a world-{len(rngs)} run at world {world}: data order continues, "

@@ -50,6 +50,36 @@ def compute_init(seed=42, device=None):
     return ddp, rank, local_rank, world, device
 
 
+def rng_state(device=None):
+    """This process's RNG states in types that `torch.load(weights_only=True)` accepts (tensors, ints,
+    tuples): state files are never unpickled with arbitrary classes."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(gauss)),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None}
+
+
+def set_rng_state(r, device=None):
+    torch.set_rng_state(r["torch"])
+    name, keys, pos, has_gauss, gauss = r["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
+    py = r["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if device is not None and device.type == "cuda" and r.get("cuda") is not None:
+        torch.cuda.set_rng_state(r["cuda"], device)
+
+
+def load_state(path):
+    """A state.pt (optimizer, sampler, RNG) loaded with weights_only=True: a file that needs any other
+    class to unpickle is refused, naming the file (it cannot run code here)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise SystemExit(f"{path}: not a plain state file (tensors, numbers, strings only); refusing to "
+                         f"unpickle it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
 def compute_cleanup():
     if dist.is_initialized():
         dist.barrier()  # nobody tears down (closing its gloo/NCCL connections) while a peer still runs

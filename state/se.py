@@ -117,7 +117,11 @@ def load_gene_vectors(path):
         with np.load(path) as z:
             d = {k: torch.from_numpy(z[k]) for k in z.files}
     elif path.endswith((".pt", ".pth", ".torch")):
-        d = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # never unpickle arbitrary objects from a user's file: tensors and plain containers only
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: not a plain {{gene: tensor}} file; refusing to unpickle it "
+                             f"({type(e).__name__}); save it with torch tensors, or as .safetensors/.npz") from None
     else:
         raise ValueError(f"{path}: unknown gene embedding format (use .safetensors, .pt or .npz)")
     if not isinstance(d, dict):
