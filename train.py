@@ -111,6 +111,12 @@ if amp and dev.type == "cpu":
 autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp)
 if not data or not split:
     sys.exit("train.py: --data=PREPARED_DIR and --split=split.json are required")
+for k, ok in (("batch_size", batch_size >= 1), ("max_steps", max_steps >= 1), ("grad_accum", grad_accum >= 1),
+              ("lr", lr > 0), ("log_every", log_every >= 1), ("ckpt_every", ckpt_every >= 1),
+              ("val_every", val_every >= 0), ("val_batches", val_batches >= 1), ("grad_clip", grad_clip >= 0)):
+    if not ok:
+        sys.exit(f"train.py: --{k}={globals()[k]} is out of range (batch_size, max_steps, grad_accum, "
+                 "log_every, ckpt_every, val_batches >= 1; lr > 0; val_every, grad_clip >= 0)")
 
 
 def file_sha(path):
@@ -326,6 +332,18 @@ if resume:
         sys.exit("train.py: --resume with a different dataset or split than the run was trained on")
     if meta["st"] != cfg.to_dict():
         sys.exit("train.py: --resume with a different model config than the run's meta.json")
+    # settings that fix the data order or the model are refused; the others are applied and said
+    old = meta.get("train", {})
+    fixed = ("batch_size", "seed", "mapping", "control_sets", "batch_encoder", "pert_features", "decoder",
+             "grad_accum" if not ddp else "")
+    bad = [k for k in fixed if k and k in old and old[k] != train_cfg[k]]
+    if bad:
+        sys.exit(f"train.py: --resume cannot change {', '.join(f'{k} ({old[k]!r} -> {train_cfg[k]!r})' for k in bad)}: "
+                 "they fix the data order or the model; start a new run instead")
+    changed = [k for k in train_cfg if k in old and old[k] != train_cfg[k] and k not in ("resume", "out")]
+    if changed:
+        print0("note: resumed with changed settings (applied from this step on): " +
+               ", ".join(f"{k} {old[k]!r} -> {train_cfg[k]!r}" for k in changed))
     if bool(meta.get("ema")) != bool(ema) or meta.get("select", "last") != select:
         sys.exit(f"train.py: --resume with --ema={ema} --select={select} but the run was trained with "
                  f"ema={meta.get('ema')} select={meta.get('select', 'last')}")
@@ -336,6 +354,8 @@ if resume:
     else:
         raw.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
         opt.load_state_dict(state["optimizer"])
+    for g in opt.param_groups:  # the optimizer state carries the old values: this run's settings win
+        g["weight_decay"] = weight_decay
     if ema_p is not None:
         esd = load_file(os.path.join(out, "ema.safetensors"))
         for n, e in zip(ema_names, ema_p):
@@ -430,6 +450,21 @@ batches = [to_dev(b) for b in sampler.next()]  # this rank's grad_accum micro-ba
 model.train()
 t_last, step_last, dt_ema = time.perf_counter(), start, None
 vl = None
+first_bad = torch.full((), -1, dtype=torch.int64, device=dev)  # first step with a non-finite loss (on device)
+
+
+def check_finite(step):
+    """Stop before anything is written when a loss went non-finite (one host sync, at log/ckpt steps)."""
+    fb = first_bad.clone()
+    if ddp:  # every rank stops together
+        dist.all_reduce(fb, op=dist.ReduceOp.MAX)
+    b = int(fb.item())
+    if b >= 0:
+        if master and logf:
+            logf.close()
+        raise SystemExit(f"train.py: the training loss is not finite (NaN/Inf) at step {b + 1} (checked at step "
+                         f"{step}); stopped before writing a checkpoint. The last checkpoint in {out} is "
+                         "untouched. Check the input data for NaN/Inf or negative values, or lower --lr")
 for step in range(start, max_steps + 1):
     last = step == max_steps
     if (val_every and step % val_every == 0 and step > start) or last:
@@ -445,6 +480,7 @@ for step in range(start, max_steps + 1):
                                        **({"val_support": sl} if sl is not None else {})}) + "\n")
                 logf.flush()
     if (step % ckpt_every == 0 and step > start) or last:
+        check_finite(step)
         save_checkpoint(step, vl)  # collective: every rank calls it
     if last:
         break
@@ -460,6 +496,7 @@ for step in range(start, max_steps + 1):
             loss, parts = model(**model_inputs(b), lens=None)
         (loss * (n_sets[j] * world / n_tot)).backward()
         loss_sum += loss.detach() * n_sets[j]
+    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step, first_bad)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
     lr_now = lr_at(step)
     for g in opt.param_groups:
@@ -481,6 +518,9 @@ for step in range(start, max_steps + 1):
         gc.collect()
     if (step + 1) % log_every == 0 or step + 1 == max_steps:
         lossf = (all_reduce_sum(loss_sum) / n_tot).item()  # sync point: global mean over the step
+        if not math.isfinite(lossf):
+            first_bad = torch.where(first_bad < 0, step, first_bad)
+        check_finite(step + 1)
         now = time.perf_counter()
         dt = (now - t_last) / (step + 1 - step_last)
         step_last, t_last = step + 1, now

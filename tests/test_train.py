@@ -164,3 +164,35 @@ def test_anchor_cosine_ema_resume_and_ensemble(synth, tmp_path):
     with H5AD(out / "pred.h5ad") as p:
         assert "," in p.uns("nanostate")["source"]
         assert np.isfinite(p.matrix("X").block(0, p.n_obs)).all()
+
+
+def test_bad_settings_nonfinite_loss_and_resume_changes(synth, tmp_path):
+    """Out-of-range settings are named errors; a NaN in the data stops training with the step named and
+    no checkpoint written; a resume applies and says changed settings, and refuses data-order ones."""
+    d = synth
+    for bad in ("--batch_size=0", "--max_steps=-5", "--lr=0", "--grad_accum=0"):
+        r = run(*args(d, tmp_path / "b", 3, bad), ok=False)
+        assert r.returncode != 0 and bad.split("=")[0][2:] in r.stderr and "out of range" in r.stderr, bad
+        assert not (tmp_path / "b").exists()
+    # a corrupted prepared matrix: NaN in training rows (prepare refuses NaN input; this is a damaged copy)
+    import shutil
+    shutil.copytree(d / "prep", tmp_path / "prep")
+    from state.data import Prepared
+    D = Prepared(tmp_path / "prep")
+    X = np.memmap(tmp_path / "prep" / "X.bin", dtype=np.float32, mode="r+", shape=(D.n_cells, D.n_genes))
+    X[:, 0] = np.nan
+    X.flush()
+    del X
+    out = tmp_path / "nan"
+    a = args(d, out, 6)
+    a[1] = f"--data={tmp_path / 'prep'}"
+    r = run(*a, ok=False)
+    assert r.returncode != 0 and "not finite" in r.stderr and "at step 1" in r.stderr
+    assert not (out / "model.safetensors").exists() and not (out / "meta.json").exists()
+    # resume: lr changed -> applied and said; batch_size changed -> refused
+    ok = tmp_path / "ok"
+    run(*args(d, ok, 3))
+    r = run(*args(d, ok, 5, "--resume", "--lr=5e-4"))
+    assert "changed settings" in r.stdout and "lr 0.0001 -> 0.0005" in r.stdout and "| lr 5.0e-04" in r.stdout
+    r = run(*args(d, ok, 6, "--resume", "--batch_size=3"), ok=False)
+    assert r.returncode != 0 and "cannot change batch_size" in r.stderr
