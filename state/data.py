@@ -263,6 +263,24 @@ def _blocks(src, chunk, desc):
             r, c = np.argwhere(~np.isfinite(x))[0]
             raise H5ADError(f"{src['path']}: '{m.key}' has non-finite values (NaN or inf), e.g. cell "
                             f"'{src['names'][a + np.flatnonzero(sel)[r]]}' column {c}")
+        # every row is checked against the detected scale (the detector only samples rows)
+        kind = src["scale"].kind
+        if kind != "embedding" and (x < 0).any():
+            r, c = np.argwhere(x < 0)[0]
+            raise H5ADError(f"{src['path']}: '{m.key}' has a negative value {x[r, c]:g} in cell "
+                            f"'{src['names'][a + np.flatnonzero(sel)[r]]}' (row {a + np.flatnonzero(sel)[r]}), "
+                            f"column {c}: expression values cannot be negative "
+                            "(scaled/centred data? use the raw counts: --key layers/counts)")
+        if src["tr"] == "normalize+log1p" and kind == "counts" and not np.array_equal(x, np.round(x)):
+            r, c = np.argwhere(x != np.round(x))[0]
+            raise H5ADError(f"{src['path']}: '{m.key}' looked like integer counts but cell "
+                            f"'{src['names'][a + np.flatnonzero(sel)[r]]}' (row {a + np.flatnonzero(sel)[r]}) "
+                            f"has the fractional value {x[r, c]:g} in column {c}: mixed scales in one matrix")
+        if src["tr"] == "none" and kind == "log1p" and x.size and x.max() > 20:
+            r, c = np.unravel_index(np.argmax(x), x.shape)
+            raise H5ADError(f"{src['path']}: '{m.key}' looked like log1p data but cell "
+                            f"'{src['names'][a + np.flatnonzero(sel)[r]]}' (row {a + np.flatnonzero(sel)[r]}) "
+                            f"has the value {x[r, c]:g} (> 20, not a log1p expression): mixed scales in one matrix")
         if src["tr"] == "normalize+log1p":
             tot = src["totals"][a:b][sel]
             f = np.where(tot > 0, src["target_sum"] / np.maximum(tot, 1e-30), 0.0).astype(np.float32)
@@ -397,6 +415,11 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
                 s["genes"] = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in g[ik][:]])
             if len(s["genes"]) != s["m"].shape[1]:
                 raise H5ADError(f"{h.path}: {len(s['genes'])} gene names for {s['m'].shape[1]} columns of '{key}'")
+            u, n = np.unique(s["genes"], return_counts=True)
+            if (n > 1).any():
+                raise H5ADError(f"{h.path}: duplicate gene names in '{key}' ({', '.join(u[n > 1][:10])}"
+                                f"{' ...' if (n > 1).sum() > 10 else ''}): a gene would take another column's "
+                                "values; make var names unique (adata.var_names_make_unique()) or pass --gene-col")
     gl = list(srcs[0]["genes"])
     if len(srcs) > 1:
         sets = [set(s["genes"].tolist()) for s in srcs]
@@ -546,13 +569,20 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
     tmp = out / f"X.bin.tmp{os.getpid()}"
     X = np.memmap(tmp, dtype=DTYPES[dtype], mode="w+", shape=(Ncell, G))
     off = 0
-    for i, s in enumerate(srcs):
-        pos = np.cumsum(s["keep"]) - 1 + off  # file row -> concatenated kept index
-        for rows, x in _blocks(s, csize, f"write {Path(s['path']).name}"):
-            d = dest[pos[rows]]
-            X[d] = to_storage(x, dtype)
-        off += int(s["keep"].sum())
-    X.flush()
+    try:  # a bad row found while streaming leaves nothing behind
+        for i, s in enumerate(srcs):
+            pos = np.cumsum(s["keep"]) - 1 + off  # file row -> concatenated kept index
+            for rows, x in _blocks(s, csize, f"write {Path(s['path']).name}"):
+                d = dest[pos[rows]]
+                X[d] = to_storage(x, dtype)
+            off += int(s["keep"].sum())
+        X.flush()
+    except BaseException:
+        del X
+        tmp.unlink(missing_ok=True)
+        if not any(out.iterdir()):
+            out.rmdir()
+        raise
     del X
     os.replace(tmp, out / "X.bin")
     np.save(out / "codes.npy", codes.astype(np.int32))

@@ -503,3 +503,43 @@ def test_genes_key_targets(tmp_path):
                  "--hvg", "12"]) == 0
     c = Prepared(tmp_path / "cli")
     assert c.gene_names_out == ref.genes and c.checksum == d.checksum
+
+
+def test_every_row_is_checked_not_a_sample(tmp_path):
+    """The scale detector samples rows; the streaming write checks every row: a negative or fractional
+    count in a row the sample missed is a named error (file, cell, row, column) and nothing is written.
+    A duplicated gene name in one file and --assume log1p on z-scored data are errors too."""
+    rng = np.random.default_rng(0)
+    n, g = 12_000, 4
+    X = rng.poisson(3, (n, g)).astype(np.float32)
+    from state.data import _sample
+
+    class M:  # the detector's view of the matrix: which rows does it sample?
+        shape = (n, g)
+
+        def block(self, a, b):
+            return np.arange(a, b)[:, None].astype(np.float32)
+    seen = set(_sample(M(), 10_000, 0)[:, 0].astype(int).tolist())
+    r = next(i for i in range(n) if i not in seen)
+    names = [f"c{i}" for i in range(n)]
+    for bad, msg in ((-3.0, "negative value -3"), (2.5, "fractional value 2.5")):
+        Xb = X.copy()
+        Xb[r, 1] = bad
+        p = tmp_path / f"bad{bad}.h5ad"
+        write_h5ad(p, Xb, names, [f"G{j}" for j in range(g)], obs={"gene": labels(n)})
+        with H5AD(p) as h:
+            assert detect_scale(h.matrix("X")).kind == "counts"  # the sample saw only clean rows
+        with pytest.raises(H5ADError, match=msg) as e:
+            prepare(p, tmp_path / "out")
+        assert f"'c{r}'" in str(e.value) and f"row {r}" in str(e.value)
+        assert not (tmp_path / "out").exists()
+    p = tmp_path / "dup.h5ad"
+    write_h5ad(p, X[:300], names[:300], ["G0", "G1", "G0", "G3"], obs={"gene": labels(300)})
+    with pytest.raises(H5ADError, match="duplicate gene names.*G0"):
+        prepare(p, tmp_path / "out")
+    z = (X[:300] - X[:300].mean(0)) / X[:300].std(0)
+    p = tmp_path / "z.h5ad"
+    write_h5ad(p, z.astype(np.float32), names[:300], [f"G{j}" for j in range(g)], obs={"gene": labels(300)})
+    with pytest.raises(H5ADError, match="negative value"):
+        prepare(p, tmp_path / "out", assume="log1p")
+    assert not (tmp_path / "out").exists()
