@@ -15,6 +15,7 @@ prepared data. Controls of every context train; the held-out context's controls 
 
 import argparse
 import json
+import os
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -163,6 +164,13 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
                features=None, test_perts=None, test_frac=0.2):
     """Build and validate a Split (see module docstring). `features`, `test_perts`, `test_frac` (additive)
     serve the unseen-perturbation task: it holds out whole perturbations across all contexts."""
+    if not 0 <= support <= 1:
+        raise ValueError(f"support={support}: the fraction of the held-out context's perturbations that "
+                         "train must be in [0, 1]")
+    if not 0 <= val_frac < 1:
+        raise ValueError(f"val_frac={val_frac}: the fraction of each training group moved to val must be in [0, 1)")
+    if not 0 < test_frac <= 1:
+        raise ValueError(f"test_frac={test_frac} must be in (0, 1]")
     rng = np.random.default_rng(seed)
     ctl = data.control_code
     allr = np.arange(data.n_cells, dtype=np.int64)
@@ -227,12 +235,26 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
 def read_toml(path, data, val_frac=0.1, seed=0):
     """A reference split TOML -> Split. Keys are "<dataset>.<context value>"; fewshot val and test lists
     both leave training and become test groups here (our val comes from training groups)."""
-    with open(path, "rb") as f:
-        t = tomllib.load(f)
-    ds = set(t.get("datasets", {}))
+    if not 0 <= val_frac < 1:
+        raise ValueError(f"val_frac={val_frac}: the fraction of each training group moved to val must be in [0, 1)")
+    if not os.path.exists(path):
+        raise ValueError(f"split TOML {path} not found")
+    try:
+        with open(path, "rb") as f:
+            t = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    ds = t.get("datasets", {})
     if not ds:
         raise ValueError(f"{path}: no [datasets] table")
-    if not any(v == "train" for v in t.get("training", {}).values()):
+    for name, where in ds.items():  # as given (from the working directory) or next to the TOML
+        if not (os.path.exists(str(where)) or os.path.exists(os.path.join(os.path.dirname(str(path)), str(where)))):
+            raise ValueError(f"{path}: [datasets] {name} = {str(where)!r} does not exist")
+    tr = t.get("training", {})
+    unknown = [k for k in tr if k not in ds]
+    if unknown:
+        raise ValueError(f"{path}: [training] names dataset(s) {unknown} not in [datasets] ({sorted(ds)})")
+    if not any(v == "train" for v in tr.values()):
         raise ValueError(f"{path}: no dataset marked \"train\" in [training]")
 
     def parse(key):
@@ -263,6 +285,9 @@ def read_toml(path, data, val_frac=0.1, seed=0):
         held.append(k); task = task or "fewshot"
     if not held:
         raise ValueError(f"{path}: no [zeroshot] or [fewshot] entries: nothing is held out")
+    if not np.any(~test_m & (data.pert != ctl)):
+        raise ValueError(f"{path}: every perturbed cell is held out (contexts "
+                         f"{sorted(data.context_names[k] for k in set(held))}): training would see controls only")
     allr = np.arange(data.n_cells, dtype=np.int64)
     test = allr[test_m]
     groups = sorted({(data.context_names[c], data.pert_names[p])

@@ -93,6 +93,10 @@ def test_bad_splits(syn, gbm):
         make_split(syn, "fewshot", context="ctxA", support=1.0)
     with pytest.raises(ValueError, match="task 'x'"):
         make_split(syn, "x", context="ctxA")
+    for kw, msg in ((dict(support=-0.5), "support=-0.5"), (dict(val_frac=1.5), "val_frac=1.5"),
+                    (dict(val_frac=-0.2), "val_frac=-0.2")):
+        with pytest.raises(ValueError, match=msg):
+            make_split(syn, "fewshot", context="ctxA", **kw)
     # the validator catches leaks
     s = make_split(gbm, "fewshot", context="U87MG", support=0.3)
     leak = Split(s.task, s.context, np.concatenate([s.train, s.test[:1]]), s.val, s.test, s.test_ctrl,
@@ -124,7 +128,8 @@ def test_save_load_toml_roundtrip(gbm, tmp_path):
 
 
 def test_reference_toml(gbm, tmp_path):
-    (tmp_path / "z.toml").write_text('[datasets]\ngbm = "x/"\n[training]\ngbm = "train"\n'
+    (tmp_path / "z.toml").write_text(f'[datasets]\ngbm = "{gbm.dir}"\n'
+                                     '[training]\ngbm = "train"\n'
                                      '[zeroshot]\n"gbm.T98G" = "test"\n'
                                      '[fewshot."gbm.U87MG"]\nval = ["SGK1"]\ntest = ["SGK1", "PLK4"]\n')
     s = read_toml(tmp_path / "z.toml", gbm)
@@ -133,17 +138,36 @@ def test_reference_toml(gbm, tmp_path):
     assert sorted(p for c, p in s.test_groups if c == "U87MG") == ["PLK4", "SGK1"]
     assert len([1 for c, _ in s.test_groups if c == "T98G"]) == 9
     assert set(gbm.context[s.test_ctrl].tolist()) == {t98, u87}
-    (tmp_path / "b.toml").write_text('[datasets]\ngbm = "x/"\n[training]\ngbm = "train"\n'
+    (tmp_path / "b.toml").write_text(f'[datasets]\ngbm = "{gbm.dir}"\n'
+                                     '[training]\ngbm = "train"\n'
                                      '[fewshot."gbm.u87mg"]\ntest = ["SGK1"]\n')
     with pytest.raises(ValueError, match="context 'u87mg' not found"):
         read_toml(tmp_path / "b.toml", gbm)
-    (tmp_path / "c.toml").write_text('[datasets]\ngbm = "x/"\n[training]\ngbm = "train"\n'
+    (tmp_path / "c.toml").write_text(f'[datasets]\ngbm = "{gbm.dir}"\n'
+                                     '[training]\ngbm = "train"\n'
                                      '[fewshot."gbm.U87MG"]\ntest = ["SGK2"]\n')
     with pytest.raises(ValueError, match="'SGK2' matches zero cells"):
         read_toml(tmp_path / "c.toml", gbm)
-    (tmp_path / "d.toml").write_text('[datasets]\ngbm = "x/"\n[training]\ngbm = "train"\n')
+    (tmp_path / "d.toml").write_text(f'[datasets]\ngbm = "{gbm.dir}"\n'
+                                     '[training]\ngbm = "train"\n')
     with pytest.raises(ValueError, match="nothing is held out"):
         read_toml(tmp_path / "d.toml", gbm)
+    # every bad TOML is a named error
+    (tmp_path / "e.toml").write_text('[datasets]\ngbm = "/no/such/dir"\n[training]\ngbm = "train"\n')
+    with pytest.raises(ValueError, match="e.toml: .datasets. gbm = '/no/such/dir' does not exist"):
+        read_toml(tmp_path / "e.toml", gbm)
+    (tmp_path / "f.toml").write_text(f'[datasets]\ngbm = "{gbm.dir}"\n[training]\nother = "train"\n')
+    with pytest.raises(ValueError, match=r"f.toml: \[training\] names dataset\(s\) \['other'\]"):
+        read_toml(tmp_path / "f.toml", gbm)
+    (tmp_path / "g.toml").write_text(f'[datasets]\ngbm = "{gbm.dir}"\n[training]\ngbm = "train"\n'
+                                     '[zeroshot]\n"gbm.T98G" = "test"\n"gbm.U87MG" = "test"\n"gbm.A172" = "test"\n')
+    with pytest.raises(ValueError, match="every perturbed cell is held out"):
+        read_toml(tmp_path / "g.toml", gbm)
+    with pytest.raises(ValueError, match="missing.toml not found"):
+        read_toml(tmp_path / "missing.toml", gbm)
+    (tmp_path / "h.toml").write_text('[datasets\ngbm = 1\n')
+    with pytest.raises(ValueError, match="h.toml: not valid TOML"):
+        read_toml(tmp_path / "h.toml", gbm)
 
 
 def test_cli(syn, tmp_path, capsys):
