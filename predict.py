@@ -134,13 +134,23 @@ def spread_report(groups):
 
 def cmd_test(argv):
     cfg = {"run": "", "data": "", "split": "", "out": "", "seed": 0, "device": "cpu",
-           "clip": True, "max_cells": 8192}
+           "clip": True, "max_cells": 8192, "allow_other_split": False}
     configure(argv, cfg)
     from state.data import Prepared
     from state.splits import Split
     models, meta = load_runs(cfg["run"], cfg["device"])
     model = models[0]
     D, sp = Prepared(cfg["data"]), Split.load(cfg["split"])
+    try:  # the split must index this prepared data (checksum, rows, groups)
+        sp.validate(D)
+    except ValueError as e:
+        sys.exit(f"predict.py: split {cfg['split']} does not fit the data {cfg['data']}: {e}")
+    if meta.get("split_hash") and not cfg["allow_other_split"]:
+        import hashlib
+        h = hashlib.sha256(open(cfg["split"], "rb").read()).hexdigest()[:16]
+        if h != meta["split_hash"]:
+            sys.exit(f"predict.py: {cfg['split']} is not the split the run was trained on ({meta.get('split')}); "
+                     "its test groups may be training groups of the run. --allow_other_split=True to go on")
     if list(D.genes) != list(meta["genes"]):
         sys.exit("predict.py: the prepared data's genes differ from the run's (order included)")
     if D.checksum != meta["data_checksum"]:
@@ -247,7 +257,7 @@ def cmd_test(argv):
 def cmd_simulate(argv):
     cfg = {"run": "", "adata": "", "perts": "", "out": "", "n_cells": 0, "seed": 0, "device": "cpu",
            "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
-           "allow_missing_genes": 0.0, "max_cells": 8192}
+           "allow_missing_genes": 0.0, "max_cells": 8192, "all_controls": False}
     configure(argv, cfg)
     models, meta = load_runs(cfg["run"], cfg["device"])
     model = models[0]
@@ -279,6 +289,10 @@ def cmd_simulate(argv):
             keep = np.flatnonzero(np.asarray(f.column(pcol)).astype(str) == ctrl_label)
             if len(keep) == 0:
                 sys.exit(f"predict.py simulate: no '{ctrl_label}' cells in column '{pcol}'")
+        elif not cfg["all_controls"]:
+            sys.exit(f"predict.py simulate: {cfg['adata']} has no perturbation column '{pcol}', so its control "
+                     f"cells cannot be told from perturbed ones; pass --pert_col=COLUMN, or "
+                     "--all_controls=True if every cell is an unperturbed control")
         ccol = cfg["context_col"] or meta.get("context_col") or ""
         ctx = np.asarray(f.column(ccol)).astype(str)[keep] if ccol in cols else np.array(["all"] * len(keep))
         bcol = meta.get("batch_col")
@@ -304,6 +318,14 @@ def cmd_simulate(argv):
     X = np.zeros((len(keep), len(genes)), np.float32)
     have = [i for i, g in enumerate(genes) if g in where]
     X[:, have] = Xin[:, [where[genes[i]] for i in have]]
+    bad = ~np.isfinite(X).all(1)
+    if bad.any():
+        sys.exit(f"predict.py simulate: {int(bad.sum())} control cells of {cfg['adata']} ('{cfg['key']}') have "
+                 f"NaN/Inf values, e.g. '{obs_names[np.flatnonzero(bad)[0]]}'")
+    if model.cfg.gene_space and (X < 0).any():
+        r = np.flatnonzero((X < 0).any(1))[0]
+        sys.exit(f"predict.py simulate: '{cfg['key']}' of {cfg['adata']} has negative values (e.g. cell "
+                 f"'{obs_names[r]}'): scaled/z-scored data; the run expects non-negative log1p expression")
     mx = float(X.max()) if X.size else 0.0
     if model.cfg.gene_space and mx > 30 and np.allclose(X[:1000], np.round(X[:1000])):
         sys.exit("predict.py simulate: the input looks like raw counts; give log1p-normalised values "

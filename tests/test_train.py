@@ -196,3 +196,35 @@ def test_bad_settings_nonfinite_loss_and_resume_changes(synth, tmp_path):
     assert "changed settings" in r.stdout and "lr 0.0001 -> 0.0005" in r.stdout and "| lr 5.0e-04" in r.stdout
     r = run(*args(d, ok, 6, "--resume", "--batch_size=3"), ok=False)
     assert r.returncode != 0 and "cannot change batch_size" in r.stderr
+
+
+def test_predict_refuses_wrong_split_and_bad_controls(synth, tmp_path):
+    d = synth
+    runp = tmp_path / "r"
+    run(*args(d, runp, 2))
+    from state.data import Prepared
+    from state.h5ad import H5AD, write_h5ad
+    from state.splits import make_split
+    D = Prepared(d / "prep")
+    other = make_split(D, "zeroshot", context=D.context_names[1], seed=0).save(tmp_path / "other.json")
+    base = ["predict.py", "test", f"--run={runp}", f"--data={d / 'prep'}", f"--out={tmp_path / 'o'}"]
+    r = run(*base, f"--split={other}", ok=False)
+    assert r.returncode != 0 and "not the split the run was trained on" in r.stderr
+    # controls for a screen: the real controls of the split, written with variants
+    out = tmp_path / "t"
+    run(*base[:-1], f"--out={out}", f"--split={d / 'split.json'}")
+    with H5AD(out / "real.h5ad") as f:
+        X, names, genes = f.matrix("X").block(0, f.n_obs), np.asarray(f.obs_names), list(f.var_names())
+        obs = {D.pert_col: np.asarray(f.column(D.pert_col)), D.context_col: np.asarray(f.column(D.context_col))}
+    sim = ["predict.py", "simulate", f"--run={runp}", f"--perts={D.pert_names[1]}", f"--out={tmp_path / 's.h5ad'}"]
+    cases = [("nocol", X, {D.context_col: obs[D.context_col]}, "no perturbation column"),
+             ("nan", np.where(np.arange(len(X))[:, None] == len(X) - 1, np.nan, X), obs, "NaN/Inf"),
+             ("z", X - X.mean(0), obs, "negative values")]
+    for name, Xv, ob, msg in cases:
+        p = tmp_path / f"{name}.h5ad"
+        write_h5ad(p, Xv.astype(np.float32), names, genes, obs=ob)
+        r = run(*sim, f"--adata={p}", ok=False)
+        assert r.returncode != 0 and msg in r.stderr, (name, r.stderr[-500:])
+    assert not (tmp_path / "s.h5ad").exists()
+    r = run(*sim, f"--adata={tmp_path / 'nocol.h5ad'}", "--all_controls=True")
+    assert (tmp_path / "s.h5ad").exists()
