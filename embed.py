@@ -231,11 +231,16 @@ def fit(argv):
         torch.set_num_threads(C["threads"])
     master = rank == 0
     out = C["out"]
+    if os.path.isdir(out) and os.listdir(out) and not C["resume"]:
+        raise SystemExit(f"embed.py fit: run directory {out} exists and is not empty; pass --resume to continue "
+                         "it or choose another --out")
+    if C["resume"] and not os.path.exists(os.path.join(out, "state.pt")):
+        raise SystemExit(f"embed.py fit: --resume but {out}/state.pt does not exist")
+    if C["resume"] and json.load(open(os.path.join(out, "meta.json"))).get("preset") is None:
+        raise SystemExit(f"embed.py fit: {out} is not an SE run (its meta.json has no SE preset)")
     os.makedirs(out, exist_ok=True)
     print0(f"fit config: {json.dumps(C)} model overrides: {mkw}")
-    resume = C["resume"] and os.path.exists(os.path.join(out, "state.pt"))
-    if C["resume"] and not resume:
-        print0(f"WARNING: --resume but no {out}/state.pt: starting fresh")
+    resume = C["resume"]
 
     # --- data: files, gene vocabulary, gene vectors
     h5s = [H5AD(p) for p in files]

@@ -213,6 +213,13 @@ def test_fit_resume_and_transform(tmp_path):
     assert h1 == file_hash(str(tmp_path / "r2" / "model.safetensors"))  # exact resume
     meta = json.load(open(tmp_path / "r1" / "meta.json"))
     assert meta["se_hash"] == h1 and len(meta["genes"]) == 25 and meta["step"] == 5
+    with pytest.raises(SystemExit, match="exists and is not empty"):  # never overwrite a run
+        embed.main(["fit", *common, f"--out={tmp_path}/r1"])
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "meta.json").write_text('{"step": 3, "st": {}}')
+    (tmp_path / "st" / "state.pt").write_text("")
+    with pytest.raises(SystemExit, match="not an SE run"):
+        embed.main(["fit", *common, f"--out={tmp_path}/st", "--resume"])
     with pytest.raises(SystemExit, match="unknown config key --no_such_key"):
         embed.main(["fit", a, "--no_such_key=1"])
     with pytest.raises(FileNotFoundError, match="not found"):
