@@ -163,8 +163,9 @@ if select not in ("last", "support"):
 held = np.unique(D.context[np.asarray(sp.test)])  # held-out context codes
 sup_rows = val_rows[np.isin(D.context[val_rows], held) & (D.pert[val_rows] != D.control_code)]
 if select == "support" and len(sup_rows) == 0:
-    sys.exit(f"train.py: --select=support needs val cells of support perturbations in the held-out context "
-             f"({sp.task} split {split} has none: zero-shot, or --val-frac 0)")
+    print0(f"note: --select=support: the {sp.task} split has no val cells of support perturbations in the "
+           "held-out context (zero-shot, or --val-frac 0): keeping the last weights")
+    select = train_cfg["select"] = "last"
 anchor_table = None
 if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
     from state.baselines import shift_table
