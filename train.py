@@ -19,7 +19,8 @@ in `dcp-<step>/`, data order from one global cursor).
 Overrides are `--key=value` over the globals below and over STConfig's fields (`--hidden=128`);
 unknown keys and type mismatches are errors. The run directory gets `model.safetensors`, `meta.json`
 (config, genes, perturbation vocabulary, data checksum, split hash, step) and `state.pt` (optimizer,
-sampler, RNG), each written atomically, plus `log.jsonl` (one line per log/val step).
+sampler, RNG), all of one step committed at once (state/ckpt.py: `ckpt-<step>/` behind the `ckpt`
+link), plus `log.jsonl` (one line per log/val step).
 """
 
 import gc
@@ -27,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from state import ckpt
 from state.config import configure
 from state.data import Prepared, SetSampler
 from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, full_state_dict,
@@ -126,8 +127,8 @@ def file_sha(path):
 if os.path.isdir(out) and os.listdir(out) and not resume:
     sys.exit(f"train.py: run directory {out} exists and is not empty; pass --resume to continue it "
              "or choose another --out")
-if resume and not os.path.exists(os.path.join(out, "state.pt")):
-    sys.exit(f"train.py: --resume but {out}/state.pt does not exist")
+if resume and ckpt.latest(out) is None:
+    sys.exit(f"train.py: --resume but {out} holds no committed checkpoint")
 
 # -----------------------------------------------------------------------------
 # data
@@ -252,12 +253,6 @@ if dev.type == "cuda":
 # checkpointing
 
 
-def atomic_write(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def git_sha():
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -267,13 +262,21 @@ def git_sha():
 
 
 def save_checkpoint(step, val_loss):
-    """Collective: every rank calls it. `dcp-<step>/` (torch.distributed.checkpoint: model + optimizer
-    sharded per rank, reloadable at any world size), then on rank 0 `state.pt` (step, global sampler
-    cursor, every rank's RNG; the optimizer too in single-process runs), the consolidated fp32
-    `model.safetensors` and `meta.json` last (it names the step the others hold); older dcp dirs go."""
+    """Collective: every rank calls it. One commit (state/ckpt.py): into a staging folder go `dcp/`
+    (torch.distributed.checkpoint: model + optimizer sharded per rank, reloadable at any world size),
+    then from rank 0 `state.pt` (step, global sampler cursor, every rank's RNG; the optimizer too in
+    single-process runs), `ema.safetensors`, the consolidated fp32 `model.safetensors` (the weights
+    predict.py uses) and `meta.json`; then the folder is committed with one atomic switch."""
     from safetensors.torch import save_file
-    name = f"dcp-{step}"
-    save_sharded(raw, opt, os.path.join(out, name))
+    if master:
+        os.makedirs(out, exist_ok=True)
+        ckpt.begin(out, step)
+    if ddp:
+        dist.barrier()
+    d = ckpt.staging(out, step)
+    save_sharded(raw, opt, os.path.join(d, "dcp"))
+    if master:
+        ckpt._done()
     sd = full_state_dict(raw)  # collective gather: fp32 on rank 0, {} on the others
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     emasd = None
@@ -290,7 +293,7 @@ def save_checkpoint(step, val_loss):
     if not master:
         dist.barrier()
         return
-    state = {"step": step, "sampler": samp_state, "rng": rng, "rng_ranks": rngs, "dcp": name,
+    state = {"step": step, "sampler": samp_state, "rng": rng, "rng_ranks": rngs, "dcp": "dcp",
              "world": world, "grad_accum": grad_accum}
     if not ddp:
         state["optimizer"] = opt.state_dict()
@@ -307,17 +310,12 @@ def save_checkpoint(step, val_loss):
             "pert_features_hash": file_sha(pert_features) if pert_features else None,
             "world": world, "grad_accum": grad_accum, "parallel": parallel if ddp else None,
             "global_batch": B * world * grad_accum, "git": git_sha(), "torch": torch.__version__}
-    os.makedirs(out, exist_ok=True)
-    # state.pt first and meta.json last: meta.json names the step the other two files hold
-    atomic_write(os.path.join(out, "state.pt"), lambda p: torch.save(state, p))
+    ckpt.write(os.path.join(d, "state.pt"), lambda p: torch.save(state, p))
     if emasd is not None:
-        atomic_write(os.path.join(out, "ema.safetensors"), lambda p: save_file(emasd, p, {"step": str(step)}))
-    atomic_write(os.path.join(out, "model.safetensors"), lambda p: save_file(sd, p, {"step": str(step)}))
-    atomic_write(os.path.join(out, "meta.json"),
-                 lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
-    for f in os.listdir(out):
-        if f.startswith("dcp-") and f != name:
-            shutil.rmtree(os.path.join(out, f), ignore_errors=True)
+        ckpt.write(os.path.join(d, "ema.safetensors"), lambda p: save_file(emasd, p, {"step": str(step)}))
+    ckpt.write(os.path.join(d, "model.safetensors"), lambda p: save_file(sd, p, {"step": str(step)}))
+    ckpt.write(os.path.join(d, "meta.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+    ckpt.commit(out, step)
     if ddp:
         dist.barrier()
 
@@ -325,8 +323,9 @@ def save_checkpoint(step, val_loss):
 start = 0
 if resume:
     from safetensors.torch import load_file
-    meta = json.load(open(os.path.join(out, "meta.json")))
-    state = load_state(os.path.join(out, "state.pt"))
+    ck = ckpt.latest(out)  # the last committed checkpoint: all its files are of one step
+    meta = json.load(open(os.path.join(ck, "meta.json")))
+    state = load_state(os.path.join(ck, "state.pt"))
     if meta["step"] != state["step"]:
         sys.exit(f"train.py: {out}: meta.json step {meta['step']} != state.pt step {state['step']}")
     if meta["data_checksum"] != D.checksum or meta["split_hash"] != split_hash:
@@ -335,9 +334,11 @@ if resume:
         sys.exit("train.py: --resume with a different model config than the run's meta.json")
     # settings that fix the data order or the model are refused; the others are applied and said
     old = meta.get("train", {})
-    fixed = ("batch_size", "seed", "mapping", "control_sets", "batch_encoder", "pert_features", "decoder",
-             "grad_accum" if not ddp else "")
-    bad = [k for k in fixed if k and k in old and old[k] != train_cfg[k]]
+    fixed = ("batch_size", "seed", "mapping", "control_sets", "batch_encoder", "pert_features", "decoder")
+    bad = [k for k in fixed if k in old and old[k] != train_cfg[k]]
+    if meta.get("global_batch", B * world * grad_accum) != B * world * grad_accum:  # world x accum may trade
+        bad.append("global_batch")
+        train_cfg["global_batch"], old["global_batch"] = B * world * grad_accum, meta["global_batch"]
     if bad:
         sys.exit(f"train.py: --resume cannot change {', '.join(f'{k} ({old[k]!r} -> {train_cfg[k]!r})' for k in bad)}: "
                  "they fix the data order or the model; start a new run instead")
@@ -348,21 +349,21 @@ if resume:
     if bool(meta.get("ema")) != bool(ema) or meta.get("select", "last") != select:
         sys.exit(f"train.py: --resume with --ema={ema} --select={select} but the run was trained with "
                  f"ema={meta.get('ema')} select={meta.get('select', 'last')}")
-    if state.get("dcp") and os.path.isdir(os.path.join(out, state["dcp"])):
-        load_sharded(raw, opt, os.path.join(out, state["dcp"]))  # any world size: DCP reshards
+    if state.get("dcp") and os.path.isdir(os.path.join(ck, state["dcp"])):
+        load_sharded(raw, opt, os.path.join(ck, state["dcp"]))  # any world size: DCP reshards
     elif ddp or ema:
-        sys.exit(f"train.py: --resume{' with --ema' if ema else ''} needs a sharded checkpoint ({out}/dcp-<step>/)")
+        sys.exit(f"train.py: --resume{' with --ema' if ema else ''} needs a sharded checkpoint ({ck}/dcp/)")
     else:
-        raw.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
+        raw.load_state_dict(load_file(os.path.join(ck, "model.safetensors")))
         opt.load_state_dict(state["optimizer"])
     for g in opt.param_groups:  # the optimizer state carries the old values: this run's settings win
         g["weight_decay"] = weight_decay
     if ema_p is not None:
-        esd = load_file(os.path.join(out, "ema.safetensors"))
+        esd = load_file(os.path.join(ck, "ema.safetensors"))
         for n, e in zip(ema_names, ema_p):
             e.copy_(esd[n])
     if select == "support" and meta.get("best_step") is not None:
-        msd = load_file(os.path.join(out, "model.safetensors"))
+        msd = load_file(os.path.join(ck, "model.safetensors"))
         best.update(loss=meta["best_support_loss"], step=meta["best_step"], w=[msd[n] for n in ema_names])
     sampler.load_state_dict(state["sampler"])
     rngs = state.get("rng_ranks") or [state["rng"]]

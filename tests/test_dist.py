@@ -66,11 +66,11 @@ def test_two_procs_equal_one_proc_with_twice_the_accumulation(runs):
     assert w1.keys() == w2.keys() and all(v.dtype == torch.float32 for v in w2.values())
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
-    assert sorted(f for f in os.listdir(d / "two" / "dcp-6") if f.endswith(".distcp")) == \
+    assert sorted(f for f in os.listdir(d / "two" / "ckpt" / "dcp") if f.endswith(".distcp")) == \
         ["__0_0.distcp", "__1_0.distcp"]
     meta = json.load(open(d / "two" / "meta.json"))
     assert meta["world"] == 2 and meta["global_batch"] == 16 and meta["parallel"] == "fsdp"
-    st = torch.load(d / "two" / "state.pt", weights_only=False)
+    st = torch.load(d / "two" / "state.pt", weights_only=True)
     assert st["sampler"]["cursor"] == 6 * 4 and len(st["rng_ranks"]) == 2
     # predict.py loads the consolidated file of the 2-process run
     sys.path.insert(0, str(ROOT))
@@ -96,7 +96,7 @@ def test_resume_at_another_world_size(runs, first, then):
     a, b = load_file(d / "one" / "model.safetensors"), load_file(out / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
-    assert sorted(f for f in os.listdir(out) if f.startswith("dcp-")) == ["dcp-6"]  # older ones pruned
+    assert sorted(f for f in os.listdir(out) if f.startswith("ckpt-")) == ["ckpt-6"]  # older ones pruned
 
 
 def test_step_sampler_shards_without_overlap():
