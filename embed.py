@@ -18,7 +18,7 @@ Gene vectors: `--gene_emb=FILE` ({gene: vector} .safetensors/.pt/.npz, e.g. ESM2
 Schedule (SPEC 7): AdamW(lr, wd 0.01), linear warmup over 3% of the steps from 0.33*lr, then cosine
 to 0.3*lr at max_steps; grad-norm clip 0.8; bf16 autocast on GPU.
 A checkpoint is model.safetensors (weights + frozen gene table) + meta.json + state.pt (optimizer,
-step, data cursor), each written atomically.
+step, data cursor), committed together (state/ckpt.py: `ckpt-<step>/` behind the `ckpt` link).
 """
 
 import contextlib
@@ -34,6 +34,7 @@ from dataclasses import MISSING, fields
 import numpy as np
 import torch
 
+from state import ckpt
 from state.config import configure
 from state.dist import all_reduce_sum, compute_cleanup, compute_init, print0
 from state.h5ad import H5AD
@@ -234,9 +235,15 @@ def fit(argv):
     if os.path.isdir(out) and os.listdir(out) and not C["resume"]:
         raise SystemExit(f"embed.py fit: run directory {out} exists and is not empty; pass --resume to continue "
                          "it or choose another --out")
-    if C["resume"] and not os.path.exists(os.path.join(out, "state.pt")):
-        raise SystemExit(f"embed.py fit: --resume but {out}/state.pt does not exist")
-    if C["resume"] and json.load(open(os.path.join(out, "meta.json"))).get("preset") is None:
+    ck = ckpt.latest(out) if C["resume"] else None  # the last committed checkpoint (one step throughout)
+    if C["resume"] and ck is None:
+        if not (os.path.isdir(out) and ckpt.leftovers_only(out)):
+            raise SystemExit(f"embed.py fit: --resume but {out} holds no committed checkpoint")
+        print0(f"note: --resume: {out} holds no committed checkpoint: starting at step 0")
+        if master:
+            ckpt.clear(out)
+        C["resume"] = False
+    if C["resume"] and json.load(open(os.path.join(ck, "meta.json"))).get("preset") is None:
         raise SystemExit(f"embed.py fit: {out} is not an SE run (its meta.json has no SE preset)")
     os.makedirs(out, exist_ok=True)
     print0(f"fit config: {json.dumps(C)} model overrides: {mkw}")
@@ -245,7 +252,7 @@ def fit(argv):
     # --- data: files, gene vocabulary, gene vectors
     h5s = [H5AD(p) for p in files]
     mats = [h.matrix(C["key"]) for h in h5s]
-    meta_old = json.load(open(os.path.join(out, "meta.json"))) if resume else None
+    meta_old = json.load(open(os.path.join(ck, "meta.json"))) if resume else None
     if resume:
         genes = meta_old["genes"]
         emb = None  # restored from model.safetensors
@@ -306,7 +313,7 @@ def fit(argv):
         mc = {{"d": "d_model", "out": "d_out"}.get(k, k): v for k, v in meta_old["config"].items() if k != "k"}
         cfg = SEConfig(**mc)
         from safetensors.torch import load_file
-        sd = load_file(os.path.join(out, "model.safetensors"))
+        sd = load_file(os.path.join(ck, "model.safetensors"))
         model = StateEmbedding(cfg, sd["emb"], genes)
         model.load_state_dict(sd)
     else:
@@ -329,7 +336,7 @@ def fit(argv):
     step0 = 0
     if resume:
         from state.dist import load_state
-        st = load_state(os.path.join(out, "state.pt"))
+        st = load_state(os.path.join(ck, "state.pt"))
         if st["step"] != meta_old["step"]:  # a crash between the two atomic writes
             raise SystemExit(f"{out}: model.safetensors/meta.json are at step {meta_old['step']} but state.pt "
                              f"at step {st['step']}; cannot resume exactly")
@@ -381,11 +388,12 @@ def fit(argv):
         meta = dict(step=step, preset=C["preset"], fit=C, files=[os.path.abspath(p) for p in files],
                     gene_emb=src, datasets=ds_names, ds_col=C["ds_col"], key=C["key"], val_loss=val_loss,
                     torch=torch.__version__)
-        h = save_model(raw, out, meta)
+        d = ckpt.begin(out, step)  # one commit: weights, meta and state of this step together
+        h = save_model(raw, d, meta)
+        ckpt._done()
         st = dict(step=step, opt=opt.state_dict(), ranks=ranks)
-        tmp = os.path.join(out, f"state.pt.tmp{os.getpid()}")
-        torch.save(st, tmp)
-        os.replace(tmp, os.path.join(out, "state.pt"))
+        ckpt.write(os.path.join(d, "state.pt"), lambda p: torch.save(st, p))
+        ckpt.commit(out, step)
         print0(f"saved {out} at step {step} (se_hash {h})")
 
     # --- loop

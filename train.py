@@ -128,7 +128,12 @@ if os.path.isdir(out) and os.listdir(out) and not resume:
     sys.exit(f"train.py: run directory {out} exists and is not empty; pass --resume to continue it "
              "or choose another --out")
 if resume and ckpt.latest(out) is None:
-    sys.exit(f"train.py: --resume but {out} holds no committed checkpoint")
+    if not (os.path.isdir(out) and ckpt.leftovers_only(out)):
+        sys.exit(f"train.py: --resume but {out} holds no committed checkpoint")
+    print0(f"note: --resume: {out} holds no committed checkpoint (killed before its first one): starting at step 0")
+    if master:
+        ckpt.clear(out)
+    resume = False
 
 # -----------------------------------------------------------------------------
 # data
@@ -374,6 +379,8 @@ if resume:
         print0(f"note: resuming a world-{len(rngs)} run at world {world}: data order continues, "
                "dropout RNG reseeded per rank")
     start = state["step"]
+    if master:
+        ckpt.trim_log(os.path.join(out, "log.jsonl"), start)
     print0(f"resumed {out} at step {start}")
 
 # -----------------------------------------------------------------------------

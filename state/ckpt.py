@@ -43,6 +43,30 @@ def latest(out):
     return None
 
 
+def leftovers_only(out):
+    """True when `out` holds nothing but what a run killed before its first commit leaves (its log and
+    staging folders): --resume may then start from step 0 instead of refusing."""
+    return all(f in ("log.jsonl", "ckpt.tmp") or (f.startswith("ckpt-") and f.endswith(".tmp"))
+               for f in os.listdir(out))
+
+
+def clear(out):
+    for f in os.listdir(out):
+        p = os.path.join(out, f)
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+
+
+def trim_log(path, step):
+    """Drop log.jsonl lines past `step` (written by a run killed after its last commit)."""
+    import json
+    if not os.path.exists(path):
+        return
+    keep = [l for l in open(path) if l.strip() and json.loads(l).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 def _name(out, step):
     """ckpt-<step>, or ckpt-<step>-b when ckpt-<step> is the committed one (a run resumed at its last
     step saves that step again): never overwrite the live checkpoint."""
