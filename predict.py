@@ -9,9 +9,9 @@ Virtual screen from control cells (predicted cells for each perturbation in each
 Evaluate / compare with baselines (forwarded to state.eval.main / state.baselines.main):
     python predict.py eval ...        python predict.py report ...
 
-Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, each fed
-with controls of the same context drawn with replacement (seeded), and windows of unequal length share
-a batch through key-padding `lens` (identical to one-set-at-a-time outputs). Real control cells are
+Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, fed with n
+controls of the same context drawn as evenly as possible (state.data.draw_controls, seeded); windows of
+unequal length share a batch through key-padding `lens` (identical to one-set-at-a-time outputs). Real control cells are
 copied through with is_predicted=False (predicted controls would leak into the metrics). Gene-space
 outputs are clipped to [0, 14] (log1p). CPU or one GPU (--device=cuda).
 """
@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from state.config import configure
+from state.data import draw_controls
 from state.eval import group_spread
 from state.h5ad import H5AD, write_h5ad
 from state.st import STConfig, StateTransition
@@ -184,8 +185,9 @@ def cmd_test(argv):
         if pool is None or len(pool) == 0:
             sys.exit(f"predict.py: context {D.context_names[c]} has no control cells in the test split")
         real_rows.append(rows)
+        drawn, a = draw_controls(pool, len(rows), rng), 0
         for n in make_windows(len(rows), S):
-            draw = pool[rng.integers(0, len(pool), n)]
+            draw, a = drawn[a:a + n], a + n
             windows.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw], c))
             meta_w.append((c, p, draw))
     t0 = time.perf_counter()
@@ -357,8 +359,9 @@ def cmd_simulate(argv):
         pool = np.flatnonzero(ctx == c)
         n = cfg["n_cells"] or len(pool)
         for p in perts:
+            drawn, a = draw_controls(pool, n, rng), 0
             for m in make_windows(n, S):
-                draw = pool[rng.integers(0, len(pool), m)]
+                draw, a = drawn[a:a + m], a + m
                 windows.append((draw, vocab[p], bt[draw], cvocab.get(c, 0)))
                 info.append((c, p, draw))
     preds, lats = predict_windows(models, X, windows, cfg["device"], cfg["max_cells"], return_latent=True)

@@ -80,16 +80,19 @@ def real_pair(data, split):
 
 
 def _controls_for(data, split, rng):
-    """For each perturbed test cell, a control cell of its own context drawn (with replacement)
-    from the training controls of that context."""
+    """For each perturbed test cell, a control cell of its own context, drawn per (context,
+    perturbation) group as evenly as possible (state.data.draw_controls) from the training controls of
+    that context: the same draws as predict.py's."""
+    from state.data import draw_controls
     tr = split.train[data.pert[split.train] == data.control_code]
     out = np.empty(len(split.test), np.int64)
     for c in np.unique(data.context[split.test]):
-        m = data.context[split.test] == c
         pool = tr[data.context[tr] == c]
         if len(pool) == 0:
             raise ValueError(f"context '{data.context_names[c]}' has no training controls")
-        out[m] = rng.choice(pool, m.sum(), replace=True)
+        for p in np.unique(data.pert[split.test][data.context[split.test] == c]):
+            m = (data.context[split.test] == c) & (data.pert[split.test] == p)
+            out[m] = draw_controls(pool, m.sum(), rng)
     return out
 
 

@@ -744,6 +744,17 @@ class Prepared:
 # -----------------------------------------------------------------------------
 # cell sets with matched controls (SPEC 5)
 
+def draw_controls(pool, n, rng):
+    """n control rows from `pool`, spread as evenly as possible: whole random permutations of the pool,
+    then a random subset without replacement for the rest, shuffled (each control is used floor(n/k) or
+    ceil(n/k) times). Draws with replacement add sampling noise to a predicted pseudobulk, and a weak
+    effect (a few hundredths of a log unit) drowns in it; every predictor (ST and baselines) uses this."""
+    pool = np.asarray(pool)
+    reps, rest = divmod(int(n), len(pool))
+    parts = [rng.permutation(pool) for _ in range(reps)] + [rng.choice(pool, rest, replace=False)]
+    return rng.permutation(np.concatenate(parts))
+
+
 class SetSampler:
     """Sets of `set_size` cells of one (context, pert[, batch]) group, each paired with control cells drawn
     with replacement from the same context (and batch under mapping="batch", falling back to the context).

@@ -543,3 +543,16 @@ def test_every_row_is_checked_not_a_sample(tmp_path):
     with pytest.raises(H5ADError, match="negative value"):
         prepare(p, tmp_path / "out", assume="log1p")
     assert not (tmp_path / "out").exists()
+
+
+def test_draw_controls_is_even():
+    from state.data import draw_controls
+    rng = np.random.default_rng(0)
+    pool = np.arange(100, 137)
+    for n in (5, 37, 80, 200):
+        d = draw_controls(pool, n, rng)
+        assert len(d) == n and set(d) <= set(pool)
+        c = np.bincount(d - 100, minlength=len(pool))
+        assert c.max() - c.min() <= 1 and c.max() == -(-n // len(pool))  # floor or ceil of n/k each
+    a, b = draw_controls(pool, 50, np.random.default_rng(3)), draw_controls(pool, 50, np.random.default_rng(3))
+    assert np.array_equal(a, b) and not np.array_equal(a, np.sort(a))  # seeded, and shuffled
