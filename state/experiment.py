@@ -189,12 +189,12 @@ def st_job(task, seed, out, cache, shared, recipe):
     log = os.path.join(out, task, f"s{seed}.log")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.time()
-    if not os.path.exists(os.path.join(run, "meta.json")):
-        if os.path.isdir(run):  # a run killed before its first checkpoint: start it again
-            import shutil
-            shutil.rmtree(run)
+    meta_f = os.path.join(run, "meta.json")
+    meta = json.load(open(meta_f)) if os.path.exists(meta_f) else None
+    if meta is None or meta["step"] < meta["train"]["max_steps"]:  # not trained, or stopped part-way
         sh([sys.executable, "train.py", f"--data={d}", f"--split={sp}", f"--out={run}", f"--seed={seed}",
-            "--threads=1", "--log_every=100", *shlex.split(recipe)], log)
+            "--threads=1", "--log_every=100", *shlex.split(recipe)] + (["--resume"] if os.path.isdir(run) else []),
+           log)
     t1 = time.time()
     sh([sys.executable, "predict.py", "test", f"--run={run}", f"--data={d}", f"--split={sp}",
         f"--out={run}/test", f"--seed={seed}"], log)
