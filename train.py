@@ -501,6 +501,8 @@ for step in range(start, max_steps + 1):
     loss_sum = torch.zeros((), device=dev)
     for j, b in enumerate(batches):
         set_sync(model, j == len(batches) - 1)  # gradient reduce only after the last micro-step
+        # dropout masks from (seed, global micro-batch index): the same at any world size and on resume
+        torch.manual_seed(seed * 1_000_003 + samp_state["cursor"] + rank * grad_accum + j)
         with autocast:
             loss, parts = model(**model_inputs(b), lens=None)
         (loss * (n_sets[j] * world / n_tot)).backward()
