@@ -44,7 +44,7 @@ from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_in
                         load_sharded, load_state, print0, rng_state, save_sharded, set_rng_state, set_sync,
                         shard)
 from state.splits import Split
-from state.st import STConfig, StateTransition, load_pert_features
+from state.st import ALIASES, TRAIN_DEFAULTS, STConfig, StateTransition, load_pert_features
 
 # -----------------------------------------------------------------------------
 # config (every global here can be overridden with --key=value)
@@ -52,7 +52,8 @@ data = ""                # prepared dataset directory (python -m state.data prep
 split = ""               # split.json (python -m state.splits make ...)
 out = "runs/st"          # run directory; must not exist unless --resume
 resume = False           # continue the run in `out` from its last checkpoint
-preset = "tiny"          # STConfig preset: tiny | small | default | paper
+preset = "tiny"          # STConfig preset: tiny | cpu | small | default | paper (cpu also sets the
+                         # training recipe it was chosen with: state/st.py TRAIN_DEFAULTS)
 max_steps = 1000         # optimizer steps in total (a resumed run continues to this)
 batch_size = 16          # sets per step per process (reference 16)
 lr = 1e-4                # Adam peak learning rate (reference 1e-4, constant)
@@ -93,6 +94,9 @@ train_keys = [k for k, v in list(globals().items()) if not k.startswith("_") and
               isinstance(v, (int, float, bool, str)) and k not in ("st_over",)]
 train_cfg = {k: globals()[k] for k in train_keys}
 over = configure(sys.argv[1:], train_cfg, st_over)
+for k, v in TRAIN_DEFAULTS.get(ALIASES.get(train_cfg["preset"], train_cfg["preset"]), {}).items():
+    if k not in over:  # a preset's training recipe (state/st.py); explicit --key=value wins
+        train_cfg[k] = v
 globals().update(train_cfg)
 
 # -----------------------------------------------------------------------------

@@ -122,7 +122,6 @@ def mean_scores(pred, real, data):
     row = _mean_row(agg)
     out = {m: row.get(m, np.nan) for m in METRICS if m not in DIAG}
     out["de_nsig_counts_real"] = row.get("de_nsig_counts_real", np.nan)
-    out["n_perts"] = int(agg["perturbation"][0]) if "perturbation" in agg else None
     sp = spread_stats(pred, real, data.pert_col, data.control, ctxc)
     out["spread"], out["shift"] = sp["spread"], sp["shift"]
     return out
@@ -149,7 +148,7 @@ def ceiling(data, split, halvings=2, seed=0):
                              genes)
         res.append(mean_scores(pair(A), pair(B), data))
     with np.errstate(all="ignore"):
-        return {m: float(np.mean([r[m] for r in res])) for m in res[0] if m not in ("n_perts",)}
+        return {m: float(np.mean([r[m] for r in res])) for m in res[0]}
 
 
 def baseline_scores(data, split, seed, have=None):
@@ -269,7 +268,9 @@ def collect(out, cache):
               if os.path.exists(os.path.join(out, t, f"s{s}", "scores.json"))]
         bl = [json.load(open(os.path.join(cache, f"{t}_baselines_s{s}.json"))) for s in cfg["seeds"]]
         ens = os.path.join(out, t, "ensemble", "scores.json")
+        groups = json.load(open(os.path.join(cache, f"{t}.json")))["test_groups"]
         res[t] = dict(st=st, bl=bl, ceil=json.load(open(os.path.join(cache, f"{t}_ceiling.json"))),
+                      n_perts=len({p for _, p in groups}),
                       ens=json.load(open(ens)) if os.path.exists(ens) else None)
     return cfg, res
 
@@ -285,6 +286,9 @@ def uninformative(m, n_real_de, n_perts):
 def analyse(res):
     """Per task and metric: method means/sds, best baseline, paired diff, wins, ceiling, calibrated."""
     out = {}
+    np.seterr(all="ignore")
+    import warnings
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # NaN metrics (e.g. no DE) are reported as NaN
     for t, r in res.items():
         if not r["st"]:
             continue
@@ -311,7 +315,7 @@ def analyse(res):
                                                         if K > 1 else 0.0),
                            wins=None if d is None else int(np.sum(sign * d > 0)), K=K, cal=cal,
                            flag=uninformative(m, r["bl"][0]["perturbation_mean"]["de_nsig_counts_real"],
-                                              r["st"][0].get("n_perts")))
+                                              r["n_perts"]))
         out[t] = rows
     return out
 
