@@ -553,3 +553,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    from state.dist import quiet_exit
+    quiet_exit(0)

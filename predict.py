@@ -426,4 +426,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rc = main(sys.argv[1:])
+    from state.dist import quiet_exit
+    quiet_exit(rc if isinstance(rc, int) else 0)

@@ -41,8 +41,8 @@ from state import ckpt
 from state.config import configure
 from state.data import Prepared, SetSampler
 from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, full_state_dict,
-                        load_sharded, load_state, print0, rng_state, save_sharded, set_rng_state, set_sync,
-                        shard)
+                        load_sharded, load_state, print0, quiet_exit, rng_state, save_sharded, set_rng_state,
+                        set_sync, shard)
 from state.splits import Split
 from state.st import ALIASES, TRAIN_DEFAULTS, STConfig, StateTransition, load_pert_features
 
@@ -561,10 +561,4 @@ if logf:
 print0(f"done: {out} (step {max_steps}, val_loss {vl})" + (f"; model.safetensors holds step {best['step']}, "
        f"the lowest support val loss {best['loss']:.4f}" if best["step"] is not None else ""))
 compute_cleanup()
-if ddp:
-    # skip interpreter teardown: about 1 in 30 two-process gloo runs aborted a rank at exit, after all
-    # work and files were done ("terminate called without an active exception": a C++ thread object
-    # destroyed during teardown), which torchrun reports as a failed run
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+quiet_exit(0)

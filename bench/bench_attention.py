@@ -143,7 +143,7 @@ def bench_aot(args):
     import torch
     import triton.language as tl
     sys.path.insert(0, str(ROOT))
-    A = importlib.import_module("kernels.attention")
+    A = importlib.import_module("kernels.attention_tl")
 
     def types(dt):
         def f(n):

@@ -149,7 +149,7 @@ def bench_aot(args):
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_attention import aot_compile
-    E = importlib.import_module("kernels.energy")
+    E = importlib.import_module("kernels.energy_tl")
 
     def types(dt):
         def f(n):

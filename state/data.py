@@ -578,7 +578,6 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
             off += int(s["keep"].sum())
         X.flush()
     except BaseException:
-        del X
         tmp.unlink(missing_ok=True)
         if not any(out.iterdir()):
             out.rmdir()

@@ -16,6 +16,8 @@ Distributed helpers: one code path for a single process, one GPU, or many under 
 
 import os
 import random
+import sys
+import warnings
 
 import numpy as np
 import torch
@@ -86,6 +88,16 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def quiet_exit(code=0):
+    """End a finished script without interpreter teardown: torch's optimizer imports torch._dynamo,
+    which imports Triton whenever it is installed, and Triton's nanobind extension then prints dozens
+    of "leaked function" lines at teardown (noise, not a leak of ours). Everything is flushed first;
+    the scripts close their own files before this. Also avoids a rare gloo abort at exit under torchrun."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def all_reduce_sum(t):
     """Sum a tensor over ranks in place (no-op single-process); stays on device, no host sync."""
     if dist.is_initialized():
@@ -129,7 +141,9 @@ def save_sharded(model, opt, path):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    with warnings.catch_warnings():  # single process: DCP warns that it assumes one process, which is right
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
 
 
 def load_sharded(model, opt, path):

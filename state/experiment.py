@@ -178,8 +178,6 @@ def cached(path, fn):
 
 def st_job(task, seed, out, cache, shared, recipe):
     from state.data import Prepared
-    from state.splits import Split
-    from state.baselines import real_pair
     d, sp = task_data(task, cache, shared)
     run = os.path.join(out, task, f"s{seed}")
     score_f = os.path.join(run, "scores.json")
@@ -197,7 +195,7 @@ def st_job(task, seed, out, cache, shared, recipe):
     t1 = time.time()
     sh([sys.executable, "predict.py", "test", f"--run={run}", f"--data={d}", f"--split={sp}",
         f"--out={run}/test", f"--seed={seed}"], log)
-    data, split = Prepared(d), Split.load(sp)
+    data = Prepared(d)
     s = mean_scores(os.path.join(run, "test", "pred.h5ad"), os.path.join(run, "test", "real.h5ad"), data)
     s["train_s"], s["total_s"] = t1 - t0, time.time() - t0
     return cached(score_f, lambda: s)

@@ -57,6 +57,19 @@ def pytest_runtest_makereport(item, call):
         rep.longrepr = f"skipped under CI, which must run every real-data and parity test: {reason}"
 
 
+def pytest_unconfigure(config):
+    """After pytest has printed its summary: exit without interpreter teardown, where Triton's nanobind
+    extension (imported by torch's optimizer when Triton is installed) prints dozens of leak lines."""
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(getattr(config, "_nanostate_status", 0))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._nanostate_status = int(exitstatus)
+
+
 def pytest_collection_modifyitems(config, items):
     if _cuda:
         return

@@ -154,10 +154,10 @@ def test_ensemble_is_the_mean_of_its_members():
 
 def fake_results(st, bl, ceil, n_perts=5, n_de=3.0):
     """A protocol result for one task: st = [per-seed dicts], bl = [per-seed {baseline: dict}]."""
-    fill = lambda d, v=0.5: {m: d.get(m, v) for m in X.METRICS} | {"de_nsig_counts_real": n_de, "n_perts": n_perts}
+    fill = lambda d, v=0.5: {m: d.get(m, v) for m in X.METRICS} | {"de_nsig_counts_real": n_de}
     weak = {"pearson_delta": 0.1, "mae": 0.5}  # baselines not named: worse than every named one
     return {"t": dict(st=[fill(s) for s in st], ceil=fill(ceil),
-                      bl=[{n: fill(b.get(n, weak), 0.1) for n in X.BASELINES} for b in bl])}
+                      bl=[{n: fill(b.get(n, weak), 0.1) for n in X.BASELINES} for b in bl], n_perts=n_perts)}
 
 
 def test_protocol_statistics():
