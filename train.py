@@ -40,9 +40,9 @@ import torch.distributed as dist
 from state import ckpt
 from state.config import configure
 from state.data import Prepared, SetSampler
-from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, full_state_dict,
-                        load_sharded, load_state, print0, quiet_exit, rng_state, save_sharded, set_rng_state,
-                        set_sync, shard)
+from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16,
+                        full_state_dict, load_sharded, load_state, print0, quiet_exit, rng_state, save_sharded,
+                        set_rng_state, set_sync, shard)
 from state.splits import Split
 from state.st import ALIASES, TRAIN_DEFAULTS, STConfig, StateTransition, load_pert_features
 
@@ -112,7 +112,12 @@ if dtype == "auto":
     dtype = "bfloat16" if dev.type == "cuda" else "float32"
 amp = dtype == "bfloat16"
 if amp and dev.type == "cpu":
-    print0("note: bf16 autocast on CPU (fast with avx512_bf16/AMX; the loss stays fp32)")
+    if cpu_has_bf16() is False:
+        print0("WARNING: --dtype=bfloat16 on a CPU without native bf16 (no avx512_bf16/amx_bf16 in /proc/cpuinfo): "
+               "bf16 autocast was measured 14x SLOWER than fp32 on such a CPU (bench/bench_train.py); use "
+               "--dtype=float32 (the default on CPU)")
+    else:
+        print0("note: bf16 autocast on CPU (fast with avx512_bf16/AMX; the loss stays fp32)")
 autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp)
 if not data or not split:
     sys.exit("train.py: --data=PREPARED_DIR and --split=split.json are required")

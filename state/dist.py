@@ -88,6 +88,16 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def cpu_has_bf16():
+    """True when this CPU computes bf16 natively (avx512_bf16 or AMX), from /proc/cpuinfo; None when
+    unknown (not Linux)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 def quiet_exit(code=0):
     """End a finished script without interpreter teardown: torch's optimizer imports torch._dynamo,
     which imports Triton whenever it is installed, and Triton's nanobind extension then prints dozens
