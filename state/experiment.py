@@ -379,8 +379,17 @@ def compare(outs, cache, metrics=("pearson_delta", "mae", "discrimination_score_
     lines = []
     res = {o: analyse(collect(o, cache)[1]) for o in outs}
     tasks = [t for t in TASKS if any(t in r for r in res.values())]
+    short = {"perturbation_mean": "pert-mean", "context_mean": "ctx-mean", "linear": "linear",
+             "two_way": "two-way", "auto_shift": "auto"}
     for t in tasks:
         lines += [f"## {t}", "", "| recipe | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        A0 = next(A for A in res.values() if t in A)[t]
+        cells = []
+        for m in metrics:
+            r = A0[m]
+            cells.append("uninformative: " + r["flag"] if r["flag"] else
+                         "-" if r["best"] is None else f"{short[r['best']]} {r['bl'][r['best']][0]:.3f}")
+        lines.append("| best baseline | " + " | ".join(cells) + " |")
         for o, A in res.items():
             if t not in A:
                 continue
@@ -389,7 +398,7 @@ def compare(outs, cache, metrics=("pearson_delta", "mae", "discrimination_score_
                 r = A[t][m]
                 s = f"{r['st'][0]:.3f}+-{r['st'][1]:.3f}"
                 if r["diff"] is not None and not r["flag"]:
-                    s += f" ({r['diff'][0]:+.3f}, {r['wins']}/{r['K']})"
+                    s += f" ({r['diff'][0]:+.3f}+-{r['diff'][1]:.3f}, {r['wins']}/{r['K']})"
                 cells.append(s)
             lines.append(f"| {os.path.basename(o.rstrip('/'))} | " + " | ".join(cells) + " |")
         lines.append("")
