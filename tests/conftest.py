@@ -79,6 +79,18 @@ def pytest_collection_modifyitems(config, items):
             it.add_marker(skip)
 
 
+def run_script(*args, ok=True, threads=2, env=None):
+    """Run a repo script (train.py, predict.py, embed.py) as a user does, from the repo root; raise
+    with its output unless it succeeds (ok=False: return the result whatever happened)."""
+    import subprocess
+    import sys
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), **(env or {})}
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=e, capture_output=True, text=True)
+    if ok and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
 def make_synth_prepared(d):
     """A small synthetic dataset prepared in d/prep with a few-shot split in d/split.json (train/dist tests)."""
     from state.data import prepare

@@ -5,28 +5,19 @@ weights; embed.py weights), and a run killed before its first commit starts agai
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_synth_prepared
+from conftest import make_synth_prepared, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(args, fault=None, ok=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("NANOSTATE_FAULT", None)
-    if fault is not None:
-        env["NANOSTATE_FAULT"] = str(fault)
-    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
-    if ok and r.returncode != 0:
-        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r
+    """A script run with one thread; fault=k kills it after the k-th checkpoint file operation."""
+    return run_script(*args, ok=ok, threads=1, env={"NANOSTATE_FAULT": str(fault) if fault is not None else ""})
 
 
 @pytest.fixture(scope="module")

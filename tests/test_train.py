@@ -2,25 +2,17 @@
 split -> train -> exact resume -> predict test (pred/real pair) -> simulate. Budget: ~60 s on 2 cores."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_synth_prepared
+from conftest import make_synth_prepared, run_script
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, ok=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
-    if ok and r.returncode != 0:
-        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+    return run_script(*args, ok=ok)
 
 
 @pytest.fixture(scope="module")
