@@ -423,6 +423,7 @@ def main(argv=None):
     c = sub.add_parser("compare")
     c.add_argument("outs", nargs="+")
     c.add_argument("--cache", default="runs/exp/data")
+    c.add_argument("--metrics", default="pearson_delta,mae,discrimination_score_l1,overlap_at_N,spread")
     a = ap.parse_args(argv)
     if a.cmd == "run":
         tasks = [x for x in a.tasks.split(",") if x]
@@ -435,7 +436,7 @@ def main(argv=None):
     elif a.cmd == "table":
         print(table(os.path.abspath(a.out), os.path.abspath(a.cache)))
     else:
-        print(compare([os.path.abspath(o) for o in a.outs], os.path.abspath(a.cache)))
+        print(compare([os.path.abspath(o) for o in a.outs], os.path.abspath(a.cache), a.metrics.split(",")))
     return 0
 
 
