@@ -253,7 +253,7 @@ def shift_table(data, rows, kind="two_way", return_choice=False):
       auto          per context, whichever of the three has the lowest cross-fitted mean squared error
                     on that context's own training perturbations (a context without any: two_way)
     with delta[c,p] = mean(x | c,p) - mean(x | c, control). Controls get a zero shift.
-    return_choice=True: (table, {context name: kind}) for auto."""
+    return_choice=True: (table, {context name: kind}) for auto, (table, None) for the others."""
     if kind not in KINDS:
         raise ValueError(f"shift kind '{kind}' not one of {', '.join(KINDS)}")
     if kind == "auto":
@@ -297,7 +297,7 @@ def shift_table(data, rows, kind="two_way", return_choice=False):
         beta, ok = loo((D - alpha) * H[..., None], H, 1)
         T = alpha + np.where(ok[..., None], beta, 0.0)
     T[:, data.control_code] = 0.0
-    return T.astype(np.float32)
+    return (T.astype(np.float32), None) if return_choice else T.astype(np.float32)
 
 
 def two_way(data, split, seed=0, kind="two_way"):
