@@ -7,7 +7,8 @@ It runs, and prints, the same commands a user runs on their own data:
   1. python -m state.synth            a small Perturb-seq-like dataset (3 contexts x 12 perturbations)
   2. python -m state.data prepare     sorted memory-mapped matrix + JSON index
   3. python -m state.splits make      few-shot split: ctxC held out, 30% of its perturbations train
-  4. python train.py                  a small ST (hidden 128, 4 layers, lr 1e-3), energy-distance loss
+  4. python train.py                  ST with the cpu preset (hidden 128, 4 layers, anchored on the auto
+                                      baseline's shift, cosine lr, EMA), energy-distance loss
   5. python predict.py test           pred.h5ad / real.h5ad for the held-out groups
   6. python -m state.baselines report  ST next to the perturbation-mean, context-mean and linear baselines
 """
@@ -48,9 +49,8 @@ def main(argv=None):
          "--context-col", "cell_type"])
     run([py, "-m", "state.splits", "make", "--data", data, "--task", "fewshot", "--context", "ctxC",
          "--support", "0.3", "--seed", str(a.seed), "--out", split])
-    run([py, "train.py", f"--data={data}", f"--split={split}", "--preset=tiny", f"--out={run_dir}",
-         f"--max_steps={a.max_steps}", "--hidden=128", "--n_layers=4", "--set_size=32", "--lr=1e-3",
-         "--control_sets=False", "--threads=1"])
+    run([py, "train.py", f"--data={data}", f"--split={split}", "--preset=cpu", f"--out={run_dir}",
+         f"--max_steps={a.max_steps}", "--threads=1"])
     run([py, "predict.py", "test", f"--run={run_dir}", f"--data={data}", f"--split={split}",
          f"--out={run_dir}/test"])
     run([py, "-m", "state.baselines", "report", "--data", data, "--split", split,
