@@ -11,7 +11,8 @@ Evaluate / compare with baselines (forwarded to state.eval.main / state.baseline
 
 Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, fed with n
 controls of the same context drawn as evenly as possible (state.data.draw_controls, seeded); windows of
-unequal length share a batch through key-padding `lens` (identical to one-set-at-a-time outputs). Real control cells are
+unequal length share a batch through key-padding `lens` (identical to one-set-at-a-time outputs).
+`--run=A,B,C` averages the predictions of several runs (a seed ensemble). Real control cells are
 copied through with is_predicted=False (predicted controls would leak into the metrics). Gene-space
 outputs are clipped to [0, 14] (log1p). CPU or one GPU (--device=cuda).
 """
