@@ -4,6 +4,9 @@ model, loop; no Trainer, no callbacks.
 
 CPU (tiny, ~1-2 min):
     python train.py --data=/tmp/q --split=/tmp/q/split.json --preset=tiny --out=runs/q --max_steps=300
+CPU, the recipe the multi-seed protocol chose (anchored on the auto baseline, cosine lr, EMA, support
+selection; 2,000 steps, ~2 min on one core for the shared real datasets):
+    python train.py --data=DIR --split=split.json --preset=cpu --threads=1 --out=runs/cpu
 1 GPU (bf16 autocast, fp32 master weights and loss):
     python train.py --data=DIR --split=split.json --preset=default --batch_size=16 --out=runs/st
 N GPUs (FSDP2 by default, --parallel=ddp for plain DDP; every rank takes its own block of the
