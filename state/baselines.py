@@ -300,10 +300,8 @@ def shift_table(data, rows, kind="two_way", return_choice=False):
     return (T.astype(np.float32), None) if return_choice else T.astype(np.float32)
 
 
-def two_way(data, split, seed=0, kind="two_way"):
-    """Control cells of the target context + alpha_p + beta_c (shift_table 'two_way'): the
-    perturbation's mean effect in the other contexts plus the held-out context's mean residual over
-    its support perturbations (zero-shot: alpha_p alone, i.e. the perturbation mean)."""
+def _shifted_controls(data, split, seed, kind):
+    """Control cells of each test cell's context + shift_table(kind)[context, perturbation]."""
     rng = np.random.default_rng(seed)
     T = shift_table(data, split.train, kind)
     ctrl = _controls_for(data, split, rng)
@@ -311,11 +309,18 @@ def two_way(data, split, seed=0, kind="two_way"):
     return _assemble(data, split, Xhat, ctrl)
 
 
+def two_way(data, split, seed=0):
+    """Control cells of the target context + alpha_p + beta_c (shift_table 'two_way'): the
+    perturbation's mean effect in the other contexts plus the held-out context's mean residual over
+    its support perturbations (zero-shot: alpha_p alone, i.e. the perturbation mean)."""
+    return _shifted_controls(data, split, seed, "two_way")
+
+
 def auto_shift(data, split, seed=0):
     """Control cells of the target context + the shift (pert_mean, context_mean or two_way) with the
     lowest cross-fitted error on that context's training perturbations (shift_table 'auto'; zero-shot:
     two_way). What `--anchor=auto` starts from."""
-    return two_way(data, split, seed, kind="auto")
+    return _shifted_controls(data, split, seed, "auto")
 
 
 def celleval_baseline(data, split, seed=0):

@@ -81,6 +81,8 @@ DIAG = {"spread", "shift"}
 DE = {"overlap_at_N", "de_direction_match"}
 ONE_PERT = {"discrimination_score_l1", "pearson_edistance"}
 BASELINES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift"]
+SHORT = {"perturbation_mean": "pert-mean", "context_mean": "ctx-mean", "linear": "linear", "two_way": "two-way",
+         "auto_shift": "auto"}
 
 
 def sh(cmd, log=None):
@@ -177,7 +179,6 @@ def cached(path, fn):
 
 
 def st_job(task, seed, out, cache, shared, recipe):
-    from state.data import Prepared
     d, sp = task_data(task, cache, shared)
     run = os.path.join(out, task, f"s{seed}")
     score_f = os.path.join(run, "scores.json")
@@ -193,26 +194,28 @@ def st_job(task, seed, out, cache, shared, recipe):
             "--threads=1", "--log_every=100", *shlex.split(recipe)] + (["--resume"] if os.path.isdir(run) else []),
            log)
     t1 = time.time()
-    sh([sys.executable, "predict.py", "test", f"--run={run}", f"--data={d}", f"--split={sp}",
-        f"--out={run}/test", f"--seed={seed}"], log)
-    data = Prepared(d)
-    s = mean_scores(os.path.join(run, "test", "pred.h5ad"), os.path.join(run, "test", "real.h5ad"), data)
+    s = predict_and_score(run, d, sp, run, seed, log)
     s["train_s"], s["total_s"] = t1 - t0, time.time() - t0
     return cached(score_f, lambda: s)
 
 
+def predict_and_score(runs, d, sp, out, seed, log):
+    """predict.py test of `runs` (one run dir, or several comma-joined: an ensemble) into out/test, scored."""
+    from state.data import Prepared
+    sh([sys.executable, "predict.py", "test", f"--run={runs}", f"--data={d}", f"--split={sp}",
+        f"--out={out}/test", f"--seed={seed}"], log)
+    return mean_scores(os.path.join(out, "test", "pred.h5ad"), os.path.join(out, "test", "real.h5ad"), Prepared(d))
+
+
 def ensemble_job(task, seeds, out, cache, shared):
     """The seeds' runs as one ensemble (predictions averaged per cell), scored like a single run."""
-    from state.data import Prepared
     d, sp = task_data(task, cache, shared)
     ens = os.path.join(out, task, "ensemble")
     score_f = os.path.join(ens, "scores.json")
     if os.path.exists(score_f):
         return json.load(open(score_f))
     runs = ",".join(os.path.join(out, task, f"s{s}") for s in seeds)
-    sh([sys.executable, "predict.py", "test", f"--run={runs}", f"--data={d}", f"--split={sp}",
-        f"--out={ens}/test", f"--seed={seeds[0]}"], os.path.join(out, task, "ensemble.log"))
-    s = mean_scores(os.path.join(ens, "test", "pred.h5ad"), os.path.join(ens, "test", "real.h5ad"), Prepared(d))
+    s = predict_and_score(runs, d, sp, ens, seeds[0], os.path.join(out, task, "ensemble.log"))
     return cached(score_f, lambda: s)
 
 
@@ -342,13 +345,11 @@ def targets(rows):
 def table(out, cache):
     cfg, res = collect(out, cache)
     A = analyse(res)
-    short = {"perturbation_mean": "pert-mean", "context_mean": "ctx-mean", "linear": "linear",
-             "two_way": "two-way", "auto_shift": "auto"}
     lines = [f"# protocol: {out}", f"recipe: `{cfg['recipe']}`", ""]
     for t, rows in A.items():
         K = rows["mae"]["K"]
         lines += [f"## {t} ({TASKS[t][2]}; {K} seeds)", "",
-                  "| metric | " + " | ".join(short[n] for n in BASELINES) +
+                  "| metric | " + " | ".join(SHORT[n] for n in BASELINES) +
                   " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated | ensemble |",
                   "|---|" + "---|" * (len(BASELINES) + 6)]
         for m, r in rows.items():
@@ -379,8 +380,6 @@ def compare(outs, cache, metrics=("pearson_delta", "mae", "discrimination_score_
     lines = []
     res = {o: analyse(collect(o, cache)[1]) for o in outs}
     tasks = [t for t in TASKS if any(t in r for r in res.values())]
-    short = {"perturbation_mean": "pert-mean", "context_mean": "ctx-mean", "linear": "linear",
-             "two_way": "two-way", "auto_shift": "auto"}
     for t in tasks:
         lines += [f"## {t}", "", "| recipe | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
         A0 = next(A for A in res.values() if t in A)[t]
@@ -388,7 +387,7 @@ def compare(outs, cache, metrics=("pearson_delta", "mae", "discrimination_score_
         for m in metrics:
             r = A0[m]
             cells.append("uninformative: " + r["flag"] if r["flag"] else
-                         "-" if r["best"] is None else f"{short[r['best']]} {r['bl'][r['best']][0]:.3f}")
+                         "-" if r["best"] is None else f"{SHORT[r['best']]} {r['bl'][r['best']][0]:.3f}")
         lines.append("| best baseline | " + " | ".join(cells) + " |")
         for o, A in res.items():
             if t not in A:
