@@ -215,7 +215,6 @@ def cmd_test(argv):
         E = np.concatenate(lats) if lats else np.zeros((0, D.n_genes), np.float32)
         obsm_p = {"X_state_pred": np.concatenate([E, D.rows(ctrl_rows)]).astype(np.float32)}
         obsm_r = {"X_state": np.concatenate([D.rows(real_rows), D.rows(ctrl_rows)]).astype(np.float32)}
-    on = np.asarray(D.obs_names, dtype=object)
     uns = {"nanostate": {"pert_col": pc, "control": D.control, "context_col": cc,
                          "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
                          "seed": cfg["seed"], "clip": "0,14" if clip else "none",
@@ -224,15 +223,15 @@ def cmd_test(argv):
     pred_obs = {pc: np.concatenate([pn[wp], pn[D.pert[ctrl_rows]]]),
                 cc: np.concatenate([cn[wc], cn[D.context[ctrl_rows]]]),
                 "is_predicted": np.concatenate([np.ones(len(P), bool), np.zeros(len(ctrl_rows), bool)]),
-                "ctrl_cell_barcode": np.concatenate([on[draw_all], on[ctrl_rows]])}
+                "ctrl_cell_barcode": np.concatenate([D.names(draw_all), D.names(ctrl_rows)])}
     real_obs = {pc: np.concatenate([pn[D.pert[real_rows]], pn[D.pert[ctrl_rows]]]),
                 cc: np.concatenate([cn[D.context[real_rows]], cn[D.context[ctrl_rows]]]),
                 "is_predicted": np.zeros(len(real_rows) + len(ctrl_rows), bool)}
     os.makedirs(cfg["out"], exist_ok=True)
-    pred_names = np.array([f"pred_{i}" for i in range(len(P))] + list(on[ctrl_rows]), dtype=object)
+    pred_names = np.array([f"pred_{i}" for i in range(len(P))] + list(D.names(ctrl_rows)), dtype=object)
     write_h5ad(os.path.join(cfg["out"], "pred.h5ad"), Xp, pred_names, out_genes, obs=pred_obs, obsm=obsm_p,
                uns=uns)
-    write_h5ad(os.path.join(cfg["out"], "real.h5ad"), Xr, np.concatenate([on[real_rows], on[ctrl_rows]]),
+    write_h5ad(os.path.join(cfg["out"], "real.h5ad"), Xr, np.concatenate([D.names(real_rows), D.names(ctrl_rows)]),
                out_genes, obs=real_obs, obsm=obsm_r,
                uns={"nanostate": {**uns["nanostate"], "source": "real", "clip": "none",
                                   "space": "gene" if dec else uns["nanostate"]["space"]}})

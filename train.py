@@ -90,6 +90,8 @@ ckpt_every = 500         # steps between checkpoints (always one at the end)
 compile = False          # torch.compile the model (GPU)
 parallel = "fsdp"        # multi-process: fsdp (FSDP2, sharded params/grads/optimizer) | ddp
 grad_accum = 1           # micro-steps per optimizer step (gradient sync only on the last)
+workers = -1             # loader threads building the next steps' batches during a step; -1 = 2 on cuda,
+                         # 0 (in the step) on cpu. Any value gives the same batches in the same order
 # model fields (STConfig) are overridable too: --hidden=128 --n_layers=4 ...
 st_over = {f.name: f.default for f in fields(STConfig)
            if f.name not in ("n_in", "n_out", "n_pert", "n_batch", "n_genes", "n_ctx")}
@@ -167,8 +169,8 @@ cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over}
                          n_genes=D.n_genes_out if decoder else 0,  # decoder only with a gene target
                          gene_space=st_over["gene_space"] if "gene_space" in over else gene_space)
 S, B = cfg.set_size, batch_size
-train_rows = np.asarray(sp.train)
-val_rows = np.asarray(sp.val)
+train_part = sp.part("train")  # Rows: O(groups), never one index per training cell
+val_rows = sp.val  # (n_val,) row indices: val_frac of the training cells
 if parallel not in ("fsdp", "ddp") or grad_accum < 1:
     sys.exit(f"train.py: --parallel must be fsdp or ddp (got {parallel!r}), --grad_accum >= 1")
 if schedule not in ("constant", "cosine") or warmup < 0 or not 0 <= min_lr <= 1 or not 0 <= ema < 1:
@@ -178,8 +180,8 @@ if (ema or select != "last") and ddp and parallel == "fsdp":
     sys.exit("train.py: --ema / --select with FSDP are not supported yet; use --parallel=ddp")
 if select not in ("last", "support"):
     sys.exit(f"train.py: --select must be last or support (got {select!r})")
-held = np.unique(D.context[np.asarray(sp.test)])  # held-out context codes
-sup_rows = val_rows[np.isin(D.context[val_rows], held) & (D.pert[val_rows] != D.control_code)]
+held = sorted({D.context_names.index(c) for c, _ in sp.test_groups})  # held-out context codes
+sup_rows = sp.part("val", contexts=held, perturbed=True).array()
 if select == "support" and len(sup_rows) == 0:
     print0(f"note: --select=support: the {sp.task} split has no val cells of support perturbations in the "
            "held-out context (zero-shot, or --val-frac 0): keeping the last weights")
@@ -187,16 +189,20 @@ if select == "support" and len(sup_rows) == 0:
 anchor_table = None
 if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
     from state.baselines import shift_table
-    anchor_table, choice = shift_table(D, train_rows, cfg.anchor, return_choice=True)
+    anchor_table, choice = shift_table(D, sp.train, cfg.anchor, return_choice=True)
     print0(f"anchored output: y = ctrl + {cfg.anchor} shift[context, perturbation] + correction "
-           f"(table {anchor_table.shape}, from {len(train_rows):,} training rows)"
+           f"(table {anchor_table.shape}, from {len(train_part):,} training rows)"
            + (f"; per context: {choice}" if choice else ""))
 # one global sequence of B-set micro-batches; this rank takes its block of each step (state/dist.py)
-sampler = StepSampler(SetSampler(D, train_rows, set_size=S, batch_size=B, seed=seed, train=True,
-                                 control_sets=control_sets, mapping=mapping), rank, world, grad_accum)
+if workers < 0:
+    workers = 2 if dev.type == "cuda" else 0
+sampler = StepSampler(SetSampler(D, train_part, set_size=S, batch_size=B, seed=seed, train=True,
+                                 control_sets=control_sets, mapping=mapping), rank, world, grad_accum,
+                      workers=workers, pin=dev.type == "cuda")
 print0(f"data {data}: {D.n_cells:,} cells x {D.n_genes} features ({key}), {len(D.pert_names)} "
        f"perturbations, {len(D.context_names)} contexts | split {split} ({sp.task}, held out "
-       f"{sp.context}): train {len(train_rows):,} val {len(val_rows):,} test {len(sp.test):,} rows")
+       f"{sp.context}): train {len(train_part):,} val {len(val_rows):,} test {len(sp.part('test')):,} rows"
+       f" | loader: {workers} worker thread(s)")
 if cfg.n_genes:
     print0(f"gene decoder: {cfg.n_out} -> {list(cfg.decoder_hidden)} -> {cfg.n_genes} genes ('{D.genes_key}'), "
            f"loss weight {cfg.decoder_weight}")
@@ -408,7 +414,7 @@ def val_loss(support=False):
     if len(rows) == 0:
         return None
     if support:
-        ctl = train_rows[(D.pert[train_rows] == D.control_code) & np.isin(D.context[train_rows], held)]
+        ctl = sp.part("train", contexts=held, perturbed=False).array()
         rows = np.concatenate([rows, ctl])
     vs = SetSampler(D, rows, set_size=S, batch_size=B, seed=seed + 1, train=True,
                     control_sets=control_sets and not support, mapping=mapping)
@@ -467,7 +473,7 @@ if master:
 samp_state = sampler.state_dict()  # state *before* the pending batches: what a checkpoint stores
 batches = [to_dev(b) for b in sampler.next()]  # this rank's grad_accum micro-batches of the step
 model.train()
-t_last, step_last, dt_ema = time.perf_counter(), start, None
+t_last, step_last, dt_ema, wait_last = time.perf_counter(), start, None, sampler.wait
 vl = None
 first_bad = torch.full((), -1, dtype=torch.int64, device=dev)  # first step with a non-finite loss (on device)
 
@@ -544,7 +550,8 @@ for step in range(start, max_steps + 1):
         check_finite(step + 1)
         now = time.perf_counter()
         dt = (now - t_last) / (step + 1 - step_last)
-        step_last, t_last = step + 1, now
+        wait = (sampler.wait - wait_last) / max(now - t_last, 1e-9)  # share of wall time waiting for data
+        step_last, t_last, wait_last = step + 1, now, sampler.wait
         dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
         cells = B * S * world * grad_accum / dt
         eta = dt_ema * (max_steps - step - 1)
@@ -555,10 +562,10 @@ for step in range(start, max_steps + 1):
             gnorm = gnorm.full_tensor()  # DTensor norm (FSDP2): a collective, every rank is here
         gn = f" | gnorm {gnorm.item():.2f}" if gnorm is not None else ""
         print0(f"step {step + 1}/{max_steps} | loss {lossf:.4f}{extra} | lr {lr_now:.1e}{gn} | "
-               f"dt {dt * 1000:.0f}ms | cells/s {cells:,.0f}{mfu} | eta {int(eta // 3600)}h"
+               f"dt {dt * 1000:.0f}ms | data {100 * wait:.0f}% | cells/s {cells:,.0f}{mfu} | eta {int(eta // 3600)}h"
                f"{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
         if logf:
-            logf.write(json.dumps({"step": step + 1, "loss": lossf, "dt_ms": dt * 1000,
+            logf.write(json.dumps({"step": step + 1, "loss": lossf, "dt_ms": dt * 1000, "data_wait": wait,
                                    **({"dec": parts["decoder"].item()} if "decoder" in parts else {})}) + "\n")
             logf.flush()
 

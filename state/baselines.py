@@ -70,7 +70,7 @@ def _obs(data, rows, is_pred):
     return {data.pert_col: data.label("pert", data.pert[rows]).astype(str),
             data.context_col or "context": data.label("context", data.context[rows]).astype(str),
             "is_predicted": np.asarray(is_pred, bool),
-            "ctrl_cell_barcode": np.array(data.obs_names[rows], dtype=object).astype(str)}
+            "ctrl_cell_barcode": data.names(rows)}
 
 
 def real_pair(data, split):
@@ -103,7 +103,7 @@ def _assemble(data, split, Xhat, ctrl_rows):
     isp = np.r_[np.ones(len(split.test), bool), np.zeros(len(split.test_ctrl), bool)]
     obs = _obs(data, rows, isp)
     cb = obs["ctrl_cell_barcode"].astype(object)  # predicted cells: the control they started from
-    cb[:len(split.test)] = data.obs_names[ctrl_rows] if ctrl_rows is not None else ""
+    cb[:len(split.test)] = data.names(ctrl_rows) if ctrl_rows is not None else ""
     obs["ctrl_cell_barcode"] = cb.astype(str)
     return X, obs
 

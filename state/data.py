@@ -39,7 +39,7 @@ PERT_COLS = ("target_gene", "perturbation", "condition", "gene", "drugname_drugc
 CONTROLS = ("non-targeting", "control", "ctrl", "DMSO_TF", "PBS", "NT")
 CONTEXT_COLS = ("cell_type", "cell_line", "celltype", "cell_line_id")
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 stored as raw bits
-FORMAT = 1
+FORMAT = 2  # 1: obs names and groups inside index.json
 
 
 def say(*a):
@@ -180,13 +180,39 @@ def _same_partition(a, b):
     return len(pairs) == ia.max() + 1 == ib.max() + 1
 
 
-def _labels(h, col):
-    v = h.column(col)
-    miss = np.array([x is None for x in v]) if v.dtype == object else np.zeros(len(v), bool)
-    if miss.any():
-        raise H5ADError(f"{h.path}: obs column '{col}' has {int(miss.sum())} missing values "
-                        f"(e.g. cell '{h.obs_names[np.argmax(miss)]}'); fill or drop them")
-    return v.astype(str)
+@dataclass
+class Recipe:
+    """What prepare does to its inputs; recorded in index.json. Unset columns and the control label are
+    detected in the first file and fixed for the rest.
+      key         matrix to read: X | layers/<k> | raw/X | obsm/<k>
+      genes_key   with an embedding key: also store this gene matrix of the same cells as G.bin
+      hvg         keep this many highly variable genes (seurat flavour) of log1p data
+      normalize   auto | yes | no: counts are normalised to target_sum (None: median library size), log1p'd
+      assume      normalized | log1p: override the scale detector
+      keep        {obs column: [values]}: keep only these cells
+      intersect   align several files on their common genes (else differing gene sets are an error)
+      genes       gene names to keep, in order; gene_col: var column holding gene names
+      obsm_genes  gene names of an obsm key's columns (see obsm_names)
+      modality    key labels 'type:label' when a perturbation_type column gives one label several types
+      chunk       rows per streamed block (None: ~64 MB of float32)"""
+    pert_col: str = None
+    control: str = None
+    context_col: str = None
+    batch_col: str = None
+    key: str = "X"
+    genes_key: str = None
+    hvg: int = None
+    normalize: str = "auto"
+    target_sum: float = None
+    assume: str = None
+    dtype: str = "float32"
+    keep: dict = field(default_factory=dict)
+    intersect: bool = False
+    genes: list = None
+    gene_col: str = None
+    obsm_genes: list = None
+    modality: bool = False
+    chunk: int = None
 
 
 def _resolve_cols(h, pert_col, control, context_col, batch_col):
@@ -198,18 +224,24 @@ def _resolve_cols(h, pert_col, control, context_col, batch_col):
         if not found:
             raise H5ADError(f"{h.path}: no perturbation column found (tried {', '.join(PERT_COLS)}); "
                             f"obs columns: {have}; pass --pert-col")
-        labs = {c: _labels(h, c) for c in found}
-        differ = [c for c in found[1:] if not _same_partition(labs[found[0]], labs[c])
-                  and any(k in set(labs[c]) for k in CONTROLS)]
-        if differ:
-            raise H5ADError(f"{h.path}: ambiguous perturbation column: '{found[0]}' and "
-                            f"{', '.join(repr(c) for c in differ)} group the cells differently; pass --pert-col")
+        if len(found) > 1:  # candidates must group the cells alike (their codes, never strings per cell)
+            labs = {c: h.labels(c) for c in found}
+            codes = {c: labs[c][1](0, h.n_obs) for c in found}
+            differ = [c for c in found[1:] if not _same_partition(codes[found[0]], codes[c])
+                      and any(k in set(labs[c][0].tolist()) for k in CONTROLS)]
+            if differ:
+                raise H5ADError(f"{h.path}: ambiguous perturbation column: '{found[0]}' and "
+                                f"{', '.join(repr(c) for c in differ)} group the cells differently; pass --pert-col")
         pert_col = found[0]
         say(f"{h.path}: detected perturbation column '{pert_col}'"
             + (f" (same grouping as {', '.join(found[1:])})" if len(found) > 1 else ""))
     elif pert_col not in cols:
         raise H5ADError(f"{h.path}: perturbation column '{pert_col}' not in obs; available: {have}")
-    labels = set(_labels(h, pert_col).tolist())
+    cats, read = h.labels(pert_col)
+    used = np.zeros(len(cats), bool)  # labels with cells (a categorical may list unused categories)
+    for a in range(0, h.n_obs, 1 << 20):
+        used[read(a, min(a + (1 << 20), h.n_obs))] = True
+    labels = set(cats[used].tolist())
     if control is None:
         found = [c for c in CONTROLS if c in labels]
         if len(found) > 1:
@@ -234,104 +266,93 @@ def _resolve_cols(h, pert_col, control, context_col, batch_col):
     return pert_col, control, context_col, batch_col or ""
 
 
-def _row_sums(m, chunk):
-    """Per-row sums of a Matrix without densifying it whole. (N,) float64"""
-    N = m.shape[0]
+def _row_sums(m, a, b):
+    """Per-row sums of rows [a, b) of a Matrix (float64), without densifying a sparse block."""
     if m.sparse:
-        out = np.zeros(N, np.float64)
-        for a in range(0, N, chunk):
-            b = min(a + chunk, N)
-            p0, p1 = m.indptr[a], m.indptr[b]
-            d = np.asarray(m.data[p0:p1], np.float64)
-            cs = np.concatenate([[0], np.cumsum(d)])
-            out[a:b] = cs[m.indptr[a + 1:b + 1] - p0] - cs[m.indptr[a:b] - p0]
-        return out
-    return np.concatenate([m.block(a, min(a + chunk, N)).sum(1, dtype=np.float64) for a in range(0, N, chunk)])
+        p0, p1 = m.indptr[a], m.indptr[b]
+        cs = np.concatenate([[0], np.cumsum(np.asarray(m.data[p0:p1], np.float64))])
+        return cs[m.indptr[a + 1:b + 1] - p0] - cs[m.indptr[a:b] - p0]
+    return m.block(a, b).sum(1, dtype=np.float64)
+
+
+def _kept(s, a, b):
+    """--keep mask of rows [a, b) of one source (bool)."""
+    m = np.ones(b - a, bool)
+    for ok, read in s["keep"]:
+        m &= ok[read(a, b)]
+    return m
 
 
 def _blocks(src, chunk, desc):
-    """Kept, transformed, gene-selected float32 blocks of one source: yields (kept_positions, (n, G))."""
+    """Kept, transformed, gene-selected float32 blocks of one source: yields (kept_positions, (n, G)).
+    Every row is checked against the detected scale (the detector only samples rows)."""
     from tqdm import tqdm
-    m, N = src["m"], src["m"].shape[0]
+    m, N, h = src["m"], src["m"].shape[0], src["h"]
+    name = lambda i: h.obs_names_at(i, i + 1)[0]
     for a in tqdm(range(0, N, chunk), desc=desc, unit="blk", file=sys.stderr, leave=False):
         b = min(a + chunk, N)
-        sel = src["keep"][a:b]
+        sel = _kept(src, a, b)
         if not sel.any():
             continue
+        rows = np.flatnonzero(sel) + a
         x = m.block(a, b)[sel]  # (n, G_file)
         if not np.isfinite(x).all():
             r, c = np.argwhere(~np.isfinite(x))[0]
             raise H5ADError(f"{src['path']}: '{m.key}' has non-finite values (NaN or inf), e.g. cell "
-                            f"'{src['names'][a + np.flatnonzero(sel)[r]]}' column {c}")
-        # every row is checked against the detected scale (the detector only samples rows)
+                            f"'{name(rows[r])}' column {c}")
         kind = src["scale"].kind
         if kind != "embedding" and (x < 0).any():
             r, c = np.argwhere(x < 0)[0]
             raise H5ADError(f"{src['path']}: '{m.key}' has a negative value {x[r, c]:g} in cell "
-                            f"'{src['names'][a + np.flatnonzero(sel)[r]]}' (row {a + np.flatnonzero(sel)[r]}), "
-                            f"column {c}: expression values cannot be negative "
+                            f"'{name(rows[r])}' (row {rows[r]}), column {c}: expression values cannot be negative "
                             "(scaled/centred data? use the raw counts: --key layers/counts)")
         if src["tr"] == "normalize+log1p" and kind == "counts" and not np.array_equal(x, np.round(x)):
             r, c = np.argwhere(x != np.round(x))[0]
             raise H5ADError(f"{src['path']}: '{m.key}' looked like integer counts but cell "
-                            f"'{src['names'][a + np.flatnonzero(sel)[r]]}' (row {a + np.flatnonzero(sel)[r]}) "
-                            f"has the fractional value {x[r, c]:g} in column {c}: mixed scales in one matrix")
+                            f"'{name(rows[r])}' (row {rows[r]}) has the fractional value {x[r, c]:g} in column "
+                            f"{c}: mixed scales in one matrix")
         if src["tr"] == "none" and kind == "log1p" and x.size and x.max() > 20:
             r, c = np.unravel_index(np.argmax(x), x.shape)
             raise H5ADError(f"{src['path']}: '{m.key}' looked like log1p data but cell "
-                            f"'{src['names'][a + np.flatnonzero(sel)[r]]}' (row {a + np.flatnonzero(sel)[r]}) "
-                            f"has the value {x[r, c]:g} (> 20, not a log1p expression): mixed scales in one matrix")
+                            f"'{name(rows[r])}' (row {rows[r]}) has the value {x[r, c]:g} (> 20, not a log1p "
+                            "expression): mixed scales in one matrix")
         if src["tr"] == "normalize+log1p":
-            tot = src["totals"][a:b][sel]
+            tot = x.sum(1, dtype=np.float64)  # library size over all of the file's genes
             f = np.where(tot > 0, src["target_sum"] / np.maximum(tot, 1e-30), 0.0).astype(np.float32)
             x *= f[:, None]
             np.log1p(x, out=x)
         elif src["tr"] == "log1p":
             np.log1p(x, out=x)
-        yield np.flatnonzero(sel) + a, x[:, src["cols"]]
+        yield rows, x[:, src["cols"]]
 
 
-def prepare(inputs, out_dir, pert_col=None, control=None, context_col=None, batch_col=None, key="X",
-            hvg=None, normalize="auto", target_sum=None, dtype="float32", keep=None,
-            intersect=False, genes=None, gene_col=None, assume=None, chunk=None, modality=False,
-            genes_key=None, obsm_genes=None):
-    """Convert one or more .h5ad files into OUT_DIR (see module docstring) and return Prepared(out_dir).
-    Extra (additive) options: intersect (align multiple files on their common genes), genes (a list of
-    gene names to keep, in order), gene_col (var column holding gene names), assume ('normalized' or
-    'log1p' to override the scale detector), modality (key labels as 'type:label' when a
-    perturbation_type column gives one label several types).
-
-    genes_key ('X', 'layers/counts', ...): with an embedding `key` (obsm/X_state), also store the gene-space
-    matrix of the same cells in the same row order as G.bin (the ST gene decoder's target, SPEC 3.3). The
-    gene options (hvg, genes, gene_col, intersect, normalize, target_sum, assume) apply to it; its genes
-    are Prepared.gene_names_out.
-
-    obsm_genes: the gene names of an obsm input's columns (`--obsm-genes FILE`); without it they come
-    from uns['<key>_var_names'] or from var where `highly_variable` marks exactly that many genes (see
-    obsm_names), so a perturbed gene's own column can be left out of the discrimination score."""
+def prepare(inputs, out_dir, **kw):
+    """Convert one or more .h5ad files (paths, globs, folders) into OUT_DIR (see module docstring) and
+    return Prepared(out_dir). Keyword arguments are Recipe fields. Memory is bounded in the number of
+    cells: labels are read as codes block by block, rows are counted per group in a first pass and
+    written to their sorted place in a second (a counting sort), with positioned writes."""
+    r = Recipe(**kw)
     paths = _expand(inputs)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype '{dtype}' not one of {', '.join(DTYPES)}")
-    normalize = {"yes": True, "no": False, "true": True, "false": False}.get(str(normalize).lower(), normalize)
+    if r.dtype not in DTYPES:
+        raise ValueError(f"dtype '{r.dtype}' not one of {', '.join(DTYPES)}")
+    r.normalize = {"yes": True, "no": False, "true": True, "false": False}.get(str(r.normalize).lower(), r.normalize)
+    r.keep = r.keep or {}
     hs = [H5AD(p) for p in paths]
     out_dir = Path(out_dir)
     try:
         gt = None
-        if genes_key:
+        if r.genes_key:
             # the gene matrix first, into a scratch folder, with the same filters and labels: rows come
             # out in the same (context, pert, batch, file) order; _prepare checks that before adopting it
-            tmp = out_dir / f".genes.tmp{os.getpid()}"
-            gt = _prepare(hs, tmp, pert_col, control, context_col, batch_col, genes_key, hvg, normalize,
-                          target_sum, dtype, keep or {}, intersect, genes, gene_col, assume, chunk, modality)
-            pert_col, control = gt.pert_col, gt.control
-            context_col, batch_col = gt.context_col or "", gt.batch_col or None
-            emb = key.startswith("obsm/") and not key.endswith("X_hvg")
-            if emb:  # gene options belong to the gene matrix, not to the embedding
-                hvg, genes, gene_col, intersect, assume = None, None, None, False, None
+            rg = Recipe(**{**r.__dict__, "key": r.genes_key, "genes_key": None, "obsm_genes": None})
+            gt = _prepare(hs, out_dir / f".genes.tmp{os.getpid()}", rg)
+            r.pert_col, r.control = gt.pert_col, gt.control
+            r.context_col, r.batch_col = gt.context_col or "", gt.batch_col or None
+            if r.key.startswith("obsm/") and not r.key.endswith("X_hvg"):
+                # gene options belong to the gene matrix, not to the embedding
+                r.hvg, r.genes, r.gene_col, r.intersect, r.assume = None, None, None, False, None
         try:
-            return _prepare(hs, out_dir, pert_col, control, context_col, batch_col, key, hvg, normalize,
-                            target_sum, dtype, keep or {}, intersect, genes, gene_col, assume, chunk, modality,
-                            gene_target=gt, obsm_genes=obsm_genes)
+            return _prepare(hs, out_dir, r, gene_target=gt)
         finally:
             if gt is not None:
                 import shutil
@@ -372,64 +393,61 @@ def obsm_names(h, k, n, given=None):
     return np.array([f"{k}_{i}" for i in range(n)])
 
 
-def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, normalize, target_sum, dtype,
-             keep, intersect, genes, gene_col, assume, chunk, modality, gene_target=None, obsm_genes=None):
-    # --- columns, labels, keep filter ---
+def _sources(hs, r):
+    """One dict per input file: label readers (codes, never strings per cell), --keep masks."""
     srcs = []
     for h in hs:
-        pc, ctl, cc, bc = _resolve_cols(h, pert_col, control, context_col, batch_col)
-        pert_col, control, context_col, batch_col = pc, ctl, cc, bc  # the first file fixes them for the rest
-        N = h.n_obs
-        s = dict(path=h.path, h=h, names=h.obs_names.astype(str), pert=_labels(h, pc),
-                 ctx=_labels(h, cc) if cc else np.full(N, "all", object),
-                 bat=_labels(h, bc) if bc else np.full(N, "all", object), keep=np.ones(N, bool))
-        for col, vals in keep.items():
+        r.pert_col, r.control, r.context_col, r.batch_col = _resolve_cols(h, r.pert_col, r.control,
+                                                                          r.context_col, r.batch_col)
+        one = (np.array(["all"]), lambda a, b: np.zeros(b - a, np.int64))
+        s = dict(path=h.path, h=h, n=h.n_obs, keep=[],
+                 pert=h.labels(r.pert_col), ctx=h.labels(r.context_col) if r.context_col else one,
+                 bat=h.labels(r.batch_col) if r.batch_col else one,
+                 ptype=h.labels("perturbation_type") if "perturbation_type" in h.columns("obs") else None)
+        for col, vals in r.keep.items():
             if col not in h.columns("obs"):
                 raise H5ADError(f"{h.path}: --keep column '{col}' not in obs; available: {', '.join(h.columns('obs'))}")
-            s["keep"] &= np.isin(_labels(h, col), list(vals))
-        if "perturbation_type" in h.columns("obs"):
-            s["ptype"] = _labels(h, "perturbation_type")
+            cats, read = h.labels(col)
+            s["keep"].append((np.isin(cats, list(vals)), read))
         srcs.append(s)
-    for col, vals in keep.items():
-        seen = set().union(*[set(_labels(s["h"], col).tolist()) for s in srcs])
+    for col, vals in r.keep.items():
+        seen = set().union(*[set(s["h"].labels(col)[0].tolist()) for s in srcs])
         bad = [v for v in vals if v not in seen]
         if bad:
             raise H5ADError(f"--keep {col}: value(s) {bad} not found in obs column '{col}' of "
                             f"{', '.join(s['path'] for s in srcs)}; values: {sorted(seen)[:20]}")
-    if sum(s["keep"].sum() for s in srcs) == 0:
-        raise H5ADError("no cells left after --keep")
+    return srcs
 
-    # --- genes: names, alignment across files, requested list ---
+
+def _gene_plan(srcs, r):
+    """The output gene list and, per source, the matrix and its columns in that order."""
     for s in srcs:
         h = s["h"]
-        s["m"] = h.matrix(key)
+        s["m"] = h.matrix(r.key)
         if s["m"].shape[0] != h.n_obs:
-            raise H5ADError(f"{h.path}: '{key}' has {s['m'].shape[0]} rows but obs has {h.n_obs}")
+            raise H5ADError(f"{h.path}: '{r.key}' has {s['m'].shape[0]} rows but obs has {h.n_obs}")
         if s["m"].key.startswith("obsm/"):
-            s["genes"] = obsm_names(h, s["m"].key[5:], s["m"].shape[1], obsm_genes)
+            s["genes"] = obsm_names(h, s["m"].key[5:], s["m"].shape[1], r.obsm_genes)
         else:
-            s["genes"] = h.var_names(gene_col).astype(str)
+            s["genes"] = h.var_names(r.gene_col).astype(str)
             if s["m"].key == "raw/X" and "raw" in h.f and "var" in h.f["raw"]:
                 g = h.f["raw/var"]
                 ik = g.attrs.get("_index", "_index")
                 s["genes"] = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in g[ik][:]])
             if len(s["genes"]) != s["m"].shape[1]:
-                raise H5ADError(f"{h.path}: {len(s['genes'])} gene names for {s['m'].shape[1]} columns of '{key}'")
+                raise H5ADError(f"{h.path}: {len(s['genes'])} gene names for {s['m'].shape[1]} columns of '{r.key}'")
             u, n = np.unique(s["genes"], return_counts=True)
             if (n > 1).any():
-                raise H5ADError(f"{h.path}: duplicate gene names in '{key}' ({', '.join(u[n > 1][:10])}"
+                raise H5ADError(f"{h.path}: duplicate gene names in '{r.key}' ({', '.join(u[n > 1][:10])}"
                                 f"{' ...' if (n > 1).sum() > 10 else ''}): a gene would take another column's "
                                 "values; make var names unique (adata.var_names_make_unique()) or pass --gene-col")
     gl = list(srcs[0]["genes"])
     if len(srcs) > 1:
         sets = [set(s["genes"].tolist()) for s in srcs]
-        for s, st in zip(srcs, sets):
-            if len(st) != len(s["genes"]):
-                raise H5ADError(f"{s['path']}: duplicate gene names; cannot align files by gene name")
         common = set.intersection(*sets)
         if len(common) < len(set.union(*sets)):
             miss = {s["path"]: sorted(set.union(*sets) - st) for s, st in zip(srcs, sets) if set.union(*sets) - st}
-            if not intersect:
+            if not r.intersect:
                 msg = "; ".join(f"{p} lacks {len(v)} genes (e.g. {', '.join(v[:10])})" for p, v in miss.items())
                 raise H5ADError(f"gene sets differ between files: {msg}. Pass --intersect to keep the "
                                 f"{len(common)} common genes")
@@ -439,8 +457,8 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
             gl = [g for g in gl if g in common]
             if not gl:
                 raise H5ADError("the files share no gene names")
-    if genes is not None:
-        genes = [str(g) for g in genes]
+    if r.genes is not None:
+        genes = [str(g) for g in r.genes]
         have = set(gl)
         unknown = [g for g in genes if g not in have]
         if unknown:
@@ -454,9 +472,12 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
     for s in srcs:
         pos = {g: i for i, g in enumerate(s["genes"].tolist())}
         s["cols"] = np.array([pos[g] for g in gl], np.int64)
+    return gl
 
-    # --- scale and recipe ---
-    emb = key.startswith("obsm/") or srcs[0]["m"].key.startswith("obsm/")
+
+def _scale_plan(srcs, r, csize):
+    """Detect each source's scale, choose its transform, fix target_sum; returns (emb, logged)."""
+    emb = r.key.startswith("obsm/") or srcs[0]["m"].key.startswith("obsm/")
     for s in srcs:
         if emb:
             s["scale"], s["tr"] = Scale("embedding", None, {}), "none"
@@ -465,145 +486,238 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
         sc = detect_scale(s["m"])
         s["scale"] = sc
         say(f"{s['path']}: '{s['m'].key}' looks like {sc}")
-        kind = assume or sc.kind
+        kind = r.assume or sc.kind
         layers = list(s["h"].f["layers"].keys()) if "layers" in s["h"].f else []
         if kind == "scaled":
             raise H5ADError(f"{s['path']}: '{s['m'].key}' has negative values (min {sc.evidence['min']:.3g}): "
                             f"it looks scaled/centred, which cannot be un-done. Use the raw counts instead: "
                             f"--key layers/counts or --key raw/X (layers here: {layers or 'none'}"
                             f"{', raw/X' if 'raw' in s['h'].f else ''})")
-        if kind == "normalized" and assume != "normalized":
+        if kind == "normalized" and r.assume != "normalized":
             raise H5ADError(f"{s['path']}: '{s['m'].key}' is fractional with max {sc.evidence['max']:.3g} >= 15: "
                             "normalised but not log-transformed? Pass --assume normalized to log1p it, or "
                             f"--key layers/counts (layers here: {layers or 'none'})")
         if kind == "counts":
-            s["tr"] = "normalize+log1p" if normalize in ("auto", True) else "none"
+            s["tr"] = "normalize+log1p" if r.normalize in ("auto", True) else "none"
             if s["tr"] == "none":
                 say(f"WARNING {s['path']}: keeping raw counts (--normalize no); models expect log1p")
         elif kind == "normalized":
             s["tr"] = "log1p"
         else:
             s["tr"] = "none"
-            if normalize is True:
+            if r.normalize is True:
                 say(f"{s['path']}: already log1p: not normalising or logging again")
-    csize = chunk or int(max(256, min(8192, 2 ** 26 // (4 * max(max(s["m"].shape[1] for s in srcs), 1)))))
-    if any(s["tr"] == "normalize+log1p" for s in srcs):
-        for s in srcs:
-            if s["tr"] == "normalize+log1p":
-                s["totals"] = _row_sums(s["m"], csize)
-        if target_sum is None:
-            target_sum = float(np.median(np.concatenate([s["totals"][s["keep"]] for s in srcs
-                                                         if s["tr"] == "normalize+log1p"])))
-            say(f"normalising counts to the median library size {target_sum:g} (--target-sum 1e4 for the paper's)")
+    norm = [s for s in srcs if s["tr"] == "normalize+log1p"]
+    if norm:
+        if r.target_sum is None:  # the median library size of the kept cells: 4 bytes per cell, briefly
+            tot = np.concatenate([_row_sums(s["m"], a, min(a + csize, s["n"]))[_kept(s, a, min(a + csize, s["n"]))]
+                                  .astype(np.float32) for s in norm for a in range(0, s["n"], csize)])
+            r.target_sum = float(np.median(tot))
+            del tot
+            say(f"normalising counts to the median library size {r.target_sum:g} (--target-sum 1e4 for the paper's)")
         else:
-            say(f"normalising counts to target_sum {target_sum:g}")
-        for s in srcs:
-            s["target_sum"] = float(target_sum)
-    logged = all(s["tr"] != "none" or s["scale"].kind == "log1p" or (assume == "log1p") for s in srcs)
+            say(f"normalising counts to target_sum {r.target_sum:g}")
+        for s in norm:
+            s["target_sum"] = float(r.target_sum)
+    logged = all(s["tr"] != "none" or s["scale"].kind == "log1p" or (r.assume == "log1p") for s in srcs)
+    return emb, logged
 
-    # --- HVGs (one streamed pass: per-gene mean and variance of expm1(x)) ---
-    if hvg:
+
+def _hvg(srcs, r, gl, csize):
+    """Select r.hvg genes in one streamed pass (per-gene mean and variance of expm1(x))."""
+    s1 = np.zeros(len(gl)); s2 = np.zeros(len(gl)); n = 0
+    for s in srcs:
+        for _, x in _blocks(s, csize, f"hvg {Path(s['path']).name}"):
+            e = np.expm1(x.astype(np.float64))
+            s1 += e.sum(0); s2 += (e * e).sum(0); n += len(x)
+    mean = s1 / n
+    var = (s2 / n - mean ** 2) * n / max(n - 1, 1)
+    top = hvg_seurat(mean, np.maximum(var, 0), int(r.hvg))
+    say(f"selected {len(top)} highly variable genes (seurat flavour) of {len(gl)}")
+    for s in srcs:
+        s["cols"] = s["cols"][top]
+    return [gl[i] for i in top]
+
+
+def _local_codes(s, a, b):
+    """File-local label codes of rows [a, b) as one int64 key per row (pert, ptype, context, batch)."""
+    pc, cc, bc = s["pert"][1](a, b), s["ctx"][1](a, b), s["bat"][1](a, b)
+    tc = s["ptype"][1](a, b) + 1 if s["ptype"] is not None else np.zeros(b - a, np.int64)
+    nt = len(s["ptype"][0]) + 1 if s["ptype"] is not None else 1
+    return ((pc * nt + tc) * len(s["ctx"][0]) + cc) * len(s["bat"][0]) + bc
+
+
+def _unkey(s, k):
+    """Local keys -> (pert label, ptype label or '?', context label, batch label) lists."""
+    nb, nc = len(s["bat"][0]), len(s["ctx"][0])
+    nt = len(s["ptype"][0]) + 1 if s["ptype"] is not None else 1
+    bc, k = k % nb, k // nb
+    cc, k = k % nc, k // nc
+    tc, pc = k % nt, k // nt
+    pt = np.concatenate([["?"], s["ptype"][0]]) if s["ptype"] is not None else np.array(["?"])
+    return s["pert"][0][pc], pt[tc], s["ctx"][0][cc], s["bat"][0][bc]
+
+
+def _plan_groups(srcs, r, csize):
+    """First pass over the labels only: cells per (context, pert, batch) group, the vocabularies, the
+    group table (rows sorted by group; within a group, in file order) and the widest obs name."""
+    width = 1
+    for i, s in enumerate(srcs):
+        cnt = {}
+        for a in range(0, s["n"], csize):
+            b = min(a + csize, s["n"])
+            sel = _kept(s, a, b)
+            u, n = np.unique(_local_codes(s, a, b)[sel], return_counts=True)
+            for k, m in zip(u.tolist(), n.tolist()):
+                cnt[k] = cnt.get(k, 0) + m
+            if sel.any():
+                width = max(width, np.char.encode(s["h"].obs_names_at(a, b)[sel], "utf-8").itemsize)
+        s["lk"] = np.array(sorted(cnt), np.int64)
+        s["ln"] = np.array([cnt[k] for k in s["lk"].tolist()], np.int64)
+        s["lab"] = list(zip(*_unkey(s, s["lk"]))) if len(s["lk"]) else []
+    if sum(int(s["ln"].sum()) for s in srcs) == 0:
+        raise H5ADError("no cells left after --keep")
+    # modality aliasing (SPEC 2.2): one label, several perturbation_type values
+    types = {}
+    for s in srcs:
+        for p_, t_, _, _ in s["lab"]:
+            if p_ != r.control and s["ptype"] is not None:
+                types.setdefault(p_, set()).add(t_)
+    alias = sorted(p_ for p_, t_ in types.items() if len(t_) > 1)
+    if alias and r.modality:
+        say(f"modality: {len(alias)} labels occur with several perturbation_type values (e.g. {alias[0]}: "
+            f"{sorted(types[alias[0]])}); perturbations keyed as 'type:label'")
+    elif alias:
+        say(f"WARNING modality aliasing: {len(alias)} perturbation labels occur with different "
+            f"perturbation_type values (e.g. {', '.join(alias[:5])}: {sorted(types[alias[0]])}); they share "
+            "one vocabulary entry. Keep one modality with --keep (e.g. --keep cell_type=...) or pass "
+            "--modality to key them as 'type:label'")
+    eff = lambda p_, t_: f"{t_}:{p_}" if r.modality and alias and p_ != r.control else p_
+    perts = {eff(p_, t_) for s in srcs for p_, t_, _, _ in s["lab"]}
+    pert_names = [r.control] + sorted(perts - {r.control})
+    context_names = sorted({c_ for s in srcs for _, _, c_, _ in s["lab"]})
+    batch_names = sorted({b_ for s in srcs for _, _, _, b_ in s["lab"]})
+    lp, lc, lb = ({x: i for i, x in enumerate(v)} for v in (pert_names, context_names, batch_names))
+    n_of = {}
+    for s in srcs:  # local key -> (C, P, B)
+        s["cpb"] = np.array([(lc[c_], lp[eff(p_, t_)], lb[b_]) for p_, t_, c_, b_ in s["lab"]], np.int64).reshape(-1, 3)
+        for t, m in zip(map(tuple, s["cpb"].tolist()), s["ln"].tolist()):
+            n_of[t] = n_of.get(t, 0) + m
+    keys = sorted(n_of)
+    n = np.array([n_of[k] for k in keys], np.int64)
+    stop = np.cumsum(n)
+    table = np.concatenate([np.array(keys, np.int64).reshape(-1, 3), (stop - n)[:, None], stop[:, None]], 1)
+    gid = {k: i for i, k in enumerate(keys)}
+    for s in srcs:
+        s["lg"] = np.array([gid[tuple(t)] for t in s["cpb"].tolist()], np.int64)
+    for k, name in enumerate(context_names):
+        if not np.any((table[:, 0] == k) & (table[:, 1] == 0)):
+            raise H5ADError(f"context '{name}' (obs column '{r.context_col or '-'}') has no control cells "
+                            f"('{r.control}' in '{r.pert_col}'); drop it with --keep or fix the labels")
+    return table, pert_names, context_names, batch_names, width
+
+
+class _RowFile:
+    """A row-major output file written with positioned writes of runs of consecutive rows: it is never
+    memory-mapped, so written pages sit in the page cache and not in this process's memory."""
+
+    def __init__(self, path, n_rows, dtype, row_shape=(), npy=False):
+        self.path, self.dt = path, np.dtype(dtype)
+        self.rb = self.dt.itemsize * int(np.prod(row_shape, dtype=np.int64))
+        hdr = b""
+        if npy:
+            import io
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(self.dt),
+                                                       "fortran_order": False, "shape": (n_rows, *row_shape)})
+            hdr = buf.getvalue()
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, hdr, 0)
+        self.off = len(hdr)
+        os.ftruncate(self.fd, self.off + n_rows * self.rb)
+
+    def put(self, dest, rows):
+        """rows[i] -> row dest[i]; dest ascending."""
+        buf = np.ascontiguousarray(rows, self.dt).view(np.uint8).reshape(-1)
+        brk = np.flatnonzero(np.diff(dest) != 1) + 1
+        for a, b in zip(np.concatenate([[0], brk]), np.concatenate([brk, [len(dest)]])):
+            os.pwrite(self.fd, buf[a * self.rb:b * self.rb], self.off + int(dest[a]) * self.rb)
+
+    def close(self):
+        os.close(self.fd)
+
+
+def _write_rows(srcs, r, out, table, G, width, csize):
+    """Second pass: every kept row to its sorted place in X.bin, codes.npy and obs_names.npy."""
+    N = int(table[-1, 4])
+    tmp = {k: out / f"{k}.tmp{os.getpid()}" for k in ("X.bin", "codes.npy", "obs_names.npy")}
+    fx = _RowFile(tmp["X.bin"], N, DTYPES[r.dtype], (G,))
+    fc = _RowFile(tmp["codes.npy"], N, np.int32, (4,), npy=True)
+    fn = _RowFile(tmp["obs_names.npy"], N, f"S{width}", npy=True)
+    cursor = table[:, 3].copy()  # next free row of each group
+    try:
+        for i, s in enumerate(srcs):
+            for rows, x in _blocks(s, csize, f"write {Path(s['path']).name}"):
+                a, b = int(rows[0]), int(rows[-1]) + 1
+                g = s["lg"][np.searchsorted(s["lk"], _local_codes(s, a, b)[rows - a])]
+                o = np.argsort(g, kind="stable")  # file order within a group
+                gs = g[o]
+                u, first, cnt = np.unique(gs, return_index=True, return_counts=True)
+                dest = cursor[gs] + np.arange(len(gs)) - np.repeat(first, cnt)
+                cursor[u] += cnt
+                fx.put(dest, to_storage(x[o], r.dtype))
+                fc.put(dest, np.concatenate([table[gs, :3], np.full((len(gs), 1), i)], 1).astype(np.int32))
+                fn.put(dest, np.char.encode(s["h"].obs_names_at(a, b)[rows - a][o], "utf-8").astype(f"S{width}"))
+        assert np.array_equal(cursor, table[:, 4]), "internal error: rows per group changed between passes"
+    except BaseException:
+        for f in (fx, fc, fn):
+            f.close()
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+        raise
+    for f in (fx, fc, fn):
+        f.close()
+    for k, p in tmp.items():
+        os.replace(p, out / k)
+
+
+def _prepare(hs, out, r, gene_target=None):
+    srcs = _sources(hs, r)
+    gl = _gene_plan(srcs, r)
+    csize = r.chunk or int(max(256, min(8192, 2 ** 26 // (4 * max(max(s["m"].shape[1] for s in srcs), 1)))))
+    emb, logged = _scale_plan(srcs, r, csize)
+    if r.hvg:
         if emb or not logged:
             raise ValueError("--hvg needs log1p expression data (not an embedding or raw counts)")
-        s1 = np.zeros(len(gl)); s2 = np.zeros(len(gl)); n = 0
-        for s in srcs:
-            for _, x in _blocks(s, csize, f"hvg {Path(s['path']).name}"):
-                e = np.expm1(x.astype(np.float64))
-                s1 += e.sum(0); s2 += (e * e).sum(0); n += len(x)
-        mean = s1 / n
-        var = (s2 / n - mean ** 2) * n / max(n - 1, 1)
-        top = hvg_seurat(mean, np.maximum(var, 0), int(hvg))
-        say(f"selected {len(top)} highly variable genes (seurat flavour) of {len(gl)}")
-        gl = [gl[i] for i in top]
-        for s in srcs:
-            s["cols"] = s["cols"][top]
-
-    # --- vocabularies, sort order, groups ---
-    cat = lambda k: np.concatenate([np.asarray(s[k], object)[s["keep"]] for s in srcs])
-    pert, ctx, bat, names = cat("pert"), cat("ctx"), cat("bat"), cat("names")
-    src = np.concatenate([np.full(int(s["keep"].sum()), i, np.int32) for i, s in enumerate(srcs)])
-    if any("ptype" in s for s in srcs):  # modality aliasing (SPEC 2.2): same label, different perturbation_type
-        pt = np.concatenate([s["ptype"][s["keep"]] if "ptype" in s else np.full(int(s["keep"].sum()), "?", object)
-                             for s in srcs])
-        types = {}
-        for p_, t_ in set(zip(pert.tolist(), pt.tolist())):
-            if p_ != control:
-                types.setdefault(p_, set()).add(t_)
-        alias = sorted(p_ for p_, t_ in types.items() if len(t_) > 1)
-        if alias and modality:
-            pert = np.where(pert == control, pert, pt.astype(object) + ":" + pert.astype(object))
-            say(f"modality: {len(alias)} labels occur with several perturbation_type values (e.g. {alias[0]}: "
-                f"{sorted(types[alias[0]])}); perturbations keyed as 'type:label'")
-        elif alias:
-            say(f"WARNING modality aliasing: {len(alias)} perturbation labels occur with different "
-                f"perturbation_type values (e.g. {', '.join(alias[:5])}: {sorted(types[alias[0]])}); they share "
-                "one vocabulary entry. Keep one modality with --keep (e.g. --keep cell_type=...) or pass "
-                "--modality to key them as 'type:label'")
-    pert_names = [control] + sorted(set(pert.tolist()) - {control})
-    context_names = sorted(set(ctx.tolist()))
-    batch_names = sorted(set(bat.tolist()))
-    lut = lambda v: {x: i for i, x in enumerate(v)}
-    lp, lc, lb = lut(pert_names), lut(context_names), lut(batch_names)
-    P = np.array([lp[x] for x in pert], np.int32)
-    C = np.array([lc[x] for x in ctx], np.int32)
-    B = np.array([lb[x] for x in bat], np.int32)
-    for k, name in enumerate(context_names):
-        if not np.any((C == k) & (P == 0)):
-            raise H5ADError(f"context '{name}' (obs column '{context_col or '-'}') has no control cells "
-                            f"('{control}' in '{pert_col}'); drop it with --keep or fix the labels")
-    n_dup = len(names) - len(set(names.tolist()))
-    if n_dup:
-        say(f"WARNING {n_dup} duplicate obs names across the inputs")
-    order = np.lexsort((B, P, C))  # rows sorted by (context, pert, batch); stable = file order within a group
-    dest = np.empty(len(order), np.int64)
-    dest[order] = np.arange(len(order))
-    codes = np.stack([C, P, B, src], 1)[order]  # (N, 4)
-    kk = codes[:, :3].astype(np.int64)
-    brk = np.flatnonzero(np.any(np.diff(kk, axis=0) != 0, axis=1)) + 1
-    starts = np.concatenate([[0], brk]); stops = np.concatenate([brk, [len(kk)]])
-    groups = [[int(kk[a, 0]), int(kk[a, 1]), int(kk[a, 2]), int(a), int(b)] for a, b in zip(starts, stops)]
-
-    # --- write X.bin: stream each source in file order, scatter rows to their sorted position ---
+        gl = _hvg(srcs, r, gl, csize)
+    table, pert_names, context_names, batch_names, width = _plan_groups(srcs, r, csize)
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    Ncell, G = len(order), len(gl)
-    tmp = out / f"X.bin.tmp{os.getpid()}"
-    X = np.memmap(tmp, dtype=DTYPES[dtype], mode="w+", shape=(Ncell, G))
-    off = 0
     try:  # a bad row found while streaming leaves nothing behind
-        for i, s in enumerate(srcs):
-            pos = np.cumsum(s["keep"]) - 1 + off  # file row -> concatenated kept index
-            for rows, x in _blocks(s, csize, f"write {Path(s['path']).name}"):
-                d = dest[pos[rows]]
-                X[d] = to_storage(x, dtype)
-            off += int(s["keep"].sum())
-        X.flush()
+        _write_rows(srcs, r, out, table, len(gl), width, csize)
     except BaseException:
-        tmp.unlink(missing_ok=True)
-        if not any(out.iterdir()):
-            out.rmdir()
+        if fresh or not any(out.iterdir()):
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)
         raise
-    del X
-    os.replace(tmp, out / "X.bin")
-    np.save(out / "codes.npy", codes.astype(np.int32))
-    sources = [dict(path=os.path.abspath(s["path"]), md5=md5(s["path"]), n_obs=int(len(s["keep"])),
-                    kept=int(s["keep"].sum()), scale=dict(kind=s["scale"].kind, target_sum=s["scale"].target_sum,
-                                                          evidence=s["scale"].evidence), transform=s["tr"],
-                    se=s["h"].uns("nanostate_se") if emb else None)  # SE provenance of obsm/X_state (embed.py)
+    np.save(out / "groups.npy", table)
+    sources = [dict(path=os.path.abspath(s["path"]), md5=md5(s["path"]), n_obs=int(s["n"]), kept=int(s["ln"].sum()),
+                    scale=dict(kind=s["scale"].kind, target_sum=s["scale"].target_sum, evidence=s["scale"].evidence),
+                    transform=s["tr"], se=s["h"].uns("nanostate_se") if emb else None)  # SE provenance (embed.py)
                for s in srcs]
     se_hashes = {(x["se"] or {}).get("se_hash") for x in sources if x["se"]}
     if len(se_hashes) > 1:  # embeddings from different SE checkpoints live in different spaces
-        raise H5ADError(f"'{key}' comes from different SE checkpoints {sorted(se_hashes)} across files; "
+        raise H5ADError(f"'{r.key}' comes from different SE checkpoints {sorted(se_hashes)} across files; "
                         "re-embed them with one checkpoint (embed.py transform --ckpt=...)")
-    recipe = dict(key=key, normalize=str(normalize), target_sum=target_sum, log1p=bool(logged and not emb),
-                  hvg=int(hvg) if hvg else None, genes=None if genes is None else "requested list",
-                  intersect=bool(intersect), keep=keep, dtype=dtype, assume=assume, gene_col=gene_col,
-                  modality=bool(modality))
+    recipe = dict(key=r.key, normalize=str(r.normalize), target_sum=r.target_sum, log1p=bool(logged and not emb),
+                  hvg=int(r.hvg) if r.hvg else None, genes=None if r.genes is None else "requested list",
+                  intersect=bool(r.intersect), keep=r.keep, dtype=r.dtype, assume=r.assume, gene_col=r.gene_col,
+                  modality=bool(r.modality))
     gtx = None
     if gene_target is not None:  # the gene-space matrix of the same cells (prepare(genes_key=...))
         gx = gene_target.index
-        if gx["obs_names"] != names[order].tolist() or not np.array_equal(
-                np.load(gene_target.dir / "codes.npy"), codes.astype(np.int32)):
-            raise H5ADError(f"--genes-key {gx['recipe']['key']}: its rows do not line up with '{key}' "
+        if any(md5(gene_target.dir / f) != md5(out / f) for f in ("codes.npy", "obs_names.npy", "groups.npy")):
+            raise H5ADError(f"--genes-key {gx['recipe']['key']}: its rows do not line up with '{r.key}' "
                             "(internal error: same filters should give the same order)")
         os.replace(gene_target.dir / "X.bin", out / "G.bin")
         gtx = dict(key=gx["recipe"]["key"], genes=gx["genes"], n_genes=gx["n_genes"], dtype=gx["dtype"],
@@ -613,17 +727,21 @@ def _prepare(hs, out, pert_col, control, context_col, batch_col, key, hvg, norma
     cs = hashlib.sha256(json.dumps([[x["md5"] for x in sources], recipe, gl, context_names, pert_names]
                                    + ([gtx["checksum"]] if gtx else []),
                                    sort_keys=True).encode()).hexdigest()[:16]
-    index = dict(format=FORMAT, n_cells=Ncell, n_genes=G, dtype=dtype, genes=gl, obs_names=names[order].tolist(),
-                 pert_col=pert_col, control=control, context_col=context_col or None, batch_col=batch_col or None,
-                 pert_names=pert_names, context_names=context_names, batch_names=batch_names, groups=groups,
-                 recipe=recipe, sources=sources, checksum=cs)
+    N = int(table[-1, 4])
+    index = dict(format=FORMAT, n_cells=N, n_genes=len(gl), dtype=r.dtype, genes=gl, pert_col=r.pert_col,
+                 control=r.control, context_col=r.context_col or None, batch_col=r.batch_col or None,
+                 pert_names=pert_names, context_names=context_names, batch_names=batch_names,
+                 n_groups=len(table), recipe=recipe, sources=sources, checksum=cs,
+                 files={"X.bin": f"({N}, {len(gl)}) {r.dtype} row-major", "codes.npy": "(N, 4) int32 context, "
+                        "pert, batch, source", "groups.npy": "(n_groups, 5) int64 context, pert, batch, start, stop",
+                        "obs_names.npy": f"(N,) S{width} utf-8"})
     if gtx:
         index["gene_target"] = gtx
     with open(out / "index.json.tmp", "w") as f:
         json.dump(index, f)
     os.replace(out / "index.json.tmp", out / "index.json")
-    say(f"wrote {out}: {Ncell} cells x {G} genes ({dtype}), {len(context_names)} contexts, "
-        f"{len(pert_names) - 1} perturbations + control '{control}', {len(groups)} groups"
+    say(f"wrote {out}: {N} cells x {len(gl)} genes ({r.dtype}), {len(context_names)} contexts, "
+        f"{len(pert_names) - 1} perturbations + control '{r.control}', {len(table)} groups"
         + (f"; gene targets G.bin from '{gtx['key']}': {gtx['n_genes']} genes" if gtx else ""))
     return Prepared(out)
 
@@ -648,7 +766,9 @@ class Group:
 
 
 class Prepared:
-    """A prepared folder: memory-mapped X plus per-row codes, vocabularies and groups (see module docstring)."""
+    """A prepared folder (see module docstring). Opening one reads index.json and groups.npy only
+    (O(groups)); X, G, the per-row codes and the obs names are memory-mapped and read where used, so a
+    training rank never holds anything per cell."""
 
     def __init__(self, out_dir):
         self.dir = Path(out_dir)
@@ -657,45 +777,69 @@ class Prepared:
                             "run python -m state.data prepare first")
         with open(self.dir / "index.json") as f:
             self.index = ix = json.load(f)
+        if ix.get("format") != FORMAT:
+            raise H5ADError(f"{out_dir}: prepared with an older layout (format {ix.get('format')}, obs names "
+                            f"and groups inside index.json); this version reads format {FORMAT}: re-run "
+                            "python -m state.data prepare on the same inputs")
         self.genes = ix["genes"]
         self.n_cells, self.n_genes, self.dtype = ix["n_cells"], ix["n_genes"], ix["dtype"]
-        self.obs_names = np.array(ix["obs_names"])
         self.pert_col, self.context_col, self.batch_col = ix["pert_col"], ix["context_col"], ix["batch_col"]
         self.pert_names, self.context_names, self.batch_names = ix["pert_names"], ix["context_names"], ix["batch_names"]
         self.control = ix["control"]
         self.control_code = self.pert_names.index(self.control)
-        codes = np.load(self.dir / "codes.npy")  # (N, 4)
-        self.context, self.pert, self.batch, self.source = (np.ascontiguousarray(codes[:, i]) for i in range(4))
-        self.groups = [Group(*g) for g in ix["groups"]]
+        self.group_table = np.load(self.dir / "groups.npy")  # (n_groups, 5) context, pert, batch, start, stop
         self.checksum = ix["checksum"]
-        self._X, self._pid = None, None
+        self._maps = {}
         # optional gene-space targets of the same rows (prepare(..., genes_key=...)): G.bin
         gt = ix.get("gene_target")
         self.genes_key = gt["key"] if gt else None
         self.gene_names_out = list(gt["genes"]) if gt else None
         self.n_genes_out = int(gt["n_genes"]) if gt else 0
-        self._G, self._gpid = None, None
+
+    def _map(self, name):
+        """A memory map of one file, re-opened after a fork (each worker process gets its own)."""
+        m = self._maps.get(name)
+        if m is None or m[0] != os.getpid():
+            if name == "X.bin":
+                a = np.memmap(self.dir / name, dtype=DTYPES[self.dtype], mode="r", shape=(self.n_cells, self.n_genes))
+            elif name == "G.bin":
+                a = np.memmap(self.dir / name, dtype=DTYPES[self.index["gene_target"]["dtype"]], mode="r",
+                              shape=(self.n_cells, self.n_genes_out))
+            else:
+                a = np.load(self.dir / name, mmap_mode="r")
+            m = self._maps[name] = (os.getpid(), a)
+        return m[1]
 
     @property
     def X(self):
-        """(n_cells, n_genes) memmap, re-opened after a fork (each worker gets its own)."""
-        if self._X is None or self._pid != os.getpid():
-            self._X = np.memmap(self.dir / "X.bin", dtype=DTYPES[self.dtype], mode="r",
-                                shape=(self.n_cells, self.n_genes))
-            self._pid = os.getpid()
-        return self._X
+        """(n_cells, n_genes) memmap."""
+        return self._map("X.bin")
 
     @property
     def G(self):
         """(n_cells, n_genes_out) memmap of the gene-space targets, or None without --genes-key."""
-        if not self.n_genes_out:
-            return None
-        if self._G is None or self._gpid != os.getpid():
-            gt = self.index["gene_target"]
-            self._G = np.memmap(self.dir / "G.bin", dtype=DTYPES[gt["dtype"]], mode="r",
-                                shape=(self.n_cells, self.n_genes_out))
-            self._gpid = os.getpid()
-        return self._G
+        return self._map("G.bin") if self.n_genes_out else None
+
+    # per-row codes, memory-mapped columns of codes.npy (N, 4): read only where indexed
+    context = property(lambda self: self._map("codes.npy")[:, 0])
+    pert = property(lambda self: self._map("codes.npy")[:, 1])
+    batch = property(lambda self: self._map("codes.npy")[:, 2])
+    source = property(lambda self: self._map("codes.npy")[:, 3])
+
+    @property
+    def groups(self):
+        """[Group] in row order: contiguous rows of one (context, pert, batch)."""
+        return [Group(*map(int, g)) for g in self.group_table]
+
+    def names(self, idx=None):
+        """Obs names (str array) of rows idx (all rows when None), read from obs_names.npy."""
+        a = self._map("obs_names.npy")
+        a = a[:] if idx is None else a[np.asarray(idx, np.int64)]
+        return np.char.decode(a, "utf-8")
+
+    @property
+    def obs_names(self):
+        return self.names()
 
     def rows_genes(self, idx):
         """Dense float32 gene-space rows (len(idx), n_genes_out), any order (requires --genes-key)."""
@@ -707,10 +851,9 @@ class Prepared:
         out[order] = self._read(idx[order], genes=True)
         return out
 
-    def __getstate__(self):  # never pickle the memmap's pages into a worker
+    def __getstate__(self):  # never pickle a memmap's pages into a worker
         d = self.__dict__.copy()
-        d["_X"] = None
-        d["_G"] = None
+        d["_maps"] = {}
         return d
 
     def rows(self, idx):
@@ -726,7 +869,7 @@ class Prepared:
     def _read(self, idx, genes=False):
         """X[idx] (G[idx] with genes=True) as float32: a single copy out of the page cache for float32."""
         x = (self.G if genes else self.X)[idx]  # (n, G) fancy read of the memmap
-        if self.dtype == "bfloat16":
+        if (self.index["gene_target"]["dtype"] if genes else self.dtype) == "bfloat16":
             return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float().numpy()
         return x.astype(np.float32, copy=False)
 
@@ -741,7 +884,114 @@ class Prepared:
 
 
 # -----------------------------------------------------------------------------
-# cell sets with matched controls (SPEC 5)
+# seeded bijections and row sets that are never materialised
+
+_U = np.uint64
+
+
+def _mix(x):
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> _U(30))) * _U(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> _U(27))) * _U(0x94D049BB133111EB)
+    return x ^ (x >> _U(31))
+
+
+def hkey(*parts):
+    """A uint64 key (array) from integers/arrays, e.g. hkey(seed, epoch, group)."""
+    h = np.zeros(np.broadcast(*[np.asarray(p) for p in parts]).shape, np.uint64)
+    for p in parts:
+        h = _mix(h ^ (np.asarray(p).astype(np.int64).astype(np.uint64) + _U(0x9E3779B97F4A7C15)))
+    return h
+
+
+def permute(k, n, key, rounds=4):
+    """perm_key(k): a seeded bijection of [0, n) applied to k (arrays broadcast; n, key per element).
+    A 4-round Feistel network on the smallest even number of bits covering n, cycle-walked back into
+    [0, n): O(1) memory per element, so an epoch's order over 10^9 sets is never stored."""
+    k, n, key = (np.array(a, np.uint64) for a in np.broadcast_arrays(k, n, key))
+    bits = np.ceil(np.log2(np.maximum(n, 2).astype(np.float64))).astype(np.uint64)
+    half = (bits + _U(1)) // _U(2)
+    mask = (_U(1) << half) - _U(1)
+    x, todo = k, np.ones(k.shape, bool)
+    while todo.any():
+        h, m, kk = half[todo], mask[todo], key[todo]
+        L, R = x[todo] >> h, x[todo] & m
+        for r in range(rounds):
+            L, R = R, L ^ (_mix(R ^ kk ^ _U(r * 0x632BE59BD9B4E019 % 2 ** 64)) & m)
+        x[todo] = (L << h) | R
+        todo = x >= n
+    return x.astype(np.int64)
+
+
+class Rows:
+    """A set of prepared rows kept as segments, never as one index per row: segment s holds the rows
+    start[s] + p_s(k) for k in [lo[s], hi[s]), p_s = permute(., n[s], key[s]) where shuf[s], else the
+    identity. A split's train/val parts are the two ends [m, n) and [0, m) of one seeded permutation of
+    each group, so they are disjoint and O(groups) to describe."""
+
+    def __init__(self, start, n, lo, hi, key=None, shuf=None):
+        self.start, self.n, self.lo, self.hi = (np.asarray(a, np.int64).reshape(-1) for a in (start, n, lo, hi))
+        self.key = np.zeros(len(self.start), np.uint64) if key is None else np.asarray(key, np.uint64)
+        self.shuf = np.zeros(len(self.start), bool) if shuf is None else np.asarray(shuf, bool)
+        keep = self.hi > self.lo
+        if not keep.all():
+            for k in ("start", "n", "lo", "hi", "key", "shuf"):
+                setattr(self, k, getattr(self, k)[keep])
+
+    @classmethod
+    def of(cls, rows):
+        """From an index array: its runs of consecutive rows, identity order."""
+        r = np.unique(np.asarray(rows, np.int64))
+        brk = np.flatnonzero(np.diff(r) != 1) + 1
+        a = r[np.concatenate([[0], brk])] if len(r) else r
+        n = np.diff(np.concatenate([[0], brk, [len(r)]])) if len(r) else r
+        return cls(a, n, np.zeros(len(a)), n)
+
+    def __len__(self):
+        return int((self.hi - self.lo).sum())
+
+    def at(self, s, k):
+        """Rows of segments s at offsets k in [0, hi - lo) (arrays of one shape)."""
+        s, k = np.asarray(s, np.int64), np.asarray(k, np.int64)
+        j = self.lo[s] + k
+        sh = self.shuf[s]
+        if sh.any():
+            j = j.copy()
+            j[sh] = permute(j[sh], self.n[s][sh], self.key[s][sh])
+        return self.start[s] + j
+
+    def array(self):
+        """Every row, sorted (materialised: O(rows); for the evaluation parts and small data)."""
+        m = self.hi - self.lo
+        s = np.repeat(np.arange(len(m)), m)
+        k = np.arange(len(s)) - np.repeat(np.cumsum(m) - m, m)
+        return np.sort(self.at(s, k))
+
+    def cut(self, data):
+        """The same rows with every segment inside one prepared group; returns (Rows, group index per
+        segment). Permuted segments are whole groups already; identity runs are cut at group starts."""
+        gs = data.group_table[:, 3]
+        parts, gid = [], []
+        ident = ~self.shuf
+        a, b = self.start[ident] + self.lo[ident], self.start[ident] + self.hi[ident]
+        if len(a):  # identity runs (disjoint): cut at every group start inside one
+            o = np.argsort(a)
+            a, b = a[o], b[o]
+            cuts = np.unique(np.concatenate([a, b, gs]))
+            lo_, hi_ = cuts[:-1], cuts[1:]
+            i = np.searchsorted(a, lo_, "right") - 1  # the run starting at or before lo_
+            ok = (i >= 0) & (lo_ < b[np.maximum(i, 0)])  # pieces in the gaps between runs go
+            lo_, hi_ = lo_[ok], hi_[ok]
+            parts.append(Rows(lo_, hi_ - lo_, np.zeros(len(lo_)), hi_ - lo_))
+        if self.shuf.any():
+            sh = self.shuf
+            parts.append(Rows(self.start[sh], self.n[sh], self.lo[sh], self.hi[sh], self.key[sh], sh[sh]))
+        out = Rows(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("start", "n", "lo", "hi", "key", "shuf")))
+        o = np.argsort(out.start + out.lo, kind="stable")  # row order = (context, pert, batch) order
+        out = Rows(*(getattr(out, k)[o] for k in ("start", "n", "lo", "hi", "key", "shuf")))
+        return out, np.searchsorted(gs, out.start, "right") - 1
+
 
 def draw_controls(pool, n, rng):
     """n control rows from `pool`, spread as evenly as possible: whole random permutations of the pool,
@@ -754,51 +1004,56 @@ def draw_controls(pool, n, rng):
     return rng.permutation(np.concatenate(parts))
 
 
+# -----------------------------------------------------------------------------
+# cell sets with matched controls (SPEC 5)
+
 class SetSampler:
     """Sets of `set_size` cells of one (context, pert[, batch]) group, each paired with control cells drawn
     with replacement from the same context (and batch under mapping="batch", falling back to the context).
+    `rows`: a Rows (a split part) or an index array.
 
-    train=True: sets padded by resampling the group with replacement, set order reshuffled with seed+epoch,
-    every rank gets the same number of steps (the set list wraps around). train=False: unpadded sets
-    (lens < set_size, zero rows beyond), fixed order; padded duplicates for equal rank steps have valid=False.
+    The batch at (epoch, step) is computed on demand from O(groups) tables: set ids are a seeded
+    permutation (permute) of [0, n_sets) per epoch, a set is S consecutive positions of its group under a
+    seeded per-(epoch, group) permutation, and positions map to rows through the segments. Nothing per
+    cell or per set is stored. train=True: the last set of a group is padded by resampling the group, the
+    order reshuffles every epoch. train=False: unpadded sets (lens < set_size, zero rows beyond) in group
+    order; the last step's wrap-around sets have valid=False.
     Batches are dicts of tensors: ctrl, tgt (B,S,G) float32; pert, context, lens (B,) int64; batch (B,S);
     tgt_idx, ctrl_idx (B,S) row indices (-1 = padding); valid (B,) bool; tgt_genes (B,S,G_out) float32 when
     the data has gene-space targets (prepare --genes-key)."""
 
-    def __init__(self, data, rows, set_size, batch_size, seed=0, rank=0, world=1, train=True,
-                 control_sets=True, mapping="random"):
+    def __init__(self, data, rows, set_size, batch_size, seed=0, train=True, control_sets=True, mapping="random"):
         if mapping not in ("random", "batch"):
             raise ValueError(f"mapping '{mapping}' not one of random, batch")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} not in [0, {world})")
         self.data, self.S, self.B = data, int(set_size), int(batch_size)
-        self.seed, self.rank, self.world, self.train = seed, rank, world, train
-        self.control_sets, self.mapping = control_sets, mapping
-        rows = np.unique(np.asarray(rows, np.int64))
+        self.seed, self.train, self.control_sets, self.mapping = seed, train, control_sets, mapping
+        rows = rows if isinstance(rows, Rows) else Rows.of(rows)
         if len(rows) == 0:
             raise ValueError("SetSampler: no rows (empty split?)")
-        c, p, b = (data.context[rows].astype(np.int64), data.pert[rows].astype(np.int64),
-                   data.batch[rows].astype(np.int64))
-        nb, npt = len(data.batch_names), len(data.pert_names)
+        self.segs, gi = rows.cut(data)
+        gt = data.group_table
+        c, p, b = gt[gi, 0], gt[gi, 1], gt[gi, 2]  # codes per segment
+        self.seg_batch = b
+        m = self.segs.hi - self.segs.lo
+        self.cum = np.concatenate([[0], np.cumsum(m)])  # segment s holds positions [cum[s], cum[s+1])
         ctl = p == data.control_code
-        # control pools: context, and (context, batch) under batch mapping
+        # control pools: runs of control segments of one context (and batch under batch mapping)
         pools, self.pool_of = [], {}
-        for k in np.unique(c):
-            m = ctl & (c == k)
-            if m.any():
-                self.pool_of[(int(k), -1)] = len(pools); pools.append(rows[m])
-                if mapping == "batch":
-                    for j in np.unique(b[m]):
-                        self.pool_of[(int(k), int(j))] = len(pools); pools.append(rows[m & (b == j)])
-        self.pool_rows = np.concatenate(pools)
-        self.pool_len = np.array([len(x) for x in pools], np.int64)
-        self.pool_off = np.concatenate([[0], np.cumsum(self.pool_len)[:-1]])
-        # target groups: rows are sorted and the data is sorted by (context, pert, batch), so keys ascend
-        key = (c * npt + p) * (nb if mapping == "batch" else 1) + (b if mapping == "batch" else 0)
-        brk = np.flatnonzero(np.diff(key)) + 1
-        self.groups = []  # (rows, context, pert, pool)
-        for g in np.split(np.arange(len(rows)), brk):
-            k, pp, bb = int(c[g[0]]), int(p[g[0]]), int(b[g[0]])
+        for k in np.unique(c[ctl]):
+            s = np.flatnonzero(ctl & (c == k))
+            self.pool_of[(int(k), -1)] = len(pools); pools.append((s[0], s[-1] + 1))
+            if mapping == "batch":
+                for j in np.unique(b[s]):
+                    t = s[b[s] == j]
+                    self.pool_of[(int(k), int(j))] = len(pools); pools.append((t[0], t[-1] + 1))
+        self.pools = np.array(pools, np.int64).reshape(-1, 2)  # (n_pools, 2) segment ranges
+        # target groups: runs of segments with one (context, pert[, batch]) (segments are in row order)
+        key = (c * len(data.pert_names) + p) * (len(data.batch_names) if mapping == "batch" else 1) \
+            + (b if mapping == "batch" else 0)
+        brk = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1, [len(key)]])
+        gs = []  # (first segment, end segment, context, pert, pool)
+        for x, y in zip(brk[:-1], brk[1:]):
+            k, pp, bb = int(c[x]), int(p[x]), int(b[x])
             if pp == data.control_code and not control_sets:
                 continue
             pool = self.pool_of.get((k, bb if mapping == "batch" else -1), self.pool_of.get((k, -1)))
@@ -806,68 +1061,64 @@ class SetSampler:
                 raise ValueError(f"context '{data.context_names[k]}' has no control cells "
                                  f"('{data.control}') among the sampler's rows, so perturbation "
                                  f"'{data.pert_names[pp]}' cannot be paired with controls")
-            self.groups.append((rows[g], k, pp, pool))
-        if not self.groups:
+            gs.append((x, y, k, pp, pool))
+        if not gs:
             raise ValueError("SetSampler: no target groups (only controls and control_sets=False?)")
-        n_sets = sum(-(-len(g[0]) // self.S) for g in self.groups)
-        self.steps_per_epoch = -(-n_sets // (self.B * world))
-        self.epoch, self.step, self._plan = 0, 0, None
+        self.g = np.array(gs, np.int64)  # (n_groups, 5)
+        self.g_n = self.cum[self.g[:, 1]] - self.cum[self.g[:, 0]]  # cells per group
+        k_sets = -(-self.g_n // self.S)
+        self.set_base = np.concatenate([[0], np.cumsum(k_sets)])  # group g holds sets [base[g], base[g+1])
+        self.n_sets = int(self.set_base[-1])
+        self.steps_per_epoch = -(-self.n_sets // self.B)
+        self.epoch, self.step = 0, 0
 
     def __len__(self):
         return self.steps_per_epoch
 
-    def plan(self, epoch):
-        """This rank's sets for an epoch: (T (n,S) rows with -1 pad, lens (n,), group id (n,), valid (n,))."""
-        if self._plan is not None and self._plan[0] == epoch:
-            return self._plan[1]
-        rng = np.random.default_rng([self.seed, epoch if self.train else 0])
-        S, T, L, gid = self.S, [], [], []
-        for i, (r, _, _, _) in enumerate(self.groups):
-            n = len(r)
-            k = -(-n // S)
-            perm = rng.permutation(r)
-            pad = k * S - n
-            if self.train:
-                perm = np.concatenate([perm, rng.choice(r, pad, replace=True)])
-                L.append(np.full(k, S))
-            else:
-                perm = np.concatenate([perm, np.full(pad, -1)])
-                L.append(np.minimum(S, n - S * np.arange(k)))
-            # sort each set's rows (valid prefix; -1 padding stays last): same set, forward memmap reads
-            T.append(np.sort(np.where(perm < 0, np.iinfo(np.int64).max, perm).reshape(k, S), axis=1))
-            gid.append(np.full(k, i))
-        T, L, gid = np.concatenate(T), np.concatenate(L), np.concatenate(gid)
-        T[T == np.iinfo(np.int64).max] = -1
-        if self.train:
-            o = rng.permutation(len(T))
-            T, L, gid = T[o], L[o], gid[o]
-        per = self.steps_per_epoch * self.B
-        w = np.arange(per * self.world) % len(T)  # wrap so every rank has the same number of steps
-        valid = np.arange(per * self.world) < len(T)
-        sl = slice(self.rank * per, (self.rank + 1) * per)  # contiguous, non-overlapping rank slices
-        p = (T[w[sl]], L[w[sl]], gid[w[sl]], valid[sl])
-        self._plan = (epoch, p)
-        return p
+    def _rows_at(self, pos):
+        """Global positions (any shape) -> row indices."""
+        s = np.searchsorted(self.cum, pos, "right") - 1
+        return self.segs.at(s, pos - self.cum[s]), s
 
     def indices(self, epoch, step):
-        """Row indices of the batch at (epoch, step) of this rank, without reading X: target rows t and
-        control rows ci (B,S) (-1 = padding), lens (B,), group ids g (B,), valid (B,).
-        A pure function of (seed, epoch, rank, step)."""
-        T, L, gid, valid = self.plan(epoch)
-        sl = slice(step * self.B, (step + 1) * self.B)
-        t, lens, g, v = T[sl], L[sl], gid[sl], valid[sl]  # (B,S) (B,) (B,) (B,)
-        B, S = t.shape
-        rng = np.random.default_rng([self.seed, epoch, self.rank, step, 1])
-        pool = np.array([self.groups[i][3] for i in g])
-        u = rng.random((B, S))
-        ci = self.pool_rows[self.pool_off[pool][:, None] + (u * self.pool_len[pool][:, None]).astype(np.int64)]
-        ci = np.sort(ci, axis=1)  # order within a set is arbitrary: sorted rows read the memmap forwards
-        ci[t < 0] = -1
-        return t, ci, lens, g, v
+        """Row indices of the batch at (epoch, step), without reading X: target rows t and control rows
+        ci (B,S) (-1 = padding), lens (B,), group ids g (B,), valid (B,), target segments ts (B,S).
+        A pure function of (seed, epoch, step)."""
+        S, B = self.S, self.B
+        j = step * B + np.arange(B)
+        valid = j < self.n_sets
+        j = j % self.n_sets  # the last step wraps around
+        sid = permute(j, self.n_sets, hkey(self.seed, epoch, -1)) if self.train else j
+        g = np.searchsorted(self.set_base, sid, "right") - 1  # (B,)
+        n = self.g_n[g]
+        i = (sid - self.set_base[g])[:, None] * S + np.arange(S)  # (B,S) positions in the group
+        lens = np.minimum(S, n - i[:, 0]) if not self.train else np.full(B, S)
+        inside = i < n[:, None]
+        rng = np.random.default_rng([self.seed, epoch, step, 1])
+        if self.train:
+            # this epoch's order of the group's cells; the last set is padded by resampling the group
+            pos = np.where(inside, permute(np.minimum(i, n[:, None] - 1), n[:, None],
+                                           hkey(self.seed, epoch, g)[:, None]),
+                           (rng.random((B, S)) * n[:, None]).astype(np.int64))
+        else:
+            pos = np.where(inside, i, 0)
+        t, ts = self._rows_at(self.cum[self.g[g, 0]][:, None] + pos)
+        pool = self.pools[self.g[g, 4]]  # (B, 2) segment range of each set's control pool
+        a, z = self.cum[pool[:, 0]], self.cum[pool[:, 1]]
+        ci, _ = self._rows_at(a[:, None] + (rng.random((B, S)) * (z - a)[:, None]).astype(np.int64))
+        if not self.train:
+            t, ci = np.where(inside, t, -1), np.where(inside, ci, -1)
+        # order within a set is arbitrary: sorted rows read the memmap forwards (-1 padding stays last)
+        big = np.iinfo(np.int64).max
+        o = np.argsort(np.where(t < 0, big, t), axis=1, kind="stable")
+        t, ts = np.take_along_axis(t, o, 1), np.take_along_axis(ts, o, 1)
+        ci = np.sort(np.where(ci < 0, big, ci), axis=1)
+        ci[ci == big] = -1
+        return t, ci, lens, g, valid, ts
 
     def batch(self, epoch, step):
-        """The batch (dict of tensors, see the class docstring) at (epoch, step) of this rank."""
-        t, ci, lens, g, v = self.indices(epoch, step)
+        """The batch (dict of tensors, see the class docstring) at (epoch, step)."""
+        t, ci, lens, g, v, ts = self.indices(epoch, step)
         B, S = t.shape
         pad = t < 0
         # one fancy read for targets and controls; padding reads the set's first row and is zeroed below
@@ -882,11 +1133,10 @@ class SetSampler:
                 tg[torch.from_numpy(pad)] = 0
             extra["tgt_genes"] = tg
         return dict(ctrl=x[1], tgt=x[0], **extra,
-                    pert=torch.tensor([self.groups[i][2] for i in g], dtype=torch.int64),
-                    context=torch.tensor([self.groups[i][1] for i in g], dtype=torch.int64),
-                    batch=torch.from_numpy(np.where(pad, 0, self.data.batch[np.maximum(t, 0)]).astype(np.int64)),
+                    pert=torch.from_numpy(self.g[g, 3].copy()), context=torch.from_numpy(self.g[g, 2].copy()),
+                    batch=torch.from_numpy(np.where(pad, 0, self.seg_batch[ts])),
                     lens=torch.from_numpy(lens.astype(np.int64)), valid=torch.from_numpy(v),
-                    tgt_idx=torch.from_numpy(t.astype(np.int64)), ctrl_idx=torch.from_numpy(ci.astype(np.int64)))
+                    tgt_idx=torch.from_numpy(t), ctrl_idx=torch.from_numpy(ci))
 
     def next(self):
         """Next training batch; rolls over to the next epoch (reshuffled with seed+epoch) forever."""
@@ -910,11 +1160,11 @@ class SetSampler:
             yield self.next()
 
     def state_dict(self):
-        return dict(epoch=self.epoch, step=self.step, seed=self.seed, rank=self.rank, world=self.world,
-                    set_size=self.S, batch_size=self.B, steps_per_epoch=self.steps_per_epoch)
+        return dict(epoch=self.epoch, step=self.step, seed=self.seed, set_size=self.S, batch_size=self.B,
+                    steps_per_epoch=self.steps_per_epoch)
 
     def load_state_dict(self, sd):
-        for k in ("seed", "world", "set_size", "batch_size", "steps_per_epoch"):
+        for k in ("seed", "set_size", "batch_size", "steps_per_epoch"):
             if sd[k] != self.state_dict()[k]:
                 raise ValueError(f"sampler state has {k}={sd[k]} but this sampler has {self.state_dict()[k]}")
         self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
@@ -954,9 +1204,10 @@ def main(argv=None):
                 k, v = kv.split("=", 1)
                 keep[k] = v.split(",")
             genes = Path(a.genes).read_text().split() if a.genes else None
-            d = prepare(a.paths[:-1], a.paths[-1], a.pert_col, a.control, a.context_col, a.batch_col, a.key,
-                        a.hvg, a.normalize, a.target_sum, a.dtype, keep, a.intersect, genes, a.gene_col, a.assume,
-                        modality=a.modality, genes_key=a.genes_key,
+            d = prepare(a.paths[:-1], a.paths[-1], pert_col=a.pert_col, control=a.control, context_col=a.context_col,
+                        batch_col=a.batch_col, key=a.key, hvg=a.hvg, normalize=a.normalize, target_sum=a.target_sum,
+                        dtype=a.dtype, keep=keep, intersect=a.intersect, genes=genes, gene_col=a.gene_col,
+                        assume=a.assume, modality=a.modality, genes_key=a.genes_key,
                         obsm_genes=Path(a.obsm_genes).read_text().split() if a.obsm_genes else None)
         else:
             d = Prepared(a.dir)

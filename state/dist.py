@@ -17,6 +17,7 @@ Distributed helpers: one code path for a single process, one GPU, or many under 
 import os
 import random
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -168,28 +169,50 @@ def load_sharded(model, opt, path):
 
 class StepSampler:
     """This rank's micro-batches of each optimizer step, cut from ONE global sequence of B-set
-    micro-batches that does not depend on the world size: a world=1 `SetSampler` (same seed on every
-    rank, so every rank computes the same epoch plan) read at micro-batch index c, epoch c // spe.
-    Optimizer step g uses micro-batches [g*W*k, (g+1)*W*k); rank r takes the contiguous block
-    [r*k, (r+1)*k) of it. So ranks never overlap within an epoch, every rank runs the same number of
-    steps, the epoch reshuffle is the sampler's (seed + epoch), and 1 process x 4 micro-steps sees the
-    same sets as 2 processes x 2 micro-steps. The state is one global cursor (micro-batches consumed by
-    all ranks), so a run resumes at another world size (same B; same W*k for the same trajectory)."""
+    micro-batches that does not depend on the world size: a `SetSampler` (same seed on every rank) read
+    at micro-batch index c, epoch c // spe. Optimizer step g uses micro-batches [g*W*k, (g+1)*W*k); rank
+    r takes the contiguous block [r*k, (r+1)*k) of it. So ranks never overlap within an epoch, every
+    rank runs the same number of steps, and 1 process x 4 micro-steps sees the same sets as 2 processes
+    x 2 micro-steps. The state is one global cursor (micro-batches consumed by all ranks), so a run
+    resumes at another world size (same B; same W*k for the same trajectory).
 
-    def __init__(self, sampler, rank=0, world=1, accum=1):
-        if sampler.world != 1 or sampler.rank != 0:
-            raise ValueError("StepSampler shards a world=1 SetSampler itself")
+    workers > 0: that many threads build the next `prefetch` steps' micro-batches while the current
+    step runs (the memmap copies and torch ops release the GIL); each micro-batch is a pure function of
+    its index, so the batches and their order do not depend on the number of workers. pin=True copies
+    them into pinned memory (CUDA) for non-blocking host-to-device transfers. `wait` accumulates the
+    seconds next() spent waiting for data."""
+
+    def __init__(self, sampler, rank=0, world=1, accum=1, workers=0, prefetch=2, pin=False):
         self.s, self.rank, self.world, self.accum = sampler, rank, world, accum
-        self.cursor = 0
+        self.workers, self.prefetch, self.pin = int(workers), max(1, int(prefetch)), pin
+        self.cursor, self.wait = 0, 0.0
+        self._pool, self._pending = None, {}
+        if self.workers:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="loader")
 
     def micro(self, c):
         epoch, step = divmod(c, self.s.steps_per_epoch)
-        return self.s.batch(epoch, step)
+        b = self.s.batch(epoch, step)
+        return {k: v.pin_memory() for k, v in b.items()} if self.pin else b
+
+    def _ids(self, cursor):
+        base = cursor + self.rank * self.accum
+        return range(base, base + self.accum)
 
     def next(self):
         """-> list of `accum` batches (this rank's share of the next optimizer step)."""
-        base = self.cursor + self.rank * self.accum
-        bs = [self.micro(base + j) for j in range(self.accum)]
+        t0 = time.perf_counter()
+        if self._pool is None:
+            bs = [self.micro(c) for c in self._ids(self.cursor)]
+        else:
+            step = self.world * self.accum
+            for i in range(self.prefetch + 1):  # keep `prefetch` steps queued behind this one
+                cur = self.cursor + i * step
+                if cur not in self._pending:
+                    self._pending[cur] = [self._pool.submit(self.micro, c) for c in self._ids(cur)]
+            bs = [f.result() for f in self._pending.pop(self.cursor)]
+        self.wait += time.perf_counter() - t0
         self.cursor += self.world * self.accum
         return bs
 
@@ -202,11 +225,15 @@ class StepSampler:
                     steps_per_epoch=self.s.steps_per_epoch, world=self.world, accum=self.accum)
 
     def load_state_dict(self, sd):
-        if "cursor" not in sd:  # a per-rank SetSampler state (older single-process runs)
-            if sd.get("world", 1) != 1:
-                raise ValueError("cannot resume a per-rank sampler state at world > 1")
-            sd = dict(sd, cursor=int(sd["epoch"]) * sd["steps_per_epoch"] + int(sd["step"]))
         for k in ("seed", "set_size", "batch_size", "steps_per_epoch"):
             if sd[k] != self.state_dict()[k]:
                 raise ValueError(f"sampler state has {k}={sd[k]} but this run has {self.state_dict()[k]}")
+        for fs in self._pending.values():  # batches queued for the old cursor
+            for f in fs:
+                f.cancel()
+        self._pending = {}
         self.cursor = int(sd["cursor"])
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -111,8 +111,8 @@ class H5AD:
         if enc != "anndata":
             self.f.close()
             raise H5ADError(f"{self.path}: encoding-type '{enc}' is not 'anndata'")
-        self.n_obs = len(self._index("obs"))
-        self.n_vars = len(self._index("var"))
+        self.n_obs = self._index_node("obs").shape[0]  # the length only: no string per cell
+        self.n_vars = self._index_node("var").shape[0]
 
     def __enter__(self):
         return self
@@ -124,11 +124,46 @@ class H5AD:
         self.f.close()
 
     # --- dataframes -----------------------------------------------------------------------------
-    def _index(self, df):
+    def _index_node(self, df):
         g = self.f[df]
         key = g.attrs.get("_index", "_index")
-        key = key.decode() if isinstance(key, bytes) else key
-        return _decode(g[key][:])
+        return g[key.decode() if isinstance(key, bytes) else key]
+
+    def _index(self, df):
+        return _decode(self._index_node(df)[:])
+
+    def obs_names_at(self, a, b):
+        """Obs names of rows [a, b) (str array): the index read in one slice."""
+        return _decode(self._index_node("obs")[a:b]).astype(str)
+
+    def labels(self, name, df="obs", block=1 << 20):
+        """One column as (categories (K,) str array, codes(a, b) -> int64 codes of rows [a, b)), never a
+        string per cell: a categorical reads its codes; a plain string or numeric column is coded against
+        its sorted unique values, found block by block. Missing values (code -1, None) are an error
+        naming a cell."""
+        g = self.f[df]
+        if name not in g:
+            raise H5ADError(f"{self.path}: no {df} column '{name}'; available: {', '.join(self.columns(df))}")
+        node = g[name]
+        n = self.n_obs if df == "obs" else self.n_vars
+        if isinstance(node, h5py.Group):  # categorical
+            cats = _decode(node["categories"][:]).astype(str)
+            read = lambda a, b: node["codes"][a:b].astype(np.int64)
+        else:
+            u = set()
+            for a in range(0, n, block):
+                u |= set(_decode(node[a:a + block]).tolist())
+            vals = sorted(x for x in u if x is not None and x == x)  # None / NaN are missing
+            cats = np.array([str(x) for x in vals])
+            lut = {x: i for i, x in enumerate(vals)}
+            read = lambda a, b: np.array([lut.get(x, -1) for x in _decode(node[a:b]).tolist()], np.int64)
+        for a in range(0, n, block):  # missing values: name the first cell that has one
+            c = read(a, min(a + block, n))
+            if (c < 0).any():
+                i = a + int(np.argmax(c < 0))
+                raise H5ADError(f"{self.path}: {df} column '{name}' has {int((c < 0).sum())}+ missing values "
+                                f"(e.g. cell '{self.obs_names_at(i, i + 1)[0]}'); fill or drop them")
+        return cats, read
 
     def columns(self, df="obs"):
         g = self.f[df]

@@ -8,9 +8,11 @@ perturbation; reading and writing the reference's TOML split files.
     python -m state.splits toml --data DIR --toml split.toml --out split.json   # a reference TOML
     python -m state.splits report --data DIR --split split.json
 
-`make` also writes a reference-compatible TOML next to the JSON (split.toml). Rows are indices into the
-prepared data. Controls of every context train; the held-out context's controls are also `test_ctrl`.
-`val` is a fraction of the cells of every training group (controls included), never from test groups.
+`make` also writes a reference-compatible TOML next to the JSON (split.toml). The JSON lists held-out
+(context, perturbation) groups, the val fraction and seed, and the prepared data's checksum, never row
+indices: its size and the memory to load it grow with the number of groups, not cells. Controls of every
+context train; the held-out context's controls are also `test_ctrl`. `val` is a fraction of the cells of
+every training group (controls included), never from test groups.
 """
 
 import argparse
@@ -23,100 +25,152 @@ from pathlib import Path
 
 import numpy as np
 
-from state.data import Prepared
+from state.data import Prepared, Rows, hkey
+
+
+FORMAT = 2  # 1: row indices listed in the file
 
 
 @dataclass
 class Split:
+    """A split as group ids (O(groups) to store and to derive): the held-out (context, perturbation)
+    pairs, the val fraction and its seed, and the checksum of the prepared data. Bound to the data by
+    validate(), it gives each part as Rows (`part`) or, materialised, as sorted row indices (`train`,
+    `val`, `test`, `test_ctrl`). Every prepared group (context, pert, batch) whose pair is held out is
+    test; every other group trains, less its val cells: the first floor(val_frac * n) cells (n >= 2) of
+    a seeded permutation of the group (the same one the train part starts after). test_ctrl = the
+    controls of every context with a test group; they also train."""
     task: str
     context: str  # held-out context name (comma-joined when a TOML holds out several), or None
-    train: np.ndarray  # (n,) int64 row indices, sorted
-    val: np.ndarray
-    test: np.ndarray  # perturbed cells of the held-out groups
-    test_ctrl: np.ndarray  # controls of the held-out context(s): also in train
     test_groups: list = field(default_factory=list)  # [(context_name, pert_name)]
     support: list = field(default_factory=list)  # perts of the held-out context that train
+    val_frac: float = 0.1
+    seed: int = 0
     checksum: str = None  # of the prepared data it indexes
 
     def __post_init__(self):
-        for k in ("train", "val", "test", "test_ctrl"):
-            setattr(self, k, np.sort(np.asarray(getattr(self, k), np.int64)))
         self.test_groups = [tuple(g) for g in self.test_groups]
+        self.data, self._parts, self._arrays = None, None, {}
 
     def validate(self, data):
-        """Raise ValueError unless the split is usable and leak-free."""
+        """Check the split against the data, derive its parts, raise ValueError unless usable and
+        leak-free. Returns self, bound to `data`."""
         if self.checksum and self.checksum != data.checksum:
             raise ValueError(f"split was made for prepared data {self.checksum}, not {data.checksum} ({data.dir})")
-        for k in ("train", "val", "test", "test_ctrl"):
-            a = getattr(self, k)
-            if len(a) and (a.min() < 0 or a.max() >= data.n_cells):
-                raise ValueError(f"split '{k}' has row indices outside [0, {data.n_cells})")
-            if len(np.unique(a)) != len(a):
-                raise ValueError(f"split '{k}' lists a row twice")
-        if len(self.train) == 0:
-            raise ValueError("empty split: no training cells")
-        if len(self.test) == 0:
-            raise ValueError(f"empty split: no test cells (task {self.task}, context {self.context})")
+        if not 0 <= self.val_frac < 1:
+            raise ValueError(f"val_frac={self.val_frac}: the fraction of each training group moved to val "
+                             "must be in [0, 1)")
+        gt = data.group_table
+        c, p, a, n = gt[:, 0], gt[:, 1], gt[:, 3], gt[:, 4] - gt[:, 3]
         ctl = data.control_code
-        if np.any(data.pert[self.test] == ctl):
-            raise ValueError("test holds control cells; they belong in test_ctrl")
-        if np.intersect1d(self.test, self.train).size or np.intersect1d(self.test, self.val).size:
-            raise ValueError("a test cell is also in train or val")
-        if np.intersect1d(self.train, self.val).size:
-            raise ValueError("a val cell is also in train")
-        key = lambda r: set(zip(data.context[r].tolist(), data.pert[r].tolist()))
-        tr, te, va = key(self.train), key(self.test), key(self.val)
-        both = {(c, p) for c, p in tr & te if p != ctl}
-        if both:
-            c, p = next(iter(both))
-            raise ValueError(f"{len(both)} (context, perturbation) pairs are in both train and test, e.g. "
-                             f"({data.context_names[c]}, {data.pert_names[p]})")
-        if va - tr:
-            c, p = next(iter(va - tr))
-            raise ValueError(f"val group ({data.context_names[c]}, {data.pert_names[p]}) is not a training group")
-        for c, p in self.test_groups:
-            ci, pi = data.context_names.index(c), data.pert_names.index(p)
-            if not np.any((data.context[self.test] == ci) & (data.pert[self.test] == pi)):
-                raise ValueError(f"test perturbation '{p}' in context '{c}' has no cells")
-        for c in sorted({c for c, _ in tr}):
-            if not np.any((data.context[self.train] == c) & (data.pert[self.train] == ctl)):
-                raise ValueError(f"context '{data.context_names[c]}' has no control cells in train")
-        for c in sorted({c for c, _ in te}):
-            if not np.any(data.context[self.test_ctrl] == c):
-                raise ValueError(f"held-out context '{data.context_names[c]}' has no control cells in test_ctrl")
+        cix, pix = {x: i for i, x in enumerate(data.context_names)}, {x: i for i, x in enumerate(data.pert_names)}
+        held = set()
+        for cn, pn in self.test_groups:
+            if cn not in cix:
+                raise ValueError(f"test group ({cn}, {pn}): context '{cn}' not in the data's contexts "
+                                 f"{data.context_names[:20]}")
+            if pn not in pix:
+                raise ValueError(f"test group ({cn}, {pn}): perturbation '{pn}' not in the data's "
+                                 f"'{data.pert_col}' labels")
+            if pix[pn] == ctl:
+                raise ValueError(f"test group ({cn}, {pn}) is the control; controls belong in test_ctrl")
+            held.add((cix[cn], pix[pn]))
+        key = c * len(data.pert_names) + p
+        is_test = np.isin(key, [k * len(data.pert_names) + q for k, q in held])
+        for k, q in held:
+            if not np.any(is_test & (c == k) & (p == q)):
+                raise ValueError(f"test perturbation '{data.pert_names[q]}' in context "
+                                 f"'{data.context_names[k]}' has no cells")
+        hctx = sorted({k for k, _ in held})
+        is_tc = np.isin(c, hctx) & (p == ctl)
+        tr = ~is_test
+        m = np.where(tr & (n >= 2), np.floor(self.val_frac * n), 0).astype(np.int64)
+        key = hkey(self.seed, a, 7)
+        self._parts = dict(train=Rows(a[tr], n[tr], m[tr], n[tr], key[tr], m[tr] > 0),
+                           val=Rows(a[tr], n[tr], 0 * m[tr], m[tr], key[tr], m[tr] > 0),
+                           test=Rows(a[is_test], n[is_test], 0 * n[is_test], n[is_test]),
+                           test_ctrl=Rows(a[is_tc], n[is_tc], 0 * n[is_tc], n[is_tc]))
+        self._arrays, self.data = {}, data
+        if not np.any(tr & (p != ctl)):
+            raise ValueError("empty split: no perturbed training cells")
+        if not held:
+            raise ValueError(f"empty split: no test cells (task {self.task}, context {self.context})")
+        for k in np.unique(c[tr]):
+            if not np.any(tr & (c == k) & (p == ctl)):
+                raise ValueError(f"context '{data.context_names[k]}' has no control cells in train")
+        for k in hctx:
+            if not np.any(is_tc & (c == k)):
+                raise ValueError(f"held-out context '{data.context_names[k]}' has no control cells in test_ctrl")
         return self
 
+    def part(self, name, contexts=None, perturbed=None):
+        """Rows of one part; contexts (codes) and perturbed (True: no controls, False: only controls)
+        keep some of its groups."""
+        if self.data is None:
+            raise ValueError("split not bound to its data: call split.validate(data) first")
+        r = self._parts[name]
+        if contexts is None and perturbed is None:
+            return r
+        gi = np.searchsorted(self.data.group_table[:, 3], r.start, "right") - 1
+        gc, gp = self.data.group_table[gi, 0], self.data.group_table[gi, 1]
+        keep = np.ones(len(gi), bool) if contexts is None else np.isin(gc, list(contexts))
+        if perturbed is not None:
+            keep &= (gp != self.data.control_code) == perturbed
+        return Rows(r.start[keep], r.n[keep], r.lo[keep], r.hi[keep], r.key[keep], r.shuf[keep])
+
+    def _rows(self, name):
+        if name not in self._arrays:
+            self._arrays[name] = self.part(name).array()
+        return self._arrays[name]
+
+    train = property(lambda self: self._rows("train"))  # (n,) int64 sorted row indices
+    val = property(lambda self: self._rows("val"))
+    test = property(lambda self: self._rows("test"))  # perturbed cells of the held-out groups
+    test_ctrl = property(lambda self: self._rows("test_ctrl"))  # controls of the held-out context(s)
+
     def report(self, data):
-        """Cells per split, context and perturbation, as text."""
-        out = [f"split task={self.task} context={self.context}: train {len(self.train)}, val {len(self.val)}, "
-               f"test {len(self.test)} (+{len(self.test_ctrl)} test controls) cells; support {self.support}"]
+        """Cells per split, context and perturbation, as text (O(groups))."""
+        counts = {k: len(self._parts[k]) for k in self._parts}
+        out = [f"split task={self.task} context={self.context}: train {counts['train']}, val {counts['val']}, "
+               f"test {counts['test']} (+{counts['test_ctrl']} test controls) cells; support {self.support}"]
+        gt = data.group_table
+        per = {}
+        for k, r in self._parts.items():
+            gi = np.searchsorted(gt[:, 3], r.start, "right") - 1
+            per[k] = (gt[gi, 0], gt[gi, 1], r.hi - r.lo)
         for ci, cn in enumerate(data.context_names):
             parts = []
-            for k in ("train", "val", "test", "test_ctrl"):
-                r = getattr(self, k)
-                r = r[data.context[r] == ci]
-                n_p = len(set(data.pert[r].tolist()) - {data.control_code})
-                parts.append(f"{k} {len(r)} cells/{n_p} perts")
+            for k, (c, p, m) in per.items():
+                s = c == ci
+                parts.append(f"{k} {int(m[s].sum())} cells/{len(set(p[s].tolist()) - {data.control_code})} perts")
             out.append(f"  {cn}: " + ", ".join(parts))
-        if len(self.test):
-            c, p = data.context[self.test], data.pert[self.test]
-            u, n = np.unique(np.stack([c, p], 1), axis=0, return_counts=True)
-            out.append("  test groups: " + ", ".join(f"{data.context_names[a]}/{data.pert_names[b]} {k}"
-                                                      for (a, b), k in zip(u, n)))
+        c, p, m = per["test"]
+        tot = {}
+        for a, b, x in zip(c.tolist(), p.tolist(), m.tolist()):
+            tot[(a, b)] = tot.get((a, b), 0) + x
+        out.append("  test groups: " + ", ".join(f"{data.context_names[a]}/{data.pert_names[b]} {k}"
+                                                  for (a, b), k in sorted(tot.items())))
         return "\n".join(out)
 
     def save(self, path):
-        d = dict(task=self.task, context=self.context, support=self.support, test_groups=self.test_groups,
-                 checksum=self.checksum, counts={k: len(getattr(self, k)) for k in ("train", "val", "test", "test_ctrl")},
-                 **{k: getattr(self, k).tolist() for k in ("train", "val", "test", "test_ctrl")})
-        Path(path).write_text(json.dumps(d))
+        d = dict(format=FORMAT, task=self.task, context=self.context, support=self.support,
+                 test_groups=self.test_groups, val_frac=self.val_frac, seed=self.seed, checksum=self.checksum)
+        if self._parts:
+            d["counts"] = {k: len(v) for k, v in self._parts.items()}
+        Path(path).write_text(json.dumps(d, indent=1))
         return path
 
     @classmethod
     def load(cls, path):
-        d = json.loads(Path(path).read_text())
-        return cls(d["task"], d["context"], d["train"], d["val"], d["test"], d["test_ctrl"],
-                   d["test_groups"], d["support"], d.get("checksum"))
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"split file {path}: cannot read it ({e})") from None
+        if d.get("format") != FORMAT:
+            raise ValueError(f"split file {path} has an older format (row indices listed; format "
+                             f"{d.get('format', 1)}); re-make it with python -m state.splits make (or toml)")
+        return cls(d["task"], d["context"], d["test_groups"], d["support"], d["val_frac"], d["seed"],
+                   d.get("checksum"))
 
     def write_toml(self, path, data, dataset="data"):
         """A reference-compatible TOML ([datasets], [training], [zeroshot] or [fewshot."ds.ctx"])."""
@@ -134,19 +188,10 @@ class Split:
         return path
 
 
-def _val(data, train, val_frac, rng):
-    """Move floor(val_frac * n) random cells of every training group (n >= 2) from train to val."""
-    if not val_frac:
-        return train, np.zeros(0, np.int64)
-    key = data.context[train].astype(np.int64) * len(data.pert_names) + data.pert[train]
-    val = []
-    for k in np.unique(key):
-        r = train[key == k]
-        m = int(np.floor(val_frac * len(r))) if len(r) >= 2 else 0
-        if m:
-            val.append(rng.choice(r, m, replace=False))
-    val = np.concatenate(val) if val else np.zeros(0, np.int64)
-    return np.setdiff1d(train, val), val
+def _perts_of(data, k):
+    """Perturbation names with cells in context code k (from the group table)."""
+    gt = data.group_table
+    return sorted({data.pert_names[p] for p in np.unique(gt[(gt[:, 0] == k) & (gt[:, 1] != data.control_code), 1])})
 
 
 def _ctx(data, context):
@@ -172,13 +217,10 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
     if not 0 < test_frac <= 1:
         raise ValueError(f"test_frac={test_frac} must be in (0, 1]")
     rng = np.random.default_rng(seed)
-    ctl = data.control_code
-    allr = np.arange(data.n_cells, dtype=np.int64)
-    is_ctl = data.pert == ctl
+    gt = data.group_table
     if task in ("fewshot", "zeroshot"):
         k = _ctx(data, context)
-        in_k = data.context == k
-        perts = sorted({data.pert_names[p] for p in np.unique(data.pert[in_k & ~is_ctl])})
+        perts = _perts_of(data, k)
         if not perts:
             raise ValueError(f"context '{data.context_names[k]}' has no perturbed cells to test")
         if task == "zeroshot":
@@ -195,10 +237,6 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
         held = [p for p in perts if p not in sup]
         if not held:
             raise ValueError(f"empty split: every perturbation of '{data.context_names[k]}' is in the support set")
-        hcodes = np.array([data.pert_names.index(p) for p in held])
-        test_m = in_k & np.isin(data.pert, hcodes)
-        test, test_ctrl = allr[test_m], allr[in_k & is_ctl]
-        train = allr[~test_m]
         cname = data.context_names[k]
         groups = [(cname, p) for p in held]
     elif task == "unseen":
@@ -217,19 +255,12 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
         missing = [p for p in held + perts if p not in features]
         if missing:
             raise ValueError(f"no features for perturbation(s) {sorted(set(missing))[:10]}")
-        hcodes = np.array([data.pert_names.index(p) for p in held])
-        test_m = np.isin(data.pert, hcodes)
-        test, train = allr[test_m], allr[~test_m]
-        ctxs = np.unique(data.context[test_m])
-        test_ctrl = allr[is_ctl & np.isin(data.context, ctxs)]
+        hc = [data.pert_names.index(p) for p in held]
         cname, sup = None, []
-        groups = sorted({(data.context_names[c], data.pert_names[p])
-                         for c, p in zip(data.context[test_m].tolist(), data.pert[test_m].tolist())})
+        groups = sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
     else:
         raise ValueError(f"task '{task}' not one of fewshot, zeroshot, unseen")
-    train, val = _val(data, train, val_frac, rng)
-    s = Split(task, cname, train, val, test, test_ctrl, groups, sup, data.checksum)
-    return s.validate(data)
+    return Split(task, cname, groups, sup, val_frac, seed, data.checksum).validate(data)
 
 
 def read_toml(path, data, val_frac=0.1, seed=0):
@@ -267,37 +298,32 @@ def read_toml(path, data, val_frac=0.1, seed=0):
         return data.context_names.index(c)
 
     ctl = data.control_code
-    test_m = np.zeros(data.n_cells, bool)
-    held, groups, task = [], [], None
+    groups, held, task = set(), [], None
     for key, v in t.get("zeroshot", {}).items():
         k = parse(key)
-        test_m |= (data.context == k) & (data.pert != ctl)
+        groups |= {(data.context_names[k], p) for p in _perts_of(data, k)}
         held.append(k); task = "zeroshot"
     for key, v in t.get("fewshot", {}).items():
         k = parse(key)
         names = list(dict.fromkeys(list(v.get("val", [])) + list(v.get("test", []))))
         if v.get("val"):
             print(f"[splits] {path}: fewshot val perturbations of '{key}' are held out with the test ones")
+        have = set(_perts_of(data, k))
         for p in names:
-            if p not in data.pert_names or not np.any((data.context == k) & (data.pert == data.pert_names.index(p))):
+            if p not in have:
                 raise ValueError(f"{path}: [fewshot.\"{key}\"] perturbation '{p}' matches zero cells")
-            test_m |= (data.context == k) & (data.pert == data.pert_names.index(p))
+            groups.add((data.context_names[k], p))
         held.append(k); task = task or "fewshot"
     if not held:
         raise ValueError(f"{path}: no [zeroshot] or [fewshot] entries: nothing is held out")
-    if not np.any(~test_m & (data.pert != ctl)):
+    gt = data.group_table
+    pairs = {(data.context_names[c], data.pert_names[p]) for c, p in gt[gt[:, 1] != ctl, :2].tolist()}
+    if not pairs - groups:
         raise ValueError(f"{path}: every perturbed cell is held out (contexts "
                          f"{sorted(data.context_names[k] for k in set(held))}): training would see controls only")
-    allr = np.arange(data.n_cells, dtype=np.int64)
-    test = allr[test_m]
-    groups = sorted({(data.context_names[c], data.pert_names[p])
-                     for c, p in zip(data.context[test].tolist(), data.pert[test].tolist())})
-    test_ctrl = allr[np.isin(data.context, held) & (data.pert == ctl)]
-    train, val = _val(data, allr[~test_m], val_frac, np.random.default_rng(seed))
-    tr = allr[~test_m]
-    sup = sorted({data.pert_names[p] for p in np.unique(data.pert[tr[np.isin(data.context[tr], held)]]) if p != ctl})
+    sup = sorted({p for c, p in pairs - groups if c in {data.context_names[k] for k in held}})
     ctx = ",".join(data.context_names[k] for k in sorted(set(held)))
-    return Split(task, ctx, train, val, test, test_ctrl, groups, sup, data.checksum).validate(data)
+    return Split(task, ctx, sorted(groups), sup, val_frac, seed, data.checksum).validate(data)
 
 
 def main(argv=None):

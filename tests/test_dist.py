@@ -105,7 +105,7 @@ def test_step_sampler_shards_without_overlap():
     from state.dist import StepSampler
 
     class Fake:  # a SetSampler stand-in: batch (epoch, step) -> the set ids it holds
-        world, rank, seed, S, B, steps_per_epoch = 1, 0, 0, 16, 4, 5
+        seed, S, B, steps_per_epoch = 0, 16, 4, 5
 
         def batch(self, e, s):
             return (e, s)
@@ -116,6 +116,11 @@ def test_step_sampler_shards_without_overlap():
         want = one.next()
         got = [b for s in two for b in s.next()]
         assert got == want and len(set(got)) == 4
+    plain, threaded = StepSampler(Fake(), 0, 1, 4), StepSampler(Fake(), 0, 1, 4, workers=2, prefetch=3)
+    assert [threaded.next() for _ in range(6)] == [plain.next() for _ in range(6)]  # workers change nothing
+    threaded.load_state_dict(plain.state_dict())  # queued batches of the old cursor are dropped
+    assert threaded.next() == plain.next()
+    threaded.close()
     sd = two[0].state_dict()
     again = StepSampler(Fake(), 0, 1, 4)
     again.load_state_dict(sd)

@@ -18,7 +18,8 @@ def synth(tmp_path_factory):
     from state.data import Prepared
     from state.splits import Split
     d = make_synth_prepared(tmp_path_factory.mktemp("proto"))
-    return Prepared(d / "prep"), Split.load(d / "split.json")
+    data = Prepared(d / "prep")
+    return data, Split.load(d / "split.json").validate(data)
 
 
 def deltas(data, rows):

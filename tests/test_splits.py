@@ -97,24 +97,33 @@ def test_bad_splits(syn, gbm):
                     (dict(val_frac=-0.2), "val_frac=-0.2")):
         with pytest.raises(ValueError, match=msg):
             make_split(syn, "fewshot", context="ctxA", **kw)
-    # the validator catches leaks
+    # a split is group ids: rows cannot leak by construction; what a file can get wrong is named
     s = make_split(gbm, "fewshot", context="U87MG", support=0.3)
-    leak = Split(s.task, s.context, np.concatenate([s.train, s.test[:1]]), s.val, s.test, s.test_ctrl,
-                 s.test_groups, s.support, s.checksum)
-    with pytest.raises(ValueError, match="test cell is also in train"):
-        leak.validate(gbm)
-    g = s.test[gbm.pert[s.test] == gbm.pert[s.test[0]]]
-    leak = Split(s.task, s.context, np.concatenate([s.train, g[:1]]), s.val, np.setdiff1d(s.test, g[:1]),
-                 s.test_ctrl, s.test_groups, s.support, s.checksum)
-    with pytest.raises(ValueError, match="in both train and test"):
-        leak.validate(gbm)
-    u87 = gbm.context_names.index("U87MG")
-    noctl = Split(s.task, s.context, s.train[~((gbm.context[s.train] == u87) & (gbm.pert[s.train] == 0))],
-                  np.zeros(0), s.test, s.test_ctrl, s.test_groups, s.support, s.checksum)
-    with pytest.raises(ValueError, match="context 'U87MG' has no control cells in train"):
-        noctl.validate(gbm)
+    assert not np.intersect1d(s.test, s.train).size and not np.intersect1d(s.train, s.val).size
+    assert not groups(gbm, s.train) & groups(gbm, s.test)
+    for bad, msg in (([("U87MG", "NOPE")], "perturbation 'NOPE' not in"), ([("U99", "SGK1")], "context 'U99' not in"),
+                     ([("U87MG", "control")], "is the control"), ([], "no test cells")):
+        with pytest.raises(ValueError, match=msg):
+            Split(s.task, s.context, bad, s.support, checksum=s.checksum).validate(gbm)
     with pytest.raises(ValueError, match="split was made for prepared data"):
         s.validate(syn)
+
+
+def test_split_file_is_small_and_old_files_are_refused(gbm, tmp_path):
+    s = make_split(gbm, "zeroshot", context="A172")
+    p = s.save(tmp_path / "s.json")
+    assert p.stat().st_size < 2000  # group ids, not row indices
+    (tmp_path / "old.json").write_text('{"task": "zeroshot", "context": "A172", "train": [0, 1], "val": []}')
+    with pytest.raises(ValueError, match="older format"):
+        Split.load(tmp_path / "old.json")
+    # val: floor(val_frac * n) cells of each training group, disjoint from train, the same every load
+    t = Split.load(p).validate(gbm)
+    assert np.array_equal(t.val, s.val) and np.array_equal(t.train, s.train)
+    gt = gbm.group_table
+    n_tr = gt[:, 4] - gt[:, 3]
+    tr = ~((gt[:, 0] == gbm.context_names.index("A172")) & (gt[:, 1] != 0))
+    assert len(s.val) == int(np.where(n_tr[tr] >= 2, np.floor(0.1 * n_tr[tr]), 0).sum())
+    assert len(s.train) + len(s.val) + len(s.test) == gbm.n_cells
 
 
 def test_save_load_toml_roundtrip(gbm, tmp_path):
@@ -176,6 +185,6 @@ def test_cli(syn, tmp_path, capsys):
     assert out.exists() and (tmp_path / "s.toml").exists()
     assert main(["report", "--data", str(syn.dir), "--split", str(out)]) == 0
     assert main(["toml", "--data", str(syn.dir), "--toml", str(tmp_path / "s.toml"), "--out", str(tmp_path / "t.json")]) == 0
-    assert np.array_equal(Split.load(out).test, Split.load(tmp_path / "t.json").test)
+    assert np.array_equal(Split.load(out).validate(syn).test, Split.load(tmp_path / "t.json").validate(syn).test)
     assert main(["make", "--data", str(syn.dir), "--task", "unseen", "--out", str(out)]) == 2
     assert "needs perturbation features" in capsys.readouterr().err

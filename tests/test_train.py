@@ -74,7 +74,8 @@ def test_train_resume_predict(synth, tmp_path):
     from state.data import Prepared
     from state.h5ad import H5AD
     from state.splits import Split
-    D, sp = Prepared(d / "prep"), Split.load(d / "split.json")
+    D = Prepared(d / "prep")
+    sp = Split.load(d / "split.json").validate(D)
     n_test = int((D.pert[sp.test] != D.control_code).sum())
     n_ctrl = len(sp.test_ctrl)
     with H5AD(out / "pred.h5ad") as p, H5AD(out / "real.h5ad") as q:
