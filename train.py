@@ -170,7 +170,7 @@ cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over}
                          gene_space=st_over["gene_space"] if "gene_space" in over else gene_space)
 S, B = cfg.set_size, batch_size
 train_part = sp.part("train")  # Rows: O(groups), never one index per training cell
-val_rows = sp.val  # (n_val,) row indices: val_frac of the training cells
+val_rows = sp.part("val")  # Rows: val_frac of the cells of every training group
 if parallel not in ("fsdp", "ddp") or grad_accum < 1:
     sys.exit(f"train.py: --parallel must be fsdp or ddp (got {parallel!r}), --grad_accum >= 1")
 if schedule not in ("constant", "cosine") or warmup < 0 or not 0 <= min_lr <= 1 or not 0 <= ema < 1:
@@ -181,7 +181,7 @@ if (ema or select != "last") and ddp and parallel == "fsdp":
 if select not in ("last", "support"):
     sys.exit(f"train.py: --select must be last or support (got {select!r})")
 held = sorted({D.context_names.index(c) for c, _ in sp.test_groups})  # held-out context codes
-sup_rows = sp.part("val", contexts=held, perturbed=True).array()
+sup_rows = sp.part("val", contexts=held, perturbed=True)
 if select == "support" and len(sup_rows) == 0:
     print0(f"note: --select=support: the {sp.task} split has no val cells of support perturbations in the "
            "held-out context (zero-shot, or --val-frac 0): keeping the last weights")
@@ -414,8 +414,7 @@ def val_loss(support=False):
     if len(rows) == 0:
         return None
     if support:
-        ctl = sp.part("train", contexts=held, perturbed=False).array()
-        rows = np.concatenate([rows, ctl])
+        rows = rows + sp.part("train", contexts=held, perturbed=False)  # + that context's training controls
     vs = SetSampler(D, rows, set_size=S, batch_size=B, seed=seed + 1, train=True,
                     control_sets=control_sets and not support, mapping=mapping)
     model.eval()

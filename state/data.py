@@ -951,6 +951,11 @@ class Rows:
     def __len__(self):
         return int((self.hi - self.lo).sum())
 
+    def __add__(self, other):
+        """The segments of both (disjoint row sets)."""
+        return Rows(*(np.concatenate([getattr(self, k), getattr(other, k)])
+                      for k in ("start", "n", "lo", "hi", "key", "shuf")))
+
     def at(self, s, k):
         """Rows of segments s at offsets k in [0, hi - lo) (arrays of one shape)."""
         s, k = np.asarray(s, np.int64), np.asarray(k, np.int64)

@@ -1,0 +1,172 @@
+"""
+Scale bench (issue 14): how the data path's memory and time grow with the number of cells, and how
+fast the loader feeds a step with 0, 1 and 2 worker threads.
+
+    python bench/bench_scale.py                                   # 250k, 2M, 10M cells; loader section
+    python bench/bench_scale.py --sizes=250000,2000000 --loader=False    # quick
+    python bench/bench_scale.py --scale=False --step_ms=5         # loader only
+
+Scale section, per size: a synthetic file (python -m state.synth, 8 genes, 8 perturbations, 50
+contexts, 4 batches; made once under --dir and kept), then each step in its own process, its peak RSS
+from the kernel's rusage of that process (wait4): `state.data prepare`, `state.splits make`, and
+`train.py` start-up + 1 step (tiny preset). In this process: SetSampler set-up on the split's train
+part and the batch on each side of an epoch boundary. Then the per-cell RSS growth between sizes
+(bytes per cell) and the growth exponent of wall time (log t2/t1 / log n2/n1; 1 = linear, 0 = flat).
+
+Loader section: a prepared 2,000-gene synthetic set; batches of 16 sets x 256 cells (plus as many
+controls) through StepSampler with 0, 1, 2 worker threads: cells/s (target cells), and the share of
+wall time spent waiting for data when each step takes --step_ms (a sleep: an accelerator step, during
+which the host's cores are free for the workers).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from state.config import configure  # noqa: E402
+
+dir = "/tmp/nsscale"     # work folder (synthetic files and prepared folders are kept for reruns)
+sizes = "250000,2000000,10000000"
+scale = True             # run the scale section
+loader = True            # run the loader section
+loader_cells = 60000     # cells of the 2,000-gene loader set
+sets = 16                # loader batch: sets x set_size cells
+set_size = 256
+steps = 40               # loader steps per measurement
+step_ms = 40.0           # simulated accelerator step (ms) for the data-wait share
+cfg = {k: v for k, v in dict(globals()).items() if k in ("dir", "sizes", "scale", "loader", "loader_cells",
+                                                           "sets", "set_size", "steps", "step_ms")}
+configure(sys.argv[1:], cfg)
+globals().update(cfg)
+W = Path(dir)
+W.mkdir(parents=True, exist_ok=True)
+PY = sys.executable
+
+
+def cpu_name():
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    return f"{model}, {os.cpu_count()} threads, AVX-512 {'yes' if 'avx512f' in flags else 'no'}"
+
+
+def measure(cmd, log):
+    """Run cmd (list) as a child; -> (wall s, peak RSS bytes of that child). Output goes to `log`."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    dt = time.perf_counter() - t0
+    if p.returncode:
+        sys.exit(f"bench_scale: {' '.join(map(str, cmd))} failed ({p.returncode}); see {log}")
+    return dt, ru.ru_maxrss * 1024
+
+
+def human(n):
+    return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k"
+
+
+print(f"CPU: {cpu_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d %H:%M')}")
+
+# -----------------------------------------------------------------------------
+# scale section
+if scale:
+    from state.data import Prepared, SetSampler
+    from state.splits import Split
+    rows = []
+    for n in [int(float(x)) for x in sizes.split(",")]:
+        h5, prep, sp, run = W / f"s{n}.h5ad", W / f"p{n}", W / f"split{n}.json", W / f"run{n}"
+        if not h5.exists():
+            measure([PY, "-m", "state.synth", h5, "--n-cells", str(n), "--n-genes", "8", "--n-perts", "8",
+                     "--n-contexts", "50", "--n-batches", "4"], W / "synth.log")
+        r = dict(n=n)
+        if prep.exists():
+            import shutil
+            shutil.rmtree(prep)
+        r["prepare"] = measure([PY, "-m", "state.data", "prepare", h5, prep, "--batch-col", "batch"], W / "prepare.log")
+        r["split"] = measure([PY, "-m", "state.splits", "make", "--data", prep, "--task", "fewshot", "--context",
+                              "ctx7", "--out", sp], W / "split.log")
+        r["split_bytes"] = sp.stat().st_size
+        if run.exists():
+            import shutil
+            shutil.rmtree(run)
+        r["train"] = measure([PY, "train.py", f"--data={prep}", f"--split={sp}", "--preset=tiny", "--max_steps=1",
+                              "--val_batches=1", "--threads=1", f"--out={run}"], W / "train.log")
+        D = Prepared(prep)
+        s = Split.load(sp).validate(D)
+        t0 = time.perf_counter()
+        smp = SetSampler(D, s.part("train"), set_size=32, batch_size=16, seed=0)
+        r["sampler_init"] = time.perf_counter() - t0
+        last = smp.steps_per_epoch - 1
+        smp.batch(0, 0)  # warm
+        t0 = time.perf_counter(); smp.batch(0, last); r["batch_end"] = time.perf_counter() - t0
+        t0 = time.perf_counter(); smp.batch(1, 0); r["batch_next_epoch"] = time.perf_counter() - t0
+        r["x_bytes"] = (prep / "X.bin").stat().st_size
+        rows.append(r)
+        print(f"{human(n):>5} cells: prepare {r['prepare'][0]:6.1f}s {r['prepare'][1] / 2**20:6.0f} MB | split "
+              f"{r['split'][0]:5.1f}s {r['split'][1] / 2**20:5.0f} MB, file {r['split_bytes']:,} B | train start-up + 1 step "
+              f"{r['train'][0]:5.1f}s {r['train'][1] / 2**20:5.0f} MB | sampler init {r['sampler_init'] * 1e3:.0f} ms, "
+              f"last batch of epoch 0 {r['batch_end'] * 1e3:.1f} ms, first of epoch 1 {r['batch_next_epoch'] * 1e3:.1f} ms",
+              flush=True)
+    print("\ngrowth between sizes (RSS bytes per cell; wall-time exponent, 1 = linear):")
+    print("| cells | prepare B/cell | split B/cell | train start-up B/cell | prepare t exp | split t exp | "
+          "train t exp | train wall ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for a, b in zip(rows[:-1], rows[1:]):
+        dn = b["n"] - a["n"]
+        per = {k: (b[k][1] - a[k][1]) / dn for k in ("prepare", "split", "train")}
+        ex = {k: math.log(b[k][0] / a[k][0]) / math.log(b["n"] / a["n"]) for k in ("prepare", "split", "train")}
+        print(f"| {human(a['n'])} -> {human(b['n'])} | {per['prepare']:.1f} | {per['split']:.1f} | {per['train']:.1f} | "
+              f"{ex['prepare']:.2f} | {ex['split']:.2f} | {ex['train']:.2f} | {b['train'][0] / a['train'][0]:.2f}x |")
+    big = rows[-1]
+    print(f"\nprojection to 100M cells (linear in the largest step's per-cell growth): X.bin "
+          f"{big['x_bytes'] / big['n'] * 1e8 / 2**30:.1f} GiB at 8 genes (x250 at 2,000 float32 genes)")
+    json.dump(rows, open(W / "scale.json", "w"), default=str)
+
+# -----------------------------------------------------------------------------
+# loader section
+if loader:
+    from state.data import Prepared, SetSampler
+    from state.dist import StepSampler
+    h5, prep = W / f"g2000_{loader_cells}.h5ad", W / f"g2000_{loader_cells}"
+    if not h5.exists():
+        measure([PY, "-m", "state.synth", h5, "--n-cells", str(loader_cells), "--n-genes", "2000", "--n-perts", "50",
+                 "--n-contexts", "2"], W / "synth.log")
+    if not (prep / "index.json").exists():
+        measure([PY, "-m", "state.data", "prepare", h5, prep], W / "prepare.log")
+    D = Prepared(prep)
+    D.rows(np.arange(0, D.n_cells, 1))  # page cache warm: the loader is measured on memory, not disk
+    cells = sets * set_size
+    print(f"\nloader: {D.n_cells:,} cells x {D.n_genes} genes float32, batches of {sets} sets x {set_size} cells "
+          f"(+ as many controls), {steps} steps each")
+    print("| workers | cells/s (no step) | ratio to 0 | data wait with a {:.0f} ms step |".format(step_ms))
+    print("|---|---|---|---|")
+    base = None
+    for w in (0, 1, 2):
+        res = []
+        for sleep in (0.0, step_ms / 1e3):
+            ss = StepSampler(SetSampler(D, np.arange(D.n_cells), set_size, sets, seed=0), workers=w, prefetch=2)
+            ss.next()  # start-up (the workers fill their queue)
+            ss.wait = 0.0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                ss.next()
+                if sleep:
+                    time.sleep(sleep)
+            res.append((time.perf_counter() - t0, ss.wait))
+            ss.close()
+        rate = cells * steps / res[0][0]
+        base = base or rate
+        print(f"| {w} | {rate:,.0f} | {rate / base:.2f}x | {100 * res[1][1] / res[1][0]:.1f}% |", flush=True)
