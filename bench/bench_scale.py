@@ -44,9 +44,11 @@ loader_cells = 60000     # cells of the 2,000-gene loader set
 sets = 16                # loader batch: sets x set_size cells
 set_size = 256
 steps = 40               # loader steps per measurement
+repeats = 3              # loader measurements per worker count (median reported)
+child = ""               # internal: "workers,sleep" = one loader measurement in this process
 step_ms = 40.0           # simulated accelerator step (ms) for the data-wait share
 cfg = {k: v for k, v in dict(globals()).items() if k in ("dir", "sizes", "scale", "loader", "loader_cells",
-                                                           "sets", "set_size", "steps", "step_ms")}
+                                                           "sets", "set_size", "steps", "step_ms", "repeats", "child")}
 configure(sys.argv[1:], cfg)
 globals().update(cfg)
 W = Path(dir)
@@ -78,7 +80,7 @@ def human(n):
     return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k"
 
 
-print(f"CPU: {cpu_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d %H:%M')}")
+child or print(f"CPU: {cpu_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d %H:%M')}")
 
 # -----------------------------------------------------------------------------
 # scale section
@@ -149,24 +151,64 @@ if loader:
     D = Prepared(prep)
     D.rows(np.arange(0, D.n_cells, 1))  # page cache warm: the loader is measured on memory, not disk
     cells = sets * set_size
-    print(f"\nloader: {D.n_cells:,} cells x {D.n_genes} genes float32, batches of {sets} sets x {set_size} cells "
+    child or print(f"\nloader: {D.n_cells:,} cells x {D.n_genes} genes float32, batches of {sets} sets x {set_size} cells "
           f"(+ as many controls), {steps} steps each")
-    print("| workers | cells/s (no step) | ratio to 0 | data wait with a {:.0f} ms step |".format(step_ms))
-    print("|---|---|---|---|")
-    base = None
-    for w in (0, 1, 2):
-        res = []
-        for sleep in (0.0, step_ms / 1e3):
-            ss = StepSampler(SetSampler(D, np.arange(D.n_cells), set_size, sets, seed=0), workers=w, prefetch=2)
-            ss.next()  # start-up (the workers fill their queue)
-            ss.wait = 0.0
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                ss.next()
-                if sleep:
-                    time.sleep(sleep)
-            res.append((time.perf_counter() - t0, ss.wait))
-            ss.close()
-        rate = cells * steps / res[0][0]
-        base = base or rate
-        print(f"| {w} | {rate:,.0f} | {rate / base:.2f}x | {100 * res[1][1] / res[1][0]:.1f}% |", flush=True)
+    import threading
+    rng = np.random.default_rng(0)
+    idx = [np.sort(rng.integers(0, D.n_cells, 2 * cells)) for _ in range(2 * steps)]
+
+    def copy(ix):
+        for i in ix:
+            D.X[i]
+
+    def ceiling():
+        """The same volume of plain memmap row copies in 1 and in 2 threads (numpy releases the GIL):
+        what this machine's memory system allows, whatever the loader does."""
+        t0 = time.perf_counter(); copy(idx); t1 = time.perf_counter() - t0
+        th = [threading.Thread(target=copy, args=(idx[k::2],)) for k in range(2)]
+        t0 = time.perf_counter(); [x.start() for x in th]; [x.join() for x in th]
+        return t1 / (time.perf_counter() - t0)
+
+    def one(w, sleep):
+        ss = StepSampler(SetSampler(D, np.arange(D.n_cells), set_size, sets, seed=0), workers=w, prefetch=2)
+        for _ in range(4):  # start-up: the workers fill their queue (prefetch 2 + the current step)
+            ss.next()
+            if sleep:
+                time.sleep(sleep)
+        ss.wait = 0.0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ss.next()
+            if sleep:
+                time.sleep(sleep)
+        dt = time.perf_counter() - t0
+        ss.close()
+        return cells * steps / dt, ss.wait / dt
+
+    if child:  # one measurement in a fresh process: no allocator or page state left by another one
+        w, sleep = child.split(",")
+        print(json.dumps(one(int(w), float(sleep))))
+        sys.exit(0)
+
+    def fresh(w, sleep):
+        r = subprocess.run([PY, __file__, f"--dir={dir}", f"--loader_cells={loader_cells}", f"--sets={sets}",
+                            f"--set_size={set_size}", f"--steps={steps}", "--scale=False", f"--child={w},{sleep}"],
+                           capture_output=True, text=True, cwd=ROOT, check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    res = {w: [] for w in (0, 1, 2)}
+    ceil = []
+    for r in range(repeats):  # interleaved, so that a noisy minute hits every worker count
+        ceil.append(ceiling())
+        for w in (0, 1, 2):
+            res[w].append((fresh(w, 0.0)[0], fresh(w, step_ms / 1e3)[1]))
+    print(f"plain memmap copies, 2 threads vs 1 (this machine's ceiling for any loader): "
+          f"{np.median(ceil):.2f}x (runs {', '.join(f'{c:.2f}' for c in ceil)})")
+    print(f"median of {repeats} interleaved runs:")
+    print("| workers | cells/s (no step) | ratio to 0 workers | ratio to 1 worker | data wait with a {:.0f} ms step |"
+          .format(step_ms))
+    print("|---|---|---|---|---|")
+    med = {w: (np.median([x[0] for x in v]), np.median([x[1] for x in v])) for w, v in res.items()}
+    for w, (rate, wait) in med.items():
+        print(f"| {w} | {rate:,.0f} | {rate / med[0][0]:.2f}x | {f'{rate / med[1][0]:.2f}x' if w else '-'} | "
+              f"{100 * wait:.1f}% (runs {', '.join(f'{100 * x[1]:.1f}' for x in res[w])}) |", flush=True)

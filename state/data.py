@@ -866,12 +866,21 @@ class Prepared:
         out[order] = self._read(idx[order])  # sorted reads walk the file forwards
         return out
 
-    def _read(self, idx, genes=False):
-        """X[idx] (G[idx] with genes=True) as float32: a single copy out of the page cache for float32."""
-        x = (self.G if genes else self.X)[idx]  # (n, G) fancy read of the memmap
-        if (self.index["gene_target"]["dtype"] if genes else self.dtype) == "bfloat16":
-            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float().numpy()
-        return x.astype(np.float32, copy=False)
+    def _read(self, idx, genes=False, out=None):
+        """X[idx] (G[idx] with genes=True) as float32 (n, G), into `out` when given: for float32 one copy
+        out of the page cache. np.take(mode="clip") skips the bounds check (the samplers' indices are
+        valid) and releases the GIL; into a reused buffer it also skips the page faults of a fresh one."""
+        src = np.asarray(self.G if genes else self.X)  # the mapping as a plain ndarray
+        dt = self.index["gene_target"]["dtype"] if genes else self.dtype
+        if dt == "float32":
+            return np.take(src, idx, axis=0, out=out, mode="clip")
+        x = np.take(src, idx, axis=0, mode="clip")
+        if dt == "bfloat16":
+            x = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float().numpy()
+        if out is None:
+            return x.astype(np.float32, copy=False)
+        out[...] = x
+        return out
 
     def label(self, what, codes):
         """Names for codes: label('pert', data.pert[idx]) -> np str array."""
@@ -905,23 +914,31 @@ def hkey(*parts):
     return h
 
 
-def permute(k, n, key, rounds=4):
+def permute(k, n, key, rounds=6):
     """perm_key(k): a seeded bijection of [0, n) applied to k (arrays broadcast; n, key per element).
-    A 4-round Feistel network on the smallest even number of bits covering n, cycle-walked back into
-    [0, n): O(1) memory per element, so an epoch's order over 10^9 sets is never stored."""
+    A Feistel network on the ceil(log2 n) bits covering n (unbalanced halves of a and b bits whose sizes
+    swap every round, so an even number of rounds ends where it started), cycle-walked back into [0, n) (< 2 walks on
+    average): O(1) memory per element, so an epoch's order over 10^9 sets is never stored. The round
+    function takes the top bits of a 64-bit multiplicative hash (Knuth) of the half and a round key."""
     k, n, key = (np.array(a, np.uint64) for a in np.broadcast_arrays(k, n, key))
-    bits = np.ceil(np.log2(np.maximum(n, 2).astype(np.float64))).astype(np.uint64)
-    half = (bits + _U(1)) // _U(2)
-    mask = (_U(1) << half) - _U(1)
-    x, todo = k, np.ones(k.shape, bool)
-    while todo.any():
-        h, m, kk = half[todo], mask[todo], key[todo]
-        L, R = x[todo] >> h, x[todo] & m
-        for r in range(rounds):
-            L, R = R, L ^ (_mix(R ^ kk ^ _U(r * 0x632BE59BD9B4E019 % 2 ** 64)) & m)
-        x[todo] = (L << h) | R
-        todo = x >= n
-    return x.astype(np.int64)
+    bits = np.ceil(np.log2(np.maximum(n, 4).astype(np.float64))).astype(np.uint64)
+    A = bits // _U(2)  # bits of the left half; the right half has bits - A
+    rk = [_mix(key + _U((r + 1) * 0x9E3779B97F4A7C15 % 2 ** 64)) for r in range(rounds)]
+    x, todo = k, np.arange(k.size)
+    x, n, bits, A = x.reshape(-1), n.reshape(-1), bits.reshape(-1), A.reshape(-1)
+    rk = [r.reshape(-1) for r in rk]
+    with np.errstate(over="ignore"):
+        while len(todo):
+            xs, a = x[todo], A[todo]
+            b = bits[todo] - a
+            L, R = xs >> b, xs & ((_U(1) << b) - _U(1))
+            for r in range(rounds):  # (L: a bits, R: b bits) -> (L: b bits, R: a bits)
+                f = ((R ^ rk[r][todo]) * _U(0xD6E8FEB86659FD93)) >> (_U(64) - a)
+                L, R = R, L ^ f
+                a, b = b, a
+            x[todo] = (L << b) | R
+            todo = todo[x[todo] >= n[todo]]
+    return x.reshape(k.shape).astype(np.int64)
 
 
 class Rows:
@@ -1121,19 +1138,30 @@ class SetSampler:
         ci[ci == big] = -1
         return t, ci, lens, g, valid, ts
 
-    def batch(self, epoch, step):
-        """The batch (dict of tensors, see the class docstring) at (epoch, step)."""
+    def buffers(self):
+        """Arrays that batch(out=...) fills in place (a loader reuses them instead of allocating)."""
+        b = dict(x=np.empty((2 * self.B * self.S, self.data.n_genes), np.float32))
+        if self.data.G is not None:
+            b["g"] = np.empty((self.B * self.S, self.data.n_genes_out), np.float32)
+        return b
+
+    def batch(self, epoch, step, out=None):
+        """The batch (dict of tensors, see the class docstring) at (epoch, step); with out=buffers() its
+        expression tensors are views of those arrays."""
         t, ci, lens, g, v, ts = self.indices(epoch, step)
         B, S = t.shape
         pad = t < 0
-        # one fancy read for targets and controls; padding reads the set's first row and is zeroed below
-        x = self.data._read(np.concatenate([np.where(pad, t[:, :1], t).ravel(), np.where(pad, ci[:, :1], ci).ravel()]))
+        out = out or {}
+        # one read for targets and controls; padding reads the set's first row and is zeroed below
+        x = self.data._read(np.concatenate([np.where(pad, t[:, :1], t).ravel(), np.where(pad, ci[:, :1], ci).ravel()]),
+                            out=out.get("x"))
         x = torch.from_numpy(x).view(2, B, S, -1)
         if pad.any():
             x[:, torch.from_numpy(pad)] = 0
         extra = {}
         if self.data.G is not None:  # gene-space targets of the same target cells (gene decoder)
-            tg = torch.from_numpy(self.data._read(np.where(pad, t[:, :1], t).ravel(), genes=True)).view(B, S, -1)
+            tg = torch.from_numpy(self.data._read(np.where(pad, t[:, :1], t).ravel(), genes=True,
+                                                  out=out.get("g"))).view(B, S, -1)
             if pad.any():
                 tg[torch.from_numpy(pad)] = 0
             extra["tgt_genes"] = tg

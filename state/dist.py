@@ -177,23 +177,34 @@ class StepSampler:
     resumes at another world size (same B; same W*k for the same trajectory).
 
     workers > 0: that many threads build the next `prefetch` steps' micro-batches while the current
-    step runs (the memmap copies and torch ops release the GIL); each micro-batch is a pure function of
-    its index, so the batches and their order do not depend on the number of workers. pin=True copies
-    them into pinned memory (CUDA) for non-blocking host-to-device transfers. `wait` accumulates the
-    seconds next() spent waiting for data."""
+    step runs (the memmap copies release the GIL); each micro-batch is a pure function of its index, so
+    the batches and their order do not depend on the number of workers. They are written into a ring of
+    reused buffers, so a batch from next() stays valid until prefetch + 1 more calls (train.py uses it
+    for one step). pin=True copies them into pinned memory (CUDA) for non-blocking host-to-device
+    transfers. `wait` accumulates the seconds next() spent waiting for data."""
 
     def __init__(self, sampler, rank=0, world=1, accum=1, workers=0, prefetch=2, pin=False):
         self.s, self.rank, self.world, self.accum = sampler, rank, world, accum
         self.workers, self.prefetch, self.pin = int(workers), max(1, int(prefetch)), pin
         self.cursor, self.wait = 0, 0.0
-        self._pool, self._pending = None, {}
+        self._pool, self._pending, self._bufs = None, {}, {}
         if self.workers:
             from concurrent.futures import ThreadPoolExecutor
+            # the workers hold the GIL for ~1 ms of index maths per batch; with the default 5 ms switch
+            # interval the training thread could wait that long for it after each step (measured: 6.6%
+            # data wait with 1 worker and a 40 ms step, 0.x% at 1 ms; bench/bench_scale.py)
+            sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="loader")
 
-    def micro(self, c):
+    def micro(self, c, slot=None):
+        """Micro-batch c; `slot` names one of the loader's reused buffer sets."""
         epoch, step = divmod(c, self.s.steps_per_epoch)
-        b = self.s.batch(epoch, step)
+        if slot is None:
+            b = self.s.batch(epoch, step)
+        else:
+            if slot not in self._bufs:
+                self._bufs[slot] = self.s.buffers()
+            b = self.s.batch(epoch, step, out=self._bufs[slot])
         return {k: v.pin_memory() for k, v in b.items()} if self.pin else b
 
     def _ids(self, cursor):
@@ -206,15 +217,24 @@ class StepSampler:
         if self._pool is None:
             bs = [self.micro(c) for c in self._ids(self.cursor)]
         else:
-            step = self.world * self.accum
-            for i in range(self.prefetch + 1):  # keep `prefetch` steps queued behind this one
-                cur = self.cursor + i * step
-                if cur not in self._pending:
-                    self._pending[cur] = [self._pool.submit(self.micro, c) for c in self._ids(cur)]
+            if self.cursor not in self._pending:
+                self._submit(self.cursor)
             bs = [f.result() for f in self._pending.pop(self.cursor)]
         self.wait += time.perf_counter() - t0
         self.cursor += self.world * self.accum
+        if self._pool is not None:  # keep `prefetch` steps queued (after taking this one: no GIL contest)
+            for i in range(self.prefetch):
+                self._submit(self.cursor + i * self.world * self.accum)
         return bs
+
+    def _submit(self, cur):
+        """Queue step `cur`'s micro-batches. Each goes into a buffer set of a ring of accum x (prefetch + 2):
+        a set is refilled only prefetch + 2 steps later, when the step that used it is long done."""
+        if cur not in self._pending:
+            step = cur // (self.world * self.accum)
+            R = self.accum * (self.prefetch + 2)
+            self._pending[cur] = [self._pool.submit(self.micro, c, (step * self.accum + j) % R)
+                                  for j, c in enumerate(self._ids(cur))]
 
     @property
     def epoch(self):

@@ -107,8 +107,11 @@ def test_step_sampler_shards_without_overlap():
     class Fake:  # a SetSampler stand-in: batch (epoch, step) -> the set ids it holds
         seed, S, B, steps_per_epoch = 0, 16, 4, 5
 
-        def batch(self, e, s):
+        def batch(self, e, s, out=None):
             return (e, s)
+
+        def buffers(self):
+            return {}
 
     one = StepSampler(Fake(), 0, 1, 4)
     two = [StepSampler(Fake(), r, 2, 2) for r in range(2)]
