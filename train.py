@@ -90,8 +90,8 @@ ckpt_every = 500         # steps between checkpoints (always one at the end)
 compile = False          # torch.compile the model (GPU)
 parallel = "fsdp"        # multi-process: fsdp (FSDP2, sharded params/grads/optimizer) | ddp
 grad_accum = 1           # micro-steps per optimizer step (gradient sync only on the last)
-workers = -1             # loader threads building the next steps' batches during a step; -1 = 2 on cuda,
-                         # 0 (in the step) on cpu. Any value gives the same batches in the same order
+workers = -1             # loader processes building the next steps' batches during a step (per rank);
+                         # -1 = 2 on cuda, 0 (in the step) on cpu. Any value gives the same batches
 # model fields (STConfig) are overridable too: --hidden=128 --n_layers=4 ...
 st_over = {f.name: f.default for f in fields(STConfig)
            if f.name not in ("n_in", "n_out", "n_pert", "n_batch", "n_genes", "n_ctx")}
@@ -202,7 +202,7 @@ sampler = StepSampler(SetSampler(D, train_part, set_size=S, batch_size=B, seed=s
 print0(f"data {data}: {D.n_cells:,} cells x {D.n_genes} features ({key}), {len(D.pert_names)} "
        f"perturbations, {len(D.context_names)} contexts | split {split} ({sp.task}, held out "
        f"{sp.context}): train {len(train_part):,} val {len(val_rows):,} test {len(sp.part('test')):,} rows"
-       f" | loader: {workers} worker thread(s)")
+       f" | loader: {workers} worker process(es)")
 if cfg.n_genes:
     print0(f"gene decoder: {cfg.n_out} -> {list(cfg.decoder_hidden)} -> {cfg.n_genes} genes ('{D.genes_key}'), "
            f"loss weight {cfg.decoder_weight}")
@@ -572,5 +572,6 @@ if logf:
     logf.close()
 print0(f"done: {out} (step {max_steps}, val_loss {vl})" + (f"; model.safetensors holds step {best['step']}, "
        f"the lowest support val loss {best['loss']:.4f}" if best["step"] is not None else ""))
+sampler.close()
 compute_cleanup()
 quiet_exit(0)

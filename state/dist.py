@@ -167,6 +167,41 @@ def load_sharded(model, opt, path):
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
+BIG = ("ctrl", "tgt", "tgt_genes")  # a batch's expression tensors: in the shared ring, never pickled
+
+
+def _loader_worker(s, ring, tasks, done, parent):
+    """A loader process: builds micro-batch c into ring slot `slot` (shared memory), sends back the
+    batch's small tensors (codes, row indices) as numpy arrays. Exits on None or when the parent is gone."""
+    import queue
+    torch.set_num_threads(1)
+    while True:
+        try:
+            job = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if job is None:
+            return
+        gen, c, slot = job
+        try:
+            b = s.batch(*divmod(c, s.steps_per_epoch), out=ring[slot])
+            done.put((gen, c, {k: v.numpy() for k, v in b.items() if k not in BIG}, None))
+        except BaseException as e:  # noqa: BLE001 (reported in the parent, which raises it)
+            done.put((gen, c, None, f"{type(e).__name__}: {e}"))
+
+
+def _shared(arrays):
+    """The same arrays in anonymous shared memory (inherited by forked loader processes)."""
+    import mmap
+    out = {}
+    for k, a in arrays.items():
+        buf = mmap.mmap(-1, max(a.nbytes, 1))
+        out[k] = np.frombuffer(buf, a.dtype, a.size).reshape(a.shape)
+    return out
+
+
 class StepSampler:
     """This rank's micro-batches of each optimizer step, cut from ONE global sequence of B-set
     micro-batches that does not depend on the world size: a `SetSampler` (same seed on every rank) read
@@ -176,65 +211,84 @@ class StepSampler:
     x 2 micro-steps. The state is one global cursor (micro-batches consumed by all ranks), so a run
     resumes at another world size (same B; same W*k for the same trajectory).
 
-    workers > 0: that many threads build the next `prefetch` steps' micro-batches while the current
-    step runs (the memmap copies release the GIL); each micro-batch is a pure function of its index, so
-    the batches and their order do not depend on the number of workers. They are written into a ring of
-    reused buffers, so a batch from next() stays valid until prefetch + 1 more calls (train.py uses it
-    for one step). pin=True copies them into pinned memory (CUDA) for non-blocking host-to-device
+    workers > 0: that many forked loader processes build the next `prefetch` steps' micro-batches while
+    the current step runs, into a ring of accum x (prefetch + 2) buffer sets in shared memory (processes,
+    not threads: the index maths holds the GIL, which capped 2 threads at 1.48x of 1). A micro-batch is a
+    pure function of its index, so the batches and their order do not depend on the number of workers.
+    A batch from next() is a view of its ring slot: valid until prefetch + 1 more calls (train.py uses
+    it for one step). pin=True copies it into pinned memory (CUDA) for non-blocking host-to-device
     transfers. `wait` accumulates the seconds next() spent waiting for data."""
 
     def __init__(self, sampler, rank=0, world=1, accum=1, workers=0, prefetch=2, pin=False):
         self.s, self.rank, self.world, self.accum = sampler, rank, world, accum
         self.workers, self.prefetch, self.pin = int(workers), max(1, int(prefetch)), pin
         self.cursor, self.wait = 0, 0.0
-        self._pool, self._pending, self._bufs = None, {}, {}
+        self._procs, self._pending, self._ready, self._gen = [], set(), {}, 0
         if self.workers:
-            from concurrent.futures import ThreadPoolExecutor
-            # the workers hold the GIL for ~1 ms of index maths per batch; with the default 5 ms switch
-            # interval the training thread could wait that long for it after each step (measured: 6.6%
-            # data wait with 1 worker and a 40 ms step, 0.x% at 1 ms; bench/bench_scale.py)
-            sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="loader")
+            import multiprocessing as mp
+            ctx = mp.get_context("fork")
+            self._R = self.accum * (self.prefetch + 2)
+            self._ring = [_shared(self.s.buffers()) for _ in range(self._R)]
+            self._tasks, self._done = ctx.Queue(), ctx.Queue()
+            self._procs = [ctx.Process(target=_loader_worker, daemon=True, name=f"loader{i}",
+                                       args=(self.s, self._ring, self._tasks, self._done, os.getpid()))
+                           for i in range(self.workers)]
+            for q in self._procs:
+                q.start()
 
-    def micro(self, c, slot=None):
-        """Micro-batch c; `slot` names one of the loader's reused buffer sets."""
-        epoch, step = divmod(c, self.s.steps_per_epoch)
-        if slot is None:
-            b = self.s.batch(epoch, step)
-        else:
-            if slot not in self._bufs:
-                self._bufs[slot] = self.s.buffers()
-            b = self.s.batch(epoch, step, out=self._bufs[slot])
+    def micro(self, c):
+        """Micro-batch c, built in this process."""
+        b = self.s.batch(*divmod(c, self.s.steps_per_epoch))
         return {k: v.pin_memory() for k, v in b.items()} if self.pin else b
 
     def _ids(self, cursor):
         base = cursor + self.rank * self.accum
         return range(base, base + self.accum)
 
+    def _slot(self, cur, j):
+        return ((cur // (self.world * self.accum)) * self.accum + j) % self._R
+
+    def _submit(self, cur):
+        if cur not in self._pending:
+            self._pending.add(cur)
+            for j, c in enumerate(self._ids(cur)):
+                self._tasks.put((self._gen, c, self._slot(cur, j)))
+
+    def _take(self, cur):
+        """Wait for step `cur`'s micro-batches from the loader processes; -> list of batches."""
+        want = list(self._ids(cur))
+        while any(c not in self._ready for c in want):
+            gen, c, small, err = self._done.get()
+            if err is not None:
+                raise RuntimeError(f"loader process failed on micro-batch {c}: {err}")
+            if gen == self._gen:  # else: queued before a load_state_dict, not ours any more
+                self._ready[c] = small
+        self._pending.discard(cur)
+        bs = []
+        for j, c in enumerate(want):
+            ring = self._ring[self._slot(cur, j)]
+            small = self._ready.pop(c)
+            B, S = small["tgt_idx"].shape
+            x = torch.from_numpy(ring["x"]).view(2, B, S, -1)  # (2, B, S, G): targets, controls
+            b = dict(ctrl=x[1], tgt=x[0], **{k: torch.from_numpy(v) for k, v in small.items()})
+            if "g" in ring:
+                b["tgt_genes"] = torch.from_numpy(ring["g"]).view(B, S, -1)
+            bs.append({k: v.pin_memory() for k, v in b.items()} if self.pin else b)
+        return bs
+
     def next(self):
         """-> list of `accum` batches (this rank's share of the next optimizer step)."""
         t0 = time.perf_counter()
-        if self._pool is None:
+        if not self._procs:
             bs = [self.micro(c) for c in self._ids(self.cursor)]
         else:
-            if self.cursor not in self._pending:
-                self._submit(self.cursor)
-            bs = [f.result() for f in self._pending.pop(self.cursor)]
+            self._submit(self.cursor)
+            bs = self._take(self.cursor)
         self.wait += time.perf_counter() - t0
         self.cursor += self.world * self.accum
-        if self._pool is not None:  # keep `prefetch` steps queued (after taking this one: no GIL contest)
-            for i in range(self.prefetch):
-                self._submit(self.cursor + i * self.world * self.accum)
+        for i in range(self.prefetch if self._procs else 0):  # keep `prefetch` steps queued
+            self._submit(self.cursor + i * self.world * self.accum)
         return bs
-
-    def _submit(self, cur):
-        """Queue step `cur`'s micro-batches. Each goes into a buffer set of a ring of accum x (prefetch + 2):
-        a set is refilled only prefetch + 2 steps later, when the step that used it is long done."""
-        if cur not in self._pending:
-            step = cur // (self.world * self.accum)
-            R = self.accum * (self.prefetch + 2)
-            self._pending[cur] = [self._pool.submit(self.micro, c, (step * self.accum + j) % R)
-                                  for j, c in enumerate(self._ids(cur))]
 
     @property
     def epoch(self):
@@ -248,12 +302,17 @@ class StepSampler:
         for k in ("seed", "set_size", "batch_size", "steps_per_epoch"):
             if sd[k] != self.state_dict()[k]:
                 raise ValueError(f"sampler state has {k}={sd[k]} but this run has {self.state_dict()[k]}")
-        for fs in self._pending.values():  # batches queued for the old cursor
-            for f in fs:
-                f.cancel()
-        self._pending = {}
+        if self._pending:  # batches queued for the old cursor: wait them out (their slots get reused)
+            for cur in sorted(self._pending):
+                self._take(cur)
+        self._ready, self._gen = {}, self._gen + 1
         self.cursor = int(sd["cursor"])
 
     def close(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        for _ in self._procs:
+            self._tasks.put(None)
+        for q in self._procs:
+            q.join(timeout=5)
+            if q.is_alive():
+                q.terminate()
+        self._procs = []
