@@ -29,7 +29,7 @@ from tqdm import tqdm
 from state.config import configure
 from state.data import draw_controls
 from state.eval import group_spread
-from state.h5ad import H5AD, write_h5ad
+from state.h5ad import H5AD, Cat, Stream, write_h5ad
 from state.st import STConfig, StateTransition
 
 # -----------------------------------------------------------------------------
@@ -65,45 +65,49 @@ def load_runs(runs, device="cpu"):
 
 
 @torch.no_grad()
-def predict_windows(models, ctrl, windows, device, max_cells=8192, return_latent=False):
-    """ctrl (N,Din) float32 control rows; windows: list of (idx into ctrl (n<=S,), pert code, batch
-    codes (n,) or None, context code). Returns a list of (n, Dout) float32 predictions (decoded genes
-    when the model has a gene decoder), averaged over `models` (a seed ensemble; one model is fine).
-    Windows are batched by length (key-padding lens), never padded with cells.
-    return_latent=True: (that list, a list of the (n, Dout) embedding predictions before the gene
-    decoder, or None without a decoder)."""
+def predict_blocks(models, ctrl, windows, device, max_cells=8192):
+    """Predictions for `windows` in their order, one block of consecutive windows at a time (so a
+    virtual screen of any size streams to disk): yields (outputs, latents) lists for the next block
+    of windows. ctrl (N,Din) float32 control rows; windows: list of (idx into ctrl (n<=S,), pert code,
+    batch codes (n,) or None, context code). Outputs are (n, Dout) float32 predictions (decoded genes
+    when the model has a gene decoder), averaged over `models` (a seed ensemble; one model is fine);
+    latents the (n, Dout) embedding predictions before the decoder (None without one). Windows of one
+    length are batched together (key-padding lens), never padded with cells."""
     models = models if isinstance(models, (list, tuple)) else [models]
     model = models[0]
-    S = model.cfg.set_size
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
-    out = [None] * len(windows)
-    lat = [None] * len(windows) if model.decoder is not None else None
-    bs = max(1, max_cells // S)
-    for a in tqdm(range(0, len(order), bs), desc="predict", unit="batch", leave=False,
-                  disable=not sys.stderr.isatty() and os.environ.get("TQDM", "") != "1"):
-        ids = order[a:a + bs]
-        L = len(windows[ids[0]][0])
-        x = torch.zeros(len(ids), L, ctrl.shape[1])
-        bt = torch.zeros(len(ids), L, dtype=torch.int64)
-        lens = torch.tensor([len(windows[i][0]) for i in ids])
-        pert = torch.tensor([windows[i][1] for i in ids], dtype=torch.int64)
-        ctx = torch.tensor([windows[i][3] for i in ids], dtype=torch.int64)
-        for j, i in enumerate(ids):
-            w = windows[i]
-            x[j, :len(w[0])] = torch.from_numpy(ctrl[w[0]])
-            if w[2] is not None:
-                bt[j, :len(w[0])] = torch.as_tensor(w[2])
-        x, bt, lens, pert, ctx = x.to(device), bt.to(device), lens.to(device), pert.to(device), ctx.to(device)
-        ys = [m(x, pert, batch=bt if m.cfg.n_batch else None, lens=lens, ctx=ctx) for m in models]
-        if model.decoder is not None:
-            z = torch.stack(ys).float().mean(0).cpu().numpy()
+    bs = max(1, max_cells // model.cfg.set_size)
+    for a in range(0, len(windows), bs):
+        block = range(a, min(a + bs, len(windows)))
+        out, lat = {}, {}
+        for L in sorted({len(windows[i][0]) for i in block}, reverse=True):
+            ids = [i for i in block if len(windows[i][0]) == L]
+            x = torch.zeros(len(ids), L, ctrl.shape[1])
+            bt = torch.zeros(len(ids), L, dtype=torch.int64)
+            pert = torch.tensor([windows[i][1] for i in ids], dtype=torch.int64)
+            ctx = torch.tensor([windows[i][3] for i in ids], dtype=torch.int64)
             for j, i in enumerate(ids):
-                lat[i] = z[j, :len(windows[i][0])]
-            ys = [m.decode(yy) for m, yy in zip(models, ys)]
-        y = torch.stack(ys).float().mean(0).cpu().numpy()
-        for j, i in enumerate(ids):
-            out[i] = y[j, :len(windows[i][0])]
-    return (out, lat) if return_latent else out
+                w = windows[i]
+                x[j] = torch.from_numpy(ctrl[w[0]])
+                if w[2] is not None:
+                    bt[j] = torch.as_tensor(w[2])
+            x, bt, pert, ctx = x.to(device), bt.to(device), pert.to(device), ctx.to(device)
+            ys = [m(x, pert, batch=bt if m.cfg.n_batch else None, ctx=ctx) for m in models]
+            if model.decoder is not None:
+                z = torch.stack(ys).float().mean(0).cpu().numpy()
+                lat.update(zip(ids, z))
+                ys = [m.decode(yy) for m, yy in zip(models, ys)]
+            out.update(zip(ids, torch.stack(ys).float().mean(0).cpu().numpy()))
+        yield [out[i] for i in block], ([lat[i] for i in block] if lat else None)
+
+
+def predict_windows(models, ctrl, windows, device, max_cells=8192, return_latent=False):
+    """All of predict_blocks' outputs as one list (and the latents with return_latent=True)."""
+    out, lat = [], []
+    for o, z in tqdm(predict_blocks(models, ctrl, windows, device, max_cells), desc="predict", unit="block",
+                     leave=False, disable=not sys.stderr.isatty() and os.environ.get("TQDM", "") != "1"):
+        out += o
+        lat += z or []
+    return (out, lat or None) if return_latent else out
 
 
 def make_windows(n, S):
@@ -364,30 +368,43 @@ def cmd_simulate(argv):
                 draw, a = drawn[a:a + m], a + m
                 windows.append((draw, vocab[p], bt[draw], cvocab.get(c, 0)))
                 info.append((c, p, draw))
-    preds, lats = predict_windows(models, X, windows, cfg["device"], cfg["max_cells"], return_latent=True)
-    P = np.concatenate(preds).astype(np.float32)
     clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
-    if clip:
-        P = np.clip(P, 0.0, 14.0)
-    obsm = {"X_state_pred": np.concatenate(lats + [X]).astype(np.float32)} if dec else {}
+    n_pred = sum(len(i[2]) for i in info)
     pc, cc = meta["pert_col"], meta.get("context_col") or "context"
-    draw = np.concatenate([i[2] for i in info])
-    obs = {pc: np.concatenate([[i[1]] * len(i[2]) for i in info] + [[meta["control"]] * len(X)]).astype(object),
-           cc: np.concatenate([[i[0]] * len(i[2]) for i in info] + [ctx]).astype(object),
-           "is_predicted": np.concatenate([np.ones(len(P), bool), np.zeros(len(X), bool)]),
-           "ctrl_cell_barcode": np.concatenate([obs_names[draw], obs_names])}
+    pl, cl = perts + [meta["control"]], sorted(set(ctx))
+    ucn, cinv = np.unique(np.asarray(obs_names, dtype=str), return_inverse=True)  # barcodes as categories
+    obs = {pc: Cat(np.concatenate([np.full(len(i[2]), pl.index(i[1])) for i in info]
+                                  + [np.full(len(X), len(perts))]), pl),
+           cc: Cat(np.concatenate([np.full(len(i[2]), cl.index(i[0])) for i in info] + [[cl.index(c) for c in ctx]]), cl),
+           "is_predicted": np.concatenate([np.ones(n_pred, bool), np.zeros(len(X), bool)]),
+           "ctrl_cell_barcode": Cat(np.concatenate([cinv[i[2]] for i in info] + [cinv]), ucn)}
+
+    def blocks():
+        """Predicted cells block by block, then the real controls: memory bounded by --max_cells."""
+        a = 0
+        for ys, zs in predict_blocks(models, X, windows, cfg["device"], cfg["max_cells"]):
+            P = np.concatenate(ys).astype(np.float32)
+            if clip:
+                P = np.clip(P, 0.0, 14.0)
+            b = {"X": P, "obs_names": [f"pred_{i}" for i in range(a, a + len(P))]}
+            if dec:
+                b["obsm/X_state_pred"] = np.concatenate(zs)
+            a += len(P)
+            yield b
+        yield {"X": Xout, "obs_names": obs_names, **({"obsm/X_state_pred": X} if dec else {})}
+
+    cols = {"X": len(out_genes), "obs_names": 0, **({"obsm/X_state_pred": X.shape[1]} if dec else {})}
     out = cfg["out"] or os.path.join(cfg["run"], "predictions",
                                      os.path.basename(cfg["adata"]).rsplit(".", 1)[0] + "_pred.h5ad")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_h5ad(out, np.concatenate([P, Xout]), np.array([f"pred_{i}" for i in range(len(P))] + list(obs_names),
-                                                       dtype=object), out_genes, obs=obs, obsm=obsm,
+    write_h5ad(out, Stream(n_pred + len(X), cols, blocks(), progress="simulate"), None, out_genes, obs=obs,
                uns={"nanostate": {"pert_col": pc, "control": meta["control"], "context_col": cc,
                                   "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
                                   "seed": cfg["seed"], "controls": os.path.abspath(cfg["adata"]), "clip": "0,14" if clip else "none",
                                   "space": "gene (decoded)" if dec else
                                   ("gene" if model.cfg.gene_space else "embedding"), "key": cfg["key"],
                                   "genes_key": cfg["genes_key"] if dec else None}})
-    print(f"simulated {len(P):,} cells ({len(perts)} perturbations x {len(set(ctx))} contexts) + "
+    print(f"simulated {n_pred:,} cells ({len(perts)} perturbations x {len(set(ctx))} contexts) + "
           f"{len(X):,} real controls -> {out}")
     return out
 

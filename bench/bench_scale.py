@@ -13,7 +13,12 @@ from the kernel's rusage of that process (wait4): `state.data prepare`, `state.s
 part and the batch on each side of an epoch boundary. Then the per-cell RSS growth between sizes
 (bytes per cell) and the growth exponent of wall time (log t2/t1 / log n2/n1; 1 = linear, 0 = flat).
 
-Loader section: a prepared 2,000-gene synthetic set; batches of 16 sets x 256 cells (plus as many
+Simulate section: a tiny ST trained 20 steps on a 2,000-gene synthetic set (2 contexts, 50
+perturbations), then `predict.py simulate` of every perturbation in both contexts with --n_cells
+controls each (default 2M predicted cells x 2,000 genes, 16 GB as float32): wall and peak RSS (its
+output is written in row blocks).
+
+Loader section: the same prepared 2,000-gene set; batches of 16 sets x 256 cells (plus as many
 controls) through StepSampler with 0, 1, 2 worker threads: cells/s (target cells), and the share of
 wall time spent waiting for data when each step takes --step_ms (a sleep: an accelerator step, during
 which the host's cores are free for the workers).
@@ -40,6 +45,8 @@ dir = "/tmp/nsscale"     # work folder (synthetic files and prepared folders are
 sizes = "250000,2000000,10000000"
 scale = True             # run the scale section
 loader = True            # run the loader section
+simulate = True          # run the virtual-screen section (predict.py simulate, streamed output)
+sim_cells = 20000        # control cells drawn per (context, perturbation): 2 x 50 x 20,000 = 2M predicted
 loader_cells = 60000     # cells of the 2,000-gene loader set
 sets = 16                # loader batch: sets x set_size cells
 set_size = 256
@@ -48,7 +55,7 @@ repeats = 3              # loader measurements per worker count (median reported
 child = ""               # internal: "workers,sleep" = one loader measurement in this process
 step_ms = 40.0           # simulated accelerator step (ms) for the data-wait share
 cfg = {k: v for k, v in dict(globals()).items() if k in ("dir", "sizes", "scale", "loader", "loader_cells",
-                                                           "sets", "set_size", "steps", "step_ms", "repeats", "child")}
+                                                           "sets", "set_size", "steps", "step_ms", "repeats", "child", "simulate", "sim_cells")}
 configure(sys.argv[1:], cfg)
 globals().update(cfg)
 W = Path(dir)
@@ -74,6 +81,17 @@ def measure(cmd, log):
     if p.returncode:
         sys.exit(f"bench_scale: {' '.join(map(str, cmd))} failed ({p.returncode}); see {log}")
     return dt, ru.ru_maxrss * 1024
+
+
+def g2000():
+    """The 2,000-gene synthetic set (file, prepared folder), made once."""
+    h5, prep = W / f"g2000_{loader_cells}.h5ad", W / f"g2000_{loader_cells}"
+    if not h5.exists():
+        measure([PY, "-m", "state.synth", h5, "--n-cells", str(loader_cells), "--n-genes", "2000", "--n-perts", "50",
+                 "--n-contexts", "2"], W / "synth.log")
+    if not (prep / "index.json").exists():
+        measure([PY, "-m", "state.data", "prepare", h5, prep], W / "prepare.log")
+    return h5, prep
 
 
 def human(n):
@@ -132,9 +150,12 @@ if scale:
         ex = {k: math.log(b[k][0] / a[k][0]) / math.log(b["n"] / a["n"]) for k in ("prepare", "split", "train")}
         print(f"| {human(a['n'])} -> {human(b['n'])} | {per['prepare']:.1f} | {per['split']:.1f} | {per['train']:.1f} | "
               f"{ex['prepare']:.2f} | {ex['split']:.2f} | {ex['train']:.2f} | {b['train'][0] / a['train'][0]:.2f}x |")
-    big = rows[-1]
-    print(f"\nprojection to 100M cells (linear in the largest step's per-cell growth): X.bin "
-          f"{big['x_bytes'] / big['n'] * 1e8 / 2**30:.1f} GiB at 8 genes (x250 at 2,000 float32 genes)")
+    a, b = rows[-2], rows[-1]
+    print("\nprojection to 100M cells (the largest size plus the last step's per-cell growth, linear):")
+    for k in ("prepare", "split", "train"):
+        per = (b[k][1] - a[k][1]) / (b["n"] - a["n"])
+        print(f"  {k}: peak RSS {(b[k][1] + per * (1e8 - b['n'])) / 2**30:.2f} GiB")
+    print(f"  X.bin {b['x_bytes'] / b['n'] * 1e8 / 2**30:.1f} GiB at 8 float32 features (2,000 genes: x250)")
     json.dump(rows, open(W / "scale.json", "w"), default=str)
 
 # -----------------------------------------------------------------------------
@@ -142,12 +163,7 @@ if scale:
 if loader:
     from state.data import Prepared, SetSampler
     from state.dist import StepSampler
-    h5, prep = W / f"g2000_{loader_cells}.h5ad", W / f"g2000_{loader_cells}"
-    if not h5.exists():
-        measure([PY, "-m", "state.synth", h5, "--n-cells", str(loader_cells), "--n-genes", "2000", "--n-perts", "50",
-                 "--n-contexts", "2"], W / "synth.log")
-    if not (prep / "index.json").exists():
-        measure([PY, "-m", "state.data", "prepare", h5, prep], W / "prepare.log")
+    h5, prep = g2000()
     D = Prepared(prep)
     D.rows(np.arange(0, D.n_cells, 1))  # page cache warm: the loader is measured on memory, not disk
     cells = sets * set_size
@@ -212,3 +228,25 @@ if loader:
     for w, (rate, wait) in med.items():
         print(f"| {w} | {rate:,.0f} | {rate / med[0][0]:.2f}x | {f'{rate / med[1][0]:.2f}x' if w else '-'} | "
               f"{100 * wait:.1f}% (runs {', '.join(f'{100 * x[1]:.1f}' for x in res[w])}) |", flush=True)
+
+# -----------------------------------------------------------------------------
+# virtual screen section
+if simulate:
+    import shutil
+    h5, prep = g2000()
+    sp, run, out = W / "g2000_split.json", W / "g2000_run", W / "g2000_screen.h5ad"
+    measure([PY, "-m", "state.splits", "make", "--data", prep, "--task", "fewshot", "--context", "ctxB",
+             "--out", sp], W / "split.log")
+    shutil.rmtree(run, ignore_errors=True)
+    measure([PY, "train.py", f"--data={prep}", f"--split={sp}", "--preset=tiny", "--max_steps=20", "--threads=2",
+             f"--out={run}"], W / "train.log")
+    from state.data import Prepared
+    (W / "perts.txt").write_text("\n".join(Prepared(prep).pert_names[1:]))  # every perturbation
+    t, rss = measure([PY, "predict.py", "simulate", f"--run={run}", f"--adata={h5}", f"--perts={W / 'perts.txt'}",
+                      f"--n_cells={sim_cells}", f"--out={out}"], W / "simulate.log")
+    from state.h5ad import H5AD
+    with H5AD(out) as f:
+        n, g = f.matrix("X").shape
+    print(f"\nvirtual screen: {n:,} cells x {g} genes written ({n * g * 4 / 2**30:.1f} GiB of float32) in {t:.0f}s, "
+          f"peak RSS {rss / 2**30:.2f} GiB (target < 2 GiB); file {out.stat().st_size / 2**30:.1f} GiB")
+    out.unlink()

@@ -269,9 +269,9 @@ def _resolve_cols(h, pert_col, control, context_col, batch_col):
 def _row_sums(m, a, b):
     """Per-row sums of rows [a, b) of a Matrix (float64), without densifying a sparse block."""
     if m.sparse:
-        p0, p1 = m.indptr[a], m.indptr[b]
-        cs = np.concatenate([[0], np.cumsum(np.asarray(m.data[p0:p1], np.float64))])
-        return cs[m.indptr[a + 1:b + 1] - p0] - cs[m.indptr[a:b] - p0]
+        ip = m.ptr(a, b)
+        cs = np.concatenate([[0], np.cumsum(np.asarray(m.data[ip[0]:ip[-1]], np.float64))])
+        return cs[ip[1:] - ip[0]] - cs[ip[:-1] - ip[0]]
     return m.block(a, b).sum(1, dtype=np.float64)
 
 

@@ -11,6 +11,7 @@ categoricals, `var` with its index, `obsm` arrays and a nested `uns` dict.
 """
 
 import os
+import sys
 
 import h5py
 import numpy as np
@@ -47,7 +48,7 @@ class Matrix:
             self.sparse = True
             self.shape = tuple(int(s) for s in node.attrs["shape"])
             self.data, self.indices = node["data"], node["indices"]
-            self.indptr = node["indptr"][:].astype(np.int64)  # n_obs+1 ints: small, read once
+            self.indptr = node["indptr"]  # read per block (ptr(a, b)): never n_obs + 1 ints in memory
         elif enc == "csc_matrix":
             raise H5ADError(f"{path}: '{key}' is stored as CSC; re-save it as CSR "
                             "(adata.X = scipy.sparse.csr_matrix(adata.X)) so rows can be streamed")
@@ -58,13 +59,18 @@ class Matrix:
         """Dense float32 rows [start, stop)."""
         if not self.sparse:
             return np.asarray(self.d[start:stop], dtype=np.float32)
-        p0, p1 = self.indptr[start], self.indptr[stop]
+        ip = self.ptr(start, stop)
+        p0, p1 = ip[0], ip[-1]
         data = np.asarray(self.data[p0:p1], dtype=np.float32)
         idx = np.asarray(self.indices[p0:p1], dtype=np.int64)
         out = np.zeros((stop - start, self.shape[1]), np.float32)
-        row = np.repeat(np.arange(stop - start), np.diff(self.indptr[start:stop + 1]))
+        row = np.repeat(np.arange(stop - start), np.diff(ip))
         out[row, idx] = data  # one vectorised scatter per block
         return out
+
+    def ptr(self, start, stop):
+        """indptr[start:stop + 1] as int64 (CSR only)."""
+        return np.asarray(self.indptr[start:stop + 1], np.int64)
 
     def rows(self, idx):
         """Dense float32 rows at arbitrary (any order) indices; reads each contiguous run once."""
@@ -235,7 +241,34 @@ def _write_strings(g, name, values):
     return d
 
 
+class Cat:
+    """A categorical column given as codes (n,) into categories: written without a string per row."""
+
+    def __init__(self, codes, categories):
+        self.codes, self.categories = np.asarray(codes, np.int32), [str(c) for c in categories]
+
+    def __len__(self):
+        return len(self.codes)
+
+
+class Stream:
+    """Rows produced block by block, so a file of any size is written in bounded memory: `n` rows,
+    `cols` {"X": width, "obsm/<key>": width} (float32) and "obs_names" (strings); `blocks` an iterable of
+    dicts with one (m, width) array per matrix key and "obs_names" (m,), in row order. `progress`: a
+    tqdm description (None: no bar)."""
+
+    def __init__(self, n, cols, blocks, progress=None):
+        self.n, self.cols, self.blocks, self.progress = int(n), dict(cols), blocks, progress
+
+
 def _write_column(g, name, values):
+    if isinstance(values, Cat):
+        c = g.create_group(name)
+        _attrs(c, "categorical", "0.2.0")
+        c.attrs["ordered"] = False
+        _write_strings(c, "categories", values.categories)
+        _attrs(c.create_dataset("codes", data=values.codes), "array", "0.2.0")
+        return
     values = np.asarray(values)
     if values.dtype.kind in "OUS":
         # strings -> categorical (what anndata writes for obs labels); None -> code -1
@@ -259,7 +292,10 @@ def _write_df(f, name, index, columns, index_name="_index"):
     _attrs(g, "dataframe", "0.2.0")
     g.attrs["_index"] = index_name
     g.attrs.create("column-order", np.array(list(columns), dtype=object), dtype=_STR)
-    _write_strings(g, index_name, index)
+    if isinstance(index, int):  # filled later, block by block (Stream)
+        _attrs(g.create_dataset(index_name, (index,), dtype=_STR), "string-array", "0.2.0")
+    else:
+        _write_strings(g, index_name, index)
     for k, v in columns.items():
         _write_column(g, k, v)
 
@@ -287,42 +323,87 @@ def _write_uns(g, d):
 
 def write_h5ad(path, X, obs_names, var_names, obs=None, var=None, obsm=None, uns=None,
                layers=None):
-    """Write an AnnData-compatible file. X: dense (n, g) array or a (data, indices, indptr) CSR triple."""
+    """Write an AnnData-compatible file. X: dense (n, g) array, a (data, indices, indptr) CSR triple, or a
+    Stream (then obs_names may be None: the stream's "obs_names" blocks; its "obsm/<k>" matrices join
+    obsm)."""
     obs, var, obsm, uns, layers = obs or {}, var or {}, obsm or {}, uns or {}, layers or {}
-    n, g = len(obs_names), len(var_names)
+    stream = X if isinstance(X, Stream) else None
+    n, g = (stream.n if stream else len(obs_names)), len(var_names)
     tmp = f"{path}.tmp{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
-        _attrs(f, "anndata", "0.1.0")
-        for name, M in [("X", X)] + [(f"layers/{k}", v) for k, v in layers.items()]:
-            if isinstance(M, tuple):
-                data, indices, indptr = M
-                m = f.create_group(name)
-                _attrs(m, "csr_matrix", "0.1.0")
-                m.attrs["shape"] = np.array([n, g], dtype=np.int64)
-                m.create_dataset("data", data=np.asarray(data, np.float32))
-                m.create_dataset("indices", data=np.asarray(indices, np.int32))
-                m.create_dataset("indptr", data=np.asarray(indptr, np.int64))
-            else:
-                M = np.asarray(M)
-                if M.shape != (n, g):
-                    raise ValueError(f"{name} shape {M.shape} != ({n}, {g})")
-                _attrs(f.create_dataset(name, data=M), "array", "0.2.0")
-        if "layers" not in f:
-            _attrs(f.create_group("layers"), "dict", "0.1.0")
-        else:
-            _attrs(f["layers"], "dict", "0.1.0")
-        for k, v in obs.items():
-            if len(v) != n:
-                raise ValueError(f"obs column '{k}' has {len(v)} values for {n} cells")
-        _write_df(f, "obs", obs_names, obs)
-        _write_df(f, "var", var_names, var)
-        m = f.create_group("obsm")
-        _attrs(m, "dict", "0.1.0")
-        for k, v in obsm.items():
-            _attrs(m.create_dataset(k, data=np.asarray(v)), "array", "0.2.0")
-        for k in ("varm", "obsp", "varp"):
-            _attrs(f.create_group(k), "dict", "0.1.0")
-        u = f.create_group("uns")
-        _attrs(u, "dict", "0.1.0")
-        _write_uns(u, uns)
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write_file(f, n, g, X, stream, obs_names, var_names, obs, var, obsm, uns, layers)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)  # atomic: a crashed write never leaves a half file at `path`
+
+
+def _write_file(f, n, g, X, stream, obs_names, var_names, obs, var, obsm, uns, layers):
+    _attrs(f, "anndata", "0.1.0")
+    if stream is not None:
+        if stream.cols.get("X") != g:
+            raise ValueError(f"stream X width {stream.cols.get('X')} != {g} genes")
+        X = None
+    for name, M in ([("X", X)] if X is not None else []) + [(f"layers/{k}", v) for k, v in layers.items()]:
+        if isinstance(M, tuple):
+            data, indices, indptr = M
+            m = f.create_group(name)
+            _attrs(m, "csr_matrix", "0.1.0")
+            m.attrs["shape"] = np.array([n, g], dtype=np.int64)
+            m.create_dataset("data", data=np.asarray(data, np.float32))
+            m.create_dataset("indices", data=np.asarray(indices, np.int32))
+            m.create_dataset("indptr", data=np.asarray(indptr, np.int64))
+        else:
+            M = np.asarray(M)
+            if M.shape != (n, g):
+                raise ValueError(f"{name} shape {M.shape} != ({n}, {g})")
+            _attrs(f.create_dataset(name, data=M), "array", "0.2.0")
+    if "layers" not in f:
+        _attrs(f.create_group("layers"), "dict", "0.1.0")
+    else:
+        _attrs(f["layers"], "dict", "0.1.0")
+    for k, v in obs.items():
+        if len(v) != n:
+            raise ValueError(f"obs column '{k}' has {len(v)} values for {n} cells")
+    _write_df(f, "obs", n if stream is not None and obs_names is None else obs_names, obs)
+    _write_df(f, "var", var_names, var)
+    m = f.create_group("obsm")
+    _attrs(m, "dict", "0.1.0")
+    for k, v in obsm.items():
+        _attrs(m.create_dataset(k, data=np.asarray(v)), "array", "0.2.0")
+    for k in ("varm", "obsp", "varp"):
+        _attrs(f.create_group(k), "dict", "0.1.0")
+    u = f.create_group("uns")
+    _attrs(u, "dict", "0.1.0")
+    _write_uns(u, uns)
+    if stream is not None:
+        _fill(f, stream, obs_names is None)
+
+
+def _fill(f, s, names):
+    """Create the stream's matrices and fill them, and the obs index when `names`, block by block."""
+    from tqdm import tqdm
+    ds = {}
+    for k, w in s.cols.items():
+        if k == "obs_names":
+            continue
+        chunk = (max(1, min(s.n, (1 << 20) // max(4 * w, 1))), w)  # ~1 MB chunks of whole rows
+        ds[k] = f.create_dataset(k, (s.n, w), np.float32, chunks=chunk if s.n else None)
+        _attrs(ds[k], "array", "0.2.0")
+    idx = f["obs"][f["obs"].attrs["_index"]] if names else None
+    a = 0
+    bar = tqdm(total=s.n, desc=s.progress, unit="cell", file=sys.stderr, leave=False,
+               disable=s.progress is None or not sys.stderr.isatty() and os.environ.get("TQDM", "") != "1")
+    for blk in s.blocks:
+        m = len(next(iter(blk.values())))
+        for k, d in ds.items():
+            d[a:a + m] = np.asarray(blk[k], np.float32)
+        if names:
+            idx[a:a + m] = np.asarray([str(v) for v in blk["obs_names"]], dtype=object)
+        a += m
+        bar.update(m)
+    bar.close()
+    if a != s.n:
+        raise ValueError(f"stream gave {a} rows, expected {s.n}")

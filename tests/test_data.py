@@ -263,6 +263,23 @@ def test_bad_input_errors(syn, tmp_path):
     assert main(["prepare", str(f), str(tmp_path / "a"), "--pert-col", "nope"]) == 2
 
 
+def test_layout_is_binary_and_old_folders_are_refused(syn, tmp_path):
+    """index.json does not grow with the cells; per-row data lives in .npy/.bin files; a format-1
+    folder (obs names and groups inside index.json) is refused with the command to re-run."""
+    import json
+    _, d, _ = syn
+    ix = json.load(open(d.dir / "index.json"))
+    assert "obs_names" not in ix and "groups" not in ix and ix["n_groups"] == len(d.group_table)
+    assert np.load(d.dir / "codes.npy", mmap_mode="r").dtype == np.int32
+    assert d.names([0, 5]).tolist() == [str(x) for x in d.obs_names[[0, 5]]]
+    old = tmp_path / "old"
+    shutil.copytree(d.dir, old)
+    ix.update(format=1, obs_names=["a"], groups=[[0, 0, 0, 0, 1]])
+    (old / "index.json").write_text(json.dumps(ix))
+    with pytest.raises(H5ADError, match="older layout.*re-run python -m state.data prepare"):
+        Prepared(old)
+
+
 def test_cli_prepare(syn, tmp_path, capsys):
     d0 = syn[0]
     assert main(["prepare", str(d0 / "s.h5ad"), str(tmp_path / "o"), "--pert-col", "perturbation", "--control",

@@ -114,6 +114,18 @@ def test_train_resume_predict(synth, tmp_path):
         isp = s.column("is_predicted").astype(bool)
         assert isp.sum() == 20 * len(perts) * len(set(np.asarray(s.column(cc)).astype(str)[~isp]))
         assert sorted(set(np.asarray(s.column(pc)).astype(str)[isp])) == sorted(perts)
+        Xs, cb, names = s.matrix("X").block(0, s.n_obs), np.asarray(s.column("ctrl_cell_barcode")).astype(str), s.obs_names
+    # written in row blocks: one window per block gives the same file as the default blocks
+    sim2 = tmp_path / "sim2.h5ad"
+    run("predict.py", "simulate", f"--run={full}", f"--adata={out / 'real.h5ad'}",
+        f"--perts={','.join(perts)}", "--n_cells=20", "--max_cells=1", f"--out={sim2}")
+    with H5AD(sim2) as s2:
+        np.testing.assert_allclose(s2.matrix("X").block(0, s2.n_obs), Xs, atol=1e-5)
+        assert list(s2.obs_names) == list(names) and list(np.asarray(s2.column("ctrl_cell_barcode")).astype(str)) == list(cb)
+    import anndata  # the streamed file is a valid AnnData file
+    ad = anndata.read_h5ad(sim2)
+    assert ad.shape == Xs.shape and ad.obs["is_predicted"].sum() == isp.sum()
+    assert set(cb[isp]) <= set(np.asarray(names)[~isp])  # every predicted cell names a real control
     r = run("predict.py", "simulate", f"--run={full}", f"--adata={out / 'real.h5ad'}", "--perts=NOPE",
             f"--out={tmp_path / 'bad.h5ad'}", ok=False)
     assert r.returncode != 0 and "not in the run's vocabulary" in r.stderr
