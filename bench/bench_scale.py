@@ -187,7 +187,7 @@ if loader:
 
     def one(w, sleep):
         ss = StepSampler(SetSampler(D, np.arange(D.n_cells), set_size, sets, seed=0), workers=w, prefetch=2)
-        for _ in range(4):  # start-up: the workers fill their queue (prefetch 2 + the current step)
+        for _ in range(steps):  # warm-up: queues filled, and each worker process has mapped X's pages once
             ss.next()
             if sleep:
                 time.sleep(sleep)

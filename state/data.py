@@ -1139,10 +1139,14 @@ class SetSampler:
         return t, ci, lens, g, valid, ts
 
     def buffers(self):
-        """Arrays that batch(out=...) fills in place (a loader reuses them instead of allocating)."""
-        b = dict(x=np.empty((2 * self.B * self.S, self.data.n_genes), np.float32))
+        """Arrays that batch(out=...) fills in place (a loader reuses them instead of allocating): x, g
+        for the expression rows, and one per small tensor of a batch."""
+        B, S = self.B, self.S
+        b = dict(x=np.empty((2 * B * S, self.data.n_genes), np.float32),
+                 **{k: np.empty((B, S), np.int64) for k in ("batch", "tgt_idx", "ctrl_idx")},
+                 **{k: np.empty(B, np.int64) for k in ("pert", "context", "lens")}, valid=np.empty(B, bool))
         if self.data.G is not None:
-            b["g"] = np.empty((self.B * self.S, self.data.n_genes_out), np.float32)
+            b["g"] = np.empty((B * S, self.data.n_genes_out), np.float32)
         return b
 
     def batch(self, epoch, step, out=None):
@@ -1165,11 +1169,13 @@ class SetSampler:
             if pad.any():
                 tg[torch.from_numpy(pad)] = 0
             extra["tgt_genes"] = tg
+        small = dict(pert=self.g[g, 3], context=self.g[g, 2], batch=np.where(pad, 0, self.seg_batch[ts]),
+                     lens=lens.astype(np.int64), valid=v, tgt_idx=t, ctrl_idx=ci)
+        for k, a in small.items():
+            if k in out:
+                np.copyto(out[k], a)
         return dict(ctrl=x[1], tgt=x[0], **extra,
-                    pert=torch.from_numpy(self.g[g, 3].copy()), context=torch.from_numpy(self.g[g, 2].copy()),
-                    batch=torch.from_numpy(np.where(pad, 0, self.seg_batch[ts])),
-                    lens=torch.from_numpy(lens.astype(np.int64)), valid=torch.from_numpy(v),
-                    tgt_idx=torch.from_numpy(t), ctrl_idx=torch.from_numpy(ci))
+                    **{k: torch.from_numpy(out[k] if k in out else np.ascontiguousarray(a)) for k, a in small.items()})
 
     def next(self):
         """Next training batch; rolls over to the next epoch (reshuffled with seed+epoch) forever."""

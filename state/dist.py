@@ -167,29 +167,24 @@ def load_sharded(model, opt, path):
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
-BIG = ("ctrl", "tgt", "tgt_genes")  # a batch's expression tensors: in the shared ring, never pickled
-
-
 def _loader_worker(s, ring, tasks, done, parent):
-    """A loader process: builds micro-batch c into ring slot `slot` (shared memory), sends back the
-    batch's small tensors (codes, row indices) as numpy arrays. Exits on None or when the parent is gone."""
-    import queue
+    """A loader process: builds micro-batch c into ring slot `slot` (shared memory: nothing is pickled
+    but the job and its receipt). Exits on None or when the parent is gone."""
     torch.set_num_threads(1)
     while True:
-        try:
-            job = tasks.get(timeout=1.0)
-        except queue.Empty:
+        if not tasks._reader.poll(1.0):  # SimpleQueue: no feeder thread; poll to notice a dead parent
             if os.getppid() != parent:
                 return
             continue
+        job = tasks.get()
         if job is None:
             return
         gen, c, slot = job
         try:
-            b = s.batch(*divmod(c, s.steps_per_epoch), out=ring[slot])
-            done.put((gen, c, {k: v.numpy() for k, v in b.items() if k not in BIG}, None))
+            s.batch(*divmod(c, s.steps_per_epoch), out=ring[slot])  # every tensor lands in the slot
+            done.put((gen, c, None))
         except BaseException as e:  # noqa: BLE001 (reported in the parent, which raises it)
-            done.put((gen, c, None, f"{type(e).__name__}: {e}"))
+            done.put((gen, c, f"{type(e).__name__}: {e}"))
 
 
 def _shared(arrays):
@@ -229,7 +224,7 @@ class StepSampler:
             ctx = mp.get_context("fork")
             self._R = self.accum * (self.prefetch + 2)
             self._ring = [_shared(self.s.buffers()) for _ in range(self._R)]
-            self._tasks, self._done = ctx.Queue(), ctx.Queue()
+            self._tasks, self._done = ctx.SimpleQueue(), ctx.SimpleQueue()
             self._procs = [ctx.Process(target=_loader_worker, daemon=True, name=f"loader{i}",
                                        args=(self.s, self._ring, self._tasks, self._done, os.getpid()))
                            for i in range(self.workers)]
@@ -258,19 +253,19 @@ class StepSampler:
         """Wait for step `cur`'s micro-batches from the loader processes; -> list of batches."""
         want = list(self._ids(cur))
         while any(c not in self._ready for c in want):
-            gen, c, small, err = self._done.get()
+            gen, c, err = self._done.get()
             if err is not None:
                 raise RuntimeError(f"loader process failed on micro-batch {c}: {err}")
             if gen == self._gen:  # else: queued before a load_state_dict, not ours any more
-                self._ready[c] = small
+                self._ready[c] = True
         self._pending.discard(cur)
         bs = []
         for j, c in enumerate(want):
+            del self._ready[c]
             ring = self._ring[self._slot(cur, j)]
-            small = self._ready.pop(c)
-            B, S = small["tgt_idx"].shape
+            B, S = ring["tgt_idx"].shape
             x = torch.from_numpy(ring["x"]).view(2, B, S, -1)  # (2, B, S, G): targets, controls
-            b = dict(ctrl=x[1], tgt=x[0], **{k: torch.from_numpy(v) for k, v in small.items()})
+            b = dict(ctrl=x[1], tgt=x[0], **{k: torch.from_numpy(v) for k, v in ring.items() if k not in ("x", "g")})
             if "g" in ring:
                 b["tgt_genes"] = torch.from_numpy(ring["g"]).view(B, S, -1)
             bs.append({k: v.pin_memory() for k, v in b.items()} if self.pin else b)
