@@ -36,7 +36,7 @@ import torch
 
 from state import ckpt
 from state.config import configure
-from state.dist import all_reduce_sum, compute_cleanup, compute_init, print0
+from state.dist import all_reduce_sum, compute_cleanup, compute_init, mfu, print0
 from state.h5ad import H5AD
 from state.se import (PRESETS, GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,
                       load_model, norm_gene, pca_gene_vectors, save_model)
@@ -77,11 +77,6 @@ FIT = dict(
 
 TRANSFORM = dict(ckpt="", output="", key="X", batch_size=256, seed=0, dtype="auto",
                  obsm_key="X_state", device="auto", threads=0)
-
-
-# dense bf16 peak FLOP/s per device (for the mfu figure; unknown devices print none)
-PEAK = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-        "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12}
 
 
 def parse(argv, defaults, model=False):
@@ -439,14 +434,14 @@ def fit(argv):
             t1 = time.time()
             dt = (t1 - t0) / max(1, n_acc / (B * C["grad_accum"] * world))
             cps = n_acc / max(1e-9, t1 - t0)
-            peak = PEAK.get(torch.cuda.get_device_name(device) if device.type == "cuda" else "", 0)
-            mfu = f" | mfu {100 * flops * (cps / world) / B / peak:.1f}%" if peak else ""
+            u = mfu(flops * cps / B, 1.0, device, world)  # FLOP/s of all ranks over all ranks' peak
+            mfu_s = f" | mfu {100 * u:.1f}%" if u is not None else ""
             eta = (T - step - 1) * dt
             print0(f"step {step}/{T} | loss {lv:.4f} | gene {parts['gene'].item():.4f} | "
                    f"cell {parts['cell'].item():.4f}"
                    + (f" | ds {parts['ds'].item():.3f}" if "ds" in parts else "")
                    + f" | lr {lrs:.2e} | gnorm {gn.item():.2f} | dt {1000 * dt:.0f}ms | "
-                   f"cells/s {cps:,.0f}{mfu} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+                   f"cells/s {cps:,.0f}{mfu_s} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
             t0, n_acc = time.time(), 0
     for h in h5s:
         h.close()

@@ -43,11 +43,12 @@ import torch.distributed as dist
 from state import ckpt
 from state.config import configure
 from state.data import Prepared, SetSampler
-from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16,
+from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16, mfu,
                         full_state_dict, load_sharded, load_state, print0, quiet_exit, rng_state, save_sharded,
                         set_rng_state, set_sync, shard)
 from state.splits import Split
-from state.st import ALIASES, TRAIN_DEFAULTS, STConfig, StateTransition, load_pert_features
+from state.st import (ALIASES, TRAIN_DEFAULTS, STConfig, StateTransition, combo_table, load_pert_features,
+                      parts_of)
 
 # -----------------------------------------------------------------------------
 # config (every global here can be overridden with --key=value)
@@ -81,6 +82,9 @@ control_sets = True      # control cells form their own sets (teaches the identi
 batch_encoder = False    # add a batch embedding to every token
 pert_features = ""       # {perturbation: vector} file (.pt/.safetensors/.npz/.tsv); "" = one-hot
 missing_pert_features = "error"  # error | zero (reference behaviour, warned)
+combos = ""              # separator of combination labels (e.g. "+"): a label is encoded from its parts,
+                         # multi-hot over the singles (one-hot runs) or combo_reduce of their feature vectors
+combo_reduce = "sum"     # sum | mean of the parts' vectors
 decoder = True           # train the gene decoder when the data has gene targets (prepare --genes-key X);
                          # its loss (weight --decoder_weight, reference 1.0, paper 0.1) is logged as `dec`
 log_every = 10           # steps between log lines (the only host syncs in the loop)
@@ -159,8 +163,15 @@ recipe = D.index.get("recipe", {})
 key = recipe.get("key", "X")
 # embeddings (obsm/X_state etc.) are signed: no ReLU; gene-valued inputs (X, layers, X_hvg) are
 gene_space = not (str(key).startswith("obsm/") and not str(key).endswith("X_hvg"))
-pert_table = None
-if pert_features:
+pert_table, combo_parts = None, None
+if combos:  # combinations from their parts (state/st.py combo_table)
+    pert_table, combo_parts = combo_table(list(D.pert_names), D.control, combos, combo_reduce,
+                                          features=pert_features or None, missing=missing_pert_features)
+    n_combo = sum(len(parts_of(n, combos)) > 1 for n in D.pert_names)
+    how = f"{combo_reduce} of the parts' feature vectors" if pert_features else \
+        f"multi-hot over {len(combo_parts)} singles ({combo_reduce})"
+    print0(f"combinations: {n_combo} of {len(D.pert_names)} labels have several parts ('{combos}'): {how}")
+elif pert_features:
     pert_table = load_pert_features(pert_features, list(D.pert_names), missing=missing_pert_features)
 cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over},
                          n_in=D.n_genes, n_pert=(pert_table.shape[1] if pert_table is not None
@@ -189,7 +200,7 @@ if select == "support" and len(sup_rows) == 0:
 anchor_table = None
 if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
     from state.baselines import shift_table
-    anchor_table, choice = shift_table(D, sp.train, cfg.anchor, return_choice=True)
+    anchor_table, choice = shift_table(D, sp.train, cfg.anchor, return_choice=True, sep=combos or "+")
     print0(f"anchored output: y = ctrl + {cfg.anchor} shift[context, perturbation] + correction "
            f"(table {anchor_table.shape}, from {len(train_part):,} training rows)"
            + (f"; per context: {choice}" if choice else ""))
@@ -264,11 +275,6 @@ flops_step = raw.estimate_flops(B * world * grad_accum, S)
 print0(f"ST {preset}: {n_params:,} params ({n_mm:,} in matmuls), S {S}, B {B} x {world} proc x "
        f"{grad_accum} accum{f' ({parallel})' if ddp else ''}, {flops_step / 1e9:.2f} GFLOP/step | dtype {dtype}")
 print0("config: " + json.dumps({**train_cfg, "st": cfg.to_dict()}))
-PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "T4": 65e12}
-peak = None
-if dev.type == "cuda":
-    name = torch.cuda.get_device_name(dev)
-    peak = next((v for k, v in PEAK.items() if k in name), None)
 
 # -----------------------------------------------------------------------------
 # checkpointing
@@ -327,7 +333,8 @@ def save_checkpoint(step, val_loss):
             "batch_names": list(D.batch_names), "pert_col": D.pert_col, "context_col": D.context_col,
             "batch_col": D.batch_col, "control": D.control, "data": os.path.abspath(data),
             "data_checksum": D.checksum, "split": os.path.abspath(split), "split_hash": split_hash,
-            "pert_features": pert_features or None,
+            "pert_features": pert_features or None, "combos": combos or None, "combo_reduce": combo_reduce,
+            "combo_parts": combo_parts,
             "pert_features_hash": file_sha(pert_features) if pert_features else None,
             "world": world, "grad_accum": grad_accum, "parallel": parallel if ddp else None,
             "global_batch": B * world * grad_accum, "git": git_sha(), "torch": torch.__version__}
@@ -355,7 +362,8 @@ if resume:
         sys.exit("train.py: --resume with a different model config than the run's meta.json")
     # settings that fix the data order or the model are refused; the others are applied and said
     old = meta.get("train", {})
-    fixed = ("batch_size", "seed", "mapping", "control_sets", "batch_encoder", "pert_features", "decoder")
+    fixed = ("batch_size", "seed", "mapping", "control_sets", "batch_encoder", "pert_features", "decoder", "combos",
+             "combo_reduce")
     bad = [k for k in fixed if k in old and old[k] != train_cfg[k]]
     if meta.get("global_batch", B * world * grad_accum) != B * world * grad_accum:  # world x accum may trade
         bad.append("global_batch")
@@ -556,12 +564,13 @@ for step in range(start, max_steps + 1):
         eta = dt_ema * (max_steps - step - 1)
         short = {"decoder": "dec"}
         extra = "".join(f" | {short.get(k, k)} {v.item():.4f}" for k, v in parts.items() if k != "main")
-        mfu = f" | mfu {100 * flops_step / dt / peak:.1f}%" if peak else ""
+        u = mfu(flops_step, dt, dev, world)  # the global step's FLOPs over every rank's peak
+        mfu_s = f" | mfu {100 * u:.1f}%" if u is not None else ""
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()  # DTensor norm (FSDP2): a collective, every rank is here
         gn = f" | gnorm {gnorm.item():.2f}" if gnorm is not None else ""
         print0(f"step {step + 1}/{max_steps} | loss {lossf:.4f}{extra} | lr {lr_now:.1e}{gn} | "
-               f"dt {dt * 1000:.0f}ms | data {100 * wait:.0f}% | cells/s {cells:,.0f}{mfu} | eta {int(eta // 3600)}h"
+               f"dt {dt * 1000:.0f}ms | data {100 * wait:.0f}% | cells/s {cells:,.0f}{mfu_s} | eta {int(eta // 3600)}h"
                f"{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
         if logf:
             logf.write(json.dumps({"step": step + 1, "loss": lossf, "dt_ms": dt * 1000, "data_wait": wait,

@@ -41,7 +41,7 @@ import torch
 from state.eval import BEST, evaluate, score
 from state.h5ad import H5AD, write_h5ad
 
-NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift", "celleval_baseline"]
+NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift", "additive", "celleval_baseline"]
 
 # -----------------------------------------------------------------------------------------------
 # training statistics
@@ -222,7 +222,7 @@ def linear(data, split, seed=0, d=10, lams=(0.01, 0.1, 1.0, 10.0, 100.0)):
     return _assemble(data, split, data.rows(ctrl) + shift.astype(np.float32), ctrl)
 
 
-KINDS = ("pert_mean", "context_mean", "two_way", "auto")
+KINDS = ("pert_mean", "context_mean", "two_way", "auto", "additive")
 
 
 def _delta_grid(data, rows):
@@ -239,7 +239,7 @@ def _delta_grid(data, rows):
     return D, H, W
 
 
-def shift_table(data, rows, kind="two_way", return_choice=False):
+def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
     """(n_contexts, n_perts, G) float32 mean shifts over control, for every (context, perturbation)
     pair, from the given (training) rows only. Each pair's shift is what `kind` predicts for it as if
     that pair were held out (cross-fitted: a pair never sees its own cells), so a model anchored on
@@ -252,10 +252,29 @@ def shift_table(data, rows, kind="two_way", return_choice=False):
                     residual delta[c,p'] - alpha[c,p'] (none: 0); an additive context x perturbation model
       auto          per context, whichever of the three has the lowest cross-fitted mean squared error
                     on that context's own training perturbations (a context without any: two_way)
+      additive      a combination 'A+B' (parts split on `sep`): delta[c,A] + delta[c,B] when every part
+                    has a training delta in c (Norman et al.'s additive model); otherwise, and for
+                    singles, two_way
     with delta[c,p] = mean(x | c,p) - mean(x | c, control). Controls get a zero shift.
     return_choice=True: (table, {context name: kind}) for auto, (table, None) for the others."""
     if kind not in KINDS:
         raise ValueError(f"shift kind '{kind}' not one of {', '.join(KINDS)}")
+    if kind == "additive":
+        from state.st import parts_of
+        T = shift_table(data, rows, "two_way")
+        D, H = _delta_grid(data, rows)[:2]
+        code = {n: i for i, n in enumerate(data.pert_names)}
+        n_add = 0
+        for p, name in enumerate(data.pert_names):
+            ps = [code.get(q) for q in parts_of(name, sep)]
+            if len(ps) < 2 or None in ps:
+                continue
+            for c in range(len(data.context_names)):
+                if H[c, ps].all():
+                    T[c, p] = D[c, ps].sum(0)
+                    n_add += 1
+        print(f"additive: {n_add} (context, combination) pairs from their singles' deltas; the rest two_way")
+        return (T, None) if return_choice else T
     if kind == "auto":
         Ts = {k: shift_table(data, rows, k) for k in KINDS[:3]}
         D, H = _delta_grid(data, rows)[:2]
@@ -323,6 +342,16 @@ def auto_shift(data, split, seed=0):
     return _shifted_controls(data, split, seed, "auto")
 
 
+def additive(data, split, seed=0):
+    """Control cells of the target context + delta_A + delta_B (+ ...) from the training singles of a
+    combination (shift_table 'additive'; the split's combo separator, default '+'); singles and
+    combinations with an unmeasured part: two_way. The baseline to beat on unseen combinations."""
+    rng = np.random.default_rng(seed)
+    T = shift_table(data, split.train, "additive", sep=getattr(split, "combo_sep", None) or "+")
+    ctrl = _controls_for(data, split, rng)
+    return _assemble(data, split, data.rows(ctrl) + T[data.context[split.test], data.pert[split.test]], ctrl)
+
+
 def celleval_baseline(data, split, seed=0):
     """cell-eval `baseline`: mean of the per-perturbation pseudobulks of the TEST file (control
     included) for every perturbed cell; real controls appended. Built from test data."""
@@ -334,7 +363,7 @@ def celleval_baseline(data, split, seed=0):
 
 
 BASELINES = dict(perturbation_mean=perturbation_mean, context_mean=context_mean, linear=linear,
-                 two_way=two_way, auto_shift=auto_shift, celleval_baseline=celleval_baseline)
+                 two_way=two_way, auto_shift=auto_shift, additive=additive, celleval_baseline=celleval_baseline)
 
 
 def write_pred(path, pair, data, source):
@@ -403,6 +432,8 @@ def report(data, split, preds=None, out=None, profile="full", seed=0):
     ctxc = data.context_col or "context"
     results, notes = {}, []
     for name, fn in BASELINES.items():
+        if name == "additive" and not getattr(split, "combo_sep", None):
+            continue  # without combinations it is two_way
         pair = fn(data, split, seed=seed)
         pp = os.path.join(out, f"{name}_pred.h5ad")
         write_pred(pp, pair, data, name + (" (built from test data)" if name == "celleval_baseline"

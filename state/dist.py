@@ -167,6 +167,20 @@ def load_sharded(model, opt, path):
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
+# dense bf16 peak FLOP/s per device, matched by a substring of torch.cuda.get_device_name (vendor sheets)
+PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "T4": 65e12}
+
+
+def mfu(flops, seconds, device, world=1):
+    """Model FLOP utilisation (0..1) of `flops` done by all `world` devices in `seconds`, or None for a
+    device without a known peak (CPUs; print none rather than a guess)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK.items() if k in name), None)
+    return flops / seconds / (peak * world) if peak else None
+
+
 def _loader_worker(s, ring, tasks, done, parent):
     """A loader process: builds micro-batch c into ring slot `slot` (shared memory: nothing is pickled
     but the job and its receipt). Exits on None or when the parent is gone."""

@@ -32,6 +32,8 @@ Tasks (choose recipes on the `choose` ones; the `check` ones are kept for indepe
   gbm_a172  GBM few-shot, A172 held out, same support                        check
   pap_rep3  Papalexi few-shot, rep_3 held out, 30% of its KOs train          check
   kang_b, kang_cd4, kang_cd8, kang_fcgr3a: Kang zero-shot, each other cell type held out (zero-shot magnitude)
+  norman_combo  Norman19 K562 CRISPRa, the doubles whose singles were measured held out (combo; the
+            additive baseline joins; train with --combos=+)
 With --ensemble each task also gets the seed ensemble (predict.py test --run=s0,s1,s2), scored once.
 Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
 """
@@ -58,6 +60,9 @@ DATASETS = {  # name -> (file, prepare options)
              "--keep", "cell_type=A172,T98G,U87MG"]),
     "kang": ("kang2018_ifnb_pbmc_muscat_counts.h5ad",
              ["--pert-col", "perturbation", "--control", "control", "--context-col", "cell_type"]),
+    "norman": ("perturbench_devel_norman19_mcfaline23.h5ad",
+               ["--pert-col", "perturbation", "--control", "control", "--context-col", "cell_type",
+                "--keep", "cell_type=k562"]),
 }
 GBM_SUPPORT = "MAP2K3,MAP2K6,MAP3K21"
 TASKS = {  # name -> (dataset, split options, role)
@@ -73,6 +78,8 @@ TASKS = {  # name -> (dataset, split options, role)
     "kang_cd4": ("kang", ["--task", "zeroshot", "--context", "CD4 T cells"], "zeroshot"),
     "kang_cd8": ("kang", ["--task", "zeroshot", "--context", "CD8 T cells"], "zeroshot"),
     "kang_fcgr3a": ("kang", ["--task", "zeroshot", "--context", "FCGR3A+ Monocytes"], "zeroshot"),
+    # unseen combinations: Norman19 K562 doubles whose two singles were measured (train with --combos=+)
+    "norman_combo": ("norman", ["--task", "combo", "--combo-sep", "+"], "combo"),
 }
 METRICS = ["pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "de_direction_match",
            "pearson_edistance", "spread", "shift"]
@@ -82,7 +89,12 @@ DE = {"overlap_at_N", "de_direction_match"}
 ONE_PERT = {"discrimination_score_l1", "pearson_edistance"}
 BASELINES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift"]
 SHORT = {"perturbation_mean": "pert-mean", "context_mean": "ctx-mean", "linear": "linear", "two_way": "two-way",
-         "auto_shift": "auto"}
+         "auto_shift": "auto", "additive": "additive"}
+
+
+def names_for(task):
+    """The baselines of a task: the additive one joins on combination tasks (elsewhere it is two_way)."""
+    return BASELINES + (["additive"] if "combo" in TASKS[task][1] else [])
 
 
 def sh(cmd, log=None):
@@ -153,12 +165,12 @@ def ceiling(data, split, halvings=2, seed=0):
         return {m: float(np.mean([r[m] for r in res])) for m in res[0]}
 
 
-def baseline_scores(data, split, seed, have=None):
+def baseline_scores(data, split, seed, have=None, names=BASELINES):
     """{baseline: scores}; only the baselines missing from `have` are computed."""
     from state import baselines as bl
     real = (*bl.real_pair(data, split), list(data.genes))
     out = dict(have or {})
-    for n in BASELINES:
+    for n in names:
         if n not in out:
             out[n] = mean_scores((*bl.BASELINES[n](data, split, seed=seed), list(data.genes)), real, data)
     return out
@@ -238,9 +250,9 @@ def run(tasks, seeds, out, cache, shared, recipe, jobs=2, ensemble=False):
         for s in seeds:
             f = os.path.join(cache, f"{t}_baselines_s{s}.json")
             have = json.load(open(f)) if os.path.exists(f) else {}
-            if set(BASELINES) - set(have):  # a baseline added since: compute it alone
+            if set(names_for(t)) - set(have):  # a baseline added since: compute it alone
                 os.path.exists(f) and os.remove(f)
-                cached(f, lambda: baseline_scores(data, split, s, have))
+                cached(f, lambda: baseline_scores(data, split, s, have, names_for(t)))
     todo = [(t, s) for t in tasks for s in seeds]
     t0 = time.time()
     with ThreadPoolExecutor(jobs) as ex:
@@ -293,7 +305,7 @@ def analyse(res):
     for t, r in res.items():
         if not r["st"]:
             continue
-        K = len(r["st"])
+        K, BASELINES = len(r["st"]), names_for(t)
         rows = {}
         for m in METRICS:
             st = np.array([x[m] for x in r["st"]], float)
@@ -347,7 +359,7 @@ def table(out, cache):
     A = analyse(res)
     lines = [f"# protocol: {out}", f"recipe: `{cfg['recipe']}`", ""]
     for t, rows in A.items():
-        K = rows["mae"]["K"]
+        K, BASELINES = rows["mae"]["K"], names_for(t)
         lines += [f"## {t} ({TASKS[t][2]}; {K} seeds)", "",
                   "| metric | " + " | ".join(SHORT[n] for n in BASELINES) +
                   " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated | ensemble |",

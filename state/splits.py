@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from state.data import Prepared, Rows, hkey
+from state.st import parts_of
 
 
 FORMAT = 2  # 1: row indices listed in the file
@@ -47,6 +48,7 @@ class Split:
     val_frac: float = 0.1
     seed: int = 0
     checksum: str = None  # of the prepared data it indexes
+    combo_sep: str = None  # combination labels' separator (combo task): B+A is the same test group as A+B
 
     def __post_init__(self):
         self.test_groups = [tuple(g) for g in self.test_groups]
@@ -75,6 +77,14 @@ class Split:
             if pix[pn] == ctl:
                 raise ValueError(f"test group ({cn}, {pn}) is the control; controls belong in test_ctrl")
             held.add((cix[cn], pix[pn]))
+        if self.combo_sep:  # a test combination must not train under a reordered name (B+A for A+B)
+            canon = lambda n: "\0".join(sorted(parts_of(n, self.combo_sep)))
+            test_names = {(k, canon(data.pert_names[q])): data.pert_names[q] for k, q in held}
+            for k, q in {(int(a), int(b)) for a, b in gt[:, :2]} - held:
+                hit = test_names.get((k, canon(data.pert_names[q])))
+                if hit is not None:
+                    raise ValueError(f"test combination '{hit}' in context '{data.context_names[k]}' trains as "
+                                     f"'{data.pert_names[q]}' (the same parts reordered): hold both out")
         key = c * len(data.pert_names) + p
         is_test = np.isin(key, [k * len(data.pert_names) + q for k, q in held])
         for k, q in held:
@@ -154,7 +164,8 @@ class Split:
 
     def save(self, path):
         d = dict(format=FORMAT, task=self.task, context=self.context, support=self.support,
-                 test_groups=self.test_groups, val_frac=self.val_frac, seed=self.seed, checksum=self.checksum)
+                 test_groups=self.test_groups, val_frac=self.val_frac, seed=self.seed, checksum=self.checksum,
+                 combo_sep=self.combo_sep)
         if self._parts:
             d["counts"] = {k: len(v) for k, v in self._parts.items()}
         Path(path).write_text(json.dumps(d, indent=1))
@@ -170,7 +181,7 @@ class Split:
             raise ValueError(f"split file {path} has an older format (row indices listed; format "
                              f"{d.get('format', 1)}); re-make it with python -m state.splits make (or toml)")
         return cls(d["task"], d["context"], d["test_groups"], d["support"], d["val_frac"], d["seed"],
-                   d.get("checksum"))
+                   d.get("checksum"), d.get("combo_sep"))
 
     def write_toml(self, path, data, dataset="data"):
         """A reference-compatible TOML ([datasets], [training], [zeroshot] or [fewshot."ds.ctx"])."""
@@ -206,9 +217,12 @@ def _ctx(data, context):
 
 
 def make_split(data, task="fewshot", context=None, support=0.3, support_perts=None, val_frac=0.1, seed=0,
-               features=None, test_perts=None, test_frac=0.2):
+               features=None, test_perts=None, test_frac=0.2, combo_sep="+"):
     """Build and validate a Split (see module docstring). `features`, `test_perts`, `test_frac` (additive)
-    serve the unseen-perturbation task: it holds out whole perturbations across all contexts."""
+    serve the unseen-perturbation task: it holds out whole perturbations across all contexts.
+    task="combo": the test groups are combinations (labels with `combo_sep`), `test_perts` or by default
+    every combination whose parts are all measured singles; everything else trains (singles, the other
+    combinations), so a test combination is predicted from its parts."""
     if not 0 <= support <= 1:
         raise ValueError(f"support={support}: the fraction of the held-out context's perturbations that "
                          "train must be in [0, 1]")
@@ -258,8 +272,30 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
         hc = [data.pert_names.index(p) for p in held]
         cname, sup = None, []
         groups = sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
+    elif task == "combo":
+        labels = [p for p in data.pert_names if p != data.control]
+        combos = [p for p in labels if len(parts_of(p, combo_sep)) > 1]
+        if not combos:
+            raise ValueError(f"task combo: no label of '{data.pert_col}' holds the separator '{combo_sep}' "
+                             f"(labels include {labels[:10]}); pass --combo-sep")
+        if test_perts is not None:
+            bad = [p for p in test_perts if p not in combos]
+            if bad:
+                raise ValueError(f"test combination(s) {bad} are not combination labels of the data "
+                                 f"(combinations: {combos[:20]})")
+            held = sorted(test_perts)
+        else:
+            singles = set(labels) - set(combos)
+            held = [p for p in combos if all(q in singles for q in parts_of(p, combo_sep))]
+            if not held:
+                raise ValueError(f"task combo: no combination has all its parts measured as singles; "
+                                 f"name the test combinations (test_perts=)")
+        hc = [data.pert_names.index(p) for p in held]
+        cname, sup = None, []
+        groups = sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
+        return Split(task, cname, groups, sup, val_frac, seed, data.checksum, combo_sep).validate(data)
     else:
-        raise ValueError(f"task '{task}' not one of fewshot, zeroshot, unseen")
+        raise ValueError(f"task '{task}' not one of fewshot, zeroshot, unseen, combo")
     return Split(task, cname, groups, sup, val_frac, seed, data.checksum).validate(data)
 
 
@@ -335,6 +371,8 @@ def main(argv=None):
     m.add_argument("--support-perts", help="comma-separated perturbations of the held-out context that train")
     m.add_argument("--val-frac", type=float, default=0.1); m.add_argument("--seed", type=int, default=0)
     m.add_argument("--pert-features", help="safetensors/npz file of perturbation features (unseen task)")
+    m.add_argument("--test-perts", help="comma-separated held-out perturbations (unseen / combo tasks)")
+    m.add_argument("--combo-sep", default="+", help="separator of combination labels (combo task)")
     m.add_argument("--out", required=True)
     t = sub.add_parser("toml")
     t.add_argument("--data", required=True); t.add_argument("--toml", required=True)
@@ -354,7 +392,8 @@ def main(argv=None):
                 else:
                     feats = dict(np.load(a.pert_features))
             sp = a.support_perts.split(",") if a.support_perts else None
-            s = make_split(data, a.task, a.context, a.support, sp, a.val_frac, a.seed, features=feats)
+            s = make_split(data, a.task, a.context, a.support, sp, a.val_frac, a.seed, features=feats,
+                           test_perts=a.test_perts.split(",") if a.test_perts else None, combo_sep=a.combo_sep)
         elif a.cmd == "toml":
             s = read_toml(a.toml, data, a.val_frac, a.seed)
         else:

@@ -75,8 +75,9 @@ class STConfig:
     # options tested by the multi-seed protocol (state/experiment.py)
     anchor: str = "none"        # baseline-anchored output: y = ctrl + shift[c,p] + f_out(z), with the
                                 # (context, perturbation) shift of a baseline computed from training cells
-                                # (state.baselines.shift_table: pert_mean | context_mean | two_way | auto) and
-                                # f_out's last layer zero-initialised, so training starts at the baseline
+                                # (state.baselines.shift_table: pert_mean | context_mean | two_way | auto |
+                                # additive, for combinations) and f_out's last layer zero-initialised, so
+                                # training starts at the baseline
     mixer: str = "attention"    # how cells of a set see each other: attention | mean (mean-pooled set
                                 # token, the paper's ablation) | none (cells are independent)
 
@@ -91,8 +92,9 @@ class STConfig:
         self.decoder_hidden = tuple(self.decoder_hidden)
         assert self.mlp_norm in ("none", "layernorm"), self.mlp_norm
         assert self.residual in ("reference", "paper"), self.residual
-        if self.anchor not in ("none", "pert_mean", "context_mean", "two_way", "auto"):
-            raise ValueError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way, auto")
+        if self.anchor not in ("none", "pert_mean", "context_mean", "two_way", "auto", "additive"):
+            raise ValueError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way, auto, "
+                             "additive")
         if self.mixer not in ("attention", "mean", "none"):
             raise ValueError(f"mixer '{self.mixer}' not one of attention, mean, none")
         if self.anchor != "none" and self.n_out != self.n_in:
@@ -183,6 +185,49 @@ def load_pert_features(path, names, missing="error"):
             raise KeyError(msg + " (pass --missing_pert_features=zero to give them zero vectors)")
         print(f"WARNING: {msg}; using zero vectors (coverage {len(names) - len(miss)}/{len(names)})")
     return torch.stack([d.get(n, torch.zeros(P)) for n in names])
+
+def parts_of(label, sep):
+    """The single perturbations of a label: 'A+B' -> ['A', 'B'] (order kept); no separator -> [label]."""
+    return [p for p in str(label).split(sep) if p] if sep else [str(label)]
+
+
+def combo_table(names, control, sep="+", reduce="sum", features=None, missing="error"):
+    """Encode every label from its parts: -> (float32 (len(names), P) table, parts vocabulary).
+
+    One-hot runs (features None): multi-hot over the single perturbations that occur in any label (the
+    control its own part), so 'A+B' is e_A + e_B and a double whose singles were seen has a code the
+    model can read even if the double never trained. With `features` (a features file path): each
+    label is the `reduce` (sum | mean) of its parts' vectors. A part without a vector is an error naming
+    it and its label (missing="zero": zero vectors, warned)."""
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"combo_reduce '{reduce}' not one of sum, mean")
+    split = [parts_of(n, sep) if n != control else [control] for n in names]
+    vocab = sorted({p for ps in split for p in ps} - {control})
+    vocab = [control] + vocab
+    if features is None:
+        col = {p: i for i, p in enumerate(vocab)}
+        T = torch.zeros(len(names), len(vocab))
+        for i, ps in enumerate(split):
+            for p in ps:
+                T[i, col[p]] += 1.0
+    else:
+        need = [p for p in vocab if p != control]
+        try:
+            F_ = load_pert_features(features, need, missing="error")
+        except KeyError as e:
+            lacking = [p for p in need if p in str(e)]
+            if missing != "zero":
+                label = next((n for n, ps in zip(names, split) if set(ps) & set(lacking)), "?")
+                raise KeyError(f"{e.args[0]}; e.g. part '{lacking[0] if lacking else '?'}' of label '{label}' "
+                               "(combinations are encoded from their parts' vectors)") from None
+            F_ = load_pert_features(features, need, missing="zero")
+        row = {p: F_[i] for i, p in enumerate(need)}
+        row[control] = torch.zeros(F_.shape[1])  # the control: no perturbation, the zero vector
+        T = torch.stack([torch.stack([row[p] for p in ps]).sum(0) for ps in split])
+    if reduce == "mean":
+        T = T / torch.tensor([len(ps) for ps in split], dtype=torch.float32)[:, None]
+    return T.float(), vocab
+
 
 # -----------------------------------------------------------------------------
 # modules
