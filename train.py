@@ -80,7 +80,8 @@ threads = 0              # torch.set_num_threads on cpu; 0 = torch's default
 mapping = "random"       # control matching: random (reference) | batch
 control_sets = True      # control cells form their own sets (teaches the identity)
 batch_encoder = False    # add a batch embedding to every token
-pert_features = ""       # {perturbation: vector} file (.pt/.safetensors/.npz/.tsv); "" = one-hot
+pert_features = ""       # {perturbation: vector} file (.pt/.safetensors/.npz/.tsv); "" = one-hot; "pca" =
+                         # from the training data: the target gene's loadings on the top-16 principal axes
 missing_pert_features = "error"  # error | zero (reference behaviour, warned)
 combos = ""              # separator of combination labels (e.g. "+"): a label is encoded from its parts,
                          # multi-hot over the singles (one-hot runs) or combo_reduce of their feature vectors
@@ -94,6 +95,11 @@ ckpt_every = 500         # steps between checkpoints (always one at the end)
 compile = False          # torch.compile the model (GPU)
 parallel = "fsdp"        # multi-process: fsdp (FSDP2, sharded params/grads/optimizer) | ddp
 grad_accum = 1           # micro-steps per optimizer step (gradient sync only on the last)
+init_from = ""           # fine-tune: start from this run's weights (every tensor whose name and shape match)
+reinit = ""              # pert,decoder: re-initialise these parts even when they match (automatic when the
+                         # perturbation vocabulary/features or the gene list differ from the source run's)
+init_skip = False        # skip source tensors whose shape differs (else an error naming the first one)
+freeze_steps = 0         # keep the transformer blocks frozen for the first k steps (the new parts adapt first)
 workers = -1             # loader processes building the next steps' batches during a step (per rank);
                          # -1 = 2 on cuda, 0 (in the step) on cpu. Any value gives the same batches
 # model fields (STConfig) are overridable too: --hidden=128 --n_layers=4 ...
@@ -163,16 +169,33 @@ recipe = D.index.get("recipe", {})
 key = recipe.get("key", "X")
 # embeddings (obsm/X_state etc.) are signed: no ReLU; gene-valued inputs (X, layers, X_hvg) are
 gene_space = not (str(key).startswith("obsm/") and not str(key).endswith("X_hvg"))
-pert_table, combo_parts = None, None
-if combos:  # combinations from their parts (state/st.py combo_table)
-    pert_table, combo_parts = combo_table(list(D.pert_names), D.control, combos, combo_reduce,
-                                          features=pert_features or None, missing=missing_pert_features)
+pert_table, combo_parts, feats, feat_from = None, None, pert_features or None, None
+if pert_features == "pca":  # features without a download, for perturbations that name a measured gene
+    from state.st import pca_pert_features
+    need = sorted({p for n in D.pert_names for p in parts_of(n, combos)} - {D.control}) if combos else \
+        [n for n in D.pert_names if n != D.control]
+    feats, lacking = pca_pert_features(D, sp.train, need)
+    feats[D.control] = np.zeros(len(next(iter(feats.values()), np.zeros(16))), np.float32)  # no perturbation
+    feat_from = {"pca of training cells": sorted(set(feats) - {D.control}), "none (no measured target gene)": lacking}
+    print0(f"perturbation features: {len(feats) - 1}/{len(need)} from the pca of the training cells (the target "
+           f"gene's loadings)" + (f"; {len(lacking)} name no measured gene: {lacking[:10]}" if lacking else ""))
+    if lacking and missing_pert_features != "zero":
+        sys.exit(f"train.py: --pert_features=pca: {len(lacking)} perturbations name no measured gene "
+                 f"({lacking[:10]}): give a features file (--pert_features=FILE, e.g. ESM2 gene vectors) or "
+                 "--missing_pert_features=zero for zero vectors")
+try:
+    if combos:  # combinations from their parts (state/st.py combo_table)
+        pert_table, combo_parts = combo_table(list(D.pert_names), D.control, combos, combo_reduce,
+                                              features=feats, missing=missing_pert_features)
+    elif pert_features:
+        pert_table = load_pert_features(feats, list(D.pert_names), missing=missing_pert_features)
+except (KeyError, ValueError) as e:
+    sys.exit(f"train.py: {e.args[0]}")
+if combos:
     n_combo = sum(len(parts_of(n, combos)) > 1 for n in D.pert_names)
     how = f"{combo_reduce} of the parts' feature vectors" if pert_features else \
         f"multi-hot over {len(combo_parts)} singles ({combo_reduce})"
     print0(f"combinations: {n_combo} of {len(D.pert_names)} labels have several parts ('{combos}'): {how}")
-elif pert_features:
-    pert_table = load_pert_features(pert_features, list(D.pert_names), missing=missing_pert_features)
 cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over},
                          n_in=D.n_genes, n_pert=(pert_table.shape[1] if pert_table is not None
                                                  else len(D.pert_names)), n_ctx=len(D.context_names),
@@ -237,6 +260,14 @@ if ddp:
     torch.manual_seed(seed)  # the same initial weights on every rank, and as one process
 model = StateTransition(cfg, pert_table=pert_table, anchor_table=anchor_table).to(dev)
 raw = model
+init_note = None
+if init_from and not resume:  # transfer (state.st.init_from): before sharding, on the full model
+    from state.st import init_from as _init_from
+    try:
+        init_note = _init_from(raw, init_from, list(D.pert_names), list(D.genes), combo_parts,
+                               [x for x in reinit.split(",") if x], init_skip, say=print0)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train.py: {e}")
 n_params, n_mm = raw.num_params(), raw.num_params(matmul_only=True)
 if ddp and parallel == "fsdp":
     # FSDP2 (SPEC 13): compile blocks first (torchtitan order), then fully_shard each block and the
@@ -333,9 +364,11 @@ def save_checkpoint(step, val_loss):
             "batch_names": list(D.batch_names), "pert_col": D.pert_col, "context_col": D.context_col,
             "batch_col": D.batch_col, "control": D.control, "data": os.path.abspath(data),
             "data_checksum": D.checksum, "split": os.path.abspath(split), "split_hash": split_hash,
+            "init_from": init_note,
             "pert_features": pert_features or None, "combos": combos or None, "combo_reduce": combo_reduce,
             "combo_parts": combo_parts,
-            "pert_features_hash": file_sha(pert_features) if pert_features else None,
+            "pert_features_hash": file_sha(pert_features) if pert_features and pert_features != "pca" else None,
+            "pert_features_from": feat_from,
             "world": world, "grad_accum": grad_accum, "parallel": parallel if ddp else None,
             "global_batch": B * world * grad_accum, "git": git_sha(), "torch": torch.__version__}
     ckpt.write(os.path.join(d, "state.pt"), lambda p: torch.save(state, p))
@@ -535,6 +568,9 @@ for step in range(start, max_steps + 1):
     lr_now = lr_at(step)
     for g in opt.param_groups:
         g["lr"] = lr_now
+    if step < freeze_steps:  # frozen backbone: no gradient, so Adam leaves the blocks as loaded
+        for p in raw.blocks.parameters():
+            p.grad = None
     opt.step()
     opt.zero_grad(set_to_none=True)
     if ema_p is not None:

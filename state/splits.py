@@ -370,7 +370,7 @@ def main(argv=None):
     m.add_argument("--context"); m.add_argument("--support", type=float, default=0.3)
     m.add_argument("--support-perts", help="comma-separated perturbations of the held-out context that train")
     m.add_argument("--val-frac", type=float, default=0.1); m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--pert-features", help="safetensors/npz file of perturbation features (unseen task)")
+    m.add_argument("--pert-features", help="safetensors/npz file of perturbation features, or pca (unseen task)")
     m.add_argument("--test-perts", help="comma-separated held-out perturbations (unseen / combo tasks)")
     m.add_argument("--combo-sep", default="+", help="separator of combination labels (combo task)")
     m.add_argument("--out", required=True)
@@ -385,7 +385,12 @@ def main(argv=None):
         data = Prepared(a.data)
         if a.cmd == "make":
             feats = None
-            if a.pert_features:
+            if a.pert_features == "pca":  # train.py --pert_features=pca: perturbations naming a measured gene
+                from state.st import target_gene
+                feats = {p: None for p in data.pert_names if target_gene(p) in set(data.genes)}
+                print(f"[splits] --pert-features pca: {len(feats)} of {len(data.pert_names) - 1} perturbations name "
+                      "a measured gene (the others cannot be encoded)")
+            elif a.pert_features:
                 if a.pert_features.endswith(".safetensors"):
                     from safetensors.numpy import load_file
                     feats = load_file(a.pert_features)

@@ -143,12 +143,14 @@ TRAIN_DEFAULTS = {"cpu": dict(lr=1e-3, control_sets=False, batch_size=16, max_st
 
 
 def load_pert_features(path, names, missing="error"):
-    """{perturbation: vector} file (.pt/.safetensors/.npz/.tsv) -> float32 (len(names), P) table.
+    """{perturbation: vector} file (.pt/.safetensors/.npz/.tsv) or dict -> float32 (len(names), P) table.
 
     A name of `names` absent from the file is an error listing them (the reference silently uses
     zeros; `missing="zero"` restores that with a warning and the coverage)."""
-    path = str(path)
-    if path.endswith(".pt"):
+    d, path = (path, "features") if isinstance(path, dict) else (None, str(path))
+    if d is not None:  # {name: vector} already in memory (e.g. pca_pert_features)
+        d = {str(k): torch.as_tensor(np.asarray(v), dtype=torch.float32).reshape(-1) for k, v in d.items()}
+    elif path.endswith(".pt"):
         d = torch.load(path, map_location="cpu", weights_only=True)
         d = {str(k): torch.as_tensor(v).float().reshape(-1) for k, v in d.items()}
     elif path.endswith(".safetensors"):
@@ -157,7 +159,7 @@ def load_pert_features(path, names, missing="error"):
     elif path.endswith(".npz"):
         z = np.load(path, allow_pickle=False)
         d = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float32).reshape(-1)) for k in z.files}
-    elif path.endswith(".tsv") or path.endswith(".txt"):
+    elif path.endswith((".tsv", ".txt")):
         d = {}
         with open(path) as f:
             for i, line in enumerate(f):
@@ -185,6 +187,23 @@ def load_pert_features(path, names, missing="error"):
             raise KeyError(msg + " (pass --missing_pert_features=zero to give them zero vectors)")
         print(f"WARNING: {msg}; using zero vectors (coverage {len(names) - len(miss)}/{len(names)})")
     return torch.stack([d.get(n, torch.zeros(P)) for n in names])
+
+def target_gene(label):
+    """The gene a perturbation label names: 'CRISPRi:STAT1' -> 'STAT1' (prepare --modality keys)."""
+    return str(label).split(":", 1)[-1]
+
+
+def pca_pert_features(data, rows, names, d=16):
+    """Perturbation features from the training data itself, no download: the loadings of each
+    perturbation's target gene on the top-d principal axes of the training cells' expression (the gene
+    embedding the linear baseline uses). -> ({name: (d,) vector} for the names whose target is a
+    measured gene, [names whose target is not])."""
+    from state.baselines import gene_pca
+    G = gene_pca(data, rows, d)  # (n_genes, d)
+    col = {g: i for i, g in enumerate(data.genes)}
+    have = {n: G[col[target_gene(n)]] for n in names if target_gene(n) in col}
+    return have, [n for n in names if n not in have]
+
 
 def parts_of(label, sep):
     """The single perturbations of a label: 'A+B' -> ['A', 'B'] (order kept); no separator -> [label]."""
@@ -227,6 +246,69 @@ def combo_table(names, control, sep="+", reduce="sum", features=None, missing="e
     if reduce == "mean":
         T = T / torch.tensor([len(ps) for ps in split], dtype=torch.float32)[:, None]
     return T.float(), vocab
+
+
+def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=False, say=print):
+    """Load a trained run's weights into `model` for fine-tuning: every tensor whose name and shape match,
+    except the parts re-initialised: the perturbation encoder (f_pert) when the perturbation vocabulary
+    (or combination parts) or the feature width differ from the run's, or 'pert' in `reinit`; the gene
+    side (f_cell's input layer, f_out's output layer, the gene decoder) when the gene list differs, or
+    'decoder' in `reinit`. Buffers (pert_table, anchor_table) always come from this run's data. A tensor
+    whose shape differs outside those parts is an error naming it (skip=True: left at its init). Prints a
+    table of loaded / re-initialised / skipped tensors; returns a note for meta.json."""
+    import json
+    import os
+    from safetensors.torch import load_file
+    bad = [r for r in reinit if r not in ("pert", "decoder")]
+    if bad:
+        raise ValueError(f"--reinit {bad}: choose from pert, decoder")
+    if not os.path.exists(os.path.join(run, "model.safetensors")):
+        raise FileNotFoundError(f"--init_from={run}: no model.safetensors (not a finished ST run)")
+    src = load_file(os.path.join(run, "model.safetensors"))
+    meta = json.load(open(os.path.join(run, "meta.json")))
+    why = {}
+    if "pert" in reinit:
+        why["pert"] = "asked"
+    elif meta.get("pert_names") != pert_names or meta.get("combo_parts") != combo_parts:
+        why["pert"] = "another perturbation vocabulary"
+    if "decoder" in reinit:
+        why["decoder"] = "asked"
+    elif list(meta.get("genes", [])) != list(genes):
+        why["decoder"] = "another gene list"
+    first = lambda mod: next(n for n, _ in mod.named_parameters())
+    gene_side = {f"f_cell.{first(model.f_cell)}", f"f_cell.{first(model.f_cell)}".replace("weight", "bias")}
+    last = [n for n, _ in model.f_out.named_parameters()][-2:]
+    gene_side |= {f"f_out.{n}" for n in last}
+    part = lambda n: "pert" if n.startswith("f_pert.") else \
+        ("decoder" if n.startswith("decoder.") or n in gene_side else None)
+    own = model.state_dict()
+    rows, load = [], {}
+    for n, v in own.items():
+        if n in ("pert_table", "anchor_table"):
+            rows.append((n, "this run's data", tuple(v.shape)))
+        elif part(n) in why:
+            rows.append((n, f"re-initialised ({why[part(n)]})", tuple(v.shape)))
+        elif n not in src:
+            rows.append((n, "not in the source run: initialised", tuple(v.shape)))
+        elif tuple(src[n].shape) != tuple(v.shape):
+            if not skip:
+                raise ValueError(f"--init_from={run}: tensor '{n}' is {tuple(src[n].shape)} there and "
+                                 f"{tuple(v.shape)} here (another hidden size or preset?); --init_skip=True "
+                                 "leaves mismatched tensors at their initialisation")
+            rows.append((n, f"skipped: shape {tuple(src[n].shape)} in the source", tuple(v.shape)))
+        else:
+            load[n] = src[n]
+            rows.append((n, "loaded", tuple(v.shape)))
+    model.load_state_dict(load, strict=False)
+    kinds = {}
+    for _, k, _ in rows:
+        kinds[k.split(" (")[0].split(":")[0]] = kinds.get(k.split(" (")[0].split(":")[0], 0) + 1
+    say(f"init_from {run}: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
+    for n, k, shp in rows:
+        if k != "loaded":
+            say(f"  {n:<40s} {str(shp):<16s} {k}")
+    return dict(run=os.path.abspath(run), reinit=why, loaded=sum(k == "loaded" for _, k, _ in rows),
+                rows=len(rows))
 
 
 # -----------------------------------------------------------------------------

@@ -233,3 +233,26 @@ def test_predict_refuses_wrong_split_and_bad_controls(synth, tmp_path):
     assert not (tmp_path / "s.h5ad").exists()
     r = run(*sim, f"--adata={tmp_path / 'nocol.h5ad'}", "--all_controls=True")
     assert (tmp_path / "s.h5ad").exists()
+
+
+def test_init_from_fine_tunes_with_a_table_and_named_errors(synth, tmp_path):
+    """--init_from loads every matching tensor (printing what was loaded, re-initialised, skipped),
+    --freeze_steps keeps the blocks as loaded, --reinit=pert redraws the perturbation encoder, and a
+    source of another hidden size is an error naming the tensor unless --init_skip=True."""
+    from safetensors.torch import load_file
+    d = synth
+    src = tmp_path / "src"
+    run(*args(d, src, 4))
+    ft = tmp_path / "ft"
+    r = run(*args(d, ft, 3, f"--init_from={src}", "--freeze_steps=3", "--reinit=pert"))
+    assert "init_from" in r.stdout and "re-initialised (asked)" in r.stdout and "f_pert.0.weight" in r.stdout
+    a, b = load_file(src / "model.safetensors"), load_file(ft / "model.safetensors")
+    blocks = [k for k in a if k.startswith("blocks.")]
+    assert blocks and all(torch.equal(a[k], b[k]) for k in blocks)  # frozen: exactly the source's
+    assert not torch.equal(a["f_pert.0.weight"], b["f_pert.0.weight"])
+    meta = json.load(open(ft / "meta.json"))
+    assert meta["init_from"]["reinit"] == {"pert": "asked"} and meta["init_from"]["loaded"] > 0
+    r = run(*args(d, tmp_path / "bad", 2, f"--init_from={src}", "--hidden=96"), ok=False)
+    assert r.returncode != 0 and "tensor 'f_pert.0.weight'" in r.stderr and "--init_skip=True" in r.stderr
+    r = run(*args(d, tmp_path / "skip", 2, f"--init_from={src}", "--hidden=96", "--init_skip=True"))
+    assert "skipped: shape" in r.stdout
