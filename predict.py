@@ -260,6 +260,52 @@ def cmd_test(argv):
 # simulate: a virtual screen from control cells
 
 
+def apply_recipe(x, meta, path, key, gene_space, obs_names):
+    """Control rows x (N, G_file) of a user's file -> the run's input scale, or exit naming what was
+    found and what the run expects. Gene-valued runs: counts -> normalise each cell to the run's
+    target_sum over the file's genes, then log1p; log1p values as they are. Embedding runs take the
+    embedding (same SE checkpoint) as it is."""
+    from state.data import classify
+    r = meta.get("recipe") or {}
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        sys.exit(f"predict.py simulate: {int(bad.sum())} control cells of {path} ('{key}') have NaN/Inf values, "
+                 f"e.g. '{obs_names[np.flatnonzero(bad)[0]]}'")
+    if gene_space and (x < 0).any():
+        i = np.flatnonzero((x < 0).any(1))[0]
+        sys.exit(f"predict.py simulate: '{key}' of {path} has negative values (e.g. cell '{obs_names[i]}'): "
+                 "scaled/z-scored data; the run expects raw counts or non-negative log1p expression")
+    if not gene_space:  # an embedding: the run's key must be an embedding of the same SE model
+        if not str(key).startswith("obsm/"):
+            sys.exit(f"predict.py simulate: the run was trained on the embedding '{meta.get('key')}'"
+                     f"{' of SE ' + r['se_hash'] if r.get('se_hash') else ''} but '{key}' of {path} is gene "
+                     "expression; embed the controls with that SE checkpoint (embed.py transform) and pass "
+                     "--key=obsm/X_state")
+        return x
+    where = f"{path}: '{key}'"
+    sc = classify(x[: min(len(x), 20000)], where)
+    want = (f"log1p of counts normalised to {r['target_sum']:g}" if r.get("target_sum") else "log1p values") \
+        if r.get("log1p", True) else "the prepared values as they are"
+    if sc.kind == "counts" and r.get("log1p", True):
+        ts = r.get("target_sum")
+        if not ts:
+            sys.exit(f"predict.py simulate: {where} holds raw counts but the run's recipe records no target sum "
+                     f"(it was prepared from {want}); give log1p values")
+        tot = x.sum(1, dtype=np.float64)
+        if (tot <= 0).any():
+            sys.exit(f"predict.py simulate: {where}: control cell '{obs_names[np.argmax(tot <= 0)]}' has no counts")
+        print(f"input: raw counts (median total {np.median(tot):g} over {x.shape[1]} genes) -> normalised to the "
+              f"run's target_sum {ts:g} and log1p'd, as its training data were")
+        return np.log1p(x * (ts / tot)[:, None]).astype(np.float32)
+    if sc.kind == "log1p" or (sc.kind == "counts" and not r.get("log1p", True)):
+        if sc.kind == "log1p" and r.get("target_sum") and sc.target_sum and abs(sc.target_sum / r["target_sum"] - 1) > 0.05:
+            print(f"WARNING: {where} is log1p of counts normalised to {sc.target_sum:g}; the run's data used "
+                  f"{r['target_sum']:g}: expression levels are shifted by log({sc.target_sum / r['target_sum']:.3g})")
+        return x
+    sys.exit(f"predict.py simulate: {where} looks {sc} but the run expects {want} (or raw counts, which it "
+             "normalises itself); give raw counts (e.g. --key=layers/counts) or log1p values")
+
+
 def cmd_simulate(argv):
     cfg = {"run": "", "adata": "", "perts": "", "out": "", "n_cells": 0, "seed": 0, "device": "cpu",
            "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
@@ -313,6 +359,9 @@ def cmd_simulate(argv):
             names = list(obsm_names(f, cfg["key"][5:], Xin.shape[1]))
         if dec:  # the controls' genes (decoder output space), mapped by name below
             gnames, Gin = list(f.var_names()), f.matrix(cfg["genes_key"]).rows(keep)
+    # the run's recipe applied to the input (meta["recipe"], from prepare): raw counts are normalised and
+    # log1p'd as the training data were, log1p values are taken as they are, anything else is refused
+    Xin = apply_recipe(Xin, meta, cfg["adata"], cfg["key"], model.cfg.gene_space, obs_names)
     # map genes by name to the run's ordered list
     where = {g: i for i, g in enumerate(names)}
     miss = [g for g in genes if g not in where]
@@ -324,18 +373,6 @@ def cmd_simulate(argv):
     X = np.zeros((len(keep), len(genes)), np.float32)
     have = [i for i, g in enumerate(genes) if g in where]
     X[:, have] = Xin[:, [where[genes[i]] for i in have]]
-    bad = ~np.isfinite(X).all(1)
-    if bad.any():
-        sys.exit(f"predict.py simulate: {int(bad.sum())} control cells of {cfg['adata']} ('{cfg['key']}') have "
-                 f"NaN/Inf values, e.g. '{obs_names[np.flatnonzero(bad)[0]]}'")
-    if model.cfg.gene_space and (X < 0).any():
-        r = np.flatnonzero((X < 0).any(1))[0]
-        sys.exit(f"predict.py simulate: '{cfg['key']}' of {cfg['adata']} has negative values (e.g. cell "
-                 f"'{obs_names[r]}'): scaled/z-scored data; the run expects non-negative log1p expression")
-    mx = float(X.max()) if X.size else 0.0
-    if model.cfg.gene_space and mx > 30 and np.allclose(X[:1000], np.round(X[:1000])):
-        sys.exit("predict.py simulate: the input looks like raw counts; give log1p-normalised values "
-                 "prepared with the run's recipe (python -m state.data prepare ...)")
     out_genes, Xout = genes, X
     if dec:
         out_genes = list(meta["genes_out"])

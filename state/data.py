@@ -83,8 +83,11 @@ def _sample(matrix, n, seed):
 
 def detect_scale(matrix, n=10_000, seed=0):
     """Classify a Matrix as counts / log1p / scaled / normalized from ~n sampled rows; returns Scale."""
-    x = _sample(matrix, n, seed)  # (n, G) float32
-    where = f"{matrix.path}: '{matrix.key}'"
+    return classify(_sample(matrix, n, seed), f"{matrix.path}: '{matrix.key}'")
+
+
+def classify(x, where):
+    """Scale of the rows x (n, G) float32 (see Scale); `where` names them in errors."""
     if not np.isfinite(x).all():
         r, c = np.argwhere(~np.isfinite(x))[0]
         raise H5ADError(f"{where} has non-finite values (NaN or inf), e.g. in sampled row {r}, column {c}")
@@ -709,8 +712,10 @@ def _prepare(hs, out, r, gene_target=None):
     if len(se_hashes) > 1:  # embeddings from different SE checkpoints live in different spaces
         raise H5ADError(f"'{r.key}' comes from different SE checkpoints {sorted(se_hashes)} across files; "
                         "re-embed them with one checkpoint (embed.py transform --ckpt=...)")
+    se = sorted({(x["se"] or {}).get("se_hash") for x in sources if x["se"]} - {None})
     recipe = dict(key=r.key, normalize=str(r.normalize), target_sum=r.target_sum, log1p=bool(logged and not emb),
-                  hvg=int(r.hvg) if r.hvg else None, genes=None if r.genes is None else "requested list",
+                  hvg=int(r.hvg) if r.hvg else None, hvg_flavor="seurat" if r.hvg else None,
+                  se_hash=se[0] if se else None, genes=None if r.genes is None else "requested list",
                   intersect=bool(r.intersect), keep=r.keep, dtype=r.dtype, assume=r.assume, gene_col=r.gene_col,
                   modality=bool(r.modality))
     gtx = None

@@ -256,3 +256,38 @@ def test_init_from_fine_tunes_with_a_table_and_named_errors(synth, tmp_path):
     assert r.returncode != 0 and "tensor 'f_pert.0.weight'" in r.stderr and "--init_skip=True" in r.stderr
     r = run(*args(d, tmp_path / "skip", 2, f"--init_from={src}", "--hidden=96", "--init_skip=True"))
     assert "skipped: shape" in r.stdout
+
+
+def test_simulate_applies_the_runs_recipe_to_raw_counts(tmp_path):
+    """A run records its input recipe; simulate normalises raw counts to the run's target_sum and
+    log1p's them (any gene order), giving the same screen as log1p input; other scales are refused
+    with what was found and what the run expects."""
+    from state.data import prepare
+    from state.h5ad import H5AD, write_h5ad
+    from state.splits import make_split
+    from state.synth import make_synthetic
+    make_synthetic(tmp_path / "c.h5ad", n_cells=900, n_genes=40, n_perts=4, n_contexts=2, seed=3, counts=True)
+    D = prepare(tmp_path / "c.h5ad", tmp_path / "prep")
+    ts = D.index["recipe"]["target_sum"]
+    assert D.index["recipe"]["log1p"] and ts > 0
+    make_split(D, "fewshot", context=D.context_names[0], seed=0).save(tmp_path / "split.json")
+    run("train.py", f"--data={tmp_path / 'prep'}", f"--split={tmp_path / 'split.json'}", "--preset=tiny",
+        "--max_steps=2", f"--out={tmp_path / 'run'}")
+    meta = json.load(open(tmp_path / "run" / "meta.json"))
+    assert meta["recipe"]["target_sum"] == ts and meta["genes"] == list(D.genes) and meta["split_hash"]
+    with H5AD(tmp_path / "c.h5ad") as f:
+        C, names, genes = f.matrix("X").block(0, f.n_obs), np.asarray(f.obs_names), list(f.var_names())
+        obs = {k: np.asarray(f.column(k)) for k in ("perturbation", "cell_type")}
+    o = np.arange(len(genes))[::-1]  # another gene order
+    L = np.log1p(C * (ts / C.sum(1, keepdims=True)))
+    write_h5ad(tmp_path / "counts.h5ad", C[:, o], names, [genes[i] for i in o], obs=obs)
+    write_h5ad(tmp_path / "log.h5ad", L.astype(np.float32), names, genes, obs=obs)
+    write_h5ad(tmp_path / "norm.h5ad", np.expm1(L).astype(np.float32), names, genes, obs=obs)
+    sim = ["predict.py", "simulate", f"--run={tmp_path / 'run'}", f"--perts={D.pert_names[1]}", "--n_cells=30"]
+    r = run(*sim, f"--adata={tmp_path / 'counts.h5ad'}", f"--out={tmp_path / 'a.h5ad'}")
+    assert f"normalised to the run's target_sum {ts:g}" in r.stdout
+    run(*sim, f"--adata={tmp_path / 'log.h5ad'}", f"--out={tmp_path / 'b.h5ad'}")
+    with H5AD(tmp_path / "a.h5ad") as a, H5AD(tmp_path / "b.h5ad") as b:
+        np.testing.assert_allclose(a.matrix("X").block(0, a.n_obs), b.matrix("X").block(0, b.n_obs), atol=1e-4)
+    r = run(*sim, f"--adata={tmp_path / 'norm.h5ad'}", f"--out={tmp_path / 'c2.h5ad'}", ok=False)
+    assert r.returncode != 0 and "looks normalized" in r.stderr and f"normalised to {ts:g}" in r.stderr
