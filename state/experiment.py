@@ -34,6 +34,8 @@ Tasks (choose recipes on the `choose` ones; the `check` ones are kept for indepe
   kang_b, kang_cd4, kang_cd8, kang_fcgr3a: Kang zero-shot, each other cell type held out (zero-shot magnitude)
   norman_combo  Norman19 K562 CRISPRa, the doubles whose singles were measured held out (combo; the
             additive baseline joins; train with --combos=+)
+  pap_unseen  Papalexi, IFNGR2/JAK2/STAT1 held out in every replicate (unseen; train with
+            --pert_features=pca --missing_pert_features=zero)
 With --ensemble each task also gets the seed ensemble (predict.py test --run=s0,s1,s2), scored once.
 Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
 """
@@ -80,6 +82,10 @@ TASKS = {  # name -> (dataset, split options, role)
     "kang_fcgr3a": ("kang", ["--task", "zeroshot", "--context", "FCGR3A+ Monocytes"], "zeroshot"),
     # unseen combinations: Norman19 K562 doubles whose two singles were measured (train with --combos=+)
     "norman_combo": ("norman", ["--task", "combo", "--combo-sep", "+"], "combo"),
+    # unseen perturbations from features: 3 Papalexi targets that are measured genes held out in every
+    # replicate (train with --pert_features=pca --missing_pert_features=zero: the other 16 have no gene)
+    "pap_unseen": ("pap", ["--task", "unseen", "--pert-features", "pca", "--test-perts", "IFNGR2,JAK2,STAT1"],
+                   "unseen"),
 }
 METRICS = ["pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "de_direction_match",
            "pearson_edistance", "spread", "shift"]
@@ -108,7 +114,15 @@ def sh(cmd, log=None):
 
 
 def task_data(task, cache, shared):
-    """Prepared folder and split file of a task, built once under `cache`."""
+    """Prepared folder and split file of a task, built once under `cache` (refused when the cache was
+    built by another prepared-data format: its splits, baselines and ceilings would not match)."""
+    from state.data import FORMAT
+    mark = os.path.join(cache, "format.json")
+    if os.path.exists(mark) and json.load(open(mark)) != FORMAT or \
+            not os.path.exists(mark) and any(f.endswith(".json") for f in os.listdir(cache)):
+        sys.exit(f"{cache} was built with another prepared-data format (this code writes format {FORMAT}); "
+                 "use a new --cache or delete it")
+    json.dump(FORMAT, open(mark, "w"))
     ds, split_args, _ = TASKS[task]
     f, prep = DATASETS[ds]
     d = os.path.join(cache, ds)

@@ -264,11 +264,13 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
             if bad:
                 raise ValueError(f"test perturbation(s) {bad} not in the data's '{data.pert_col}' labels")
             held = sorted(test_perts)
-        else:
-            held = sorted(np.array(perts)[rng.permutation(len(perts))[:max(1, int(round(test_frac * len(perts))))]].tolist())
-        missing = [p for p in held + perts if p not in features]
+        else:  # among the perturbations that have features: an unseen one is only predictable from them
+            have = [p for p in perts if p in features]
+            held = sorted(np.array(have)[rng.permutation(len(have))[:max(1, int(round(test_frac * len(have))))]].tolist())
+        missing = [p for p in held if p not in features]
         if missing:
-            raise ValueError(f"no features for perturbation(s) {sorted(set(missing))[:10]}")
+            raise ValueError(f"no features for test perturbation(s) {sorted(set(missing))[:10]}: an unseen "
+                             "perturbation is predicted from its features alone")
         hc = [data.pert_names.index(p) for p in held]
         cname, sup = None, []
         groups = sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})

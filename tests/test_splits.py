@@ -78,8 +78,26 @@ def test_unseen_needs_features(syn):
     s = make_split(syn, "unseen", features=feats, test_perts=["GENE0001", "GENE0004"])
     held = {syn.pert_names.index("GENE0001"), syn.pert_names.index("GENE0004")}
     assert set(syn.pert[s.test].tolist()) == held and not held & set(syn.pert[s.train].tolist())
-    with pytest.raises(ValueError, match="no features"):
-        make_split(syn, "unseen", features={"GENE0001": np.ones(4)}, test_perts=["GENE0001"])
+    with pytest.raises(ValueError, match="no features for test perturbation"):
+        make_split(syn, "unseen", features={"GENE0001": np.ones(4)}, test_perts=["GENE0001", "GENE0002"])
+    # without test_perts the held-out ones are drawn among those with features (training ones need none
+    # here: train.py decides, --missing_pert_features)
+    s = make_split(syn, "unseen", features={"GENE0001": np.ones(4), "GENE0003": np.ones(4)}, test_frac=1.0)
+    assert {p for _, p in s.test_groups} <= {"GENE0001", "GENE0003"}
+
+
+def test_pca_features_from_measured_target_genes(tmp_path):
+    """--pert_features=pca: a perturbation named after a measured gene gets that gene's loadings on the
+    training cells' principal axes; the others are reported, and train.py refuses them unless zero."""
+    from state.st import pca_pert_features, target_gene
+    d = tmp_path
+    make_synthetic(d / "s.h5ad", n_cells=600, n_genes=30, n_perts=5, n_contexts=2, seed=2)
+    data = prepare(d / "s.h5ad", d / "p")
+    names = [p for p in data.pert_names if p != data.control] + ["NOTAGENE"]
+    f, lacking = pca_pert_features(data, np.arange(data.n_cells), names, d=8)
+    assert lacking == ["NOTAGENE"] and set(f) == set(names) - {"NOTAGENE"}
+    assert all(v.shape == (8,) for v in f.values()) and not np.allclose(f[names[0]], f[names[1]])
+    assert target_gene("CRISPRi:STAT1") == "STAT1"
 
 
 def test_bad_splits(syn, gbm):
