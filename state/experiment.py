@@ -118,11 +118,16 @@ def task_data(task, cache, shared):
     built by another prepared-data format: its splits, baselines and ceilings would not match)."""
     from state.data import FORMAT
     mark = os.path.join(cache, "format.json")
-    if os.path.exists(mark) and json.load(open(mark)) != FORMAT or \
-            not os.path.exists(mark) and any(f.endswith(".json") for f in os.listdir(cache)):
-        sys.exit(f"{cache} was built with another prepared-data format (this code writes format {FORMAT}); "
-                 "use a new --cache or delete it")
-    json.dump(FORMAT, open(mark, "w"))
+    if not os.path.exists(mark):
+        if any(f.endswith(".json") for f in os.listdir(cache)):
+            sys.exit(f"{cache} holds a cache of an older prepared-data format (no format.json); use a new "
+                     "--cache or delete it")
+        with open(mark + f".tmp{os.getpid()}", "w") as f:
+            json.dump(FORMAT, f)
+        os.replace(mark + f".tmp{os.getpid()}", mark)  # atomic: jobs in threads read it concurrently
+    if json.load(open(mark)) != FORMAT:
+        sys.exit(f"{cache} was built with prepared-data format {json.load(open(mark))}, this code writes "
+                 f"format {FORMAT}; use a new --cache or delete it")
     ds, split_args, _ = TASKS[task]
     f, prep = DATASETS[ds]
     d = os.path.join(cache, ds)
