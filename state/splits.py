@@ -1,11 +1,13 @@
 """
 Train / val / test splits over a prepared dataset (SPEC 6): zero-shot context, few-shot context, unseen
-perturbation; reading and writing the reference's TOML split files.
+perturbation, unseen combination; reading and writing the reference's TOML split files.
 
     python -m state.splits make --data DIR --task fewshot --context U87MG --support 0.3 --seed 0 --out split.json
     python -m state.splits make --data DIR --task fewshot --context U87MG --support-perts MAP2K3,MAP2K6,MAP3K21 --out s.json
     python -m state.splits make --data DIR --task zeroshot --context U87MG --out split.json
     python -m state.splits toml --data DIR --toml split.toml --out split.json   # a reference TOML
+    python -m state.splits make --data DIR --task combo --out split.json   # doubles whose singles were measured
+    python -m state.splits make --data DIR --task unseen --pert-features pca --test-perts JAK2,STAT1 --out s.json
     python -m state.splits report --data DIR --split split.json
 
 `make` also writes a reference-compatible TOML next to the JSON (split.toml). The JSON lists held-out
@@ -271,9 +273,6 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
         if missing:
             raise ValueError(f"no features for test perturbation(s) {sorted(set(missing))[:10]}: an unseen "
                              "perturbation is predicted from its features alone")
-        hc = [data.pert_names.index(p) for p in held]
-        cname, sup = None, []
-        groups = sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
     elif task == "combo":
         labels = [p for p in data.pert_names if p != data.control]
         combos = [p for p in labels if len(parts_of(p, combo_sep)) > 1]
@@ -292,13 +291,14 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
             if not held:
                 raise ValueError(f"task combo: no combination has all its parts measured as singles; "
                                  f"name the test combinations (test_perts=)")
+    else:
+        raise ValueError(f"task '{task}' not one of fewshot, zeroshot, unseen, combo")
+    if task in ("unseen", "combo"):  # whole perturbations held out in every context that has them
         hc = [data.pert_names.index(p) for p in held]
         cname, sup = None, []
         groups = sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
-        return Split(task, cname, groups, sup, val_frac, seed, data.checksum, combo_sep).validate(data)
-    else:
-        raise ValueError(f"task '{task}' not one of fewshot, zeroshot, unseen, combo")
-    return Split(task, cname, groups, sup, val_frac, seed, data.checksum).validate(data)
+    return Split(task, cname, groups, sup, val_frac, seed, data.checksum,
+                 combo_sep if task == "combo" else None).validate(data)
 
 
 def read_toml(path, data, val_frac=0.1, seed=0):
