@@ -10,8 +10,10 @@ Evaluate / compare with baselines (forwarded to state.eval.main / state.baseline
     python predict.py eval ...        python predict.py report ...
 
 Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, fed with n
-controls of the same context drawn as evenly as possible (state.data.draw_controls, seeded); windows of
-unequal length share a batch through key-padding `lens` (identical to one-set-at-a-time outputs).
+controls of the same context drawn as evenly as possible (state.data.draw_controls, seeded); windows are
+batched by length (no padding) in blocks of --max_cells cells, and a screen is written block by block,
+so its size is bounded by the disk, not the memory. Screen inputs may be raw counts or log1p values in
+any gene order: the run's recipe (meta.json) normalises counts to its target_sum and log1p's them.
 `--run=A,B,C` averages the predictions of several runs (a seed ensemble). Real control cells are
 copied through with is_predicted=False (predicted controls would leak into the metrics). Gene-space
 outputs are clipped to [0, 14] (log1p). CPU or one GPU (--device=cuda).

@@ -14,10 +14,16 @@ step's micro-batches; --grad_accum=k micro-steps per optimizer step, synced on t
     torchrun --standalone --nproc_per_node=8 train.py --data=DIR --split=split.json --out=runs/st
 CPU, 2 processes (gloo):
     torchrun --standalone --nproc_per_node=2 train.py --data=DIR --split=split.json --out=runs/st2
+Combinations (labels 'A+B' encoded from their parts), fine-tuning a trained run, features without a
+download (the target gene's loadings on the training cells' principal axes):
+    python train.py --data=DIR --split=combo.json --preset=cpu --combos=+ --anchor=additive --out=runs/combo
+    python train.py --data=DIR --split=split.json --preset=cpu --init_from=runs/pre --freeze_steps=200 --out=runs/ft
+    python train.py --data=DIR --split=unseen.json --preset=cpu --pert_features=pca --out=runs/unseen
 Resume exactly where a run stopped (same batches, same losses): add --resume. The global batch is
 batch_size x world x grad_accum sets; 1 process with --grad_accum=4 follows the same trajectory as
 2 processes with --grad_accum=2, and a run may resume at another world size (sharded DCP checkpoint
-in `dcp-<step>/`, data order from one global cursor).
+in `dcp-<step>/`, data order from one global cursor). --workers=k loader processes per rank build the
+next steps' batches during a step (any k gives the same batches; the log's `data N%` is the wait).
 
 Overrides are `--key=value` over the globals below and over STConfig's fields (`--hidden=128`);
 unknown keys and type mismatches are errors. The run directory gets `model.safetensors`, `meta.json`
