@@ -229,7 +229,7 @@ if select == "support" and len(sup_rows) == 0:
 anchor_table = None
 if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
     from state.baselines import shift_table
-    anchor_table, choice = shift_table(D, sp.train, cfg.anchor, return_choice=True, sep=combos or "+")
+    anchor_table, choice = shift_table(D, train_part, cfg.anchor, return_choice=True, sep=combos or "+")
     print0(f"anchored output: y = ctrl + {cfg.anchor} shift[context, perturbation] + correction "
            f"(table {anchor_table.shape}, from {len(train_part):,} training rows)"
            + (f"; per context: {choice}" if choice else ""))

@@ -48,15 +48,17 @@ NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift",
 
 
 def group_means(data, rows):
-    """Mean expression per (context, pert) over the given rows: dict (c, p) -> (mean (G,), n)."""
-    rows = np.sort(np.asarray(rows, np.int64))
+    """Mean expression per (context, pert) over the given rows (an index array or a Rows, e.g. a split
+    part: then read segment by segment, never one index per cell): dict (c, p) -> (mean (G,), n)."""
+    from state.data import Rows
+    segs, gi = (rows if isinstance(rows, Rows) else Rows.of(rows)).cut(data)
     sums = {}
-    for g in data.groups:
-        a, b = np.searchsorted(rows, [g.start, g.stop])
-        if b > a:
-            x = data.rows(rows[a:b]).astype(np.float64)
-            s, n = sums.get((g.context, g.pert), (0.0, 0))
-            sums[(g.context, g.pert)] = (s + x.sum(0), n + (b - a))
+    for s in range(len(segs.start)):
+        m = int(segs.hi[s] - segs.lo[s])
+        x = data.rows(np.sort(segs.at(np.full(m, s), np.arange(m)))).astype(np.float64)
+        c, p = int(data.group_table[gi[s], 0]), int(data.group_table[gi[s], 1])
+        t, n = sums.get((c, p), (0.0, 0))
+        sums[(c, p)] = (t + x.sum(0), n + m)
     return {k: (s / n, n) for k, (s, n) in sums.items()}
 
 
