@@ -324,7 +324,7 @@ def analyse(res):
     for t, r in res.items():
         if not r["st"]:
             continue
-        K, BASELINES = len(r["st"]), names_for(t)
+        K, BASELINES = len(r["st"]), [n for n in r["bl"][0] if n in SHORT]  # the baselines scored for t
         rows = {}
         for m in METRICS:
             st = np.array([x[m] for x in r["st"]], float)
@@ -378,7 +378,7 @@ def table(out, cache):
     A = analyse(res)
     lines = [f"# protocol: {out}", f"recipe: `{cfg['recipe']}`", ""]
     for t, rows in A.items():
-        K, BASELINES = rows["mae"]["K"], names_for(t)
+        K, BASELINES = rows["mae"]["K"], list(rows["mae"]["bl"])
         lines += [f"## {t} ({TASKS[t][2]}; {K} seeds)", "",
                   "| metric | " + " | ".join(SHORT[n] for n in BASELINES) +
                   " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated | ensemble |",
