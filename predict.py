@@ -308,6 +308,40 @@ def apply_recipe(x, meta, path, key, gene_space, obs_names):
              "normalises itself); give raw counts (e.g. --key=layers/counts) or log1p values")
 
 
+def extend_combos(models, meta, vocab, labels):
+    """A run trained with --combos reads any combination of the singles it knows: append the
+    multi-hot rows of `labels` (combo_reduce as in training) to every model's perturbation table and
+    give them codes in `vocab`. One-hot runs only (the parts' feature vectors are not stored); an
+    anchored run has no baseline shift for a new label; a part the run never saw is an error."""
+    from state.st import parts_of
+    sep, parts = meta["combos"], meta["combo_parts"]
+    col = {q: i for i, q in enumerate(parts)}
+    for lab in labels:
+        unknown = [q for q in parts_of(lab, sep) if q not in col]
+        if unknown:
+            sys.exit(f"predict.py simulate: combination '{lab}' has the single(s) {unknown} that the run never "
+                     f"saw (it knows {len(parts) - 1}: {parts[1:21]}{' ...' if len(parts) > 21 else ''})")
+    if meta.get("pert_features"):
+        sys.exit(f"predict.py simulate: {labels[:5]} are not in the run's vocabulary; a run with perturbation "
+                 "features stores the labels' vectors, not its parts', so new combinations need a run "
+                 "without --pert_features (multi-hot) or the labels in the training data")
+    if models[0].cfg.anchor != "none":
+        sys.exit(f"predict.py simulate: {labels[:5]} are not in the run's vocabulary and the run is anchored "
+                 f"(--anchor={models[0].cfg.anchor}): a new label has no baseline shift; use a run without "
+                 "--anchor to screen new combinations")
+    rows = torch.zeros(len(labels), len(parts))
+    for i, lab in enumerate(labels):
+        for q in parts_of(lab, sep):
+            rows[i, col[q]] += 1.0
+        if meta.get("combo_reduce") == "mean":
+            rows[i] /= len(parts_of(lab, sep))
+    for m in models:
+        m.pert_table = torch.cat([m.pert_table, rows.to(m.pert_table)])
+    for i, lab in enumerate(labels):
+        vocab[lab] = len(vocab)
+    print(f"new combinations from their singles: {labels[:10]}{' ...' if len(labels) > 10 else ''}")
+
+
 def cmd_simulate(argv):
     cfg = {"run": "", "adata": "", "perts": "", "out": "", "n_cells": 0, "seed": 0, "device": "cpu",
            "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
@@ -330,6 +364,9 @@ def cmd_simulate(argv):
     if not perts:
         sys.exit("predict.py simulate: --perts=A,B or a file with one perturbation per line")
     bad = [p for p in perts if p not in vocab]
+    if bad and meta.get("combos"):
+        extend_combos(models, meta, vocab, bad)  # new combinations of known singles get codes
+        bad = [p for p in perts if p not in vocab]
     if bad:
         sys.exit(f"predict.py simulate: {len(bad)} perturbations are not in the run's vocabulary "
                  f"({len(vocab)} names): {bad[:20]}")

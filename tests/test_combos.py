@@ -104,3 +104,21 @@ def test_norman_doubles_train_and_predict(tmp_path):
         lab = np.asarray(f.column("perturbation")).astype(str)
         isp = f.column("is_predicted").astype(bool)
     assert sorted(set(lab[isp])) == sorted(q for _, q in Split.load(tmp_path / "split.json").test_groups)
+    # a virtual screen of a combination that is in no data: multi-hot from its singles (non-anchored run)
+    run_script("train.py", f"--data={tmp_path / 'prep'}", f"--split={tmp_path / 'split.json'}", "--preset=tiny",
+               "--combos=+", "--max_steps=5", f"--out={tmp_path / 'plain'}")
+    labels = set(meta["pert_names"])
+    singles = [q for q in meta["combo_parts"][1:] if q in labels]
+    new = next(f"{a}+{b}" for a in singles for b in singles if a < b and f"{a}+{b}" not in labels
+               and f"{b}+{a}" not in labels)
+    ctrl = tmp_path / "pred" / "real.h5ad"
+    sim = ["predict.py", "simulate", f"--adata={ctrl}", "--n_cells=10"]
+    r = run_script(*sim, f"--run={tmp_path / 'plain'}", f"--perts={new}", f"--out={tmp_path / 's.h5ad'}")
+    assert "new combinations from their singles" in r.stdout
+    with H5AD(tmp_path / "s.h5ad") as f:
+        assert new in set(np.asarray(f.column("perturbation")).astype(str))
+    r = run_script(*sim, f"--run={tmp_path / 'plain'}", f"--perts={singles[0]}+NOPE", f"--out={tmp_path / 'x.h5ad'}",
+                   ok=False)
+    assert r.returncode != 0 and "single(s) ['NOPE'] that the run never saw" in r.stderr
+    r = run_script(*sim, f"--run={tmp_path / 'run'}", f"--perts={new}", f"--out={tmp_path / 'y.h5ad'}", ok=False)
+    assert r.returncode != 0 and "anchored" in r.stderr
