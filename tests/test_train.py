@@ -291,3 +291,16 @@ def test_simulate_applies_the_runs_recipe_to_raw_counts(tmp_path):
         np.testing.assert_allclose(a.matrix("X").block(0, a.n_obs), b.matrix("X").block(0, b.n_obs), atol=1e-4)
     r = run(*sim, f"--adata={tmp_path / 'norm.h5ad'}", f"--out={tmp_path / 'c2.h5ad'}", ok=False)
     assert r.returncode != 0 and "looks normalized" in r.stderr and f"normalised to {ts:g}" in r.stderr
+
+
+def test_counts_to_an_embedding_run_is_refused():
+    """A run trained on embeddings (obsm/X_state) refuses gene counts, naming the SE model it needs."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from predict import apply_recipe
+    meta = {"key": "obsm/X_state", "recipe": {"key": "obsm/X_state", "log1p": False, "se_hash": "abc123"}}
+    counts = np.random.default_rng(0).poisson(3.0, (50, 20)).astype(np.float32)
+    with pytest.raises(SystemExit, match="trained on the embedding 'obsm/X_state' of SE abc123"):
+        apply_recipe(counts, meta, "c.h5ad", "X", gene_space=False, obs_names=[f"c{i}" for i in range(50)])
+    emb = np.random.default_rng(1).normal(size=(50, 8)).astype(np.float32)  # signed: fine for an embedding
+    assert apply_recipe(emb, meta, "e.h5ad", "obsm/X_state", gene_space=False, obs_names=None) is emb
