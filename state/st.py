@@ -199,7 +199,7 @@ def pca_pert_features(data, rows, names, d=16):
     embedding the linear baseline uses). -> ({name: (d,) vector} for the names whose target is a
     measured gene, [names whose target is not])."""
     from state.baselines import gene_pca
-    G = gene_pca(data, rows, d)  # (n_genes, d)
+    G = np.ascontiguousarray(gene_pca(data, rows, d), dtype=np.float32)  # (n_genes, d)
     col = {g: i for i, g in enumerate(data.genes)}
     have = {n: G[col[target_gene(n)]] for n in names if target_gene(n) in col}
     return have, [n for n in names if n not in have]
