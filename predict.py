@@ -117,11 +117,9 @@ def make_windows(n, S):
     return [min(S, n - a) for a in range(0, n, S)]
 
 
-def spread_report(groups):
-    """groups: list of (name, pred (n,G), real (m,G), ctrl (c,G)). Per-gene std and mean shift of the
-    predictions vs the real cells (state.eval.group_spread; the reference's predictions collapse:
-    spread ratio << 1)."""
-    rows = [(name, *group_spread(p, r, c)) for name, p, r, c in groups]
+def spread_report(rows):
+    """rows: list of (name, *state.eval.group_spread(pred, real, ctrl)) per group: per-gene std and mean
+    shift of the predictions vs the real cells (the reference's predictions collapse: spread << 1)."""
     a = np.array([r[1:] for r in rows], dtype=np.float64)
     lines = [f"{'group':34s} {'spread':>7s} {'shift':>7s} {'mae_mean':>9s} {'delta_r':>8s}"]
     for r in rows[:12]:
@@ -181,78 +179,85 @@ def cmd_test(argv):
     ctx_of = {c: tctrl[D.context[tctrl] == c] for c in np.unique(D.context[tctrl])}
     # groups in the split's order: (context code, pert code) -> real rows
     keys = sorted({(int(c), int(p)) for c, p in zip(D.context[test], D.pert[test])})
-    windows, meta_w = [], []
     ctrl_rows_all = np.unique(tctrl)
     pos = {int(r): i for i, r in enumerate(ctrl_rows_all)}
     ctrlX = D.rows(ctrl_rows_all)  # (Nc, G)
-    real_rows = []
+    plan = []  # per test group: (context, pert, real rows, windows, drawn controls)
     for c, p in keys:
         rows = test[(D.context[test] == c) & (D.pert[test] == p)]
         pool = ctx_of.get(c)
         if pool is None or len(pool) == 0:
             sys.exit(f"predict.py: context {D.context_names[c]} has no control cells in the test split")
-        real_rows.append(rows)
-        drawn, a = draw_controls(pool, len(rows), rng), 0
+        drawn, a, wins = draw_controls(pool, len(rows), rng), 0, []
         for n in make_windows(len(rows), S):
             draw, a = drawn[a:a + n], a + n
-            windows.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw], c))
-            meta_w.append((c, p, draw))
-    t0 = time.perf_counter()
-    preds, lats = predict_windows(models, ctrlX, windows, cfg["device"], cfg["max_cells"], return_latent=True)
-    dt = time.perf_counter() - t0
-    P = np.concatenate(preds) if preds else np.zeros((0, len(out_genes)), np.float32)
+            wins.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw], c))
+        plan.append((c, p, rows, wins, drawn))
     clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
-    if clip:
-        P = np.clip(P, 0.0, 14.0)
     pc, cc = D.pert_col, D.context_col or "context"
-    pn, cn = np.asarray(D.pert_names, dtype=object), np.asarray(D.context_names, dtype=object)
-    draw_all = np.concatenate([m[2] for m in meta_w]) if meta_w else np.zeros(0, np.int64)
-    wc = np.concatenate([[m[0]] * len(m[2]) for m in meta_w]).astype(int)
-    wp = np.concatenate([[m[1]] * len(m[2]) for m in meta_w]).astype(int)
-    real_parts = real_rows
-    real_rows = np.concatenate(real_rows) if real_rows else np.zeros(0, np.int64)
     ctrl_rows = np.sort(tctrl)
-    # pred: predicted cells + the real controls; real: real perturbed cells + the same controls
-    Xc = gene_rows(ctrl_rows)
-    Xp = np.concatenate([P, Xc]).astype(np.float32)
-    Xr = np.concatenate([gene_rows(real_rows), Xc]).astype(np.float32)
-    obsm_p, obsm_r = {}, {}
-    if dec:  # embedding predictions (and the real cells' embeddings) next to the gene-space X
-        E = np.concatenate(lats) if lats else np.zeros((0, D.n_genes), np.float32)
-        obsm_p = {"X_state_pred": np.concatenate([E, D.rows(ctrl_rows)]).astype(np.float32)}
-        obsm_r = {"X_state": np.concatenate([D.rows(real_rows), D.rows(ctrl_rows)]).astype(np.float32)}
+    Xc, cctx = gene_rows(ctrl_rows), D.context[ctrl_rows]  # the held-out controls (in both files)
+    n_pred = sum(len(g[2]) for g in plan)
+    # obs columns as categorical codes (no string per cell): predicted cells then the real controls
+    gp = np.concatenate([np.full(len(g[2]), g[1]) for g in plan] + [D.pert[ctrl_rows]]).astype(np.int64)
+    gc = np.concatenate([np.full(len(g[2]), g[0]) for g in plan] + [cctx]).astype(np.int64)
+    ucn, cinv = np.unique(D.names(ctrl_rows_all), return_inverse=True)  # control barcodes as categories
+    at = {int(r): i for i, r in enumerate(ctrl_rows_all)}
+    cb = np.array([cinv[at[int(r)]] for g in plan for r in g[4]] + [cinv[at[int(r)]] for r in ctrl_rows], np.int64)
+    obs = {pc: Cat(gp, D.pert_names), cc: Cat(gc, D.context_names)}
+    isp = np.concatenate([np.ones(n_pred, bool), np.zeros(len(ctrl_rows), bool)])
+    spread_rows, timing = [], [0.0, 0]
+
+    def pred_blocks():
+        """Each group's predictions (and its spread against the real cells), then the real controls."""
+        a = 0
+        for c, p, rows, wins, _ in plan:
+            t0 = time.perf_counter()
+            ys, zs = [], []
+            for y, z in predict_blocks(models, ctrlX, wins, cfg["device"], cfg["max_cells"]):
+                ys += y
+                zs += z or []
+            timing[0] += time.perf_counter() - t0
+            timing[1] += len(wins)
+            P = np.concatenate(ys).astype(np.float32)
+            if clip:
+                P = np.clip(P, 0.0, 14.0)
+            name = f"{D.context_names[c]} / {D.pert_names[p]}"
+            spread_rows.append((name, *group_spread(P, gene_rows(rows), Xc[cctx == c])))
+            b = {"X": P, "obs_names": [f"pred_{i}" for i in range(a, a + len(P))]}
+            if dec:  # embedding predictions next to the decoded genes
+                b["obsm/X_state_pred"] = np.concatenate(zs)
+            a += len(P)
+            yield b
+        yield {"X": Xc, "obs_names": D.names(ctrl_rows), **({"obsm/X_state_pred": D.rows(ctrl_rows)} if dec else {})}
+
+    def real_blocks():
+        for _, _, rows, _, _ in plan:
+            yield {"X": gene_rows(rows), "obs_names": D.names(rows), **({"obsm/X_state": D.rows(rows)} if dec else {})}
+        yield {"X": Xc, "obs_names": D.names(ctrl_rows), **({"obsm/X_state": D.rows(ctrl_rows)} if dec else {})}
+
     uns = {"nanostate": {"pert_col": pc, "control": D.control, "context_col": cc,
                          "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
                          "seed": cfg["seed"], "clip": "0,14" if clip else "none",
                          "space": "gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding"),
                          "key": meta.get("key", "X"), "genes_key": meta.get("genes_key") if dec else None}}
-    pred_obs = {pc: np.concatenate([pn[wp], pn[D.pert[ctrl_rows]]]),
-                cc: np.concatenate([cn[wc], cn[D.context[ctrl_rows]]]),
-                "is_predicted": np.concatenate([np.ones(len(P), bool), np.zeros(len(ctrl_rows), bool)]),
-                "ctrl_cell_barcode": np.concatenate([D.names(draw_all), D.names(ctrl_rows)])}
-    real_obs = {pc: np.concatenate([pn[D.pert[real_rows]], pn[D.pert[ctrl_rows]]]),
-                cc: np.concatenate([cn[D.context[real_rows]], cn[D.context[ctrl_rows]]]),
-                "is_predicted": np.zeros(len(real_rows) + len(ctrl_rows), bool)}
     os.makedirs(cfg["out"], exist_ok=True)
-    pred_names = np.array([f"pred_{i}" for i in range(len(P))] + list(D.names(ctrl_rows)), dtype=object)
-    write_h5ad(os.path.join(cfg["out"], "pred.h5ad"), Xp, pred_names, out_genes, obs=pred_obs, obsm=obsm_p,
-               uns=uns)
-    write_h5ad(os.path.join(cfg["out"], "real.h5ad"), Xr, np.concatenate([D.names(real_rows), D.names(ctrl_rows)]),
-               out_genes, obs=real_obs, obsm=obsm_r,
+    N, G = n_pred + len(ctrl_rows), len(out_genes)
+    write_h5ad(os.path.join(cfg["out"], "pred.h5ad"),
+               Stream(N, {"X": G, **({"obsm/X_state_pred": D.n_genes} if dec else {})}, pred_blocks(), "predict"),
+               None, out_genes, uns=uns, obs={**obs, "is_predicted": isp, "ctrl_cell_barcode": Cat(cb, ucn)})
+    write_h5ad(os.path.join(cfg["out"], "real.h5ad"),
+               Stream(N, {"X": G, **({"obsm/X_state": D.n_genes} if dec else {})}, real_blocks()),
+               None, out_genes, obs={**obs, "is_predicted": np.zeros(N, bool)},
                uns={"nanostate": {**uns["nanostate"], "source": "real", "clip": "none",
                                   "space": "gene" if dec else uns["nanostate"]["space"]}})
-    print(f"predicted {len(P):,} cells in {len(keys)} test groups ({len(windows)} sets, S {S}) in "
-          f"{dt:.1f}s -> {cfg['out']}/pred.h5ad, real.h5ad ({len(ctrl_rows):,} real controls in both)"
+    print(f"predicted {n_pred:,} cells in {len(keys)} test groups ({timing[1]} sets, S {S}) in "
+          f"{timing[0]:.1f}s -> {cfg['out']}/pred.h5ad, real.h5ad ({len(ctrl_rows):,} real controls in both; "
+          "written group by group)"
           + (f"; gene space: {len(out_genes)} decoded genes ('{meta.get('genes_key')}'), embedding "
              "predictions in obsm['X_state_pred']" if dec else ""))
-    # spread / shift report
-    groups, a = [], 0
-    for (c, p), rows in zip(keys, real_parts):
-        n = len(rows)
-        groups.append((f"{cn[c]} / {pn[p]}", P[a:a + n], Xr[a:a + n], Xc[D.context[ctrl_rows] == c]))
-        a += n
-    if groups:
-        text, _ = spread_report(groups)
+    if spread_rows:  # spread / shift report
+        text, _ = spread_report(spread_rows)
         print(text)
         with open(os.path.join(cfg["out"], "spread.txt"), "w") as f:
             f.write(text + "\n")
