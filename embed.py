@@ -1,11 +1,17 @@
 """
-SE (State Embedding): pre-train on .h5ad files, then write obsm['X_state'] (SPEC 7, 8).
+SE (State Embedding): pre-train on prepared folders, then write obsm['X_state'] (SPEC 7, 8).
 
-Pre-training (fit), one or many files, genes aligned by upper-case symbol across files:
-    CPU:      python embed.py fit a.h5ad b.h5ad --out=runs/se_tiny --preset=tiny --max_steps=300
-    1 GPU:    python embed.py fit a.h5ad b.h5ad --out=runs/se --preset=default --gene_emb=esm2.pt
-    N GPUs:   torchrun --standalone --nproc_per_node=8 embed.py fit *.h5ad --out=runs/se --preset=default
-    resume:   python embed.py fit a.h5ad b.h5ad --out=runs/se_tiny --resume   (same args; exact replay)
+Pre-training (fit) reads prepared folders (python -m state.data prepare FILE DIR; one folder per gene
+panel: each keeps its genes, mapped by upper-case symbol into one vocabulary), through the training
+data path of train.py: one global cursor over a seeded permutation of all cells (state.data.CellSampler),
+loader processes, a checkpoint that resumes at another world size (DDP: weights and optimizer are
+replicated, so one state dict serves any world size):
+    CPU:      python embed.py fit --data=data/a,data/b --out=runs/se_tiny --preset=tiny --max_steps=300
+    1 GPU:    python embed.py fit --data=data/a,data/b --out=runs/se --preset=default --gene_emb=esm2.pt
+    N GPUs:   torchrun --standalone --nproc_per_node=8 embed.py fit --data=data/a,data/b --out=runs/se --preset=default
+    resume:   python embed.py fit --data=data/a,data/b --out=runs/se_tiny --resume   (same args; exact replay)
+The cells fit sees are the prepared rows: log1p of counts normalised to the folder's target sum (or the
+file's log1p values); meta.json records that recipe, and transform applies it to raw counts.
 Embedding (transform), streamed in row blocks, memory bounded whatever the file size:
     python embed.py transform --ckpt=runs/se_tiny data.h5ad                 (adds/replaces obsm/X_state in place)
     python embed.py transform --ckpt=runs/se_tiny data.h5ad --output=out.h5ad   (copy, then add)
@@ -18,7 +24,7 @@ Gene vectors: `--gene_emb=FILE` ({gene: vector} .safetensors/.pt/.npz, e.g. ESM2
 Schedule (SPEC 7): AdamW(lr, wd 0.01), linear warmup over 3% of the steps from 0.33*lr, then cosine
 to 0.3*lr at max_steps; grad-norm clip 0.8; bf16 autocast on GPU.
 A checkpoint is model.safetensors (weights + frozen gene table) + meta.json + state.pt (optimizer,
-step, data cursor), committed together (state/ckpt.py: `ckpt-<step>/` behind the `ckpt` link).
+step, global data cursor, every rank's RNG), committed together (state/ckpt.py: `ckpt-<step>/` behind the `ckpt` link).
 """
 
 import contextlib
@@ -36,7 +42,7 @@ import torch
 
 from state import ckpt
 from state.config import configure
-from state.dist import all_reduce_sum, compute_cleanup, compute_init, mfu, print0
+from state.dist import StepSampler, all_reduce_sum, compute_cleanup, compute_init, mfu, print0
 from state.h5ad import H5AD
 from state.se import (PRESETS, GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,
                       load_model, norm_gene, pca_gene_vectors, save_model)
@@ -46,13 +52,14 @@ from state.se import (PRESETS, GeneMap, SEConfig, StateEmbedding, file_hash, loa
 
 
 FIT = dict(
+    data="",                  # prepared folder(s), comma-separated (python -m state.data prepare FILE DIR;
+                              # one per gene panel: each keeps its genes, mapped into one vocabulary)
     out="runs/se",            # run directory
     preset="tiny",            # SE preset: tiny | default | se600m
     gene_emb="pca",           # FILE | pca | onehot
     pca_dim=256,              # width of the pca fallback
     pca_cells=200_000,        # cells sampled for the pca fallback
-    key="X",                  # matrix: X | layers/counts | raw/X
-    ds_col="",                # obs column giving the dataset label; "" = one label per file
+    ds_col="",                # dataset label: "" = one per folder, or the prepared "context" or "batch" code
     batch_size=128,           # cells per step per process (per micro-step)
     grad_accum=1,             # micro-steps per optimizer step
     max_steps=1000,
@@ -62,9 +69,8 @@ FIT = dict(
     min_lr_frac=0.3,          # cosine floor as a fraction of lr
     clip=0.8,
     dtype="auto",             # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
-    block=1024,               # rows read per h5ad block
-    mix=8,                    # blocks shuffled together (memory: mix*block*genes floats)
-    val_cells=256,            # held-out cells per file for the validation loss
+    workers=-1,               # loader processes (state.dist.StepSampler); -1 = 2 on cuda, 0 on cpu
+    val_cells=256,            # held-out cells per folder for the validation loss
     eval_every=200,
     save_every=500,
     log_every=10,
@@ -105,105 +111,16 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-# ---------------------------------------------------------------------------------------------------
-# streaming cells: shuffled row blocks mixed across files
-
-class CellStream:
-    """Infinite stream of global batches (B * world cells) from row blocks of several files.
-
-    An epoch shuffles every file's blocks together (seed + epoch); consecutive blocks are gathered
-    into groups of >= max(mix * block, global batch) rows, whose rows are permuted (seed, epoch,
-    group) and cut into batches (a tail < one global batch is dropped). The state is
-    (epoch, group, batch), so a resumed run reads the same cells in the same order."""
-
-    def __init__(self, mats, train, B, world=1, rank=0, seed=0, block=1024, mix=8):
-        self.mats, self.train, self.B, self.world, self.rank = mats, train, B, world, rank
-        self.seed, self.block, self.mix = seed, block, mix
-        n_train = sum(int(t.sum()) for t in train)
-        if n_train < B * world:
-            raise SystemExit(f"only {n_train} training cells for a global batch of {B * world}")
-        self.epoch, self.g, self.i = 0, 0, 0
-        self._plan = self._cache = None
-
-    def plan(self, epoch):
-        if self._plan is not None and self._plan[0] == epoch:
-            return self._plan[1]
-        blocks = [(f, a, min(a + self.block, m.shape[0])) for f, m in enumerate(self.mats)
-                  for a in range(0, m.shape[0], self.block)]
-        rng = np.random.default_rng([self.seed, epoch])
-        blocks = [blocks[j] for j in rng.permutation(len(blocks))]
-        groups, cur, n = [], [], 0
-        need = max(self.mix * self.block, self.B * self.world)
-        for f, a, b in blocks:
-            cur.append((f, a, b))
-            n += int(self.train[f][a:b].sum())
-            if n >= need:
-                groups.append(cur)
-                cur, n = [], 0
-        if cur:
-            groups.append(cur)
-        self._plan = (epoch, groups)
-        return groups
-
-    def group(self, epoch, g):
-        """-> list of (file, local rows (n,), x (n, G_file)) and the permuted (slot, row) order."""
-        if self._cache is not None and self._cache[0] == (epoch, g):
-            return self._cache[1]
-        parts = []
-        for f, a, b in self.plan(epoch)[g]:
-            keep = np.flatnonzero(self.train[f][a:b])
-            if len(keep):
-                x = self.mats[f].block(a, b)[keep]
-                parts.append((f, a + keep, x))
-        slot = np.concatenate([np.full(len(p[1]), s) for s, p in enumerate(parts)]) if parts else np.zeros(0, int)
-        pos = np.concatenate([np.arange(len(p[1])) for p in parts]) if parts else np.zeros(0, int)
-        o = np.random.default_rng([self.seed, epoch, g, 7]).permutation(len(slot))
-        out = (parts, slot[o], pos[o])
-        self._cache = ((epoch, g), out)
-        return out
-
-    def next(self):
-        """-> this rank's cells: list of (file, local rows, x rows) (one entry per file present)."""
-        GB = self.B * self.world
-        while True:
-            groups = self.plan(self.epoch)
-            if self.g >= len(groups):
-                self.epoch, self.g, self.i = self.epoch + 1, 0, 0
-                continue
-            parts, slot, pos = self.group(self.epoch, self.g)
-            if (self.i + 1) * GB > len(slot):
-                self.g, self.i = self.g + 1, 0
-                continue
-            a = self.i * GB + self.rank * self.B
-            s, p = slot[a:a + self.B], pos[a:a + self.B]
-            self.i += 1
-            out = []
-            for k in np.unique(s):
-                sel = p[s == k]
-                f, rows, x = parts[k]
-                out.append((f, rows[sel], x[sel]))
-            return out
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "g": self.g, "i": self.i}
-
-    def load_state_dict(self, d):
-        self.epoch, self.g, self.i = d["epoch"], d["g"], d["i"]
-
-
-def to_batch(cells, maps, offs, labels, cls_of, masks, device):
-    """Stream cells -> model inputs on device: x (B, V), valid (B, V), rows (B,) global ids,
-    ds (B,) dataset labels, cls (B,) vocab row whose count CLS gets."""
-    xs, fs, rows, ds = [], [], [], []
-    for f, r, x in cells:
-        xs.append(maps[f].to_vocab(x))
-        fs.append(np.full(len(r), f))
-        rows.append(r + offs[f])
-        ds.append(labels[f][r])
-    f = torch.from_numpy(np.concatenate(fs)).to(device)
-    x = torch.from_numpy(np.concatenate(xs)).to(device, non_blocking=True)
-    return (x, masks[f], torch.from_numpy(np.concatenate(rows)).to(device),
-            torch.from_numpy(np.concatenate(ds)).long().to(device), cls_of[f])
+def to_batch(b, labels, cls_of, masks, offs, device):
+    """A CellSampler batch -> model inputs on device: x (B, V), valid (B, V), rows (B,) global ids (the
+    per-cell draws are seeded by them), ds (B,) dataset labels, cls (B,) vocab row whose count CLS gets."""
+    f, r = b["folder"].numpy(), b["row"].numpy()
+    ds = np.empty(len(f), np.int64)
+    for k in np.unique(f):
+        ds[f == k] = labels[k](r[f == k])
+    ft = torch.from_numpy(f).to(device)
+    return (b["x"].to(device, non_blocking=True), masks[ft], torch.from_numpy(offs[f] + r).to(device),
+            torch.from_numpy(ds).to(device), cls_of[ft])
 
 
 def lr_at(step, T, lr, warmup, floor):
@@ -219,9 +136,12 @@ def lr_at(step, T, lr, warmup, floor):
 # fit
 
 def fit(argv):
-    C, mkw, files = parse(argv, FIT, model=True)
-    if not files:
-        raise SystemExit("embed.py fit: give one or more .h5ad files")
+    C, mkw, pos = parse(argv, FIT, model=True)
+    if pos or not C["data"]:
+        raise SystemExit("embed.py fit: --data=DIR[,DIR2] (prepared folders) is required"
+                         + (f"; {pos[0]} is a file: prepare it first (python -m state.data prepare {pos[0]} DIR), "
+                            "one folder per gene panel" if pos else ""))
+    folders = [p for p in C["data"].split(",") if p]
     ddp, rank, local_rank, world, device = compute_init(seed=C["seed"])
     if C["threads"] and device.type == "cpu":
         torch.set_num_threads(C["threads"])
@@ -244,63 +164,60 @@ def fit(argv):
     print0(f"fit config: {json.dumps(C)} model overrides: {mkw}")
     resume = C["resume"]
 
-    # --- data: files, gene vocabulary, gene vectors
-    h5s = [H5AD(p) for p in files]
-    mats = [h.matrix(C["key"]) for h in h5s]
+    # --- data: prepared folders (rows as prepared: log1p-normalised expression), vocabulary, vectors
+    from state.data import CellSampler, Prepared
+    datas = [Prepared(p) for p in folders]
+    for d in datas:
+        if d.index["recipe"]["key"].startswith("obsm/"):
+            raise SystemExit(f"embed.py fit: {d.dir} holds an embedding ('{d.index['recipe']['key']}'); SE needs "
+                             "gene expression (prepare the counts or log1p matrix)")
+    recipes = [d.index["recipe"] for d in datas]
     meta_old = json.load(open(os.path.join(ck, "meta.json"))) if resume else None
     if resume:
         genes = meta_old["genes"]
         emb = None  # restored from model.safetensors
         src = meta_old["gene_emb"]
     elif C["gene_emb"] in ("pca", "onehot"):
-        genes, seen = [], set()  # union of the training genes, first-seen order, upper-case
-        for h in h5s:
-            for g in h.var_names():
-                g = norm_gene(g)
-                if g not in seen:
-                    seen.add(g)
-                    genes.append(g)
+        genes = list(dict.fromkeys(norm_gene(g) for d in datas for g in d.genes))  # union, first-seen order
         src = {"kind": C["gene_emb"]}
     else:
         genes, emb = load_gene_vectors(C["gene_emb"])
         src = {"kind": "file", "path": os.path.abspath(C["gene_emb"]), "hash": file_hash(C["gene_emb"])}
         print0(f"gene vectors: {len(genes)} x {emb.shape[1]} from {C['gene_emb']}")
-    maps = [GeneMap(h, genes, quiet=not master) for h in h5s]
+    maps = [GeneMap(d, genes, quiet=not master) for d in datas]
     V = len(genes)
     if not resume and C["gene_emb"] == "onehot":
         emb = torch.eye(V)
         print0(f"WARNING: gene_emb=onehot: a {V} x {V} identity table (reference fallback); no prior")
     if not resume and C["gene_emb"] == "pca":
         t0 = time.time()
-        emb = pca_gene_vectors(list(zip(mats, maps)), V, k=C["pca_dim"], max_cells=C["pca_cells"],
+        emb = pca_gene_vectors(list(zip(datas, maps)), V, k=C["pca_dim"], max_cells=C["pca_cells"],
                                seed=C["seed"])
         print0(f"WARNING: gene_emb=pca: {emb.shape[1]} right singular vectors of the centred log1p "
                f"training matrix ({time.time() - t0:.1f}s). They carry no protein prior, cover only the "
                f"{V} training genes, and are not comparable with ESM2-based SE embeddings.")
 
-    # dataset labels: one per file, or an obs column (vocabulary across files)
-    if C["ds_col"]:
-        cols = [np.asarray([str(v) for v in h.column(C["ds_col"])]) for h in h5s]
-        ds_names = sorted(set(np.concatenate(cols).tolist()))
+    # dataset labels: one per folder, or the prepared context/batch codes (one vocabulary across folders)
+    if C["ds_col"] in ("context", "batch"):
+        ds_names = sorted({n for d in datas for n in getattr(d, f"{C['ds_col']}_names")})
         lut = {n: i for i, n in enumerate(ds_names)}
-        labels = [np.asarray([lut[v] for v in c], np.int64) for c in cols]
+        luts = [np.array([lut[n] for n in getattr(d, f"{C['ds_col']}_names")]) for d in datas]
+        labels = [lambda r, d=d, t=t: t[np.asarray(getattr(d, C["ds_col"])[r])] for d, t in zip(datas, luts)]
+    elif C["ds_col"]:
+        raise SystemExit(f"embed.py fit: --ds_col must be '', context or batch (got {C['ds_col']!r})")
     else:
-        ds_names = [os.path.basename(p) for p in files]
-        labels = [np.full(m.shape[0], f, np.int64) for f, m in enumerate(mats)]
-
-    # validation cells: a seeded random subset of each file, never trained on
-    train, val = [], []
-    for f, m in enumerate(mats):
-        n = m.shape[0]
-        nv = min(C["val_cells"], n // 10)
-        v = np.sort(np.random.default_rng([C["seed"], f, 99]).choice(n, nv, replace=False))
-        t = np.ones(n, bool)
-        t[v] = False
-        train.append(t)
-        val.append(v)
-    offs = np.cumsum([0] + [m.shape[0] for m in mats])
-    print0(f"data: {len(files)} files, {offs[-1]} cells ({sum(len(v) for v in val)} held out), "
-           f"{V} genes in the vocabulary, {len(ds_names)} dataset labels")
+        ds_names = [os.path.basename(os.path.normpath(p)) for p in folders]
+        labels = [lambda r, f=f: np.full(len(r), f, np.int64) for f in range(len(datas))]
+    # cells: one global sequence (state.data.CellSampler) cut by rank (StepSampler), held-out val cells
+    workers = C["workers"] if C["workers"] >= 0 else (2 if device.type == "cuda" else 0)
+    try:
+        cells = CellSampler(datas, [m.to_vocab for m in maps], V, C["batch_size"], C["seed"], C["val_cells"])
+    except ValueError as err:
+        raise SystemExit(f"embed.py fit: {err} (x {world} processes)")
+    sampler = StepSampler(cells, rank, world, C["grad_accum"], workers=workers, pin=device.type == "cuda")
+    offs = np.cumsum([0] + [d.n_cells for d in datas])
+    print0(f"data: {len(datas)} prepared folders, {offs[-1]} cells ({int(cells.nv.sum())} held out), {V} genes "
+           f"in the vocabulary, {len(ds_names)} dataset labels | loader: {workers} worker process(es)")
 
     # --- model
     lr = C["lr"] if C["lr"] > 0 else (1e-3 if C["preset"] == "tiny" else 1e-5)
@@ -327,26 +244,28 @@ def fit(argv):
     masks = torch.from_numpy(np.stack([m.valid() for m in maps])).to(device)  # (F, V)
     cls_of = torch.tensor([m.cls_gene() for m in maps], device=device)  # (F,)
 
-    stream = CellStream(mats, train, C["batch_size"], world, rank, C["seed"], C["block"], C["mix"])
     step0 = 0
     if resume:
-        from state.dist import load_state
+        from state.dist import load_state, set_rng_state
         st = load_state(os.path.join(ck, "state.pt"))
         if st["step"] != meta_old["step"]:  # a crash between the two atomic writes
             raise SystemExit(f"{out}: model.safetensors/meta.json are at step {meta_old['step']} but state.pt "
                              f"at step {st['step']}; cannot resume exactly")
         opt.load_state_dict(st["opt"])
-        if len(st["ranks"]) != world:
-            raise SystemExit(f"{out}/state.pt was written by {len(st['ranks'])} processes; resume with as many")
-        mine = st["ranks"][rank]  # per-rank data cursor and RNG (dropout) state
-        stream.load_state_dict(mine["stream"])
-        torch.set_rng_state(mine["rng"])
-        if device.type == "cuda" and mine.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(mine["cuda_rng"])
+        try:
+            sampler.load_state_dict(st["sampler"])  # one global cursor: any world size
+        except ValueError as err:
+            raise SystemExit(f"embed.py fit: --resume: {err}")
+        if len(st["rng"]) == world:
+            set_rng_state(st["rng"][rank], device)
+        else:  # another world size: the same cells in the same order, fresh per-rank dropout streams
+            torch.manual_seed(C["seed"] + rank + 7919 * st["step"])
+            print0(f"note: resuming a world-{len(st['rng'])} run at world {world}: data order continues")
         step0 = st["step"]
         print0(f"resumed from {out} at step {step0}")
 
-    val_batch = [(f, v, mats[f].rows(v)) for f, v in enumerate(val) if len(v)]
+    val_batch = [(f, v, maps[f].to_vocab(datas[f].rows(v))) for f in range(len(datas))
+                 if len(v := cells.val_rows(f))]
 
     def evaluate(step):
         """Validation loss on the held-out cells (eval mode, draws seeded by the cell ids)."""
@@ -355,8 +274,9 @@ def fit(argv):
         with torch.no_grad(), autocast(device, C["dtype"]):
             for f, v, x in val_batch:
                 for a in range(0, len(v), C["batch_size"]):
-                    b = to_batch([(f, v[a:a + C["batch_size"]], x[a:a + C["batch_size"]])], maps, offs,
-                                 labels, cls_of, masks, device)
+                    n = len(v[a:a + C["batch_size"]])
+                    b = to_batch({"x": torch.from_numpy(x[a:a + n]), "folder": torch.full((n,), f),
+                                  "row": torch.from_numpy(v[a:a + n])}, labels, cls_of, masks, offs, device)
                     if len(b[0]) < 2:
                         continue
                     loss, parts = raw(b[0], b[1], b[2], 12345, b[3], b[4])
@@ -370,23 +290,22 @@ def fit(argv):
             return tot["loss"] / n
 
     def save(step, val_loss=None):
-        # the cursor before the prefetched batch (resume re-reads it) and the RNG, of every rank
-        mine = dict(stream={k: int(v) for k, v in cursor.items()}, rng=torch.get_rng_state(),
-                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        ranks = [mine]
+        # the global cursor before this step's batches (resume re-reads them) and every rank's RNG
+        from state.dist import rng_state
+        rngs = [rng_state(device)]
         if ddp:
             import torch.distributed as dist
-            ranks = [None] * world
-            dist.all_gather_object(ranks, mine)
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state(device))
         if not master:
             return
-        meta = dict(step=step, preset=C["preset"], fit=C, files=[os.path.abspath(p) for p in files],
-                    gene_emb=src, datasets=ds_names, ds_col=C["ds_col"], key=C["key"], val_loss=val_loss,
-                    torch=torch.__version__)
+        meta = dict(step=step, preset=C["preset"], fit=C, data=[os.path.abspath(p) for p in folders],
+                    data_checksums=[d.checksum for d in datas], recipe=recipes[0], recipes=recipes,
+                    gene_emb=src, datasets=ds_names, ds_col=C["ds_col"], val_loss=val_loss, torch=torch.__version__)
         d = ckpt.begin(out, step)  # one commit: weights, meta and state of this step together
         h = save_model(raw, d, meta)
         ckpt._done()
-        st = dict(step=step, opt=opt.state_dict(), ranks=ranks)
+        st = dict(step=step, opt=opt.state_dict(), sampler=samp_state, rng=rngs)
         ckpt.write(os.path.join(d, "state.pt"), lambda p: torch.save(st, p))
         ckpt.commit(out, step)
         print0(f"saved {out} at step {step} (se_hash {h})")
@@ -397,9 +316,8 @@ def fit(argv):
     B = C["batch_size"]
     model.train()
     t0, dt_acc, n_acc = time.time(), 0.0, 0
-    cursor = stream.state_dict()
-    cells = stream.next()
     for step in range(step0, T + 1):
+        samp_state = sampler.state_dict()  # before this step's batches: what a checkpoint stores
         last = step == T
         stop = step == C["stop_at"] and step > step0
         if (step % C["eval_every"] == 0 and step > step0) or last:
@@ -413,14 +331,12 @@ def fit(argv):
         lrs = lr_at(step, T, lr, C["warmup"], C["min_lr_frac"])
         for g in opt.param_groups:
             g["lr"] = lrs
-        for micro in range(C["grad_accum"]):
-            x, valid, rows, ds, cg = to_batch(cells, maps, offs, labels, cls_of, masks, device)
+        for micro, b in enumerate(sampler.next()):  # this rank's grad_accum micro-batches
+            x, valid, rows, ds, cg = to_batch(b, labels, cls_of, masks, offs, device)
             if ddp:
                 model.require_backward_grad_sync = micro == C["grad_accum"] - 1
             with autocast(device, C["dtype"]):
                 loss, parts = model(x, valid, rows, step * C["grad_accum"] + micro, ds, cg)
-            cursor = stream.state_dict()
-            cells = stream.next()  # read the next batch while the device works
             (loss / C["grad_accum"]).backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), C["clip"])
         opt.step()
@@ -443,8 +359,7 @@ def fit(argv):
                    + f" | lr {lrs:.2e} | gnorm {gn.item():.2f} | dt {1000 * dt:.0f}ms | "
                    f"cells/s {cps:,.0f}{mfu_s} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
             t0, n_acc = time.time(), 0
-    for h in h5s:
-        h.close()
+    sampler.close()
     compute_cleanup()
 
 
@@ -460,6 +375,25 @@ def _write_uns_group(f, name, d):
     g = f["uns"].create_group(name)
     _attrs(g, "dict", "0.1.0")
     _write_uns(g, d)
+
+
+def fit_recipe(mat, recipe):
+    """The target sum to normalise `mat`'s rows to before log1p, so that transform sees cells as fit saw
+    them (prepared: log1p of counts normalised to recipe['target_sum']); None when the rows are used as
+    they are (log1p input, or a run without a recipe). Other scales are refused, naming both sides."""
+    from state.data import detect_scale
+    if not recipe or not recipe.get("log1p"):
+        return None
+    sc = detect_scale(mat)
+    where = f"{mat.path}: '{mat.key}'"
+    want = f"log1p of counts normalised to {recipe['target_sum']:g}" if recipe.get("target_sum") else "log1p values"
+    if sc.kind == "log1p":
+        return None
+    if sc.kind == "counts" and recipe.get("target_sum"):
+        print(f"{where}: raw counts -> normalised to the fit's target_sum {recipe['target_sum']:g} and log1p'd")
+        return float(recipe["target_sum"])
+    raise SystemExit(f"embed.py transform: {where} looks {sc} but the SE run was fit on {want}; give raw counts "
+                     "(--key=layers/counts) or log1p values")
 
 
 def transform(argv):
@@ -512,10 +446,14 @@ def transform(argv):
     bs = C["batch_size"]
     with H5AD(inp) as h, torch.no_grad(), autocast(dev, C["dtype"]):
         mat = h.matrix(C["key"])
+        ts = fit_recipe(mat, meta.get("recipe"))  # counts -> the fit's normalisation (None: rows as they are)
         for a in tqdm(range(0, n, bs), total=math.ceil(n / bs), desc=f"X_state {os.path.basename(inp)}",
                       unit="batch", disable=None):
             b = min(a + bs, n)
-            x = torch.from_numpy(gm.to_vocab(mat.block(a, b))).to(dev)
+            xb = mat.block(a, b)
+            if ts:  # the library size over all of the file's genes, as prepare computed it
+                xb = np.log1p(xb * (ts / np.maximum(xb.sum(1, keepdims=True), 1e-30))).astype(np.float32)
+            x = torch.from_numpy(gm.to_vocab(xb)).to(dev)
             rows = torch.arange(a, b, device=dev)
             e = model.embed(x, valid.expand(b - a, -1), rows, C["seed"], cls.expand(b - a))
             arr[a:b] = e.float().cpu().numpy()

@@ -9,7 +9,8 @@ rows are sorted by (context, perturbation, batch), and sample cell sets with mat
         [--dtype float32|float16|bfloat16] [--keep cell_type=A172,T98G,U87MG] [--modality]
     python -m state.data info OUT_DIR
 
-Unset column names and the control label are detected (SPEC 2.2) and printed. The scale of the matrix is
+Unset column names and the control label are detected (SPEC 2.2) and printed; `--pert-col ''` prepares
+data without perturbations (every cell a control: atlas data for SE pre-training). The scale of the matrix is
 detected from ~10k sampled rows (SPEC 2.3): counts are normalised (median library size, or --target-sum)
 and log1p'd, log1p data is kept as is (never logged twice), scaled data and normalised-but-not-logged data
 are refused with the reason.
@@ -219,10 +220,13 @@ class Recipe:
 
 
 def _resolve_cols(h, pert_col, control, context_col, batch_col):
-    """Check or detect (pert_col, control, context_col, batch_col) in one file; prints what it detected."""
+    """Check or detect (pert_col, control, context_col, batch_col) in one file; prints what it detected.
+    pert_col="" (--pert-col '' on the CLI): no perturbations, every cell is a control (e.g. SE atlas data)."""
     cols = h.columns("obs")
     have = ", ".join(cols)
-    if pert_col is None:
+    if pert_col == "":
+        control = control or "control"
+    elif pert_col is None:
         found = [c for c in PERT_COLS if c in cols]
         if not found:
             raise H5ADError(f"{h.path}: no perturbation column found (tried {', '.join(PERT_COLS)}); "
@@ -240,11 +244,14 @@ def _resolve_cols(h, pert_col, control, context_col, batch_col):
             + (f" (same grouping as {', '.join(found[1:])})" if len(found) > 1 else ""))
     elif pert_col not in cols:
         raise H5ADError(f"{h.path}: perturbation column '{pert_col}' not in obs; available: {have}")
-    cats, read = h.labels(pert_col)
-    used = np.zeros(len(cats), bool)  # labels with cells (a categorical may list unused categories)
-    for a in range(0, h.n_obs, 1 << 20):
-        used[read(a, min(a + (1 << 20), h.n_obs))] = True
-    labels = set(cats[used].tolist())
+    if pert_col:
+        cats, read = h.labels(pert_col)
+        used = np.zeros(len(cats), bool)  # labels with cells (a categorical may list unused categories)
+        for a in range(0, h.n_obs, 1 << 20):
+            used[read(a, min(a + (1 << 20), h.n_obs))] = True
+        labels = set(cats[used].tolist())
+    else:
+        labels = {control}
     if control is None:
         found = [c for c in CONTROLS if c in labels]
         if len(found) > 1:
@@ -404,7 +411,8 @@ def _sources(hs, r):
                                                                           r.context_col, r.batch_col)
         one = (np.array(["all"]), lambda a, b: np.zeros(b - a, np.int64))
         s = dict(path=h.path, h=h, n=h.n_obs, keep=[],
-                 pert=h.labels(r.pert_col), ctx=h.labels(r.context_col) if r.context_col else one,
+                 pert=h.labels(r.pert_col) if r.pert_col else (np.array([r.control]), one[1]),
+                 ctx=h.labels(r.context_col) if r.context_col else one,
                  bat=h.labels(r.batch_col) if r.batch_col else one,
                  ptype=h.labels("perturbation_type") if "perturbation_type" in h.columns("obs") else None)
         for col, vals in r.keep.items():
@@ -815,6 +823,8 @@ class Prepared:
             m = self._maps[name] = (os.getpid(), a)
         return m[1]
 
+    shape = property(lambda self: (self.n_cells, self.n_genes))
+
     @property
     def X(self):
         """(n_cells, n_genes) memmap."""
@@ -1154,6 +1164,15 @@ class SetSampler:
             b["g"] = np.empty((B * S, self.data.n_genes_out), np.float32)
         return b
 
+    def from_buffers(self, buf):
+        """The batch that batch(out=buf) wrote, as tensors viewing `buf` (a loader's shared ring)."""
+        B, S = buf["tgt_idx"].shape
+        x = torch.from_numpy(buf["x"]).view(2, B, S, -1)  # (2, B, S, G): targets, controls
+        b = dict(ctrl=x[1], tgt=x[0], **{k: torch.from_numpy(v) for k, v in buf.items() if k not in ("x", "g")})
+        if "g" in buf:
+            b["tgt_genes"] = torch.from_numpy(buf["g"]).view(B, S, -1)
+        return b
+
     def batch(self, epoch, step, out=None):
         """The batch (dict of tensors, see the class docstring) at (epoch, step); with out=buffers() its
         expression tensors are views of those arrays."""
@@ -1212,6 +1231,52 @@ class SetSampler:
             if sd[k] != self.state_dict()[k]:
                 raise ValueError(f"sampler state has {k}={sd[k]} but this sampler has {self.state_dict()[k]}")
         self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
+
+
+class CellSampler:
+    """Single cells (not sets) from one or more prepared folders, for SE pre-training. Each folder keeps
+    its first `val` cells of a seeded permutation out (val_rows); an epoch is a seeded permutation
+    (permute) of all the other cells of all folders, cut into batches of B (a last partial batch is
+    dropped). Folders may measure different genes: `to_vocab[f]` maps folder f's rows (n, G_f) into one
+    (n, V) vocabulary. batch(epoch, step) -> x (B, V) float32, folder (B,), row (B,) the row in its
+    folder. Nothing per cell is stored; used through state.dist.StepSampler like SetSampler (S = 1: a
+    "set" is one cell), so the same global cursor, world-size independence and loader processes apply."""
+
+    def __init__(self, datas, to_vocab, V, batch_size, seed=0, val=256):
+        self.datas, self.to_vocab, self.V, self.B, self.S, self.seed = datas, to_vocab, int(V), int(batch_size), 1, seed
+        self.n = np.array([d.n_cells for d in datas], np.int64)
+        self.nv = np.minimum(int(val), self.n // 10)  # held-out cells per folder
+        self.key = hkey(seed, np.arange(len(datas)), 99)  # each folder's fixed permutation
+        self.cum = np.concatenate([[0], np.cumsum(self.n - self.nv)])  # training positions per folder
+        if self.cum[-1] < self.B:
+            raise ValueError(f"only {int(self.cum[-1])} training cells for a batch of {self.B}")
+        self.steps_per_epoch = int(self.cum[-1] // self.B)
+
+    def val_rows(self, f):
+        """Folder f's held-out rows (sorted)."""
+        return np.sort(permute(np.arange(self.nv[f]), self.n[f], self.key[f]))
+
+    def indices(self, epoch, step):
+        """(folder (B,), row (B,)) of the batch at (epoch, step): a pure function of (seed, epoch, step)."""
+        g = permute(step * self.B + np.arange(self.B), self.cum[-1], hkey(self.seed, epoch, -1))
+        f = np.searchsorted(self.cum, g, "right") - 1
+        return f, permute(self.nv[f] + g - self.cum[f], self.n[f], self.key[f])
+
+    def buffers(self):
+        return dict(x=np.empty((self.B, self.V), np.float32), folder=np.empty(self.B, np.int64),
+                    row=np.empty(self.B, np.int64))
+
+    def from_buffers(self, buf):
+        return {k: torch.from_numpy(v) for k, v in buf.items()}
+
+    def batch(self, epoch, step, out=None):
+        f, r = self.indices(epoch, step)
+        out = out or self.buffers()
+        for k in np.unique(f):
+            m = f == k
+            out["x"][m] = self.to_vocab[k](self.datas[k].rows(r[m]))
+        out["folder"][:], out["row"][:] = f, r
+        return self.from_buffers(out)
 
 
 # -----------------------------------------------------------------------------

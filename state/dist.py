@@ -213,7 +213,8 @@ def _shared(arrays):
 
 class StepSampler:
     """This rank's micro-batches of each optimizer step, cut from ONE global sequence of B-set
-    micro-batches that does not depend on the world size: a `SetSampler` (same seed on every rank) read
+    micro-batches that does not depend on the world size: a `SetSampler` or `CellSampler` (same seed on
+    every rank; anything with batch(epoch, step, out), buffers(), from_buffers(), steps_per_epoch) read
     at micro-batch index c, epoch c // spe. Optimizer step g uses micro-batches [g*W*k, (g+1)*W*k); rank
     r takes the contiguous block [r*k, (r+1)*k) of it. So ranks never overlap within an epoch, every
     rank runs the same number of steps, and 1 process x 4 micro-steps sees the same sets as 2 processes
@@ -276,12 +277,7 @@ class StepSampler:
         bs = []
         for j, c in enumerate(want):
             del self._ready[c]
-            ring = self._ring[self._slot(cur, j)]
-            B, S = ring["tgt_idx"].shape
-            x = torch.from_numpy(ring["x"]).view(2, B, S, -1)  # (2, B, S, G): targets, controls
-            b = dict(ctrl=x[1], tgt=x[0], **{k: torch.from_numpy(v) for k, v in ring.items() if k not in ("x", "g")})
-            if "g" in ring:
-                b["tgt_genes"] = torch.from_numpy(ring["g"]).view(B, S, -1)
+            b = self.s.from_buffers(self._ring[self._slot(cur, j)])  # tensors viewing the shared slot
             bs.append({k: v.pin_memory() for k, v in b.items()} if self.pin else b)
         return bs
 

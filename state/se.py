@@ -155,20 +155,24 @@ def file_hash(path, n=16):
 
 
 class GeneMap:
-    """Maps one .h5ad's genes onto the vocabulary: the var column (index or a string column) with the
-    largest overlap is used, symbols upper-cased. `cols` (n,) local columns, `ids` (n,) vocab rows."""
+    """Maps one .h5ad's (or one prepared folder's) genes onto the vocabulary: for a file, the var column
+    (index or a string column) with the largest overlap is used; symbols upper-cased. `cols` (n,) local
+    columns, `ids` (n,) vocab rows."""
 
     def __init__(self, h5, vocab, quiet=False):
         lut = vocab if isinstance(vocab, dict) else {g: i for i, g in enumerate(vocab)}
         best = None
-        cands = [("index", h5.var_names())]
-        for c in h5.columns("var"):
-            try:
-                v = h5.column(c, "var")
-            except Exception:
-                continue
-            if v.dtype.kind == "O":
-                cands.append((c, v))
+        if hasattr(h5, "genes"):  # a prepared folder (state.data.Prepared): its ordered gene list
+            cands, path = [("genes", np.asarray(h5.genes, dtype=object))], str(h5.dir)
+        else:
+            cands, path = [("index", h5.var_names())], h5.path
+            for c in h5.columns("var"):
+                try:
+                    v = h5.column(c, "var")
+                except Exception:
+                    continue
+                if v.dtype.kind == "O":
+                    cands.append((c, v))
         for name, vals in cands:
             up = [norm_gene(x) if x is not None else "" for x in vals]
             hit = sum(u in lut for u in up)
@@ -187,12 +191,12 @@ class GeneMap:
         self.ids = np.asarray(ids, np.int64)
         self.V = len(lut)
         if len(self.ids) == 0:
-            raise ValueError(f"{h5.path}: none of its {len(up)} genes (best var column '{name}') is in the "
+            raise ValueError(f"{path}: none of its {len(up)} genes (best var column '{name}') is in the "
                              f"SE vocabulary of {self.V} genes (e.g. {up[:3]}). Mouse symbols do not match "
                              "a human vocabulary; convert them to human orthologues first.")
         self.coverage = len(self.ids) / max(1, len(up))
         if not quiet:
-            print(f"{os.path.basename(h5.path)}: genes from var '{name}': {len(self.ids)}/{len(up)} "
+            print(f"{os.path.basename(path)}: genes from var '{name}': {len(self.ids)}/{len(up)} "
                   f"in the SE vocabulary ({100 * self.coverage:.1f}%)")
 
     def to_vocab(self, xb):

@@ -77,8 +77,9 @@ def _h5ad(path, n=80, g=20, seed=0):
 
 
 def test_embed_killed_after_any_checkpoint_write_resumes_exactly(tmp_path):
-    a = _h5ad(tmp_path / "a.h5ad")
-    common = ["embed.py", "fit", a, "--batch_size=8", "--max_steps=4", "--save_every=2", "--block=16",
+    from state.data import prepare
+    prepare(_h5ad(tmp_path / "a.h5ad"), tmp_path / "pa", pert_col="")
+    common = ["embed.py", "fit", f"--data={tmp_path / 'pa'}", "--batch_size=8", "--max_steps=4", "--save_every=2",
               "--pca_dim=6", "--val_cells=4", "--eval_every=100", "--log_every=100", "--d_model=16", "--ff=32",
               "--n_head=2", "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4",
               "--S=4", "--threads=1"]

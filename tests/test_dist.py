@@ -125,3 +125,26 @@ def test_step_sampler_shards_without_overlap():
         bad = Fake()
         bad.B = 8
         StepSampler(bad, 0, 1, 4).load_state_dict(sd)
+
+
+def test_embed_fit_under_torchrun_resumes_at_another_world_size(tmp_path):
+    """SE pre-training on the same data path as train.py: 2 processes (DDP, gloo) stopped at step 2,
+    resumed by 1 process with twice the accumulation (the same global batch) from the global cursor."""
+    from state.data import prepare
+    from state.synth import make_synthetic
+    make_synthetic(tmp_path / "a.h5ad", n_cells=300, n_genes=30, n_perts=2, n_contexts=2, seed=5, counts=True)
+    prepare(tmp_path / "a.h5ad", tmp_path / "pa", pert_col="")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    common = ["embed.py", "fit", f"--data={tmp_path / 'pa'}", "--batch_size=8", "--save_every=2", "--pca_dim=6",
+              "--val_cells=4", "--eval_every=100", "--log_every=100", "--d_model=16", "--ff=32", "--n_head=2",
+              "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4", "--S=4",
+              f"--out={tmp_path / 'se'}"]
+    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run([*tr, *common, "--max_steps=4", "--stop_at=2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, *common, "--max_steps=4", "--grad_accum=2", "--resume"], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming a world-2 run at world 1" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert json.load(open(tmp_path / "se" / "meta.json"))["step"] == 4
+    st = torch.load(tmp_path / "se" / "state.pt", weights_only=True)
+    assert st["sampler"]["cursor"] == 2 * 2 + 2 * 2  # 2 steps x 2 ranks, then 2 steps x 2 micro-batches

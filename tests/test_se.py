@@ -202,7 +202,12 @@ def test_fit_resume_and_transform(tmp_path):
     genes = [f"Gene{i}" for i in range(25)]
     a = _h5ad(str(tmp_path / "a.h5ad"), X[:60], genes)
     b = _h5ad(str(tmp_path / "b.h5ad"), X[60:, 5:], [g.lower() for g in genes[5:]])  # other case, subset
-    common = [a, b, "--batch_size=8", "--max_steps=5", "--block=16", "--mix=2", "--pca_dim=6",
+    from state.data import prepare
+    prepare(a, tmp_path / "pa", pert_col="")  # no perturbations; counts normalised + log1p'd, recorded
+    prepare(b, tmp_path / "pb", pert_col="")
+    with pytest.raises(SystemExit, match="is a file: prepare it first"):
+        embed.main(["fit", a, f"--out={tmp_path}/r0"])
+    common = [f"--data={tmp_path / 'pa'},{tmp_path / 'pb'}", "--batch_size=8", "--max_steps=5", "--pca_dim=6",
               "--val_cells=4", "--eval_every=100", "--save_every=100", "--log_every=100",
               "--d_model=16", "--ff=32", "--n_head=2", "--n_layer=1", "--d_out=12", "--pad_length=16",
               "--count_hidden=8", "--P=4", "--N=4", "--S=4"]
@@ -221,7 +226,7 @@ def test_fit_resume_and_transform(tmp_path):
     with pytest.raises(SystemExit, match="not an SE run"):
         embed.main(["fit", *common, f"--out={tmp_path}/st", "--resume"])
     with pytest.raises(SystemExit, match="unknown config key --no_such_key"):
-        embed.main(["fit", a, "--no_such_key=1"])
+        embed.main(["fit", f"--data={tmp_path / 'pa'}", "--no_such_key=1"])
     with pytest.raises(FileNotFoundError, match="not found"):
         embed.main(["fit", *common, f"--out={tmp_path}/r3", f"--gene_emb={tmp_path}/esm_missing.pt"])
     # a user {gene: vector} file (lower-case keys, one gene missing from it) and the onehot fallback
@@ -256,10 +261,13 @@ def test_fit_resume_and_transform(tmp_path):
     with H5AD(str(tmp_path / "a2.h5ad")) as h:
         assert h.matrix("obsm/X_state").shape == (60, 22)
 
-    m, _ = load_model(str(tmp_path / "r1"))
+    m, mm = load_model(str(tmp_path / "r1"))
+    ts = mm["recipe"]["target_sum"]  # fit saw prepared rows: transform normalises raw counts the same way
+    assert ts == json.load(open(tmp_path / "pa" / "index.json"))["recipe"]["target_sum"]
     with H5AD(b) as h:
         gm = GeneMap(h, m.genes, quiet=True)
-        xv = torch.from_numpy(gm.to_vocab(h.matrix("X").block(0, 30)))
+        C = h.matrix("X").block(0, 30)
+        xv = torch.from_numpy(gm.to_vocab(np.log1p(C * (ts / C.sum(1, keepdims=True))).astype(np.float32)))
     valid = torch.from_numpy(gm.valid()).expand(30, -1)
     with torch.no_grad():
         ref = m.embed(xv, valid, torch.arange(30), 0, torch.full((30,), gm.cls_gene())).numpy()
