@@ -494,15 +494,16 @@ def cmd_simulate(argv):
 
 
 def with_label_defaults(argv):
-    """Fill --pert-col/--control/--context-col from the pred file's uns['nanostate'] unless given."""
+    """Fill --pert_col/--control/--context_col from the pred file's uns['nanostate'] unless given."""
+    from state.config import dashes
+    argv = dashes(argv)
     pred = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
                  if a.split("=", 1)[0] == "--pred"), None)
     if pred is None or not os.path.exists(pred):
         return argv
     with H5AD(pred) as f:
         u = f.uns("nanostate") or {}
-    argv = list(argv)
-    for flag, k in (("--pert-col", "pert_col"), ("--control", "control"), ("--context-col", "context_col")):
+    for flag, k in (("--pert_col", "pert_col"), ("--control", "control"), ("--context_col", "context_col")):
         if u.get(k) and not any(a.split("=", 1)[0] == flag for a in argv):
             argv += [flag, str(u[k])]
     return argv

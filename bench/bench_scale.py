@@ -87,8 +87,8 @@ def g2000():
     """The 2,000-gene synthetic set (file, prepared folder), made once."""
     h5, prep = W / f"g2000_{loader_cells}.h5ad", W / f"g2000_{loader_cells}"
     if not h5.exists():
-        measure([PY, "-m", "state.synth", h5, "--n-cells", str(loader_cells), "--n-genes", "2000", "--n-perts", "50",
-                 "--n-contexts", "2"], W / "synth.log")
+        measure([PY, "-m", "state.synth", h5, "--n_cells", str(loader_cells), "--n_genes", "2000", "--n_perts", "50",
+                 "--n_contexts", "2"], W / "synth.log")
     if not (prep / "index.json").exists():
         measure([PY, "-m", "state.data", "prepare", h5, prep], W / "prepare.log")
     return h5, prep
@@ -109,13 +109,13 @@ if scale:
     for n in [int(float(x)) for x in sizes.split(",")]:
         h5, prep, sp, run = W / f"s{n}.h5ad", W / f"p{n}", W / f"split{n}.json", W / f"run{n}"
         if not h5.exists():
-            measure([PY, "-m", "state.synth", h5, "--n-cells", str(n), "--n-genes", "8", "--n-perts", "8",
-                     "--n-contexts", "50", "--n-batches", "4"], W / "synth.log")
+            measure([PY, "-m", "state.synth", h5, "--n_cells", str(n), "--n_genes", "8", "--n_perts", "8",
+                     "--n_contexts", "50", "--n_batches", "4"], W / "synth.log")
         r = dict(n=n)
         if prep.exists():
             import shutil
             shutil.rmtree(prep)
-        r["prepare"] = measure([PY, "-m", "state.data", "prepare", h5, prep, "--batch-col", "batch"], W / "prepare.log")
+        r["prepare"] = measure([PY, "-m", "state.data", "prepare", h5, prep, "--batch_col", "batch"], W / "prepare.log")
         r["split"] = measure([PY, "-m", "state.splits", "make", "--data", prep, "--task", "fewshot", "--context",
                               "ctx7", "--out", sp], W / "split.log")
         r["split_bytes"] = sp.stat().st_size

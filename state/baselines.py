@@ -2,9 +2,9 @@
 Baselines (SPEC 11) that write the same cell-level pred.h5ad as the model, so every metric applies,
 and a side-by-side report of the baselines (and of model predictions) on one split.
 
-    python -m state.baselines report --data DIR --split split.json [--pred runs/x/pred.h5ad ...] \
-        [--out baselines_out] [--profile full]
-    python -m state.baselines write --data DIR --split split.json --which perturbation_mean --out pred.h5ad
+    python -m state.baselines report --data=DIR --split=split.json [--pred=runs/x/pred.h5ad ...] \
+        [--out=baselines_out] [--profile=full]
+    python -m state.baselines write --data=DIR --split=split.json --which=perturbation_mean --out=pred.h5ad
 
 `report` trains nothing heavy (means and one closed-form ridge), evaluates every baseline with
 state.eval against the real test cells, and prints one table: the mean of each metric per method,
@@ -38,6 +38,7 @@ import sys
 import numpy as np
 import torch
 
+from state.config import dashes
 from state.eval import BEST, evaluate, score
 from state.h5ad import H5AD, write_h5ad
 
@@ -488,7 +489,7 @@ def main(argv=None):
     w.add_argument("--which", choices=NAMES, required=True)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--out", required=True)
-    a = ap.parse_args(argv)
+    a = ap.parse_args(dashes(argv))
     from state.data import Prepared
     from state.splits import Split
     data = Prepared(a.data)

@@ -65,3 +65,18 @@ def _set(namespaces, key, val, seen):
             return
     known = sorted(k for ns in namespaces for k in ns)
     raise ValueError(f"unknown config key --{key}; known keys: {', '.join(known)}")
+
+
+def dashes(argv):
+    """The module CLIs (state.data, state.splits, state.baselines, state.eval, state.synth,
+    state.experiment) take `--key=value` with the same underscore names as train.py; `--key-name`
+    spellings of earlier versions still parse: option names get their hyphens turned into underscores
+    (values are left alone)."""
+    import sys
+    out = []
+    for a in (sys.argv[1:] if argv is None else argv):
+        if a.startswith("--"):
+            k, eq, v = a[2:].partition("=")
+            a = f"--{k.replace('-', '_')}{eq}{v}"
+        out.append(a)
+    return out

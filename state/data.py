@@ -3,10 +3,10 @@ Data layer: read `.h5ad` files, detect their scale, prepare them once into a mem
 rows are sorted by (context, perturbation, batch), and sample cell sets with matched controls (SPEC 2, 5).
 
     python -m state.data prepare IN.h5ad [IN2.h5ad 'more/*.h5ad' DIR ...] OUT_DIR \\
-        [--pert-col target_gene] [--control non-targeting] [--context-col cell_type] [--batch-col gem_group] \\
-        [--key X|layers/counts|raw/X|obsm/X_state] [--genes-key X] [--gene-col gene_symbol] [--genes genes.txt] [--intersect] \\
-        [--hvg 2000] [--normalize auto|yes|no] [--target-sum 1e4] [--assume normalized|log1p] \\
-        [--dtype float32|float16|bfloat16] [--keep cell_type=A172,T98G,U87MG] [--modality]
+        [--pert_col=target_gene] [--control=non-targeting] [--context_col=cell_type] [--batch_col=gem_group] \\
+        [--key=X|layers/counts|raw/X|obsm/X_state] [--genes_key=X] [--gene_col=gene_symbol] [--genes=genes.txt] [--intersect] \\
+        [--hvg=2000] [--normalize=auto|yes|no] [--target_sum=1e4] [--assume=normalized|log1p] \\
+        [--dtype=float32|float16|bfloat16] [--keep=cell_type=A172,T98G,U87MG] [--modality]
     python -m state.data info OUT_DIR
 
 Unset column names and the control label are detected (SPEC 2.2) and printed; `--pert-col ''` prepares
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from state.config import dashes
 from state.h5ad import H5AD, H5ADError
 
 PERT_COLS = ("target_gene", "perturbation", "condition", "gene", "drugname_drugconc", "drug")
@@ -1287,21 +1288,21 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="convert .h5ad file(s) into a prepared folder")
     p.add_argument("paths", nargs="+", help="input .h5ad files, globs or folders, then OUT_DIR")
-    p.add_argument("--pert-col"); p.add_argument("--control"); p.add_argument("--context-col")
-    p.add_argument("--batch-col"); p.add_argument("--key", default="X"); p.add_argument("--gene-col")
-    p.add_argument("--genes-key", help="with an embedding --key: also store this gene matrix (X, layers/..) "
+    p.add_argument("--pert_col"); p.add_argument("--control"); p.add_argument("--context_col")
+    p.add_argument("--batch_col"); p.add_argument("--key", default="X"); p.add_argument("--gene_col")
+    p.add_argument("--genes_key", help="with an embedding --key: also store this gene matrix (X, layers/..) "
                    "of the same cells as the gene decoder's target (G.bin)")
     p.add_argument("--genes", help="text file with one gene name per line to keep, in order")
-    p.add_argument("--obsm-genes", help="text file with the gene name of each column of an obsm --key, in order")
+    p.add_argument("--obsm_genes", help="text file with the gene name of each column of an obsm --key, in order")
     p.add_argument("--intersect", action="store_true", help="align files on their common genes")
     p.add_argument("--hvg", type=int); p.add_argument("--normalize", default="auto", choices=["auto", "yes", "no"])
-    p.add_argument("--target-sum", type=float); p.add_argument("--assume", choices=["normalized", "log1p"])
+    p.add_argument("--target_sum", type=float); p.add_argument("--assume", choices=["normalized", "log1p"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--keep", action="append", default=[], help="col=v1,v2 (repeatable): keep only these cells")
     p.add_argument("--modality", action="store_true", help="key labels 'type:label' by obs perturbation_type")
     i = sub.add_parser("info", help="summarise a prepared folder")
     i.add_argument("dir")
-    a = ap.parse_args(argv)
+    a = ap.parse_args(dashes(argv))
     try:
         if a.cmd == "prepare":
             if len(a.paths) < 2:

@@ -44,17 +44,17 @@ def main(argv=None):
     py = sys.executable
     h5, data, split, run_dir = (os.path.join(out, x) for x in ("synth.h5ad", "data", "split.json", "st"))
     t0 = time.time()
-    run([py, "-m", "state.synth", h5, "--seed", str(a.seed)])
-    run([py, "-m", "state.data", "prepare", h5, data, "--pert-col", "perturbation", "--control", "control",
-         "--context-col", "cell_type"])
-    run([py, "-m", "state.splits", "make", "--data", data, "--task", "fewshot", "--context", "ctxC",
-         "--support", "0.3", "--seed", str(a.seed), "--out", split])
+    run([py, "-m", "state.synth", h5, f"--seed={a.seed}"])
+    run([py, "-m", "state.data", "prepare", h5, data, "--pert_col=perturbation", "--control=control",
+         "--context_col=cell_type"])
+    run([py, "-m", "state.splits", "make", f"--data={data}", "--task=fewshot", "--context=ctxC",
+         "--support=0.3", f"--seed={a.seed}", f"--out={split}"])
     run([py, "train.py", f"--data={data}", f"--split={split}", "--preset=cpu", f"--out={run_dir}",
          f"--max_steps={a.max_steps}", "--threads=1"])
     run([py, "predict.py", "test", f"--run={run_dir}", f"--data={data}", f"--split={split}",
          f"--out={run_dir}/test"])
-    run([py, "-m", "state.baselines", "report", "--data", data, "--split", split,
-         "--pred", f"ST={run_dir}/test/pred.h5ad", "--out", os.path.join(out, "report")])
+    run([py, "-m", "state.baselines", "report", f"--data={data}", f"--split={split}",
+         f"--pred=ST={run_dir}/test/pred.h5ad", f"--out={os.path.join(out, 'report')}"])
     print(f"\n[demo] whole pipeline in {time.time() - t0:.0f}s; files in {out}")
 
 

@@ -2,9 +2,9 @@
 Evaluation of predicted vs real perturbation responses: cell-eval 0.8.2's metrics, re-implemented
 on numpy (+ torch for pairwise distances), with the same names, definitions and NaN conventions.
 
-    python -m state.eval --pred pred.h5ad --real real.h5ad --pert-col target_gene \
-        --control non-targeting [--context-col cell_type] [--profile full|minimal|vcc|pds|de|anndata] \
-        [--baseline-agg base/agg_results.csv] --out eval_out
+    python -m state.eval --pred=pred.h5ad --real=real.h5ad --pert_col=target_gene \
+        --control=non-targeting [--context_col=cell_type] [--profile=full|minimal|vcc|pds|de|anndata] \
+        [--baseline_agg=base/agg_results.csv] --out=eval_out
 
 writes `results.csv` (one row per perturbation), `agg_results.csv` (polars `describe()` rows:
 count, null_count, mean, std, min, 25%, 50%, 75%, max), `real_de.csv` / `pred_de.csv`
@@ -48,6 +48,7 @@ import sys
 import numpy as np
 import torch
 
+from state.config import dashes
 from state.h5ad import H5AD
 
 FDR = 0.05
@@ -879,16 +880,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m state.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pred", required=True)
     ap.add_argument("--real", required=True)
-    ap.add_argument("--pert-col", default="target_gene")
+    ap.add_argument("--pert_col", default="target_gene")
     ap.add_argument("--control", default="non-targeting")
-    ap.add_argument("--context-col", default=None)
+    ap.add_argument("--context_col", default=None)
     ap.add_argument("--profile", default="full", choices=list(PROFILES))
     ap.add_argument("--pseudobulk", type=int, default=0, help="DE on k pseudo-replicates per side")
-    ap.add_argument("--allow-discrete", action="store_true")
-    ap.add_argument("--baseline-agg", default=None, help="agg_results.csv of a baseline: VCC score")
+    ap.add_argument("--allow_discrete", action="store_true")
+    ap.add_argument("--baseline_agg", default=None, help="agg_results.csv of a baseline: VCC score")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="eval_out")
-    a = ap.parse_args(argv)
+    a = ap.parse_args(dashes(argv))
     per, agg = evaluate(a.pred, a.real, a.pert_col, a.control, a.context_col, a.profile,
                         a.pseudobulk, a.allow_discrete, out=a.out, threads=a.threads)
     print(report(per, agg))

@@ -51,19 +51,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from state.config import dashes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 DATASETS = {  # name -> (file, prepare options)
     "pap": ("papalexi2021_thp1_eccite_sceptre.h5ad",
-            ["--pert-col", "target_gene", "--control", "non-targeting", "--context-col", "bio_rep"]),
+            ["--pert_col", "target_gene", "--control", "non-targeting", "--context_col", "bio_rep"]),
     "gbm": ("perturbench_devel_norman19_mcfaline23.h5ad",
-            ["--pert-col", "perturbation", "--control", "control", "--context-col", "cell_type",
+            ["--pert_col", "perturbation", "--control", "control", "--context_col", "cell_type",
              "--keep", "cell_type=A172,T98G,U87MG"]),
     "kang": ("kang2018_ifnb_pbmc_muscat_counts.h5ad",
-             ["--pert-col", "perturbation", "--control", "control", "--context-col", "cell_type"]),
+             ["--pert_col", "perturbation", "--control", "control", "--context_col", "cell_type"]),
     "norman": ("perturbench_devel_norman19_mcfaline23.h5ad",
-               ["--pert-col", "perturbation", "--control", "control", "--context-col", "cell_type",
+               ["--pert_col", "perturbation", "--control", "control", "--context_col", "cell_type",
                 "--keep", "cell_type=k562"]),
 }
 GBM_SUPPORT = "MAP2K3,MAP2K6,MAP3K21"
@@ -71,9 +73,9 @@ TASKS = {  # name -> (dataset, split options, role)
     "pap_rep1": ("pap", ["--task", "fewshot", "--context", "rep_1", "--support", "0.3"], "choose"),
     "pap_rep2": ("pap", ["--task", "fewshot", "--context", "rep_2", "--support", "0.3"], "choose"),
     "kang_cd14": ("kang", ["--task", "zeroshot", "--context", "CD14+ Monocytes"], "choose"),
-    "gbm_u87": ("gbm", ["--task", "fewshot", "--context", "U87MG", "--support-perts", GBM_SUPPORT], "choose"),
-    "gbm_t98": ("gbm", ["--task", "fewshot", "--context", "T98G", "--support-perts", GBM_SUPPORT], "choose"),
-    "gbm_a172": ("gbm", ["--task", "fewshot", "--context", "A172", "--support-perts", GBM_SUPPORT], "check"),
+    "gbm_u87": ("gbm", ["--task", "fewshot", "--context", "U87MG", "--support_perts", GBM_SUPPORT], "choose"),
+    "gbm_t98": ("gbm", ["--task", "fewshot", "--context", "T98G", "--support_perts", GBM_SUPPORT], "choose"),
+    "gbm_a172": ("gbm", ["--task", "fewshot", "--context", "A172", "--support_perts", GBM_SUPPORT], "check"),
     "pap_rep3": ("pap", ["--task", "fewshot", "--context", "rep_3", "--support", "0.3"], "check"),
     # zero-shot magnitude: every other Kang cell type held out in turn
     "kang_b": ("kang", ["--task", "zeroshot", "--context", "B cells"], "zeroshot"),
@@ -81,10 +83,10 @@ TASKS = {  # name -> (dataset, split options, role)
     "kang_cd8": ("kang", ["--task", "zeroshot", "--context", "CD8 T cells"], "zeroshot"),
     "kang_fcgr3a": ("kang", ["--task", "zeroshot", "--context", "FCGR3A+ Monocytes"], "zeroshot"),
     # unseen combinations: Norman19 K562 doubles whose two singles were measured (train with --combos=+)
-    "norman_combo": ("norman", ["--task", "combo", "--combo-sep", "+"], "combo"),
+    "norman_combo": ("norman", ["--task", "combo", "--combo_sep", "+"], "combo"),
     # unseen perturbations from features: 3 Papalexi targets that are measured genes held out in every
     # replicate (train with --pert_features=pca --missing_pert_features=zero: the other 16 have no gene)
-    "pap_unseen": ("pap", ["--task", "unseen", "--pert-features", "pca", "--test-perts", "IFNGR2,JAK2,STAT1"],
+    "pap_unseen": ("pap", ["--task", "unseen", "--pert_features", "pca", "--test_perts", "IFNGR2,JAK2,STAT1"],
                    "unseen"),
 }
 METRICS = ["pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "de_direction_match",
@@ -454,7 +456,7 @@ def main(argv=None):
     c.add_argument("outs", nargs="+")
     c.add_argument("--cache", default="runs/exp/data")
     c.add_argument("--metrics", default="pearson_delta,mae,discrimination_score_l1,overlap_at_N,spread")
-    a = ap.parse_args(argv)
+    a = ap.parse_args(dashes(argv))
     if a.cmd == "run":
         tasks = [x for x in a.tasks.split(",") if x]
         bad = [x for x in tasks if x not in TASKS]

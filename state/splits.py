@@ -2,13 +2,13 @@
 Train / val / test splits over a prepared dataset (SPEC 6): zero-shot context, few-shot context, unseen
 perturbation, unseen combination; reading and writing the reference's TOML split files.
 
-    python -m state.splits make --data DIR --task fewshot --context U87MG --support 0.3 --seed 0 --out split.json
-    python -m state.splits make --data DIR --task fewshot --context U87MG --support-perts MAP2K3,MAP2K6,MAP3K21 --out s.json
-    python -m state.splits make --data DIR --task zeroshot --context U87MG --out split.json
-    python -m state.splits toml --data DIR --toml split.toml --out split.json   # a reference TOML
-    python -m state.splits make --data DIR --task combo --out split.json   # doubles whose singles were measured
-    python -m state.splits make --data DIR --task unseen --pert-features pca --test-perts JAK2,STAT1 --out s.json
-    python -m state.splits report --data DIR --split split.json
+    python -m state.splits make --data=DIR --task=fewshot --context=U87MG --support=0.3 --seed=0 --out=split.json
+    python -m state.splits make --data=DIR --task=fewshot --context=U87MG --support_perts=MAP2K3,MAP2K6,MAP3K21 --out=s.json
+    python -m state.splits make --data=DIR --task=zeroshot --context=U87MG --out=split.json
+    python -m state.splits toml --data=DIR --toml=split.toml --out=split.json   # a reference TOML
+    python -m state.splits make --data=DIR --task=combo --out=split.json   # doubles whose singles were measured
+    python -m state.splits make --data=DIR --task=unseen --pert_features=pca --test_perts=JAK2,STAT1 --out=s.json
+    python -m state.splits report --data=DIR --split=split.json
 
 `make` also writes a reference-compatible TOML next to the JSON (split.toml). The JSON lists held-out
 (context, perturbation) groups, the val fraction and seed, and the prepared data's checksum, never row
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from state.config import dashes
 from state.data import Prepared, Rows, hkey
 from state.st import parts_of
 
@@ -370,19 +371,19 @@ def main(argv=None):
     m = sub.add_parser("make")
     m.add_argument("--data", required=True); m.add_argument("--task", default="fewshot")
     m.add_argument("--context"); m.add_argument("--support", type=float, default=0.3)
-    m.add_argument("--support-perts", help="comma-separated perturbations of the held-out context that train")
-    m.add_argument("--val-frac", type=float, default=0.1); m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--pert-features", help="safetensors/npz file of perturbation features, or pca (unseen task)")
-    m.add_argument("--test-perts", help="comma-separated held-out perturbations (unseen / combo tasks)")
-    m.add_argument("--combo-sep", default="+", help="separator of combination labels (combo task)")
+    m.add_argument("--support_perts", help="comma-separated perturbations of the held-out context that train")
+    m.add_argument("--val_frac", type=float, default=0.1); m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--pert_features", help="safetensors/npz file of perturbation features, or pca (unseen task)")
+    m.add_argument("--test_perts", help="comma-separated held-out perturbations (unseen / combo tasks)")
+    m.add_argument("--combo_sep", default="+", help="separator of combination labels (combo task)")
     m.add_argument("--out", required=True)
     t = sub.add_parser("toml")
     t.add_argument("--data", required=True); t.add_argument("--toml", required=True)
-    t.add_argument("--val-frac", type=float, default=0.1); t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val_frac", type=float, default=0.1); t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True)
     r = sub.add_parser("report")
     r.add_argument("--data", required=True); r.add_argument("--split", required=True)
-    a = ap.parse_args(argv)
+    a = ap.parse_args(dashes(argv))
     try:
         data = Prepared(a.data)
         if a.cmd == "make":

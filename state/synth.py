@@ -2,7 +2,7 @@
 A synthetic Perturb-seq-like dataset: negative-binomial counts whose perturbation effects are shared
 across contexts (scaled per context), so a model can learn a perturbation in one context from the others.
 
-    python -m state.synth OUT.h5ad [--n-cells 3600] [--n-genes 200] [--n-perts 12] [--n-contexts 3]
+    python -m state.synth OUT.h5ad [--n_cells=3600] [--n_genes=200] [--n_perts=12] [--n_contexts=3]
                           [--n-batches 2] [--seed 0] [--counts] [--compression gzip]
 
 Model, per cell i of context k, perturbation p, batch j (p = 0 is the control):
@@ -20,6 +20,7 @@ import os
 import h5py
 import numpy as np
 
+from state.config import dashes
 from state.h5ad import _attrs, _write_df, _write_uns
 
 
@@ -97,12 +98,12 @@ def make_synthetic(path, n_cells=3600, n_genes=200, n_perts=12, n_contexts=3, se
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m state.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
-    ap.add_argument("--n-cells", type=int, default=3600); ap.add_argument("--n-genes", type=int, default=200)
-    ap.add_argument("--n-perts", type=int, default=12); ap.add_argument("--n-contexts", type=int, default=3)
-    ap.add_argument("--n-batches", type=int, default=2); ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n_cells", type=int, default=3600); ap.add_argument("--n_genes", type=int, default=200)
+    ap.add_argument("--n_perts", type=int, default=12); ap.add_argument("--n_contexts", type=int, default=3)
+    ap.add_argument("--n_batches", type=int, default=2); ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--counts", action="store_true", help="X holds raw counts instead of log1p")
     ap.add_argument("--compression", choices=["gzip", "lzf"], default=None)
-    a = ap.parse_args(argv)
+    a = ap.parse_args(dashes(argv))
     t = make_synthetic(a.out, a.n_cells, a.n_genes, a.n_perts, a.n_contexts, a.seed, a.counts, a.n_batches,
                        a.compression)
     print(f"wrote {a.out}: {t['n_cells']} cells x {a.n_genes} genes, {a.n_contexts} contexts x "
