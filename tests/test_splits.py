@@ -199,7 +199,10 @@ def test_reference_toml(gbm, tmp_path):
 
 def test_cli(syn, tmp_path, capsys):
     out = tmp_path / "s.json"
-    assert main(["make", "--data", str(syn.dir), "--task", "zeroshot", "--context", "ctxC", "--out", str(out)]) == 0
+    assert main(["make", f"--data={syn.dir}", "--task=zeroshot", "--context=ctxC", f"--out={out}"]) == 0  # --key=value
+    assert main(["make", "--data", str(syn.dir), "--task", "combo", "--combo-sep", "+", "--out", str(out)]) == 2  # old
+    assert "no label of" in capsys.readouterr().err  # the old --key-name spelling still parses (and this data has no combos)
+    assert main(["make", f"--data={syn.dir}", "--task=zeroshot", "--context=ctxC", f"--out={out}"]) == 0
     assert out.exists() and (tmp_path / "s.toml").exists()
     assert main(["report", "--data", str(syn.dir), "--split", str(out)]) == 0
     assert main(["toml", "--data", str(syn.dir), "--toml", str(tmp_path / "s.toml"), "--out", str(tmp_path / "t.json")]) == 0
