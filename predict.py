@@ -305,7 +305,8 @@ def apply_recipe(x, meta, path, key, gene_space, obs_names):
               f"run's target_sum {ts:g} and log1p'd, as its training data were")
         return np.log1p(x * (ts / tot)[:, None]).astype(np.float32)
     if sc.kind == "log1p" or (sc.kind == "counts" and not r.get("log1p", True)):
-        if sc.kind == "log1p" and r.get("target_sum") and sc.target_sum and abs(sc.target_sum / r["target_sum"] - 1) > 0.05:
+        off = sc.kind == "log1p" and r.get("target_sum") and sc.target_sum
+        if off and abs(sc.target_sum / r["target_sum"] - 1) > 0.05:
             print(f"WARNING: {where} is log1p of counts normalised to {sc.target_sum:g}; the run's data used "
                   f"{r['target_sum']:g}: expression levels are shifted by log({sc.target_sum / r['target_sum']:.3g})")
         return x
@@ -481,7 +482,8 @@ def cmd_simulate(argv):
     write_h5ad(out, Stream(n_pred + len(X), cols, blocks(), progress="simulate"), None, out_genes, obs=obs,
                uns={"nanostate": {"pert_col": pc, "control": meta["control"], "context_col": cc,
                                   "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
-                                  "seed": cfg["seed"], "controls": os.path.abspath(cfg["adata"]), "clip": "0,14" if clip else "none",
+                                  "seed": cfg["seed"], "controls": os.path.abspath(cfg["adata"]),
+                                  "clip": "0,14" if clip else "none",
                                   "space": "gene (decoded)" if dec else
                                   ("gene" if model.cfg.gene_space else "embedding"), "key": cfg["key"],
                                   "genes_key": cfg["genes_key"] if dec else None}})

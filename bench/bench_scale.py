@@ -54,8 +54,9 @@ steps = 40               # loader steps per measurement
 repeats = 3              # loader measurements per worker count (median reported)
 child = ""               # internal: "workers,sleep" = one loader measurement in this process
 step_ms = 40.0           # simulated accelerator step (ms) for the data-wait share
-cfg = {k: v for k, v in dict(globals()).items() if k in ("dir", "sizes", "scale", "loader", "loader_cells",
-                                                           "sets", "set_size", "steps", "step_ms", "repeats", "child", "simulate", "sim_cells")}
+KEYS = ("dir", "sizes", "scale", "loader", "loader_cells", "sets", "set_size", "steps", "step_ms", "repeats", "child",
+        "simulate", "sim_cells")
+cfg = {k: v for k, v in dict(globals()).items() if k in KEYS}
 configure(sys.argv[1:], cfg)
 globals().update(cfg)
 W = Path(dir)

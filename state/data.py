@@ -4,7 +4,8 @@ rows are sorted by (context, perturbation, batch), and sample cell sets with mat
 
     python -m state.data prepare IN.h5ad [IN2.h5ad 'more/*.h5ad' DIR ...] OUT_DIR \\
         [--pert_col=target_gene] [--control=non-targeting] [--context_col=cell_type] [--batch_col=gem_group] \\
-        [--key=X|layers/counts|raw/X|obsm/X_state] [--genes_key=X] [--gene_col=gene_symbol] [--genes=genes.txt] [--intersect] \\
+        [--key=X|layers/counts|raw/X|obsm/X_state] [--genes_key=X] [--gene_col=gene_symbol] \\
+        [--genes=genes.txt] [--intersect] \\
         [--hvg=2000] [--normalize=auto|yes|no] [--target_sum=1e4] [--assume=normalized|log1p] \\
         [--dtype=float32|float16|bfloat16] [--keep=cell_type=A172,T98G,U87MG] [--modality]
     python -m state.data info OUT_DIR
