@@ -377,25 +377,6 @@ def _write_uns_group(f, name, d):
     _write_uns(g, d)
 
 
-def fit_recipe(mat, recipe):
-    """The target sum to normalise `mat`'s rows to before log1p, so that transform sees cells as fit saw
-    them (prepared: log1p of counts normalised to recipe['target_sum']); None when the rows are used as
-    they are (log1p input, or a run without a recipe). Other scales are refused, naming both sides."""
-    from state.data import detect_scale
-    if not recipe or not recipe.get("log1p"):
-        return None
-    sc = detect_scale(mat)
-    where = f"{mat.path}: '{mat.key}'"
-    want = f"log1p of counts normalised to {recipe['target_sum']:g}" if recipe.get("target_sum") else "log1p values"
-    if sc.kind == "log1p":
-        return None
-    if sc.kind == "counts" and recipe.get("target_sum"):
-        print(f"{where}: raw counts -> normalised to the fit's target_sum {recipe['target_sum']:g} and log1p'd")
-        return float(recipe["target_sum"])
-    raise SystemExit(f"embed.py transform: {where} looks {sc} but the SE run was fit on {want}; give raw counts "
-                     "(--key=layers/counts) or log1p values")
-
-
 def transform(argv):
     import h5py
     from tqdm import tqdm
@@ -446,13 +427,22 @@ def transform(argv):
     bs = C["batch_size"]
     with H5AD(inp) as h, torch.no_grad(), autocast(dev, C["dtype"]):
         mat = h.matrix(C["key"])
-        ts = fit_recipe(mat, meta.get("recipe"))  # counts -> the fit's normalisation (None: rows as they are)
+        ts = None  # raw counts -> the fit's normalisation (state.data.recipe_scaling); None: rows as they are
+        if meta.get("recipe"):  # runs fit on prepared folders record their recipe
+            from state.data import normalize_log1p, recipe_scaling, sample_rows
+            try:
+                ts = recipe_scaling(sample_rows(mat, 10_000, 0), meta["recipe"], f"{inp}: '{C['key']}'",
+                                    "the SE run")
+            except ValueError as err:
+                raise SystemExit(f"embed.py transform: {err}") from None
+            if ts:
+                print(f"{inp}: raw counts -> normalised to the fit's target_sum {ts:g} and log1p'd")
         for a in tqdm(range(0, n, bs), total=math.ceil(n / bs), desc=f"X_state {os.path.basename(inp)}",
                       unit="batch", disable=None):
             b = min(a + bs, n)
             xb = mat.block(a, b)
             if ts:  # the library size over all of the file's genes, as prepare computed it
-                xb = np.log1p(xb * (ts / np.maximum(xb.sum(1, keepdims=True), 1e-30))).astype(np.float32)
+                xb = normalize_log1p(xb, ts)
             x = torch.from_numpy(gm.to_vocab(xb)).to(dev)
             rows = torch.arange(a, b, device=dev)
             e = model.embed(x, valid.expand(b - a, -1), rows, C["seed"], cls.expand(b - a))

@@ -272,7 +272,7 @@ def apply_recipe(x, meta, path, key, gene_space, obs_names):
     found and what the run expects. Gene-valued runs: counts -> normalise each cell to the run's
     target_sum over the file's genes, then log1p; log1p values as they are. Embedding runs take the
     embedding (same SE checkpoint) as it is."""
-    from state.data import classify
+    from state.data import normalize_log1p, recipe_scaling
     r = meta.get("recipe") or {}
     bad = ~np.isfinite(x).all(1)
     if bad.any():
@@ -290,28 +290,18 @@ def apply_recipe(x, meta, path, key, gene_space, obs_names):
                      "--key=obsm/X_state")
         return x
     where = f"{path}: '{key}'"
-    sc = classify(x[: min(len(x), 20000)], where)
-    want = (f"log1p of counts normalised to {r['target_sum']:g}" if r.get("target_sum") else "log1p values") \
-        if r.get("log1p", True) else "the prepared values as they are"
-    if sc.kind == "counts" and r.get("log1p", True):
-        ts = r.get("target_sum")
-        if not ts:
-            sys.exit(f"predict.py simulate: {where} holds raw counts but the run's recipe records no target sum "
-                     f"(it was prepared from {want}); give log1p values")
-        tot = x.sum(1, dtype=np.float64)
-        if (tot <= 0).any():
-            sys.exit(f"predict.py simulate: {where}: control cell '{obs_names[np.argmax(tot <= 0)]}' has no counts")
-        print(f"input: raw counts (median total {np.median(tot):g} over {x.shape[1]} genes) -> normalised to the "
-              f"run's target_sum {ts:g} and log1p'd, as its training data were")
-        return np.log1p(x * (ts / tot)[:, None]).astype(np.float32)
-    if sc.kind == "log1p" or (sc.kind == "counts" and not r.get("log1p", True)):
-        off = sc.kind == "log1p" and r.get("target_sum") and sc.target_sum
-        if off and abs(sc.target_sum / r["target_sum"] - 1) > 0.05:
-            print(f"WARNING: {where} is log1p of counts normalised to {sc.target_sum:g}; the run's data used "
-                  f"{r['target_sum']:g}: expression levels are shifted by log({sc.target_sum / r['target_sum']:.3g})")
+    try:
+        ts = recipe_scaling(x[:20000], r, where)
+    except ValueError as e:
+        sys.exit(f"predict.py simulate: {e}")
+    if ts is None:
         return x
-    sys.exit(f"predict.py simulate: {where} looks {sc} but the run expects {want} (or raw counts, which it "
-             "normalises itself); give raw counts (e.g. --key=layers/counts) or log1p values")
+    tot = x.sum(1, dtype=np.float64)
+    if (tot <= 0).any():
+        sys.exit(f"predict.py simulate: {where}: control cell '{obs_names[np.argmax(tot <= 0)]}' has no counts")
+    print(f"input: raw counts (median total {np.median(tot):g} over {x.shape[1]} genes) -> normalised to the "
+          f"run's target_sum {ts:g} and log1p'd, as its training data were")
+    return normalize_log1p(np.array(x, np.float32), ts)
 
 
 def extend_combos(models, meta, vocab, labels):

@@ -71,7 +71,7 @@ class Scale:
         return s + ")"
 
 
-def _sample(matrix, n, seed):
+def sample_rows(matrix, n, seed):
     """About n rows as 20 contiguous blocks at random places (random single rows are slow in gzip)."""
     N, G = matrix.shape
     n = int(min(n, max(500, 5e7 // max(G, 1)), N))  # bound the sample to ~200 MB of float32
@@ -86,7 +86,7 @@ def _sample(matrix, n, seed):
 
 def detect_scale(matrix, n=10_000, seed=0):
     """Classify a Matrix as counts / log1p / scaled / normalized from ~n sampled rows; returns Scale."""
-    return classify(_sample(matrix, n, seed), f"{matrix.path}: '{matrix.key}'")
+    return classify(sample_rows(matrix, n, seed), f"{matrix.path}: '{matrix.key}'")
 
 
 def classify(x, where):
@@ -111,6 +111,37 @@ def classify(x, where):
         ts = float(np.round(s.mean())) if cv < 0.01 else None
         return Scale("log1p", ts, ev)
     return Scale("normalized", None, ev)
+
+
+def normalize_log1p(x, target_sum):
+    """log1p of each row of float32 x scaled to sum to target_sum (rows summing to 0 stay 0), in place."""
+    tot = x.sum(1, dtype=np.float64)
+    x *= np.where(tot > 0, target_sum / np.maximum(tot, 1e-30), 0.0).astype(np.float32)[:, None]
+    return np.log1p(x, out=x)
+
+
+def recipe_scaling(x, recipe, where, who="the run"):
+    """How rows x of a user's matrix reach the scale a prepare `recipe` gave the training data: the target
+    sum to normalise raw counts to (then log1p, normalize_log1p), or None to take them as they are (log1p
+    values; a recipe that kept values unlogged). Any other scale is a ValueError naming what was found
+    and what `who` expects. Used by predict.py simulate and embed.py transform."""
+    if not recipe.get("log1p", True):
+        return None
+    ts = recipe.get("target_sum")
+    want = f"log1p of counts normalised to {ts:g}" if ts else "log1p values"
+    sc = classify(x, where)
+    if sc.kind == "log1p":
+        if ts and sc.target_sum and abs(sc.target_sum / ts - 1) > 0.05:
+            say(f"WARNING: {where} is log1p of counts normalised to {sc.target_sum:g}; {who}'s data used {ts:g}: "
+                f"expression levels are shifted by log({sc.target_sum / ts:.3g})")
+        return None
+    if sc.kind == "counts" and ts:
+        return float(ts)
+    if sc.kind == "counts":
+        raise ValueError(f"{where} holds raw counts but {who}'s recipe records no target sum (it was prepared "
+                         f"from {want}); give log1p values")
+    raise ValueError(f"{where} looks {sc} but {who} expects {want} (or raw counts, which are normalised to it); "
+                     "give raw counts (e.g. --key=layers/counts) or log1p values")
 
 
 # -----------------------------------------------------------------------------
@@ -247,11 +278,7 @@ def _resolve_cols(h, pert_col, control, context_col, batch_col):
     elif pert_col not in cols:
         raise H5ADError(f"{h.path}: perturbation column '{pert_col}' not in obs; available: {have}")
     if pert_col:
-        cats, read = h.labels(pert_col)
-        used = np.zeros(len(cats), bool)  # labels with cells (a categorical may list unused categories)
-        for a in range(0, h.n_obs, 1 << 20):
-            used[read(a, min(a + (1 << 20), h.n_obs))] = True
-        labels = set(cats[used].tolist())
+        labels = set(h.labels(pert_col)[0][h.used(pert_col)].tolist())  # labels with cells
     else:
         labels = {control}
     if control is None:
@@ -329,10 +356,7 @@ def _blocks(src, chunk, desc):
                             f"'{name(rows[r])}' (row {rows[r]}) has the value {x[r, c]:g} (> 20, not a log1p "
                             "expression): mixed scales in one matrix")
         if src["tr"] == "normalize+log1p":
-            tot = x.sum(1, dtype=np.float64)  # library size over all of the file's genes
-            f = np.where(tot > 0, src["target_sum"] / np.maximum(tot, 1e-30), 0.0).astype(np.float32)
-            x *= f[:, None]
-            np.log1p(x, out=x)
+            normalize_log1p(x, src["target_sum"])  # library size over all of the file's genes
         elif src["tr"] == "log1p":
             np.log1p(x, out=x)
         yield rows, x[:, src["cols"]]

@@ -193,12 +193,12 @@ def _loader_worker(s, ring, tasks, done, parent):
         job = tasks.get()
         if job is None:
             return
-        gen, c, slot = job
+        c, slot = job
         try:
             s.batch(*divmod(c, s.steps_per_epoch), out=ring[slot])  # every tensor lands in the slot
-            done.put((gen, c, None))
+            done.put((c, None))
         except BaseException as e:  # noqa: BLE001 (reported in the parent, which raises it)
-            done.put((gen, c, f"{type(e).__name__}: {e}"))
+            done.put((c, f"{type(e).__name__}: {e}"))
 
 
 def _shared(arrays):
@@ -233,7 +233,7 @@ class StepSampler:
         self.s, self.rank, self.world, self.accum = sampler, rank, world, accum
         self.workers, self.prefetch, self.pin = int(workers), max(1, int(prefetch)), pin
         self.cursor, self.wait = 0, 0.0
-        self._procs, self._pending, self._ready, self._gen = [], set(), {}, 0
+        self._procs, self._pending, self._ready = [], set(), set()
         if self.workers:
             import multiprocessing as mp
             ctx = mp.get_context("fork")
@@ -262,21 +262,20 @@ class StepSampler:
         if cur not in self._pending:
             self._pending.add(cur)
             for j, c in enumerate(self._ids(cur)):
-                self._tasks.put((self._gen, c, self._slot(cur, j)))
+                self._tasks.put((c, self._slot(cur, j)))
 
     def _take(self, cur):
         """Wait for step `cur`'s micro-batches from the loader processes; -> list of batches."""
         want = list(self._ids(cur))
         while any(c not in self._ready for c in want):
-            gen, c, err = self._done.get()
+            c, err = self._done.get()
             if err is not None:
                 raise RuntimeError(f"loader process failed on micro-batch {c}: {err}")
-            if gen == self._gen:  # else: queued before a load_state_dict, not ours any more
-                self._ready[c] = True
+            self._ready.add(c)
         self._pending.discard(cur)
         bs = []
         for j, c in enumerate(want):
-            del self._ready[c]
+            self._ready.discard(c)
             b = self.s.from_buffers(self._ring[self._slot(cur, j)])  # tensors viewing the shared slot
             bs.append({k: v.pin_memory() for k, v in b.items()} if self.pin else b)
         return bs
@@ -307,10 +306,8 @@ class StepSampler:
         for k in ("seed", "set_size", "batch_size", "steps_per_epoch"):
             if sd[k] != self.state_dict()[k]:
                 raise ValueError(f"sampler state has {k}={sd[k]} but this run has {self.state_dict()[k]}")
-        if self._pending:  # batches queued for the old cursor: wait them out (their slots get reused)
-            for cur in sorted(self._pending):
-                self._take(cur)
-        self._ready, self._gen = {}, self._gen + 1
+        for cur in sorted(self._pending):  # batches queued for the old cursor: wait them out (slots get reused)
+            self._take(cur)
         self.cursor = int(sd["cursor"])
 
     def close(self):

@@ -117,6 +117,7 @@ class H5AD:
         if enc != "anndata":
             self.f.close()
             raise H5ADError(f"{self.path}: encoding-type '{enc}' is not 'anndata'")
+        self._labels = {}  # (column, df) -> (categories, code reader, used): see labels()
         self.n_obs = self._index_node("obs").shape[0]  # the length only: no string per cell
         self.n_vars = self._index_node("var").shape[0]
 
@@ -146,7 +147,9 @@ class H5AD:
         """One column as (categories (K,) str array, codes(a, b) -> int64 codes of rows [a, b)), never a
         string per cell: a categorical reads its codes; a plain string or numeric column is coded against
         its sorted unique values, found block by block. Missing values (code -1, None) are an error
-        naming a cell."""
+        naming a cell. Read once per file and column (cached, with `used`: which categories have cells)."""
+        if (name, df) in self._labels:
+            return self._labels[(name, df)][:2]
         g = self.f[df]
         if name not in g:
             raise H5ADError(f"{self.path}: no {df} column '{name}'; available: {', '.join(self.columns(df))}")
@@ -163,13 +166,21 @@ class H5AD:
             cats = np.array([str(x) for x in vals])
             lut = {x: i for i, x in enumerate(vals)}
             read = lambda a, b: np.array([lut.get(x, -1) for x in _decode(node[a:b]).tolist()], np.int64)
+        used = np.zeros(len(cats), bool)
         for a in range(0, n, block):  # missing values: name the first cell that has one
             c = read(a, min(a + block, n))
             if (c < 0).any():
                 i = a + int(np.argmax(c < 0))
                 raise H5ADError(f"{self.path}: {df} column '{name}' has {int((c < 0).sum())}+ missing values "
                                 f"(e.g. cell '{self.obs_names_at(i, i + 1)[0]}'); fill or drop them")
+            used[c] = True
+        self._labels[(name, df)] = (cats, read, used)
         return cats, read
+
+    def used(self, name, df="obs"):
+        """Bool per category of labels(name): which have cells (a categorical may list unused ones)."""
+        self.labels(name, df)
+        return self._labels[(name, df)][2]
 
     def columns(self, df="obs"):
         g = self.f[df]

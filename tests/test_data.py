@@ -555,7 +555,7 @@ def test_every_row_is_checked_not_a_sample(tmp_path):
     rng = np.random.default_rng(0)
     n, g = 12_000, 4
     X = rng.poisson(3, (n, g)).astype(np.float32)
-    from state.data import _sample
+    from state.data import sample_rows as _sample
 
     class M:  # the detector's view of the matrix: which rows does it sample?
         shape = (n, g)
