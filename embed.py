@@ -4,11 +4,12 @@ SE (State Embedding): pre-train on prepared folders, then write obsm['X_state'] 
 Pre-training (fit) reads prepared folders (python -m state.data prepare FILE DIR; one folder per gene
 panel: each keeps its genes, mapped by upper-case symbol into one vocabulary), through the training
 data path of train.py: one global cursor over a seeded permutation of all cells (state.data.CellSampler),
-loader processes, a checkpoint that resumes at another world size (DDP: weights and optimizer are
-replicated, so one state dict serves any world size):
+loader processes, FSDP2 (default) or DDP under torchrun, and the checkpoint of train.py: a sharded DCP
+checkpoint of weights + optimizer (`dcp/`) that resumes at another world size:
     CPU:      python embed.py fit --data=data/a,data/b --out=runs/se_tiny --preset=tiny --max_steps=300
     1 GPU:    python embed.py fit --data=data/a,data/b --out=runs/se --preset=default --gene_emb=esm2.pt
     N GPUs:   torchrun --standalone --nproc_per_node=8 embed.py fit --data=data/a,data/b --out=runs/se --preset=default
+              (--parallel=ddp: replicated weights, no per-block all-gathers; for small presets)
     resume:   python embed.py fit --data=data/a,data/b --out=runs/se_tiny --resume   (same args; exact replay)
 The cells fit sees are the prepared rows: log1p of counts normalised to the folder's target sum (or the
 file's log1p values); meta.json records that recipe, and transform applies it to raw counts.
@@ -23,8 +24,9 @@ Gene vectors: `--gene_emb=FILE` ({gene: vector} .safetensors/.pt/.npz, e.g. ESM2
 `pca` (default; top 256 right singular vectors of the centred log1p training matrix) or `onehot`.
 Schedule (SPEC 7): AdamW(lr, wd 0.01), linear warmup over 3% of the steps from 0.33*lr, then cosine
 to 0.3*lr at max_steps; grad-norm clip 0.8; bf16 autocast on GPU.
-A checkpoint is model.safetensors (weights + frozen gene table) + meta.json + state.pt (optimizer,
-step, global data cursor, every rank's RNG), committed together (state/ckpt.py: `ckpt-<step>/` behind the `ckpt` link).
+A checkpoint is `dcp/` (torch.distributed.checkpoint: weights + optimizer, sharded per rank) + the consolidated
+model.safetensors (weights + frozen gene table, what transform reads) + meta.json + state.pt (step, global
+data cursor, every rank's RNG), committed together (state/ckpt.py: `ckpt-<step>/` behind the `ckpt` link).
 """
 
 import contextlib
@@ -42,7 +44,8 @@ import torch
 
 from state import ckpt
 from state.config import configure
-from state.dist import StepSampler, all_reduce_sum, compute_cleanup, compute_init, mfu, print0
+from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, full_state_dict, load_sharded,
+                        load_state, mfu, print0, rng_state, save_sharded, set_rng_state, set_sync, shard)
 from state.h5ad import H5AD
 from state.se import (PRESETS, GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,
                       load_model, norm_gene, pca_gene_vectors, save_model)
@@ -78,6 +81,7 @@ FIT = dict(
     resume=False,
     stop_at=-1,               # save and exit after this step (a time slot); --resume continues exactly
     compile=False,
+    parallel="fsdp",          # multi-process: fsdp (FSDP2: sharded weights, grads, optimizer) | ddp
     threads=0,                # torch.set_num_threads on CPU; 0 = torch's default (1 helps on a busy box)
 )
 
@@ -142,7 +146,10 @@ def fit(argv):
                          + (f"; {pos[0]} is a file: prepare it first (python -m state.data prepare {pos[0]} DIR), "
                             "one folder per gene panel" if pos else ""))
     folders = [p for p in C["data"].split(",") if p]
+    if C["parallel"] not in ("fsdp", "ddp"):
+        raise SystemExit(f"embed.py fit: --parallel must be fsdp or ddp (got {C['parallel']!r})")
     ddp, rank, local_rank, world, device = compute_init(seed=C["seed"])
+    fsdp = ddp and C["parallel"] == "fsdp"
     if C["threads"] and device.type == "cpu":
         torch.set_num_threads(C["threads"])
     master = rank == 0
@@ -173,6 +180,25 @@ def fit(argv):
                              "gene expression (prepare the counts or log1p matrix)")
     recipes = [d.index["recipe"] for d in datas]
     meta_old = json.load(open(os.path.join(ck, "meta.json"))) if resume else None
+    if resume:  # what fixes the data, its order or the model is refused; the rest is applied and said
+        old = meta_old["fit"]
+        mc = {{"d": "d_model", "out": "d_out"}.get(k, k): v for k, v in meta_old["config"].items() if k != "k"}
+        fixed = ("preset", "batch_size", "seed", "ds_col", "gene_emb", "pca_dim", "pca_cells", "val_cells")
+        bad = [f"{k} ({old[k]!r} -> {C[k]!r})" for k in fixed if k in old and old[k] != C[k]]
+        bad += [f"{k} ({mc.get(k)!r} -> {v!r})" for k, v in mkw.items() if mc.get(k) != v]
+        if meta_old.get("data_checksums") != [d.checksum for d in datas]:
+            bad.append("data (the prepared folders or their checksums differ)")
+        w_old = len(load_state(os.path.join(ck, "state.pt"))["rng"])
+        if w_old * old["grad_accum"] != world * C["grad_accum"]:  # world x accum may trade, not change
+            bad.append(f"global batch ({w_old} processes x {old['grad_accum']} micro-steps -> "
+                       f"{world} x {C['grad_accum']})")
+        if bad:
+            raise SystemExit(f"embed.py fit: --resume cannot change {', '.join(bad)}: they fix the data, its "
+                             "order or the model; start a new run instead")
+        changed = [k for k in C if k in old and old[k] != C[k] and k not in ("resume", "stop_at")]
+        if changed:
+            print0("note: resumed with changed settings (applied from this step on): "
+                   + ", ".join(f"{k} {old[k]!r} -> {C[k]!r}" for k in changed))
     if resume:
         genes = meta_old["genes"]
         emb = None  # restored from model.safetensors
@@ -222,7 +248,6 @@ def fit(argv):
     # --- model
     lr = C["lr"] if C["lr"] > 0 else (1e-3 if C["preset"] == "tiny" else 1e-5)
     if resume:
-        mc = {{"d": "d_model", "out": "d_out"}.get(k, k): v for k, v in meta_old["config"].items() if k != "k"}
         cfg = SEConfig(**mc)
         from safetensors.torch import load_file
         sd = load_file(os.path.join(ck, "model.safetensors"))
@@ -230,28 +255,42 @@ def fit(argv):
         model.load_state_dict(sd)
     else:
         cfg = SEConfig.from_name(C["preset"], n_datasets=len(ds_names), **mkw)
+        torch.manual_seed(C["seed"])  # the same initial weights on every rank (FSDP2 does not broadcast them)
         model = StateEmbedding(cfg, emb, genes)
+        torch.manual_seed(C["seed"] + rank)  # per-rank dropout streams
     model.to(device)
     raw = model
     print0(f"SE {C['preset']}: {model.num_params() / 1e6:.2f}M params, L={cfg.pad_length + cfg.ds_token}, "
-           f"E={cfg.E}, lr {lr:g}")
-    opt = model.configure_optimizer(lr, C["wd"])
-    if C["compile"]:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+           f"E={cfg.E}, lr {lr:g}" + (f" | {C['parallel']} x {world}" if ddp else ""))
+    if fsdp:  # as train.py: compile blocks, fully_shard each block and the root, optimizer on the shards
+        if C["compile"]:
+            for blk in raw.blocks:
+                blk.compile()
+        model = shard(raw, raw.blocks)
+        opt = raw.configure_optimizer(lr, C["wd"])
+    else:
+        opt = model.configure_optimizer(lr, C["wd"])
+        if C["compile"]:
+            model = torch.compile(model)
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     masks = torch.from_numpy(np.stack([m.valid() for m in maps])).to(device)  # (F, V)
     cls_of = torch.tensor([m.cls_gene() for m in maps], device=device)  # (F,)
 
     step0 = 0
     if resume:
-        from state.dist import load_state, set_rng_state
         st = load_state(os.path.join(ck, "state.pt"))
-        if st["step"] != meta_old["step"]:  # a crash between the two atomic writes
-            raise SystemExit(f"{out}: model.safetensors/meta.json are at step {meta_old['step']} but state.pt "
-                             f"at step {st['step']}; cannot resume exactly")
-        opt.load_state_dict(st["opt"])
+        if st["step"] != meta_old["step"]:
+            raise SystemExit(f"{out}: meta.json is at step {meta_old['step']} but state.pt at step {st['step']}; "
+                             "cannot resume exactly")
+        if st.get("dcp") and os.path.isdir(os.path.join(ck, st["dcp"])):
+            load_sharded(raw, opt, os.path.join(ck, st["dcp"]))  # weights + optimizer, resharded to this world
+        elif "opt" in st and not fsdp:  # a checkpoint written before dcp/ (replicated optimizer state)
+            opt.load_state_dict(st["opt"])
+        else:
+            raise SystemExit(f"embed.py fit: --resume needs the sharded checkpoint {ck}/dcp/")
+        opt.param_groups[0]["weight_decay"] = C["wd"]  # the loaded state carries the old value: this run's wins
         try:
             sampler.load_state_dict(st["sampler"])  # one global cursor: any world size
         except ValueError as err:
@@ -290,25 +329,36 @@ def fit(argv):
             return tot["loss"] / n
 
     def save(step, val_loss=None):
-        # the global cursor before this step's batches (resume re-reads them) and every rank's RNG
-        from state.dist import rng_state
+        """Collective, as train.py's: dcp/ from every rank, then rank 0 writes the consolidated weights,
+        meta.json and state.pt (the global cursor before this step's batches, every rank's RNG) and
+        commits the step with one atomic switch."""
+        import torch.distributed as dist
+        if master:
+            ckpt.begin(out, step)
+        if ddp:
+            dist.barrier()
+        stg = ckpt.staging(out, step)
+        save_sharded(raw, opt, os.path.join(stg, "dcp"))
+        if master:
+            ckpt._done()
+        sd = full_state_dict(raw)  # collective gather: fp32 on rank 0, {} on the others
         rngs = [rng_state(device)]
         if ddp:
-            import torch.distributed as dist
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state(device))
-        if not master:
-            return
-        meta = dict(step=step, preset=C["preset"], fit=C, data=[os.path.abspath(p) for p in folders],
-                    data_checksums=[d.checksum for d in datas], recipe=recipes[0], recipes=recipes,
-                    gene_emb=src, datasets=ds_names, ds_col=C["ds_col"], val_loss=val_loss, torch=torch.__version__)
-        d = ckpt.begin(out, step)  # one commit: weights, meta and state of this step together
-        h = save_model(raw, d, meta)
-        ckpt._done()
-        st = dict(step=step, opt=opt.state_dict(), sampler=samp_state, rng=rngs)
-        ckpt.write(os.path.join(d, "state.pt"), lambda p: torch.save(st, p))
-        ckpt.commit(out, step)
-        print0(f"saved {out} at step {step} (se_hash {h})")
+        if master:
+            meta = dict(step=step, preset=C["preset"], fit=C, data=[os.path.abspath(p) for p in folders],
+                        data_checksums=[d.checksum for d in datas], recipe=recipes[0], recipes=recipes,
+                        gene_emb=src, datasets=ds_names, ds_col=C["ds_col"], val_loss=val_loss, world=world,
+                        parallel=C["parallel"] if ddp else None, torch=torch.__version__)
+            h = save_model(raw, stg, meta, sd)
+            ckpt._done()
+            st = dict(step=step, sampler=samp_state, rng=rngs, dcp="dcp", world=world)
+            ckpt.write(os.path.join(stg, "state.pt"), lambda p: torch.save(st, p))
+            ckpt.commit(out, step)
+            print0(f"saved {out} at step {step} (se_hash {h})")
+        if ddp:
+            dist.barrier()
 
     # --- loop
     flops = raw.estimate_flops(C["batch_size"])  # per micro-batch (fwd + bwd)
@@ -333,10 +383,10 @@ def fit(argv):
             g["lr"] = lrs
         for micro, b in enumerate(sampler.next()):  # this rank's grad_accum micro-batches
             x, valid, rows, ds, cg = to_batch(b, labels, cls_of, masks, offs, device)
-            if ddp:
-                model.require_backward_grad_sync = micro == C["grad_accum"] - 1
+            set_sync(model, micro == C["grad_accum"] - 1)  # gradient reduce after the last micro-step only
             with autocast(device, C["dtype"]):
-                loss, parts = model(x, valid, rows, step * C["grad_accum"] + micro, ds, cg)
+                # draws seeded by the global micro-batch index: the same at any world size x accumulation
+                loss, parts = model(x, valid, rows, (step * world + rank) * C["grad_accum"] + micro, ds, cg)
             (loss / C["grad_accum"]).backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), C["clip"])
         opt.step()
@@ -347,6 +397,8 @@ def fit(argv):
             gc.freeze()
         if step % C["log_every"] == 0 or step == T - 1:
             lv = loss.item()  # sync point (log steps only)
+            if hasattr(gn, "full_tensor"):
+                gn = gn.full_tensor()  # DTensor norm (FSDP2): a collective, every rank is here
             t1 = time.time()
             dt = (t1 - t0) / max(1, n_acc / (B * C["grad_accum"] * world))
             cps = n_acc / max(1e-9, t1 - t0)

@@ -50,12 +50,13 @@ sim_cells = 20000        # control cells drawn per (context, perturbation): 2 x 
 loader_cells = 60000     # cells of the 2,000-gene loader set
 sets = 16                # loader batch: sets x set_size cells
 set_size = 256
-steps = 40               # loader steps per measurement
+steps = 300              # loader steps per throughput measurement (40 left the 1-worker rate +-6% noisy)
+wait_steps = 40          # loader steps per data-wait measurement (each sleeps step_ms)
 repeats = 3              # loader measurements per worker count (median reported)
 child = ""               # internal: "workers,sleep" = one loader measurement in this process
 step_ms = 40.0           # simulated accelerator step (ms) for the data-wait share
-KEYS = ("dir", "sizes", "scale", "loader", "loader_cells", "sets", "set_size", "steps", "step_ms", "repeats", "child",
-        "simulate", "sim_cells")
+KEYS = ("dir", "sizes", "scale", "loader", "loader_cells", "sets", "set_size", "steps", "wait_steps", "step_ms",
+        "repeats", "child", "simulate", "sim_cells")
 cfg = {k: v for k, v in dict(globals()).items() if k in KEYS}
 configure(sys.argv[1:], cfg)
 globals().update(cfg)
@@ -169,10 +170,10 @@ if loader:
     D.rows(np.arange(0, D.n_cells, 1))  # page cache warm: the loader is measured on memory, not disk
     cells = sets * set_size
     child or print(f"\nloader: {D.n_cells:,} cells x {D.n_genes} genes float32, batches of {sets} sets x {set_size} cells "
-          f"(+ as many controls), {steps} steps each")
+          f"(+ as many controls), {steps} steps per rate, {wait_steps} per data wait")
     import threading
     rng = np.random.default_rng(0)
-    idx = [np.sort(rng.integers(0, D.n_cells, 2 * cells)) for _ in range(2 * steps)]
+    idx = [np.sort(rng.integers(0, D.n_cells, 2 * cells)) for _ in range(80)]
 
     def copy(ix):
         for i in ix:
@@ -187,20 +188,21 @@ if loader:
         return t1 / (time.perf_counter() - t0)
 
     def one(w, sleep):
+        n = wait_steps if sleep else steps
         ss = StepSampler(SetSampler(D, np.arange(D.n_cells), set_size, sets, seed=0), workers=w, prefetch=2)
-        for _ in range(steps):  # warm-up: queues filled, and each worker process has mapped X's pages once
+        for _ in range(n):  # warm-up: queues filled, and each worker process has mapped X's pages once
             ss.next()
             if sleep:
                 time.sleep(sleep)
         ss.wait = 0.0
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(n):
             ss.next()
             if sleep:
                 time.sleep(sleep)
         dt = time.perf_counter() - t0
         ss.close()
-        return cells * steps / dt, ss.wait / dt
+        return cells * n / dt, ss.wait / dt
 
     if child:  # one measurement in a fresh process: no allocator or page state left by another one
         w, sleep = child.split(",")
@@ -209,7 +211,8 @@ if loader:
 
     def fresh(w, sleep):
         r = subprocess.run([PY, __file__, f"--dir={dir}", f"--loader_cells={loader_cells}", f"--sets={sets}",
-                            f"--set_size={set_size}", f"--steps={steps}", "--scale=False", f"--child={w},{sleep}"],
+                            f"--set_size={set_size}", f"--steps={steps}", f"--wait_steps={wait_steps}", "--scale=False",
+                            f"--child={w},{sleep}"],
                            capture_output=True, text=True, cwd=ROOT, check=True)
         return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -163,7 +163,9 @@ def load_sharded(model, opt, path):
 
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=path)
+    with warnings.catch_warnings():  # single process: the same warning as in save_sharded
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(sd, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 

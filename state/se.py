@@ -538,16 +538,17 @@ def _atomic(path, write):
     os.replace(tmp, path)
 
 
-def save_model(model, out_dir, meta=None):
+def save_model(model, out_dir, meta=None, sd=None):
     """Write out_dir/model.safetensors and out_dir/meta.json atomically; returns the weights hash
-    (sha256 of model.safetensors, 16 hex), which transform records in uns['nanostate_se']."""
+    (sha256 of model.safetensors, 16 hex), which transform records in uns['nanostate_se']. `sd`: the
+    weights to write (a consolidated state dict of a sharded model); default the model's own."""
     import json
 
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     m = getattr(model, "module", model)
     m = getattr(m, "_orig_mod", m)
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in m.state_dict().items()}
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in (m.state_dict() if sd is None else sd).items()}
     p = os.path.join(out_dir, "model.safetensors")
     _atomic(p, lambda t: save_file(sd, t))
     h = file_hash(p)

@@ -128,8 +128,10 @@ def test_step_sampler_shards_without_overlap():
 
 
 def test_embed_fit_under_torchrun_resumes_at_another_world_size(tmp_path):
-    """SE pre-training on the same data path as train.py: 2 processes (DDP, gloo) stopped at step 2,
-    resumed by 1 process with twice the accumulation (the same global batch) from the global cursor."""
+    """SE pre-training on the same data path and checkpoint as train.py: 2 processes (FSDP2, gloo) stopped
+    at step 2 and resumed from the sharded DCP checkpoint by 1 process with twice the accumulation (the same
+    global batch, from the global cursor) end with the weights of 1 process run straight through."""
+    from safetensors.torch import load_file
     from state.data import prepare
     from state.synth import make_synthetic
     make_synthetic(tmp_path / "a.h5ad", n_cells=300, n_genes=30, n_perts=2, n_contexts=2, seed=5, counts=True)
@@ -138,13 +140,25 @@ def test_embed_fit_under_torchrun_resumes_at_another_world_size(tmp_path):
     common = ["embed.py", "fit", f"--data={tmp_path / 'pa'}", "--batch_size=8", "--save_every=2", "--pca_dim=6",
               "--val_cells=4", "--eval_every=100", "--log_every=100", "--d_model=16", "--ff=32", "--n_head=2",
               "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4", "--S=4",
-              f"--out={tmp_path / 'se'}"]
+              "--dropout=0.0", "--max_steps=4"]  # no dropout: per-rank dropout streams differ by design
     tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    r = subprocess.run([*tr, *common, "--max_steps=4", "--stop_at=2"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, *common, "--max_steps=4", "--grad_accum=2", "--resume"], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and "resuming a world-2 run at world 1" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+    def fit(launch, out, *extra):
+        r = subprocess.run([*launch, *common, f"--out={tmp_path / out}", *extra], cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        return r.stdout
+
+    fit([sys.executable], "one", "--grad_accum=2")
+    o = fit(tr, "se", "--stop_at=2")
+    assert "fsdp x 2" in o
+    assert (tmp_path / "se" / "ckpt" / "dcp" / ".metadata").exists()
+    o = fit([sys.executable], "se", "--grad_accum=2", "--resume")
+    assert "resuming a world-2 run at world 1" in o, o[-2000:]
     assert json.load(open(tmp_path / "se" / "meta.json"))["step"] == 4
     st = torch.load(tmp_path / "se" / "state.pt", weights_only=True)
     assert st["sampler"]["cursor"] == 2 * 2 + 2 * 2  # 2 steps x 2 ranks, then 2 steps x 2 micro-batches
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "se" / "model.safetensors")
+    assert a.keys() == b.keys()
+    gap = max(float((a[k] - b[k]).abs().max()) for k in a)  # one Adam step moves a weight by ~lr = 1e-3
+    assert gap < 1e-4, gap

@@ -195,7 +195,7 @@ def test_gene_table_errors(tmp_path):
         GeneMap(h, ["TP53", "ACTB"], quiet=True)
 
 
-def test_fit_resume_and_transform(tmp_path):
+def test_fit_resume_and_transform(tmp_path, capsys):
     import embed
 
     X = _counts(90, 25, seed=3)
@@ -218,6 +218,14 @@ def test_fit_resume_and_transform(tmp_path):
     assert h1 == file_hash(str(tmp_path / "r2" / "model.safetensors"))  # exact resume
     meta = json.load(open(tmp_path / "r1" / "meta.json"))
     assert meta["se_hash"] == h1 and len(meta["genes"]) == 25 and meta["step"] == 5
+    assert (tmp_path / "r2" / "ckpt" / "dcp" / ".metadata").exists()  # train.py's sharded checkpoint
+    for bad, what in (("--batch_size=16", "batch_size"), ("--d_model=32", "d_model"),
+                      ("--grad_accum=2", "global batch"), (f"--data={tmp_path / 'pa'}", "data")):
+        with pytest.raises(SystemExit, match=f"cannot change .*{what}"):  # refused, nothing written
+            embed.main(["fit", *common, f"--out={tmp_path}/r2", "--resume", "--max_steps=6", bad])
+    assert h1 == file_hash(str(tmp_path / "r2" / "model.safetensors"))
+    embed.main(["fit", *common, f"--out={tmp_path}/r2", "--resume", "--max_steps=6", "--wd=0.1"])
+    assert "changed settings (applied from this step on): max_steps 5 -> 6, wd 0.01 -> 0.1" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exists and is not empty"):  # never overwrite a run
         embed.main(["fit", *common, f"--out={tmp_path}/r1"])
     (tmp_path / "st").mkdir()
