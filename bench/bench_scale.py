@@ -8,8 +8,9 @@ fast the loader feeds a step with 0, 1 and 2 worker threads.
 
 Scale section, per size: a synthetic file (python -m state.synth, 8 genes, 8 perturbations, 50
 contexts, 4 batches; made once under --dir and kept), then each step in its own process, its peak RSS
-from the kernel's rusage of that process (wait4): `state.data prepare`, `state.splits make`, and
-`train.py` start-up + 1 step (tiny preset). In this process: SetSampler set-up on the split's train
+from the kernel's rusage of that process (wait4): `state.data prepare`, `state.splits make`,
+`train.py` start-up + 1 step (tiny preset), and the same with the anchored cpu preset (its shift table
+from the group sums prepare writes, and again with sums.npy hidden: every training row read). In this process: SetSampler set-up on the split's train
 part and the batch on each side of an epoch boundary. Then the per-cell RSS growth between sizes
 (bytes per cell) and the growth exponent of wall time (log t2/t1 / log n2/n1; 1 = linear, 0 = flat).
 
@@ -126,6 +127,20 @@ if scale:
             shutil.rmtree(run)
         r["train"] = measure([PY, "train.py", f"--data={prep}", f"--split={sp}", "--preset=tiny", "--max_steps=1",
                               "--val_batches=1", "--threads=1", f"--out={run}"], W / "train.log")
+        # anchored start-up (cpu preset: the shift table from the training part's group means) with the group
+        # sums prepare writes, and as a folder without them (every training row read)
+        for k, hide in (("anchor", False), ("anchor_all", True)):
+            import shutil
+            shutil.rmtree(run, ignore_errors=True)
+            if hide:
+                os.replace(prep / "sums.npy", prep / "sums.hidden")
+            try:
+                r[k] = measure([PY, "train.py", f"--data={prep}", f"--split={sp}", "--preset=cpu", "--max_steps=1",
+                                "--val_batches=1", "--threads=1", f"--out={run}"],
+                               W / "train.log")
+            finally:
+                if hide:
+                    os.replace(prep / "sums.hidden", prep / "sums.npy")
         D = Prepared(prep)
         s = Split.load(sp).validate(D)
         t0 = time.perf_counter()
@@ -139,7 +154,9 @@ if scale:
         rows.append(r)
         print(f"{human(n):>5} cells: prepare {r['prepare'][0]:6.1f}s {r['prepare'][1] / 2**20:6.0f} MB | split "
               f"{r['split'][0]:5.1f}s {r['split'][1] / 2**20:5.0f} MB, file {r['split_bytes']:,} B | train start-up + 1 step "
-              f"{r['train'][0]:5.1f}s {r['train'][1] / 2**20:5.0f} MB | sampler init {r['sampler_init'] * 1e3:.0f} ms, "
+              f"{r['train'][0]:5.1f}s {r['train'][1] / 2**20:5.0f} MB | anchored (cpu preset) start-up "
+              f"{r['anchor'][0]:5.1f}s {r['anchor'][1] / 2**20:5.0f} MB, without sums.npy {r['anchor_all'][0]:5.1f}s "
+              f"{r['anchor_all'][1] / 2**20:5.0f} MB | sampler init {r['sampler_init'] * 1e3:.0f} ms, "
               f"last batch of epoch 0 {r['batch_end'] * 1e3:.1f} ms, first of epoch 1 {r['batch_next_epoch'] * 1e3:.1f} ms",
               flush=True)
     print("\ngrowth between sizes (RSS bytes per cell; wall-time exponent, 1 = linear):")
@@ -154,7 +171,7 @@ if scale:
               f"{ex['prepare']:.2f} | {ex['split']:.2f} | {ex['train']:.2f} | {b['train'][0] / a['train'][0]:.2f}x |")
     a, b = rows[-2], rows[-1]
     print("\nprojection to 100M cells (the largest size plus the last step's per-cell growth, linear):")
-    for k in ("prepare", "split", "train"):
+    for k in ("prepare", "split", "train", "anchor"):
         per = (b[k][1] - a[k][1]) / (b["n"] - a["n"])
         print(f"  {k}: peak RSS {(b[k][1] + per * (1e8 - b['n'])) / 2**30:.2f} GiB")
     print(f"  X.bin {b['x_bytes'] / b['n'] * 1e8 / 2**30:.1f} GiB at 8 float32 features (2,000 genes: x250)")

@@ -50,16 +50,30 @@ NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift",
 
 def group_means(data, rows):
     """Mean expression per (context, pert) over the given rows (an index array or a Rows, e.g. a split
-    part: then read segment by segment, never one index per cell): dict (c, p) -> (mean (G,), n)."""
+    part: then read segment by segment, never one index per cell): dict (c, p) -> (mean (G,), n).
+    A segment that covers more than half of its group is its group's sum (sums.npy, written by
+    prepare) minus the rows it leaves out: a training part reads only the val cells."""
     from state.data import Rows
     segs, gi = (rows if isinstance(rows, Rows) else Rows.of(rows)).cut(data)
+    S, T = data.sums, data.group_table
+
+    def total(r):
+        m = len(r)
+        return data.rows(np.sort(r.at(np.zeros(m, np.int64), np.arange(m)))).sum(0, dtype=np.float64) if m else 0.0
+
     sums = {}
     for s in range(len(segs.start)):
-        m = int(segs.hi[s] - segs.lo[s])
-        x = data.rows(np.sort(segs.at(np.full(m, s), np.arange(m)))).astype(np.float64)
-        c, p = int(data.group_table[gi[s], 0]), int(data.group_table[gi[s], 1])
+        g, m = gi[s], int(segs.hi[s] - segs.lo[s])
+        seg = lambda lo, hi: Rows(segs.start[s:s + 1], segs.n[s:s + 1], [lo], [hi], segs.key[s:s + 1],
+                                  segs.shuf[s:s + 1])
+        whole = segs.start[s] == T[g, 3] and segs.n[s] == T[g, 4] - T[g, 3]  # a permutation of all the group
+        if S is not None and whole and 2 * m > segs.n[s]:
+            x = S[g] - total(seg(0, segs.lo[s])) - total(seg(segs.hi[s], segs.n[s]))
+        else:
+            x = total(seg(segs.lo[s], segs.hi[s]))
+        c, p = int(T[g, 0]), int(T[g, 1])
         t, n = sums.get((c, p), (0.0, 0))
-        sums[(c, p)] = (t + x.sum(0), n + m)
+        sums[(c, p)] = (t + x, n + m)
     return {k: (s / n, n) for k, (s, n) in sums.items()}
 
 

@@ -20,7 +20,11 @@ OUT_DIR holds:
     X.bin       (n_cells, n_genes) raw row-major array (float32, float16, or bfloat16 stored as uint16)
     codes.npy   (n_cells, 4) int32: context, perturbation, batch, source-file codes
     G.bin       (n_cells, n_genes_out), only with --genes-key: gene-space rows of the same cells (decoder target)
-    index.json  genes, obs names, vocabularies, groups (contiguous row ranges), recipe, scale, checksums
+    groups.npy  (n_groups, 5) int64: context, perturbation, batch, first row, end row (rows sorted by group)
+    sums.npy    (n_groups, n_genes) float64: each group's sum of X rows (group means of a split part then
+                read only the rows the part leaves out: the anchor table, the mean baselines)
+    obs_names.npy (n_cells,) fixed-width utf-8 cell names (read only when predictions are written)
+    index.json  genes, vocabularies, recipe, scale, sources, checksum (nothing per cell)
 """
 
 import argparse
@@ -718,6 +722,36 @@ def _write_rows(srcs, r, out, table, G, width, csize):
         os.replace(p, out / k)
 
 
+def _group_sums(out, table, G, dtype, csize):
+    """sums.npy: (n_groups, G) float64 sum of each group's rows, from one sequential pass over X.bin read
+    with positioned reads (never mapped: its pages would count in this process's memory), so memory is
+    one block of rows and 4,096 groups' sums."""
+    from tqdm import tqdm
+    rb = G * np.dtype(DTYPES[dtype]).itemsize  # bytes per row
+    fd = os.open(out / "X.bin", os.O_RDONLY)
+    tmp = out / f"sums.npy.tmp{os.getpid()}"
+    f = _RowFile(tmp, len(table), np.float64, (G,), npy=True)
+    try:
+        buf, first = [], 0
+        for g in tqdm(range(len(table)), desc="group sums", unit="group", file=sys.stderr, leave=False):
+            acc, a0, a1 = np.zeros(G), int(table[g, 3]), int(table[g, 4])
+            for a in range(a0, a1, csize):
+                n = min(a1, a + csize) - a
+                x = np.frombuffer(os.pread(fd, n * rb, a * rb), DTYPES[dtype]).reshape(n, G)
+                acc += from_storage(x, dtype).sum(0, dtype=np.float64)
+            buf.append(acc)
+            if len(buf) == 4096 or g == len(table) - 1:
+                f.put(np.arange(first, g + 1), np.stack(buf))
+                first, buf = g + 1, []
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        f.close()
+        os.close(fd)
+    os.replace(tmp, out / "sums.npy")
+
+
 def _prepare(hs, out, r, gene_target=None):
     srcs = _sources(hs, r)
     gl = _gene_plan(srcs, r)
@@ -738,6 +772,7 @@ def _prepare(hs, out, r, gene_target=None):
             shutil.rmtree(out, ignore_errors=True)
         raise
     np.save(out / "groups.npy", table)
+    _group_sums(out, table, len(gl), r.dtype, csize)
     sources = [dict(path=os.path.abspath(s["path"]), md5=md5(s["path"]), n_obs=int(s["n"]), kept=int(s["ln"].sum()),
                     scale=dict(kind=s["scale"].kind, target_sum=s["scale"].target_sum, evidence=s["scale"].evidence),
                     transform=s["tr"], se=s["h"].uns("nanostate_se") if emb else None)  # SE provenance (embed.py)
@@ -773,6 +808,7 @@ def _prepare(hs, out, r, gene_target=None):
                  n_groups=len(table), recipe=recipe, sources=sources, checksum=cs,
                  files={"X.bin": f"({N}, {len(gl)}) {r.dtype} row-major", "codes.npy": "(N, 4) int32 context, "
                         "pert, batch, source", "groups.npy": "(n_groups, 5) int64 context, pert, batch, start, stop",
+                        "sums.npy": f"(n_groups, {len(gl)}) float64 row sums per group",
                         "obs_names.npy": f"(N,) S{width} utf-8"})
     if gtx:
         index["gene_target"] = gtx
@@ -790,6 +826,15 @@ def to_storage(x, dtype):
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return x.astype(DTYPES[dtype], copy=False)
+
+
+def from_storage(x, dtype):
+    """Stored rows -> float32 (the inverse of to_storage)."""
+    if dtype == "bfloat16":
+        x = np.ascontiguousarray(x)
+        x = x if x.flags.writeable else x.copy()  # torch views only writable arrays (a memmap slice is not)
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float().numpy()
+    return np.asarray(x).astype(np.float32, copy=False)
 
 
 # -----------------------------------------------------------------------------
@@ -857,6 +902,12 @@ class Prepared:
         return self._map("X.bin")
 
     @property
+    def sums(self):
+        """(n_groups, n_genes) float64 memmap of each group's row sums, or None (a folder prepared
+        before sums.npy existed)."""
+        return self._map("sums.npy") if (self.dir / "sums.npy").exists() else None
+
+    @property
     def G(self):
         """(n_cells, n_genes_out) memmap of the gene-space targets, or None without --genes-key."""
         return self._map("G.bin") if self.n_genes_out else None
@@ -915,11 +966,9 @@ class Prepared:
         dt = self.index["gene_target"]["dtype"] if genes else self.dtype
         if dt == "float32":
             return np.take(src, idx, axis=0, out=out, mode="clip")
-        x = np.take(src, idx, axis=0, mode="clip")
-        if dt == "bfloat16":
-            x = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float().numpy()
+        x = from_storage(np.take(src, idx, axis=0, mode="clip"), dt)
         if out is None:
-            return x.astype(np.float32, copy=False)
+            return x
         out[...] = x
         return out
 

@@ -144,6 +144,8 @@ def test_prepare_papalexi_bf16(papalexi_path, tmp_path):
         src = np.array([pos[n] for n in d.obs_names[:300]])
         ref = h.matrix("X").rows(src)
     np.testing.assert_allclose(d.rows(np.arange(300)), ref, rtol=1 / 128, atol=1e-6)
+    a, b = d.group_table[0, 3:5]  # group sums decode the stored bfloat16 rows
+    np.testing.assert_allclose(d.sums[0], d.rows(np.arange(a, b)).sum(0, dtype=np.float64), rtol=1e-9, atol=1e-6)
 
 
 def test_hvg_scanpy_parity(kang_path, tmp_path):
@@ -278,6 +280,30 @@ def test_layout_is_binary_and_old_folders_are_refused(syn, tmp_path):
     (old / "index.json").write_text(json.dumps(ix))
     with pytest.raises(H5ADError, match="older layout.*re-run python -m state.data prepare"):
         Prepared(old)
+
+
+def test_group_sums_make_a_part_read_only_what_it_leaves_out(syn, monkeypatch):
+    """sums.npy holds each group's row sums; the training part's group means (anchor table, mean
+    baselines) are then its groups' sums minus the val cells: the same means from ~val_frac of the reads."""
+    from state.baselines import group_means
+    from state.splits import make_split
+    _, d, _ = syn
+    T = d.group_table
+    direct = np.stack([d.rows(np.arange(a, b)).sum(0, dtype=np.float64) for a, b in T[:, 3:5]])
+    np.testing.assert_allclose(d.sums, direct, rtol=1e-12, atol=1e-9)
+    sp = make_split(d, task="fewshot", context=d.context_names[0], support=0.3, seed=0)
+    tr = sp.part("train")
+    reads, rows = [], d.rows
+    monkeypatch.setattr(d, "rows", lambda idx: (reads.append(len(idx)), rows(idx))[1])
+    fast = group_means(d, tr)
+    n_fast = sum(reads)
+    monkeypatch.setattr(Prepared, "sums", None)  # a folder prepared without sums.npy
+    reads.clear()
+    slow = group_means(d, tr)
+    assert fast.keys() == slow.keys() and all(fast[k][1] == slow[k][1] for k in fast)
+    for k in fast:
+        np.testing.assert_allclose(fast[k][0], slow[k][0], rtol=1e-9, atol=1e-9)
+    assert sum(reads) == len(tr) and n_fast == len(sp.part("val")) < len(tr) / 5, (n_fast, len(tr))
 
 
 def test_cli_prepare(syn, tmp_path, capsys):
