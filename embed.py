@@ -188,7 +188,8 @@ def fit(argv):
         bad += [f"{k} ({mc.get(k)!r} -> {v!r})" for k, v in mkw.items() if mc.get(k) != v]
         if meta_old.get("data_checksums") != [d.checksum for d in datas]:
             bad.append("data (the prepared folders or their checksums differ)")
-        w_old = len(load_state(os.path.join(ck, "state.pt"))["rng"])
+        st = load_state(os.path.join(ck, "state.pt"))  # step, sampler cursor, every rank's RNG
+        w_old = len(st["rng"])
         if w_old * old["grad_accum"] != world * C["grad_accum"]:  # world x accum may trade, not change
             bad.append(f"global batch ({w_old} processes x {old['grad_accum']} micro-steps -> "
                        f"{world} x {C['grad_accum']})")
@@ -280,7 +281,6 @@ def fit(argv):
 
     step0 = 0
     if resume:
-        st = load_state(os.path.join(ck, "state.pt"))
         if st["step"] != meta_old["step"]:
             raise SystemExit(f"{out}: meta.json is at step {meta_old['step']} but state.pt at step {st['step']}; "
                              "cannot resume exactly")
@@ -365,7 +365,7 @@ def fit(argv):
     T = C["max_steps"]
     B = C["batch_size"]
     model.train()
-    t0, dt_acc, n_acc = time.time(), 0.0, 0
+    t0, n_acc, w0, b0 = time.time(), 0, sampler.wait, (sampler.built, sampler.n_built)
     for step in range(step0, T + 1):
         samp_state = sampler.state_dict()  # before this step's batches: what a checkpoint stores
         last = step == T
@@ -377,7 +377,8 @@ def fit(argv):
         if last or stop:
             break
         if step > step0 and (step % C["eval_every"] == 0 or step % C["save_every"] == 0):
-            t0, n_acc = time.time(), 0  # keep eval/save time out of the throughput figures
+            # keep eval/save time out of the throughput figures
+            t0, n_acc, w0, b0 = time.time(), 0, sampler.wait, (sampler.built, sampler.n_built)
         lrs = lr_at(step, T, lr, C["warmup"], C["min_lr_frac"])
         for g in opt.param_groups:
             g["lr"] = lrs
@@ -405,12 +406,14 @@ def fit(argv):
             u = mfu(flops * cps / B, 1.0, device, world)  # FLOP/s of all ranks over all ranks' peak
             mfu_s = f" | mfu {100 * u:.1f}%" if u is not None else ""
             eta = (T - step - 1) * dt
+            wait, cap = (sampler.wait - w0) / max(1e-9, t1 - t0), sampler.capacity(b0) * B  # as train.py's
             print0(f"step {step}/{T} | loss {lv:.4f} | gene {parts['gene'].item():.4f} | "
                    f"cell {parts['cell'].item():.4f}"
                    + (f" | ds {parts['ds'].item():.3f}" if "ds" in parts else "")
-                   + f" | lr {lrs:.2e} | gnorm {gn.item():.2f} | dt {1000 * dt:.0f}ms | "
-                   f"cells/s {cps:,.0f}{mfu_s} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
-            t0, n_acc = time.time(), 0
+                   + f" | lr {lrs:.2e} | gnorm {gn.item():.2f} | dt {1000 * dt:.0f}ms | data {100 * wait:.0f}% "
+                   f"(loader {cap:,.0f} cells/s) | cells/s {cps:,.0f}{mfu_s} | "
+                   f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+            t0, n_acc, w0, b0 = time.time(), 0, sampler.wait, (sampler.built, sampler.n_built)
     sampler.close()
     compute_cleanup()
 

@@ -520,6 +520,7 @@ samp_state = sampler.state_dict()  # state *before* the pending batches: what a 
 batches = [to_dev(b) for b in sampler.next()]  # this rank's grad_accum micro-batches of the step
 model.train()
 t_last, step_last, dt_ema, wait_last = time.perf_counter(), start, None, sampler.wait
+built_last = (sampler.built, sampler.n_built)
 vl = None
 first_bad = torch.full((), -1, dtype=torch.int64, device=dev)  # first step with a non-finite loss (on device)
 
@@ -601,6 +602,8 @@ for step in range(start, max_steps + 1):
         dt = (now - t_last) / (step + 1 - step_last)
         wait = (sampler.wait - wait_last) / max(now - t_last, 1e-9)  # share of wall time waiting for data
         step_last, t_last, wait_last = step + 1, now, sampler.wait
+        cap = sampler.capacity(built_last) * B * S  # target cells/s this rank's loader can build
+        built_last = (sampler.built, sampler.n_built)
         dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
         cells = B * S * world * grad_accum / dt
         eta = dt_ema * (max_steps - step - 1)
@@ -612,10 +615,11 @@ for step in range(start, max_steps + 1):
             gnorm = gnorm.full_tensor()  # DTensor norm (FSDP2): a collective, every rank is here
         gn = f" | gnorm {gnorm.item():.2f}" if gnorm is not None else ""
         print0(f"step {step + 1}/{max_steps} | loss {lossf:.4f}{extra} | lr {lr_now:.1e}{gn} | "
-               f"dt {dt * 1000:.0f}ms | data {100 * wait:.0f}% | cells/s {cells:,.0f}{mfu_s} | eta {int(eta // 3600)}h"
-               f"{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+               f"dt {dt * 1000:.0f}ms | data {100 * wait:.0f}% (loader {cap:,.0f} cells/s) | cells/s {cells:,.0f}"
+               f"{mfu_s} | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
         if logf:
             logf.write(json.dumps({"step": step + 1, "loss": lossf, "dt_ms": dt * 1000, "data_wait": wait,
+                                   "loader_cells_s": cap,
                                    **({"dec": parts["decoder"].item()} if "decoder" in parts else {})}) + "\n")
             logf.flush()
 

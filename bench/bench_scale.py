@@ -211,7 +211,7 @@ if loader:
             ss.next()
             if sleep:
                 time.sleep(sleep)
-        ss.wait = 0.0
+        ss.wait, b0 = 0.0, (ss.built, ss.n_built)
         t0 = time.perf_counter()
         for _ in range(n):
             ss.next()
@@ -219,7 +219,7 @@ if loader:
                 time.sleep(sleep)
         dt = time.perf_counter() - t0
         ss.close()
-        return cells * n / dt, ss.wait / dt
+        return cells * n / dt, ss.wait / dt, ss.capacity(b0) * cells  # the last: the loader's own estimate
 
     if child:  # one measurement in a fresh process: no allocator or page state left by another one
         w, sleep = child.split(",")
@@ -238,16 +238,20 @@ if loader:
     for r in range(repeats):  # interleaved, so that a noisy minute hits every worker count
         ceil.append(ceiling())
         for w in (0, 1, 2):
-            res[w].append((fresh(w, 0.0)[0], fresh(w, step_ms / 1e3)[1]))
+            rate, _, cap = fresh(w, 0.0)
+            res[w].append((rate, fresh(w, step_ms / 1e3)[1], cap))
     print(f"plain memmap copies, 2 threads vs 1 (this machine's ceiling for any loader): "
           f"{np.median(ceil):.2f}x (runs {', '.join(f'{c:.2f}' for c in ceil)})")
     print(f"median of {repeats} interleaved runs:")
-    print("| workers | cells/s (no step) | ratio to 0 workers | ratio to 1 worker | data wait with a {:.0f} ms step |"
-          .format(step_ms))
-    print("|---|---|---|---|---|")
-    med = {w: (np.median([x[0] for x in v]), np.median([x[1] for x in v])) for w, v in res.items()}
-    for w, (rate, wait) in med.items():
-        print(f"| {w} | {rate:,.0f} | {rate / med[0][0]:.2f}x | {f'{rate / med[1][0]:.2f}x' if w else '-'} | "
+    print("| workers | cells/s (no step) | loader's own estimate | ratio to 0 workers | ratio to 1 worker (per run) | "
+          f"data wait with a {step_ms:.0f} ms step |")
+    print("|---|---|---|---|---|---|")
+    med = {w: [np.median([x[i] for x in v]) for i in range(3)] for w, v in res.items()}
+    for w, (rate, wait, cap) in med.items():
+        pair = [a[0] / b[0] for a, b in zip(res[w], res[1])]  # the same repeat: paired
+        runs = ", ".join(f"{x:.2f}" for x in pair)
+        print(f"| {w} | {rate:,.0f} | {cap:,.0f} | {rate / med[0][0]:.2f}x | "
+              f"{f'{np.median(pair):.2f}x ({runs})' if w else '-'} | "
               f"{100 * wait:.1f}% (runs {', '.join(f'{100 * x[1]:.1f}' for x in res[w])}) |", flush=True)
 
 # -----------------------------------------------------------------------------

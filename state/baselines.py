@@ -57,23 +57,23 @@ def group_means(data, rows):
     segs, gi = (rows if isinstance(rows, Rows) else Rows.of(rows)).cut(data)
     S, T = data.sums, data.group_table
 
-    def total(r):
+    def total(s, lo, hi):
+        """Sum of the rows at positions [lo, hi) of segment s (float64)."""
+        r = Rows(segs.start[s:s + 1], segs.n[s:s + 1], [lo], [hi], segs.key[s:s + 1], segs.shuf[s:s + 1])
         m = len(r)
         return data.rows(np.sort(r.at(np.zeros(m, np.int64), np.arange(m)))).sum(0, dtype=np.float64) if m else 0.0
 
     sums = {}
     for s in range(len(segs.start)):
-        g, m = gi[s], int(segs.hi[s] - segs.lo[s])
-        seg = lambda lo, hi: Rows(segs.start[s:s + 1], segs.n[s:s + 1], [lo], [hi], segs.key[s:s + 1],
-                                  segs.shuf[s:s + 1])
-        whole = segs.start[s] == T[g, 3] and segs.n[s] == T[g, 4] - T[g, 3]  # a permutation of all the group
-        if S is not None and whole and 2 * m > segs.n[s]:
-            x = S[g] - total(seg(0, segs.lo[s])) - total(seg(segs.hi[s], segs.n[s]))
+        g, lo, hi, n = gi[s], int(segs.lo[s]), int(segs.hi[s]), int(segs.n[s])
+        whole = segs.start[s] == T[g, 3] and n == T[g, 4] - T[g, 3]  # the segment permutes all of its group
+        if S is not None and whole and 2 * (hi - lo) > n:
+            x = S[g] - total(s, 0, lo) - total(s, hi, n)
         else:
-            x = total(seg(segs.lo[s], segs.hi[s]))
+            x = total(s, lo, hi)
         c, p = int(T[g, 0]), int(T[g, 1])
-        t, n = sums.get((c, p), (0.0, 0))
-        sums[(c, p)] = (t + x, n + m)
+        t, k = sums.get((c, p), (0.0, 0))
+        sums[(c, p)] = (t + x, k + hi - lo)
     return {k: (s / n, n) for k, (s, n) in sums.items()}
 
 

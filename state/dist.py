@@ -197,10 +197,11 @@ def _loader_worker(s, ring, tasks, done, parent):
             return
         c, slot = job
         try:
+            t0 = time.perf_counter()
             s.batch(*divmod(c, s.steps_per_epoch), out=ring[slot])  # every tensor lands in the slot
-            done.put((c, None))
+            done.put((c, None, time.perf_counter() - t0))
         except BaseException as e:  # noqa: BLE001 (reported in the parent, which raises it)
-            done.put((c, f"{type(e).__name__}: {e}"))
+            done.put((c, f"{type(e).__name__}: {e}", 0.0))
 
 
 def _shared(arrays):
@@ -229,12 +230,14 @@ class StepSampler:
     pure function of its index, so the batches and their order do not depend on the number of workers.
     A batch from next() is a view of its ring slot: valid until prefetch + 1 more calls (train.py uses
     it for one step). pin=True copies it into pinned memory (CUDA) for non-blocking host-to-device
-    transfers. `wait` accumulates the seconds next() spent waiting for data."""
+    transfers. `wait` accumulates the seconds next() spent waiting for data, `built` the seconds spent
+    building the `n_built` micro-batches (summed over the loader processes): capacity() is what the
+    loader could deliver."""
 
     def __init__(self, sampler, rank=0, world=1, accum=1, workers=0, prefetch=2, pin=False):
         self.s, self.rank, self.world, self.accum = sampler, rank, world, accum
         self.workers, self.prefetch, self.pin = int(workers), max(1, int(prefetch)), pin
-        self.cursor, self.wait = 0, 0.0
+        self.cursor, self.wait, self.built, self.n_built = 0, 0.0, 0.0, 0
         self._procs, self._pending, self._ready = [], set(), set()
         if self.workers:
             import multiprocessing as mp
@@ -250,7 +253,9 @@ class StepSampler:
 
     def micro(self, c):
         """Micro-batch c, built in this process."""
+        t0 = time.perf_counter()
         b = self.s.batch(*divmod(c, self.s.steps_per_epoch))
+        self.built, self.n_built = self.built + time.perf_counter() - t0, self.n_built + 1
         return {k: v.pin_memory() for k, v in b.items()} if self.pin else b
 
     def _ids(self, cursor):
@@ -270,10 +275,11 @@ class StepSampler:
         """Wait for step `cur`'s micro-batches from the loader processes; -> list of batches."""
         want = list(self._ids(cur))
         while any(c not in self._ready for c in want):
-            c, err = self._done.get()
+            c, err, dt = self._done.get()
             if err is not None:
                 raise RuntimeError(f"loader process failed on micro-batch {c}: {err}")
             self._ready.add(c)
+            self.built, self.n_built = self.built + dt, self.n_built + 1
         self._pending.discard(cur)
         bs = []
         for j, c in enumerate(want):
@@ -295,6 +301,12 @@ class StepSampler:
         for i in range(self.prefetch if self._procs else 0):  # keep `prefetch` steps queued
             self._submit(self.cursor + i * self.world * self.accum)
         return bs
+
+    def capacity(self, since=(0.0, 0)):
+        """Micro-batches per second the loader can build (all its processes together), over the builds
+        after `since` = an earlier (built, n_built); 0 before any."""
+        dt, n = self.built - since[0], self.n_built - since[1]
+        return n * max(1, self.workers) / dt if dt > 0 else 0.0
 
     @property
     def epoch(self):
