@@ -44,10 +44,10 @@ import torch
 
 from state import ckpt
 from state.config import configure
-from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, full_state_dict, load_sharded,
-                        load_state, mfu, print0, rng_state, save_sharded, set_rng_state, set_sync, shard)
+from state.dist import (StepSampler, compute_cleanup, compute_init, load_sharded, load_state, mfu,
+                        print0, set_rng_state, set_sync, shard, stage_checkpoint)
 from state.h5ad import H5AD
-from state.se import (PRESETS, GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,
+from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,
                       load_model, norm_gene, pca_gene_vectors, save_model)
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,20 +332,7 @@ def fit(argv):
         """Collective, as train.py's: dcp/ from every rank, then rank 0 writes the consolidated weights,
         meta.json and state.pt (the global cursor before this step's batches, every rank's RNG) and
         commits the step with one atomic switch."""
-        import torch.distributed as dist
-        if master:
-            ckpt.begin(out, step)
-        if ddp:
-            dist.barrier()
-        stg = ckpt.staging(out, step)
-        save_sharded(raw, opt, os.path.join(stg, "dcp"))
-        if master:
-            ckpt._done()
-        sd = full_state_dict(raw)  # collective gather: fp32 on rank 0, {} on the others
-        rngs = [rng_state(device)]
-        if ddp:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(device))
+        stg, sd, rngs = stage_checkpoint(out, step, raw, opt, device)
         if master:
             meta = dict(step=step, preset=C["preset"], fit=C, data=[os.path.abspath(p) for p in folders],
                         data_checksums=[d.checksum for d in datas], recipe=recipes[0], recipes=recipes,
@@ -358,6 +345,7 @@ def fit(argv):
             ckpt.commit(out, step)
             print0(f"saved {out} at step {step} (se_hash {h})")
         if ddp:
+            import torch.distributed as dist
             dist.barrier()
 
     # --- loop

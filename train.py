@@ -50,8 +50,8 @@ from state import ckpt
 from state.config import configure
 from state.data import Prepared, SetSampler
 from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16, mfu,
-                        full_state_dict, load_sharded, load_state, print0, quiet_exit, rng_state, save_sharded,
-                        set_rng_state, set_sync, shard)
+                        load_sharded, load_state, print0, quiet_exit, set_rng_state, set_sync, shard,
+                        stage_checkpoint)
 from state.splits import Split
 from state.st import (ALIASES, TRAIN_DEFAULTS, STConfig, StateTransition, combo_table, load_pert_features,
                       parts_of)
@@ -332,32 +332,17 @@ def save_checkpoint(step, val_loss):
     single-process runs), `ema.safetensors`, the consolidated fp32 `model.safetensors` (the weights
     predict.py uses) and `meta.json`; then the folder is committed with one atomic switch."""
     from safetensors.torch import save_file
-    if master:
-        os.makedirs(out, exist_ok=True)
-        ckpt.begin(out, step)
-    if ddp:
-        dist.barrier()
-    d = ckpt.staging(out, step)
-    save_sharded(raw, opt, os.path.join(d, "dcp"))
-    if master:
-        ckpt._done()
-    sd = full_state_dict(raw)  # collective gather: fp32 on rank 0, {} on the others
-    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    d, sd, rngs = stage_checkpoint(out, step, raw, opt, dev)  # collective: dcp/, weights on rank 0, RNGs
     emasd = None
     if ema_p is not None and sd:  # the weights predict.py loads are the EMA ones (or the selected ones)
         emasd = {**sd, **{n: e.detach().cpu().contiguous() for n, e in zip(ema_names, ema_p)}}
         sd = emasd
     if best["w"] is not None and sd:
         sd = {**sd, **dict(zip(ema_names, best["w"]))}
-    rng = rng_state(dev)
-    rngs = [rng]
-    if ddp:
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng)
     if not master:
         dist.barrier()
         return
-    state = {"step": step, "sampler": samp_state, "rng": rng, "rng_ranks": rngs, "dcp": "dcp",
+    state = {"step": step, "sampler": samp_state, "rng": rngs[0], "rng_ranks": rngs, "dcp": "dcp",
              "world": world, "grad_accum": grad_accum}
     if not ddp:
         state["optimizer"] = opt.state_dict()

@@ -28,6 +28,7 @@ which the host's cores are free for the workers).
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -116,21 +117,18 @@ if scale:
                      "--n_contexts", "50", "--n_batches", "4"], W / "synth.log")
         r = dict(n=n)
         if prep.exists():
-            import shutil
             shutil.rmtree(prep)
         r["prepare"] = measure([PY, "-m", "state.data", "prepare", h5, prep, "--batch_col", "batch"], W / "prepare.log")
         r["split"] = measure([PY, "-m", "state.splits", "make", "--data", prep, "--task", "fewshot", "--context",
                               "ctx7", "--out", sp], W / "split.log")
         r["split_bytes"] = sp.stat().st_size
         if run.exists():
-            import shutil
             shutil.rmtree(run)
         r["train"] = measure([PY, "train.py", f"--data={prep}", f"--split={sp}", "--preset=tiny", "--max_steps=1",
                               "--val_batches=1", "--threads=1", f"--out={run}"], W / "train.log")
         # anchored start-up (cpu preset: the shift table from the training part's group means) with the group
         # sums prepare writes, and as a folder without them (every training row read)
         for k, hide in (("anchor", False), ("anchor_all", True)):
-            import shutil
             shutil.rmtree(run, ignore_errors=True)
             if hide:
                 os.replace(prep / "sums.npy", prep / "sums.hidden")
@@ -257,7 +255,6 @@ if loader:
 # -----------------------------------------------------------------------------
 # virtual screen section
 if simulate:
-    import shutil
     h5, prep = g2000()
     sp, run, out = W / "g2000_split.json", W / "g2000_run", W / "g2000_screen.h5ad"
     measure([PY, "-m", "state.splits", "make", "--data", prep, "--task", "fewshot", "--context", "ctxB",

@@ -1084,7 +1084,7 @@ class Rows:
         """The same rows with every segment inside one prepared group; returns (Rows, group index per
         segment). Permuted segments are whole groups already; identity runs are cut at group starts."""
         gs = data.group_table[:, 3]
-        parts, gid = [], []
+        parts = []
         ident = ~self.shuf
         a, b = self.start[ident] + self.lo[ident], self.start[ident] + self.hi[ident]
         if len(a):  # identity runs (disjoint): cut at every group start inside one

@@ -157,6 +157,30 @@ def save_sharded(model, opt, path):
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
 
 
+def stage_checkpoint(out, step, model, opt, device):
+    """The collective part of one checkpoint (state/ckpt.py), on every rank: rank 0 opens the staging
+    folder, all ranks write `dcp/` (model + optimizer, sharded; reloads at any world size), rank 0
+    gathers the consolidated fp32 weights, and every rank's RNG state is gathered. -> (staging folder,
+    CPU state dict ({} off rank 0), [RNG state of each rank]). Rank 0 then writes its files into the
+    folder and calls ckpt.commit (train.py, embed.py)."""
+    from state import ckpt
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if master:
+        ckpt.begin(out, step)
+    if dist.is_initialized():
+        dist.barrier()
+    d = ckpt.staging(out, step)
+    save_sharded(model, opt, os.path.join(d, "dcp"))
+    if master:
+        ckpt._done()
+    sd = {k: v.detach().cpu().contiguous() for k, v in full_state_dict(model).items()}
+    rngs = [rng_state(device)]
+    if dist.is_initialized():
+        mine, rngs = rngs[0], [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, mine)
+    return d, sd, rngs
+
+
 def load_sharded(model, opt, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -290,8 +290,8 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
             singles = set(labels) - set(combos)
             held = [p for p in combos if all(q in singles for q in parts_of(p, combo_sep))]
             if not held:
-                raise ValueError(f"task combo: no combination has all its parts measured as singles; "
-                                 f"name the test combinations (test_perts=)")
+                raise ValueError("task combo: no combination has all its parts measured as singles; "
+                                 "name the test combinations (test_perts=)")
     else:
         raise ValueError(f"task '{task}' not one of fewshot, zeroshot, unseen, combo")
     if task in ("unseen", "combo"):  # whole perturbations held out in every context that has them

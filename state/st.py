@@ -25,8 +25,7 @@ where E_V = 2/(NM) sum|x-y| - 1/N^2 sum|x-x'| - 1/M^2 sum|y-y'| is the textbook 
 sets on the target's set mean (E is translation invariant; centring keeps the Gram trick accurate).
 """
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch

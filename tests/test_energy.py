@@ -1,8 +1,6 @@
 """Energy distance: reference vs a naive fp64 formula (and geomloss), Triton kernel (interpreted on CPU)
 vs the reference, values and gradients, ragged sets, duplicates, dispatch, a 20-step training curve.
 Budget (with test_attention.py): <= 90 s on 2 cores."""
-import os
-import sys
 from pathlib import Path
 
 import pytest

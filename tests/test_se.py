@@ -14,7 +14,7 @@ sys.path.insert(0, ROOT)
 
 from state.h5ad import H5AD, write_h5ad  # noqa: E402
 from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,  # noqa: E402
-                      load_model, pca_gene_vectors, save_model, task_genes, to_log1p, tokenize)
+                      load_model, pca_gene_vectors, task_genes, to_log1p, tokenize)
 
 @pytest.fixture(autouse=True)
 def _one_thread():
