@@ -228,8 +228,9 @@ if select == "support" and len(sup_rows) == 0:
     select = train_cfg["select"] = "last"
 anchor_table = None
 if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
-    from state.baselines import shift_table
-    anchor_table, choice = shift_table(D, train_part, cfg.anchor, return_choice=True, sep=combos or "+")
+    from state.baselines import group_means, shift_table
+    means = group_means(D, train_part, shard=True)  # each rank reads 1/world of the rows, then all-reduce
+    anchor_table, choice = shift_table(D, means, cfg.anchor, return_choice=True, sep=combos or "+")
     print0(f"anchored output: y = ctrl + {cfg.anchor} shift[context, perturbation] + correction "
            f"(table {anchor_table.shape}, from {len(train_part):,} training rows)"
            + (f"; per context: {choice}" if choice else ""))

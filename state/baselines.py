@@ -48,14 +48,18 @@ NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift",
 # training statistics
 
 
-def group_means(data, rows):
+def group_means(data, rows, shard=False):
     """Mean expression per (context, pert) over the given rows (an index array or a Rows, e.g. a split
     part: then read segment by segment, never one index per cell): dict (c, p) -> (mean (G,), n).
     A segment that covers more than half of its group is its group's sum (sums.npy, written by
-    prepare) minus the rows it leaves out: a training part reads only the val cells."""
+    prepare) minus the rows it leaves out: a training part reads only the val cells. shard=True under
+    torchrun: each rank reads every world-th segment and the sums are all-reduced (same result on all)."""
+    import torch.distributed as dist
+
     from state.data import Rows
     segs, gi = (rows if isinstance(rows, Rows) else Rows.of(rows)).cut(data)
     S, T = data.sums, data.group_table
+    r, w = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
 
     def total(s, lo, hi):
         """Sum of the rows at positions [lo, hi) of segment s (float64)."""
@@ -63,8 +67,9 @@ def group_means(data, rows):
         m = len(r)
         return data.rows(np.sort(r.at(np.zeros(m, np.int64), np.arange(m)))).sum(0, dtype=np.float64) if m else 0.0
 
-    sums = {}
-    for s in range(len(segs.start)):
+    keys = sorted({(int(T[g, 0]), int(T[g, 1])) for g in gi})  # the same on every rank
+    sums = {k: (0.0, 0) for k in keys}
+    for s in range(r, len(segs.start), w):
         g, lo, hi, n = gi[s], int(segs.lo[s]), int(segs.hi[s]), int(segs.n[s])
         whole = segs.start[s] == T[g, 3] and n == T[g, 4] - T[g, 3]  # the segment permutes all of its group
         if S is not None and whole and 2 * (hi - lo) > n:
@@ -74,6 +79,16 @@ def group_means(data, rows):
         c, p = int(T[g, 0]), int(T[g, 1])
         t, k = sums.get((c, p), (0.0, 0))
         sums[(c, p)] = (t + x, k + hi - lo)
+    if w > 1:
+        import torch
+        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
+        a = np.stack([np.broadcast_to(sums[k][0], (data.n_genes,)) for k in keys])  # (K, G) this rank's sums
+        a = torch.from_numpy(a).to(dev)
+        n = torch.tensor([sums[k][1] for k in keys], dtype=torch.float64, device=dev)
+        dist.all_reduce(a)
+        dist.all_reduce(n)
+        a, n = a.cpu().numpy(), n.cpu().numpy()
+        sums = {k: (a[i], int(n[i])) for i, k in enumerate(keys)}
     return {k: (s / n, n) for k, (s, n) in sums.items()}
 
 
@@ -243,8 +258,9 @@ KINDS = ("pert_mean", "context_mean", "two_way", "auto", "additive")
 
 
 def _delta_grid(data, rows):
-    """delta[c,p] as a dense (nC, nP, G) grid, its mask H and cell counts W."""
-    M = group_means(data, rows)
+    """delta[c,p] as a dense (nC, nP, G) grid, its mask H and cell counts W; `rows` may be their
+    group_means already."""
+    M = rows if isinstance(rows, dict) else group_means(data, rows)
     nC, nP, G = len(data.context_names), len(data.pert_names), data.n_genes
     D = np.zeros((nC, nP, G))
     H = np.zeros((nC, nP))  # 1 where delta[c,p] exists
@@ -258,9 +274,10 @@ def _delta_grid(data, rows):
 
 def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
     """(n_contexts, n_perts, G) float32 mean shifts over control, for every (context, perturbation)
-    pair, from the given (training) rows only. Each pair's shift is what `kind` predicts for it as if
-    that pair were held out (cross-fitted: a pair never sees its own cells), so a model anchored on
-    the table learns, on training pairs, to correct the baseline's error on unseen pairs:
+    pair, from the given (training) rows only (or their group_means, read once). Each pair's shift is
+    what `kind` predicts for it as if that pair were held out (cross-fitted: a pair never sees its own
+    cells), so a model anchored on the table learns, on training pairs, to correct the baseline's error
+    on unseen pairs:
       pert_mean     alpha[c,p] = mean over other contexts c' of delta[c',p] (no other context: the mean
                     of all training deltas)
       context_mean  cell-weighted mean of delta[c,p'] over the other perturbations p' of c (none, as
@@ -276,6 +293,8 @@ def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
     return_choice=True: (table, {context name: kind}) for auto, (table, None) for the others."""
     if kind not in KINDS:
         raise ValueError(f"shift kind '{kind}' not one of {', '.join(KINDS)}")
+    if not isinstance(rows, dict):  # read the rows once for every table below
+        rows = group_means(data, rows)
     if kind == "additive":
         from state.st import parts_of
         T = shift_table(data, rows, "two_way")

@@ -162,3 +162,36 @@ def test_embed_fit_under_torchrun_resumes_at_another_world_size(tmp_path):
     assert a.keys() == b.keys()
     gap = max(float((a[k] - b[k]).abs().max()) for k in a)  # one Adam step moves a weight by ~lr = 1e-3
     assert gap < 1e-4, gap
+
+
+def test_group_means_sharded_over_ranks_equal_one_process(tmp_path):
+    """The anchor table's group means under torchrun: each rank reads every world-th segment, the sums
+    are all-reduced, and every rank gets what one process computes alone."""
+    import numpy as np
+    from state.baselines import group_means
+    from state.data import Prepared
+    from state.splits import Split
+    d = make_synth_prepared(tmp_path)
+    script = tmp_path / "gm.py"
+    script.write_text(
+        "import sys\nimport numpy as np\nimport torch.distributed as dist\n"
+        "from state.baselines import group_means\nfrom state.data import Prepared\nfrom state.splits import Split\n"
+        "dist.init_process_group('gloo')\n"
+        "D = Prepared(sys.argv[1]); sp = Split.load(sys.argv[2]); sp.validate(D)\n"
+        "M = group_means(D, sp.part('train'), shard=True); ks = sorted(M)\n"
+        "np.savez(f'{sys.argv[3]}{dist.get_rank()}.npz', keys=np.array(ks), means=np.stack([M[k][0] for k in ks]),"
+        " n=np.array([M[k][1] for k in ks]))\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                        d / "prep", d / "split.json", tmp_path / "m"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    D = Prepared(d / "prep")
+    sp = Split.load(d / "split.json")
+    sp.validate(D)
+    M = group_means(D, sp.part("train"))
+    ks = sorted(M)
+    for rank in (0, 1):
+        z = np.load(tmp_path / f"m{rank}.npz")
+        assert [tuple(k) for k in z["keys"]] == ks and list(z["n"]) == [M[k][1] for k in ks]
+        np.testing.assert_allclose(z["means"], np.stack([M[k][0] for k in ks]), rtol=1e-12, atol=1e-12)
