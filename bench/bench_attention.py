@@ -95,7 +95,7 @@ def bench_cpu(args):
             H, d = map(int, hd.split(":"))
             for impl in ("sdpa", "ref", "ref_lens"):
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--batch",
-                       str(args.batch), "--worker-shape", f"{H}:{L}:{d}", "--reps", str(args.reps),
+                       str(args.batch), "--worker_shape", f"{H}:{L}:{d}", "--reps", str(args.reps),
                        "--threads", str(args.threads)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
@@ -229,8 +229,10 @@ def main():
     ap.add_argument("--json", help="write the CPU rows here")
     ap.add_argument("--aot", type=int, help="compile the GPU configs for sm_AOT and report (no GPU needed)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-shape", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--worker_shape", help=argparse.SUPPRESS)
+    sys.path.insert(0, str(ROOT))
+    from state.config import dashes  # --key-name spellings still parse
+    args = ap.parse_args(dashes(None))
     if args.aot:
         bench_aot(args)
         return

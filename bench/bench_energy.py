@@ -242,14 +242,16 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", help="GPU input dtype")
     ap.add_argument("--rounds", type=int, default=2, help="CPU: alternating worker runs per impl")
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch threads per worker (0: default)")
-    ap.add_argument("--no-geomloss", action="store_true")
+    ap.add_argument("--no_geomloss", action="store_true")
     ap.add_argument("--json", help="write the CPU rows here")
     ap.add_argument("--aot", type=int, help="compile the GPU configs for sm_AOT and report (no GPU needed)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--m", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--d", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from state.config import dashes  # --key-name spellings still parse
+    args = ap.parse_args(dashes(None))
     if args.aot:
         bench_aot(args)
         return

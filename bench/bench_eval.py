@@ -3,7 +3,7 @@ Benchmark: state.eval vs cell-eval 0.8.2 (`cell-eval run`, --profile full) on th
 pred/real pair: wall time, peak RSS, and the largest difference between the shared metrics.
 
     python bench/bench_eval.py [--perts 100] [--cells 200] [--genes 2000] [--ctrl 200] \
-        [--cell-eval /work/refvenv/bin/cell-eval] [--dir /tmp/bench_eval] [--skip-celleval]
+        [--cell_eval /work/refvenv/bin/cell-eval] [--dir /tmp/bench_eval] [--skip_celleval]
 
 Both run single-threaded as subprocesses (ours: torch threads 1; cell-eval: --num-threads 1).
 The pair: log1p(normalize_total(NB counts)) with 10% of genes moved per perturbation; the "pred"
@@ -22,6 +22,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from state.config import dashes  # noqa: E402  (--key-name spellings still parse)
 
 
 def make_pair(d, P, n, G, nc, seed=0):
@@ -96,10 +97,10 @@ def main():
     ap.add_argument("--cells", type=int, default=200)
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--ctrl", type=int, default=200)
-    ap.add_argument("--cell-eval", default="/work/refvenv/bin/cell-eval")
+    ap.add_argument("--cell_eval", default="/work/refvenv/bin/cell-eval")
     ap.add_argument("--dir", default="/tmp/bench_eval")
-    ap.add_argument("--skip-celleval", action="store_true")
-    a = ap.parse_args()
+    ap.add_argument("--skip_celleval", action="store_true")
+    a = ap.parse_args(dashes(None))
     os.makedirs(a.dir, exist_ok=True)
     t = time.perf_counter()
     make_pair(a.dir, a.perts, a.cells, a.genes, a.ctrl)

@@ -4,7 +4,7 @@ matched controls) from a prepared memmap (state.data.SetSampler) vs reading the 
 original gzip-compressed .h5ad with h5py (state.h5ad.Matrix.rows).
 
     python bench/bench_loader.py --dir /tmp/nsbench                       # 200k cells x 2000 genes
-    python bench/bench_loader.py --dir /tmp/nsbench --n-cells 20000 --steps 20   # quick
+    python bench/bench_loader.py --dir /tmp/nsbench --n_cells 20000 --steps 20   # quick
 
 The synthetic file and its prepared folder are made once under --dir (kept for reruns). Each method runs
 in its own process so that its peak RSS (ru_maxrss, which includes memmap pages it touched) is its own.
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from state.config import dashes  # noqa: E402  (--key-name spellings still parse)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
@@ -81,13 +82,13 @@ def run(a):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/nsbench")
-    ap.add_argument("--n-cells", type=int, default=200_000)
-    ap.add_argument("--n-genes", type=int, default=2000)
+    ap.add_argument("--n_cells", type=int, default=200_000)
+    ap.add_argument("--n_genes", type=int, default=2000)
     ap.add_argument("--sets", type=int, default=16)
-    ap.add_argument("--set-size", type=int, default=256)
+    ap.add_argument("--set_size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--mode", choices=["all", "memmap", "h5ad"], default="all")
-    a = ap.parse_args()
+    a = ap.parse_args(dashes(None))
     if a.mode != "all":
         return run(a)
     from state.data import prepare
@@ -105,7 +106,7 @@ def main():
         print(f"prepare: {time.perf_counter() - t0:.1f}s, X.bin {os.path.getsize(d / 'prep' / 'X.bin') / 1e6:.0f} MB")
     res = []
     for mode in ("memmap", "h5ad"):
-        cmd = [sys.executable, __file__, "--mode", mode] + sum([[f"--{k.replace('_', '-')}", str(v)] for k, v in
+        cmd = [sys.executable, __file__, "--mode", mode] + sum([[f"--{k}", str(v)] for k, v in
                                                                 vars(a).items() if k != "mode"], [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         res.append(json.loads(out))

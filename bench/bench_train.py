@@ -4,7 +4,7 @@ sets of 64 cells, hidden 256, 4 LLaMA layers, 4 heads of 64, SwiGLU 1024, 4-laye
 batch 8 sets; data = the 500-gene GBM/perturbench file, plus a 2,000-gene synthetic config.
 
     python bench/bench_train.py                  # both configs, ours + arc-state (when installed)
-    python bench/bench_train.py --no-ref         # skip the arc-state column
+    python bench/bench_train.py --no_ref         # skip the arc-state column
     python bench/bench_train.py --flops          # print the FLOP model and exit
     python bench/bench_train.py --device=cuda    # GPU (--dtypes=bfloat16 for bf16 autocast only)
 
@@ -32,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from state.config import dashes  # noqa: E402  (--key-name spellings still parse)
 
 from state.st import STConfig, StateTransition  # noqa: E402
 
@@ -183,14 +184,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for ours and OMP_NUM_THREADS for arc-state (0 = defaults); on a "
                          "shared, oversubscribed box 1 thread is 3-4x faster than 2")
-    ap.add_argument("--no-ref", action="store_true")
-    ap.add_argument("--ref-steps", type=int, default=20, help="steps per arc-state run")
+    ap.add_argument("--no_ref", action="store_true")
+    ap.add_argument("--ref_steps", type=int, default=20, help="steps per arc-state run")
     ap.add_argument("--refvenv", default="/work/refvenv")
-    ap.add_argument("--ref-timeout", type=int, default=900)
+    ap.add_argument("--ref_timeout", type=int, default=900)
     ap.add_argument("--flops", action="store_true", help="print the FLOP model and exit")
     ap.add_argument("--json", default="")
     ap.add_argument("--keep", default="", help="work directory to keep (default: a temp dir)")
-    a = ap.parse_args(argv)
+    a = ap.parse_args(dashes(argv))
     torch.set_float32_matmul_precision("medium")
     if a.threads:
         torch.set_num_threads(a.threads)
