@@ -905,7 +905,13 @@ class Prepared:
     def sums(self):
         """(n_groups, n_genes) float64 memmap of each group's row sums, or None (a folder prepared
         before sums.npy existed)."""
-        return self._map("sums.npy") if (self.dir / "sums.npy").exists() else None
+        if not (self.dir / "sums.npy").exists():
+            return None
+        S = self._map("sums.npy")
+        if S.shape != (len(self.group_table), self.n_genes):
+            raise H5ADError(f"{self.dir / 'sums.npy'}: shape {S.shape}, but the folder has {len(self.group_table)} "
+                            f"groups x {self.n_genes} genes (a file from another prepare?): re-run prepare")
+        return S
 
     @property
     def G(self):

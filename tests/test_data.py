@@ -282,7 +282,7 @@ def test_layout_is_binary_and_old_folders_are_refused(syn, tmp_path):
         Prepared(old)
 
 
-def test_group_sums_make_a_part_read_only_what_it_leaves_out(syn, monkeypatch):
+def test_group_sums_make_a_part_read_only_what_it_leaves_out(syn, monkeypatch, tmp_path):
     """sums.npy holds each group's row sums; the training part's group means (anchor table, mean
     baselines) are then its groups' sums minus the val cells: the same means from ~val_frac of the reads."""
     from state.baselines import group_means
@@ -304,6 +304,12 @@ def test_group_sums_make_a_part_read_only_what_it_leaves_out(syn, monkeypatch):
     for k in fast:
         np.testing.assert_allclose(fast[k][0], slow[k][0], rtol=1e-9, atol=1e-9)
     assert sum(reads) == len(tr) and n_fast == len(sp.part("val")) < len(tr) / 5, (n_fast, len(tr))
+    monkeypatch.undo()
+    bad = tmp_path / "bad"
+    shutil.copytree(d.dir, bad)
+    np.save(bad / "sums.npy", np.zeros((2, 3)))
+    with pytest.raises(H5ADError, match="sums.npy: shape .* re-run prepare"):
+        group_means(Prepared(bad), tr)
 
 
 def test_cli_prepare(syn, tmp_path, capsys):
