@@ -219,6 +219,14 @@ def _ctx(data, context):
     return data.context_names.index(context)
 
 
+def _named(names, allowed, msg):
+    """sorted(names), or ValueError(msg(the names not in `allowed`))."""
+    bad = [p for p in names if p not in allowed]
+    if bad:
+        raise ValueError(msg(bad))
+    return sorted(names)
+
+
 def make_split(data, task="fewshot", context=None, support=0.3, support_perts=None, val_frac=0.1, seed=0,
                features=None, test_perts=None, test_frac=0.2, combo_sep="+"):
     """Build and validate a Split (see module docstring). `features`, `test_perts`, `test_frac` (additive)
@@ -243,11 +251,8 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
         if task == "zeroshot":
             sup = []
         elif support_perts is not None:
-            bad = [p for p in support_perts if p not in perts]
-            if bad:
-                raise ValueError(f"support perturbation(s) {bad} have no cells in context "
-                                 f"'{data.context_names[k]}'; its perturbations: {perts}")
-            sup = sorted(support_perts)
+            sup = _named(support_perts, perts, lambda bad: f"support perturbation(s) {bad} have no cells in "
+                         f"context '{data.context_names[k]}'; its perturbations: {perts}")
         else:
             n = int(round(support * len(perts)))
             sup = sorted(np.array(perts)[np.sort(rng.permutation(len(perts))[:n])].tolist()) if n else []
@@ -263,10 +268,8 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
                              "Pass features= / --pert-features")
         perts = [p for p in data.pert_names if p != data.control]
         if test_perts is not None:
-            bad = [p for p in test_perts if p not in perts]
-            if bad:
-                raise ValueError(f"test perturbation(s) {bad} not in the data's '{data.pert_col}' labels")
-            held = sorted(test_perts)
+            held = _named(test_perts, perts,
+                          lambda bad: f"test perturbation(s) {bad} not in the data's '{data.pert_col}' labels")
         else:  # among the perturbations that have features: an unseen one is only predictable from them
             have = [p for p in perts if p in features]
             held = sorted(np.array(have)[rng.permutation(len(have))[:max(1, int(round(test_frac * len(have))))]].tolist())
@@ -281,11 +284,8 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
             raise ValueError(f"task combo: no label of '{data.pert_col}' holds the separator '{combo_sep}' "
                              f"(labels include {labels[:10]}); pass --combo-sep")
         if test_perts is not None:
-            bad = [p for p in test_perts if p not in combos]
-            if bad:
-                raise ValueError(f"test combination(s) {bad} are not combination labels of the data "
-                                 f"(combinations: {combos[:20]})")
-            held = sorted(test_perts)
+            held = _named(test_perts, combos, lambda bad: f"test combination(s) {bad} are not combination "
+                          f"labels of the data (combinations: {combos[:20]})")
         else:
             singles = set(labels) - set(combos)
             held = [p for p in combos if all(q in singles for q in parts_of(p, combo_sep))]
