@@ -12,6 +12,8 @@ Flat `--key=value` overrides for the scripts (nanoGPT's configurator, made stric
 
 import ast
 
+from state.errors import UserError
+
 
 def _coerce(key, val, default):
     if isinstance(val, str) and not isinstance(default, str):
@@ -23,14 +25,14 @@ def _coerce(key, val, default):
         return val
     if isinstance(default, bool):
         if not isinstance(val, bool):
-            raise ValueError(f"--{key}: expected a bool (True/False), got {val!r}")
+            raise UserError(f"--{key}: expected a bool (True/False), got {val!r}")
         return val
     if isinstance(default, float) and isinstance(val, int) and not isinstance(val, bool):
         return float(val)
     if isinstance(default, (tuple, list)) and isinstance(val, (tuple, list)):
         return type(default)(val)
     if type(val) is not type(default):
-        raise ValueError(f"--{key}: expected {type(default).__name__}, got {type(val).__name__} ({val!r})")
+        raise UserError(f"--{key}: expected {type(default).__name__}, got {type(val).__name__} ({val!r})")
     return val
 
 
@@ -41,7 +43,7 @@ def configure(argv, *namespaces):
     for arg in argv:
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
-                raise ValueError(f"unexpected argument {arg!r} (use --key=value or a config .py file)")
+                raise UserError(f"unexpected argument {arg!r} (use --key=value or a config .py file)")
             g = {}
             with open(arg) as f:
                 exec(f.read(), g)
@@ -64,7 +66,7 @@ def _set(namespaces, key, val, seen):
             seen.add(key)
             return
     known = sorted(k for ns in namespaces for k in ns)
-    raise ValueError(f"unknown config key --{key}; known keys: {', '.join(known)}")
+    raise UserError(f"unknown config key --{key}; known keys: {', '.join(known)}")
 
 
 def dashes(argv):

@@ -16,8 +16,10 @@ import sys
 import h5py
 import numpy as np
 
+from state.errors import UserError
 
-class H5ADError(ValueError):
+
+class H5ADError(UserError):
     """Bad or unsupported input file; the message names the file, column or label at fault."""
 
 
