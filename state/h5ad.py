@@ -30,27 +30,119 @@ def _decode(a):
     return a
 
 
+NUMERIC = "fiub"  # float, signed and unsigned integer, bool
+
+
+def _numeric(path, what, dt, fix):
+    """Refuse a stored dtype that is not a number (strings, objects, compounds): one line naming it."""
+    if dt.kind not in NUMERIC:
+        kind = {"S": "byte strings", "O": "strings (variable length)", "U": "strings", "V": "compound records"}
+        raise H5ADError(f"{path}: {what} holds {kind.get(dt.kind, 'non-numbers')} (dtype {dt}), not numbers; {fix}")
+
+
+def _get(g, name, path):
+    """g[name], or an H5ADError naming a link that leads nowhere (an external link to a missing file, a
+    dangling soft link) instead of h5py's KeyError."""
+    try:
+        node = g.get(name)
+    except (KeyError, OSError, RuntimeError) as e:
+        node, why = None, str(e)
+    else:
+        why = "it leads nowhere"
+    if node is None:
+        raise H5ADError(f"{path}: {_link_text(g, name)} cannot be opened ({why}); "
+                        "copy the linked data into the file or restore the file it points to")
+    return node
+
+
+def _link_text(g, name):
+    full = f"{g.name.rstrip('/')}/{name}"
+    try:
+        ln = g.get(name, getlink=True)
+    except (KeyError, OSError, RuntimeError):
+        ln = None
+    if isinstance(ln, h5py.ExternalLink):
+        return f"'{full}' is an HDF5 external link to '{ln.path}' in '{ln.filename}', which"
+    if isinstance(ln, h5py.SoftLink):
+        return f"'{full}' is an HDF5 soft link to '{ln.path}', which"
+    return f"'{full}'"
+
+
+def _check_links(f, path):
+    """Every external or soft link in the file must lead somewhere (walks link names only: cheap)."""
+    links = []
+
+    def visit(name, ln):
+        if isinstance(ln, (h5py.ExternalLink, h5py.SoftLink)):
+            links.append(name)
+
+    if hasattr(f, "visititems_links"):
+        f.visititems_links(visit)
+    else:  # h5py < 3.11: the top level only
+        for name in list(f.keys()):
+            visit(name, f.get(name, getlink=True))
+    bad = []
+    for name in links:
+        try:
+            ok = f.get(name) is not None
+        except (KeyError, OSError, RuntimeError):
+            ok = False
+        if not ok:
+            bad.append(name)
+            break
+    if bad:
+        head, _, tail = bad[0].rpartition("/")
+        raise H5ADError(f"{path}: {_link_text(f[head] if head else f, tail)} cannot be opened; copy the "
+                        "linked data into the file (or restore the file it points to)")
+
+
 class Matrix:
-    """A cells x features matrix inside an open file (CSR group or dense dataset)."""
+    """A cells x features matrix inside an open file (CSR group or dense dataset). Its structure is checked
+    when it is opened (dtype, CSR lengths and end points) and every block as it is read (CSR column
+    indices in range, indptr non-decreasing), so a corrupt file is one H5ADError, never a wrong matrix."""
 
     def __init__(self, f, key, path):
         if key not in f:
             raise H5ADError(f"{path}: no matrix '{key}' in the file")
-        node = f[key]
+        node = _get(f, key, path)
         self.key, self.path = key, path
         enc = node.attrs.get("encoding-type", "array" if isinstance(node, h5py.Dataset) else None)
         enc = enc.decode() if isinstance(enc, bytes) else enc
+        resave = "store numbers (e.g. adata.X = adata.X.astype('float32')) and re-save the file"
         if isinstance(node, h5py.Dataset):
             self.sparse = False
             self.d = node
             self.shape = tuple(node.shape)
             if len(self.shape) != 2:
                 raise H5ADError(f"{path}: '{key}' is not a 2-d matrix (shape {self.shape})")
+            _numeric(path, f"'{key}'", node.dtype, resave)
         elif enc == "csr_matrix":
             self.sparse = True
-            self.shape = tuple(int(s) for s in node.attrs["shape"])
-            self.data, self.indices = node["data"], node["indices"]
-            self.indptr = node["indptr"]  # read per block (ptr(a, b)): never n_obs + 1 ints in memory
+            miss = [k for k in ("data", "indices", "indptr") if k not in node]
+            if miss or "shape" not in node.attrs:
+                raise H5ADError(f"{path}: '{key}' is a CSR matrix without its {', '.join(miss or ['shape attribute'])}; "
+                                "re-save the file with anndata")
+            self.shape = tuple(int(s) for s in np.asarray(node.attrs["shape"]).ravel())
+            if len(self.shape) != 2:
+                raise H5ADError(f"{path}: '{key}' has the CSR shape {self.shape}, not 2-d; re-save the file with anndata")
+            self.data, self.indices = _get(node, "data", path), _get(node, "indices", path)
+            self.indptr = _get(node, "indptr", path)  # read per block (ptr(a, b)): never n_obs + 1 ints in memory
+            _numeric(path, f"'{key}/data'", self.data.dtype, resave)
+            for k, d in (("indices", self.indices), ("indptr", self.indptr)):
+                if d.dtype.kind not in "iu" or d.ndim != 1:
+                    raise H5ADError(f"{path}: '{key}/{k}' is {d.dtype} of shape {d.shape}, not a 1-d integer array: "
+                                    "not a CSR matrix; re-save the file with anndata")
+            self.nnz = len(self.data)
+            fix = "the CSR matrix is corrupt; re-save it (adata.X = scipy.sparse.csr_matrix(adata.X))"
+            if len(self.indices) != self.nnz:
+                raise H5ADError(f"{path}: '{key}' has {self.nnz} values but {len(self.indices)} column indices; {fix}")
+            if len(self.indptr) != self.shape[0] + 1:
+                raise H5ADError(f"{path}: '{key}/indptr' has {len(self.indptr)} entries for {self.shape[0]} rows "
+                                f"(needs {self.shape[0] + 1}); {fix}")
+            first, last = int(self.indptr[0]), int(self.indptr[-1])
+            if first != 0 or last != self.nnz:
+                raise H5ADError(f"{path}: '{key}/indptr' runs from {first} to {last}, but the matrix stores "
+                                f"{self.nnz} values (it must run from 0 to {self.nnz}); {fix}")
         elif enc == "csc_matrix":
             raise H5ADError(f"{path}: '{key}' is stored as CSC; re-save it as CSR "
                             "(adata.X = scipy.sparse.csr_matrix(adata.X)) so rows can be streamed")
@@ -58,7 +150,8 @@ class Matrix:
             raise H5ADError(f"{path}: '{key}' has unsupported encoding '{enc}'")
 
     def block(self, start, stop):
-        """Dense float32 rows [start, stop)."""
+        """Dense float32 rows [start, stop). A CSR block's column indices are checked (every row read):
+        one outside [0, n_cols) is an H5ADError naming the row; repeated indices in a row add up, as scipy's."""
         if not self.sparse:
             return np.asarray(self.d[start:stop], dtype=np.float32)
         ip = self.ptr(start, stop)
@@ -66,13 +159,32 @@ class Matrix:
         data = np.asarray(self.data[p0:p1], dtype=np.float32)
         idx = np.asarray(self.indices[p0:p1], dtype=np.int64)
         out = np.zeros((stop - start, self.shape[1]), np.float32)
+        if not len(idx):
+            return out
+        bad = (idx < 0) | (idx >= self.shape[1])
+        if bad.any():
+            j = int(np.argmax(bad))
+            r = start + int(np.searchsorted(ip, p0 + j, "right")) - 1
+            raise H5ADError(f"{self.path}: '{self.key}' row {r} has the column index {idx[j]}, outside the "
+                            f"{self.shape[1]} columns [0, {self.shape[1]}): the CSR matrix is corrupt (or its shape "
+                            "attribute is wrong); re-save it with anndata/scipy")
         row = np.repeat(np.arange(stop - start), np.diff(ip))
-        out[row, idx] = data  # one vectorised scatter per block
+        d = np.diff(idx)
+        if (d <= 0).any() and (d[row[1:] == row[:-1]] <= 0).any():  # unsorted or repeated within a row
+            np.add.at(out, (row, idx), data)
+        else:
+            out[row, idx] = data  # one vectorised scatter per block
         return out
 
     def ptr(self, start, stop):
-        """indptr[start:stop + 1] as int64 (CSR only)."""
-        return np.asarray(self.indptr[start:stop + 1], np.int64)
+        """indptr[start:stop + 1] as int64 (CSR only), checked: non-decreasing and inside the stored values."""
+        ip = np.asarray(self.indptr[start:stop + 1], np.int64)
+        if len(ip) and ((ip[0] < 0) | (ip[-1] > self.nnz) or (np.diff(ip) < 0).any()):
+            k = int(np.argmax(np.diff(ip) < 0)) if (np.diff(ip) < 0).any() else 0
+            raise H5ADError(f"{self.path}: '{self.key}/indptr' is not a CSR row pointer near row {start + k} "
+                            f"(values {ip[k]}, {ip[min(k + 1, len(ip) - 1)]}: it must rise from 0 to {self.nnz}); "
+                            "the CSR matrix is corrupt; re-save it with anndata/scipy")
+        return ip
 
     def rows(self, idx):
         """Dense float32 rows at arbitrary (any order) indices; reads each contiguous run once."""
@@ -120,8 +232,13 @@ class H5AD:
             self.f.close()
             raise H5ADError(f"{self.path}: encoding-type '{enc}' is not 'anndata'")
         self._labels = {}  # (column, df) -> (categories, code reader, used): see labels()
-        self.n_obs = self._index_node("obs").shape[0]  # the length only: no string per cell
-        self.n_vars = self._index_node("var").shape[0]
+        try:
+            _check_links(self.f, self.path)
+            self.n_obs = self._index_node("obs").shape[0]  # the length only: no string per cell
+            self.n_vars = self._index_node("var").shape[0]
+        except BaseException:
+            self.f.close()
+            raise
 
     def __enter__(self):
         return self
@@ -136,7 +253,11 @@ class H5AD:
     def _index_node(self, df):
         g = self.f[df]
         key = g.attrs.get("_index", "_index")
-        return g[key.decode() if isinstance(key, bytes) else key]
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        if key not in g or not isinstance(_get(g, key, self.path), h5py.Dataset) or g[key].ndim != 1:
+            raise H5ADError(f"{self.path}: /{df} has no index of names ('{key}', named by its _index attribute); "
+                            "re-save the file with anndata")
+        return g[key]
 
     def _index(self, df):
         return _decode(self._index_node(df)[:])
@@ -155,7 +276,7 @@ class H5AD:
         g = self.f[df]
         if name not in g:
             raise H5ADError(f"{self.path}: no {df} column '{name}'; available: {', '.join(self.columns(df))}")
-        node = g[name]
+        node = self._col_node(name, df)
         n = self.n_obs if df == "obs" else self.n_vars
         if isinstance(node, h5py.Group):  # categorical
             cats = _decode(node["categories"][:]).astype(str)
@@ -174,7 +295,12 @@ class H5AD:
             if (c < 0).any():
                 i = a + int(np.argmax(c < 0))
                 raise H5ADError(f"{self.path}: {df} column '{name}' has {int((c < 0).sum())}+ missing values "
-                                f"(e.g. cell '{self.obs_names_at(i, i + 1)[0]}'); fill or drop them")
+                                f"(e.g. cell '{self._name_at(df, i)}'); fill or drop them")
+            if (c >= len(cats)).any():
+                i = a + int(np.argmax(c >= len(cats)))
+                raise H5ADError(f"{self.path}: {df} column '{name}' has the category code {int(c.max())} at "
+                                f"'{self._name_at(df, i)}' but only {len(cats)} categories: the column is corrupt; "
+                                "re-save the file with anndata")
             used[c] = True
         self._labels[(name, df)] = (cats, read, used)
         return cats, read
@@ -183,6 +309,62 @@ class H5AD:
         """Bool per category of labels(name): which have cells (a categorical may list unused ones)."""
         self.labels(name, df)
         return self._labels[(name, df)][2]
+
+    def _name_at(self, df, i):
+        return _decode(self._index_node(df)[i:i + 1]).astype(str)[0]
+
+    def _col_node(self, name, df):
+        """The node of one obs/var column, checked: one value per row of the dataframe (a categorical's
+        codes and categories present), else an H5ADError naming the column and both lengths."""
+        node = _get(self.f[df], name, self.path)
+        n = self.n_obs if df == "obs" else self.n_vars
+        what = "cells" if df == "obs" else "genes"
+        if isinstance(node, h5py.Group):
+            miss = [k for k in ("codes", "categories") if k not in node]
+            if miss:
+                raise H5ADError(f"{self.path}: {df} column '{name}' is a group without '{miss[0]}' (not a "
+                                "categorical); re-save the file with anndata")
+            node["codes"], node["categories"]  # links inside it must open
+            length = _get(node, "codes", self.path).shape
+        else:
+            length = node.shape
+        if len(length) != 1 or length[0] != n:
+            raise H5ADError(f"{self.path}: {df} column '{name}' has {length[0] if length else 1} values "
+                            f"{'of shape ' + str(length) + ' ' if len(length) > 1 else ''}but /{df} has {n} {what} "
+                            f"(its index): obs/var lengths disagree; re-save the file with anndata")
+        return node
+
+    def duplicate_obs_names(self, rows=None, block=1 << 18):
+        """Check that the obs names of `rows` (bool mask or sorted indices; None: all) are unique, streaming
+        block by block (a 64-bit hash per name, then the candidates compared as strings). Raises an H5ADError
+        naming two rows that share a name; returns None."""
+        n = self.n_obs
+        mask = None
+        if rows is not None:
+            rows = np.asarray(rows)
+            mask = rows if rows.dtype == bool else np.isin(np.arange(n), rows)
+        hs, at = [], []
+        for a in range(0, n, block):
+            b = min(a + block, n)
+            names = self.obs_names_at(a, b)
+            sel = np.ones(b - a, bool) if mask is None else mask[a:b]
+            if not sel.any():
+                continue
+            hs.append(_hash_strings(names[sel]))
+            at.append(np.flatnonzero(sel) + a)
+        if not hs:
+            return None
+        h, at = np.concatenate(hs), np.concatenate(at)
+        o = np.argsort(h, kind="stable")
+        same = np.flatnonzero(h[o][1:] == h[o][:-1])
+        for k in same[:1000]:
+            i, j = sorted((int(at[o[k]]), int(at[o[k + 1]])))
+            a, b = self.obs_names_at(i, i + 1)[0], self.obs_names_at(j, j + 1)[0]
+            if a == b:
+                raise H5ADError(f"{self.path}: obs name '{a}' is used by rows {i} and {j} (and maybe more): "
+                                "cells must have unique names (a control cell is referred to by its name); "
+                                "make them unique (adata.obs_names_make_unique()) and re-save")
+        return None
 
     def columns(self, df="obs"):
         g = self.f[df]
@@ -195,10 +377,13 @@ class H5AD:
         if name not in g:
             raise H5ADError(f"{self.path}: no {df} column '{name}'; "
                             f"available: {', '.join(self.columns(df))}")
-        node = g[name]
+        node = self._col_node(name, df)
         if isinstance(node, h5py.Group):  # categorical
             cats = _decode(node["categories"][:])
             codes = node["codes"][:].astype(np.int64)
+            if (codes >= len(cats)).any():
+                raise H5ADError(f"{self.path}: {df} column '{name}' has the category code {int(codes.max())} but "
+                                f"only {len(cats)} categories: the column is corrupt; re-save the file with anndata")
             out = np.empty(len(codes), dtype=object if cats.dtype.kind == "O" else cats.dtype)
             ok = codes >= 0
             out[ok] = cats[codes[ok]]
@@ -222,10 +407,38 @@ class H5AD:
                 key = f"layers/{key}"
             elif "obsm" in self.f and key in self.f["obsm"]:
                 key = f"obsm/{key}"
-        return Matrix(self.f, key, self.path)
+        m = Matrix(self.f, key, self.path)
+        if m.shape[0] != self.n_obs:
+            raise H5ADError(f"{self.path}: '{key}' has {m.shape[0]} rows but obs has {self.n_obs} cells: "
+                            "obs and the matrix disagree; re-save the file with anndata")
+        if key == "X" or key.startswith("layers/"):
+            if m.shape[1] != self.n_vars:
+                raise H5ADError(f"{self.path}: '{key}' has {m.shape[1]} columns but var has {self.n_vars} genes: "
+                                "var and the matrix disagree; re-save the file with anndata")
+        elif key == "raw/X" and "raw/var" in self.f:
+            g = self.f["raw/var"]
+            ik = g.attrs.get("_index", "_index")
+            ik = ik.decode() if isinstance(ik, bytes) else str(ik)
+            nv = _get(g, ik, self.path).shape[0] if ik in g else None
+            if nv is not None and nv != m.shape[1]:
+                raise H5ADError(f"{self.path}: 'raw/X' has {m.shape[1]} columns but raw/var has {nv} genes; "
+                                "re-save the file with anndata")
+        return m
 
     def uns(self, key, default=None):
-        return read_uns(self.f["uns"][key]) if "uns" in self.f and key in self.f["uns"] else default
+        return read_uns(_get(self.f["uns"], key, self.path)) if "uns" in self.f and key in self.f["uns"] else default
+
+
+def _hash_strings(names):
+    """A 64-bit hash per string (vectorised over the utf-8 bytes; equal strings, equal hashes)."""
+    b = np.char.encode(np.asarray(names, dtype=str), "utf-8")
+    w = max(b.dtype.itemsize, 1)
+    u = np.frombuffer(b.tobytes(), np.uint8).reshape(len(b), w) if len(b) else np.zeros((0, w), np.uint8)
+    h = np.full(len(b), 0xCBF29CE484222325, np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(w):  # FNV-1a over the columns (trailing zero bytes of shorter names included)
+            h = (h ^ u[:, j].astype(np.uint64)) * np.uint64(0x100000001B3)
+    return h
 
 
 def read_uns(node):
