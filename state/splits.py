@@ -29,10 +29,100 @@ import numpy as np
 
 from state.config import dashes
 from state.data import Prepared, Rows, hkey
-from state.st import parts_of
+from state.errors import UserError
+from state.st import check_combo_labels, parts_of
 
 
 FORMAT = 2  # 1: row indices listed in the file
+TASKS = ("fewshot", "zeroshot", "unseen", "combo")
+REMAKE = ("re-make it with `python -m state.splits make --data=DIR ...` (or `python -m state.splits toml ...`) "
+          "rather than editing it by hand")
+# the fields of a split file: name -> (required, what it must be)
+FIELDS = {"format": (True, f"the integer {FORMAT}"), "task": (True, f"one of {', '.join(TASKS)}"),
+          "context": (True, "the held-out context's name (a string), or null"),
+          "test_groups": (True, "a list of [context, perturbation] pairs of strings"),
+          "support": (True, "a list of perturbation names (strings)"),
+          "val_frac": (True, "a number in [0, 1)"), "seed": (True, "an integer >= 0"),
+          "checksum": (True, "the prepared data's checksum (a string, DIR/index.json 'checksum')"),
+          "combo_sep": (False, "the separator of combination labels (a string), or null"),
+          "counts": (False, "an object of cell counts per part")}
+
+
+def _kind(v):
+    """What a JSON value is, for an error message: 'the string "0.1"', 'null', 'a list'."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"the boolean {str(v).lower()}"
+    if isinstance(v, str):
+        return f"the string {json.dumps(v)}"
+    if isinstance(v, (int, float)):
+        return f"the {'integer' if isinstance(v, int) else 'number'} {v!r}"
+    return {list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_fields(d, where):
+    """Every field of a split file's object `d`: present, of its type, in range, no unknown field, no
+    duplicated entry. Raises UserError(`where`: field, what is wrong, what to do)."""
+    def bad(field, what):
+        raise UserError(f"{where}: field '{field}' {what}; {REMAKE}")
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: holds {_kind(d)}, not a split (a JSON object with the fields "
+                        f"{', '.join(FIELDS)}); {REMAKE}")
+    unknown = sorted(set(d) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {unknown} (a split has {', '.join(FIELDS)}); {REMAKE}")
+    for k, (req, what) in FIELDS.items():
+        if req and k not in d:
+            bad(k, f"is missing (it must be {what})")
+    if type(d["format"]) is not int or d["format"] != FORMAT:
+        bad("format", f"is {_kind(d['format'])}; it must be {FIELDS['format'][1]}")
+    if d["task"] not in TASKS:
+        bad("task", f"is {_kind(d['task'])}, not one of {', '.join(TASKS)}")
+    for k in ("context", "combo_sep"):
+        if d.get(k) is not None and (not isinstance(d[k], str) or not d[k]):
+            bad(k, f"is {_kind(d[k])}; it must be {FIELDS[k][1]}")
+    if d["task"] == "combo" and not d.get("combo_sep"):
+        bad("combo_sep", f"is {_kind(d.get('combo_sep'))}, but a combo split needs its labels' separator (e.g. \"+\")")
+    if not _num(d["val_frac"]) or not 0 <= d["val_frac"] < 1:
+        bad("val_frac", f"is {_kind(d['val_frac'])}; it must be a number in [0, 1)")
+    if not isinstance(d["seed"], int) or isinstance(d["seed"], bool) or not 0 <= d["seed"] < 2 ** 63:
+        bad("seed", f"is {_kind(d['seed'])}; it must be an integer >= 0")
+    if not isinstance(d["checksum"], str) or not d["checksum"]:
+        bad("checksum", f"is {_kind(d['checksum'])}: a split must carry the checksum of the prepared data "
+            "it was made on (DIR/index.json 'checksum'), or it would validate against any data")
+    tg = d["test_groups"]
+    if not isinstance(tg, list):
+        bad("test_groups", f"is {_kind(tg)}; it must be {FIELDS['test_groups'][1]}")
+    seen = set()
+    for i, g in enumerate(tg):
+        if not (isinstance(g, list) and len(g) == 2 and all(isinstance(x, str) and x for x in g)):
+            bad("test_groups", f"entry {i} is {json.dumps(g)}; each entry must be a [context, perturbation] "
+                "pair of non-empty strings")
+        if tuple(g) in seen:
+            bad("test_groups", f"lists {json.dumps(g)} twice (entry {i})")
+        seen.add(tuple(g))
+    if not isinstance(d["support"], list):
+        bad("support", f"is {_kind(d['support'])}; it must be {FIELDS['support'][1]}")
+    for i, p in enumerate(d["support"]):
+        if not isinstance(p, str) or not p:
+            bad("support", f"entry {i} is {_kind(p)}; each entry must be a perturbation name")
+        if p in d["support"][:i]:
+            bad("support", f"lists '{p}' twice (entry {i})")
+    if d["task"] == "zeroshot" and d["support"]:
+        bad("support", f"lists {d['support'][:10]} but a zeroshot split has no support perturbations "
+            "(the held-out context trains on its controls only)")
+    ctxs = {c for c, _ in tg}
+    c = d["context"]
+    if c is not None and ctxs and c not in ctxs and set(c.split(",")) != ctxs:
+        bad("context", f"is '{c}' but the test groups hold out context(s) {sorted(ctxs)}")
+    if "counts" in d and not (isinstance(d["counts"], dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in d["counts"].values())):
+        bad("counts", f"is {_kind(d['counts'])}; it must be {FIELDS['counts'][1]} (integers >= 0)")
 
 
 @dataclass
@@ -56,15 +146,25 @@ class Split:
     def __post_init__(self):
         self.test_groups = [tuple(g) for g in self.test_groups]
         self.data, self._parts, self._arrays = None, None, {}
+        self.path = None  # the file it was read from (load), named by every error
+
+    def _err(self, what, fix=None):
+        where = f"split file {self.path}" if self.path else f"split (task {self.task})"
+        return UserError(f"{where}: {what}; {fix or REMAKE}")
 
     def validate(self, data):
-        """Check the split against the data, derive its parts, raise ValueError unless usable and
-        leak-free. Returns self, bound to `data`."""
-        if self.checksum and self.checksum != data.checksum:
-            raise ValueError(f"split was made for prepared data {self.checksum}, not {data.checksum} ({data.dir})")
-        if not 0 <= self.val_frac < 1:
-            raise ValueError(f"val_frac={self.val_frac}: the fraction of each training group moved to val "
-                             "must be in [0, 1)")
+        """Check the split against the data, derive its parts, raise UserError (a ValueError) naming the
+        split file unless usable and leak-free. Returns self, bound to `data`."""
+        if not isinstance(self.checksum, str) or not self.checksum:
+            raise self._err(f"no checksum ({self.checksum!r}): a split must carry the checksum of the prepared "
+                            f"data it was made on, or it would validate against any data")
+        if self.checksum != data.checksum:
+            raise self._err(f"split was made for prepared data {self.checksum}, not {data.checksum} ({data.dir})",
+                            f"use the prepared folder it was made on, or make a split for {data.dir} with "
+                            f"`python -m state.splits make --data={data.dir} ...`")
+        if not _num(self.val_frac) or not 0 <= self.val_frac < 1:
+            raise self._err(f"val_frac={self.val_frac!r}: the fraction of each training group moved to val "
+                            "must be a number in [0, 1)")
         gt = data.group_table
         c, p, a, n = gt[:, 0], gt[:, 1], gt[:, 3], gt[:, 4] - gt[:, 3]
         ctl = data.control_code
@@ -72,27 +172,40 @@ class Split:
         held = set()
         for cn, pn in self.test_groups:
             if cn not in cix:
-                raise ValueError(f"test group ({cn}, {pn}): context '{cn}' not in the data's contexts "
-                                 f"{data.context_names[:20]}")
+                raise self._err(f"test group ({cn}, {pn}): context '{cn}' not in the data's contexts "
+                                f"{data.context_names[:20]}")
             if pn not in pix:
-                raise ValueError(f"test group ({cn}, {pn}): perturbation '{pn}' not in the data's "
-                                 f"'{data.pert_col}' labels")
+                raise self._err(f"test group ({cn}, {pn}): perturbation '{pn}' not in the data's "
+                                f"'{data.pert_col}' labels")
             if pix[pn] == ctl:
-                raise ValueError(f"test group ({cn}, {pn}) is the control; controls belong in test_ctrl")
+                raise self._err(f"test group ({cn}, {pn}) is the control; controls belong in test_ctrl")
+            if (cix[cn], pix[pn]) in held:
+                raise self._err(f"test group ({cn}, {pn}) is listed twice")
             held.add((cix[cn], pix[pn]))
+        seen = set()
+        for q in self.support:
+            if q not in pix:
+                raise self._err(f"support perturbation '{q}' not in the data's '{data.pert_col}' labels")
+            if pix[q] == ctl:
+                raise self._err(f"support perturbation '{q}' is the control (controls always train)")
+            if q in seen:
+                raise self._err(f"support perturbation '{q}' is listed twice")
+            seen.add(q)
         if self.combo_sep:  # a test combination must not train under a reordered name (B+A for A+B)
+            check_combo_labels([pn for _, pn in self.test_groups], self.combo_sep, data.control,
+                               where=f"split file {self.path}" if self.path else "split")
             canon = lambda n: "\0".join(sorted(parts_of(n, self.combo_sep)))
             test_names = {(k, canon(data.pert_names[q])): data.pert_names[q] for k, q in held}
             for k, q in {(int(a), int(b)) for a, b in gt[:, :2]} - held:
                 hit = test_names.get((k, canon(data.pert_names[q])))
                 if hit is not None:
-                    raise ValueError(f"test combination '{hit}' in context '{data.context_names[k]}' trains as "
-                                     f"'{data.pert_names[q]}' (the same parts reordered): hold both out")
+                    raise self._err(f"test combination '{hit}' in context '{data.context_names[k]}' trains as "
+                                    f"'{data.pert_names[q]}' (the same parts reordered): hold both out")
         key = c * len(data.pert_names) + p
         is_test = np.isin(key, [k * len(data.pert_names) + q for k, q in held])
         for k, q in held:
             if not np.any(is_test & (c == k) & (p == q)):
-                raise ValueError(f"test perturbation '{data.pert_names[q]}' in context "
+                raise self._err(f"test perturbation '{data.pert_names[q]}' in context "
                                  f"'{data.context_names[k]}' has no cells")
         hctx = sorted({k for k, _ in held})
         is_tc = np.isin(c, hctx) & (p == ctl)
@@ -105,22 +218,30 @@ class Split:
                            test_ctrl=Rows(a[is_tc], n[is_tc], 0 * n[is_tc], n[is_tc]))
         self._arrays, self.data = {}, data
         if not np.any(tr & (p != ctl)):
-            raise ValueError("empty split: no perturbed training cells")
+            raise self._err("empty split: no perturbed training cells")
         if not held:
-            raise ValueError(f"empty split: no test cells (task {self.task}, context {self.context})")
+            raise self._err(f"empty split: no test cells (task {self.task}, context {self.context})")
         for k in np.unique(c[tr]):
             if not np.any(tr & (c == k) & (p == ctl)):
-                raise ValueError(f"context '{data.context_names[k]}' has no control cells in train")
+                raise self._err(f"context '{data.context_names[k]}' has no control cells in train")
         for k in hctx:
             if not np.any(is_tc & (c == k)):
-                raise ValueError(f"held-out context '{data.context_names[k]}' has no control cells in test_ctrl")
+                raise self._err(f"held-out context '{data.context_names[k]}' has no control cells in test_ctrl")
+        trains = {(int(k), int(q)) for k, q in gt[tr, :2].tolist()}
+        for q in self.support:  # support: perturbations of the held-out context(s) that train there
+            if not any((k, pix[q]) in trains for k in hctx):
+                where = [data.context_names[k] for k in hctx if (k, pix[q]) in held]
+                raise self._err(f"support perturbation '{q}' " + (
+                    f"is a test perturbation of {where}" if where else
+                    f"has no cells in the held-out context(s) {[data.context_names[k] for k in hctx]}") +
+                    ": support perturbations are those of the held-out context that train")
         return self
 
     def part(self, name, contexts=None, perturbed=None):
         """Rows of one part; contexts (codes) and perturbed (True: no controls, False: only controls)
         keep some of its groups."""
         if self.data is None:
-            raise ValueError("split not bound to its data: call split.validate(data) first")
+            raise UserError("split not bound to its data: call split.validate(data) first")
         r = self._parts[name]
         if contexts is None and perturbed is None:
             return r
@@ -176,15 +297,28 @@ class Split:
 
     @classmethod
     def load(cls, path):
+        """A split file (format 2) -> Split, every field checked (check_fields); UserError naming the file
+        and the field otherwise. validate(data) then checks its names against the data."""
+        where = f"split file {path}"
         try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"split file {path}: cannot read it ({e})") from None
-        if d.get("format") != FORMAT:
-            raise ValueError(f"split file {path} has an older format (row indices listed; format "
-                             f"{d.get('format', 1)}); re-make it with python -m state.splits make (or toml)")
-        return cls(d["task"], d["context"], d["test_groups"], d["support"], d["val_frac"], d["seed"],
-                   d.get("checksum"), d.get("combo_sep"))
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e}); check the path, "
+                            "or make a split with `python -m state.splits make --data=DIR ...`") from None
+        if not text.strip():
+            raise UserError(f"{where}: is empty; {REMAKE}")
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not JSON ({e}); {REMAKE}") from None
+        if isinstance(d, dict) and (d.get("format") == 1 or ("format" not in d and ("train" in d or "val" in d))):
+            raise UserError(f"{where} has an older format (row indices listed; format {d.get('format', 1)}); "
+                            "re-make it with python -m state.splits make (or toml)")
+        check_fields(d, where)
+        s = cls(d["task"], d["context"], d["test_groups"], d["support"], d["val_frac"], d["seed"],
+                d["checksum"], d.get("combo_sep"))
+        s.path = str(path)
+        return s
 
     def write_toml(self, path, data, dataset="data"):
         """A reference-compatible TOML ([datasets], [training], [zeroshot] or [fewshot."ds.ctx"])."""
@@ -212,9 +346,9 @@ def _ctx(data, context):
     if context is None:
         if len(data.context_names) == 1:
             return 0
-        raise ValueError(f"which context to hold out? pass context= one of {data.context_names}")
+        raise UserError(f"which context to hold out? pass context= one of {data.context_names}")
     if context not in data.context_names:
-        raise ValueError(f"context '{context}' not in the data's column '{data.context_col}'; "
+        raise UserError(f"context '{context}' not in the data's column '{data.context_col}'; "
                          f"contexts: {data.context_names}")
     return data.context_names.index(context)
 
@@ -223,7 +357,7 @@ def _named(names, allowed, msg):
     """sorted(names), or ValueError(msg(the names not in `allowed`))."""
     bad = [p for p in names if p not in allowed]
     if bad:
-        raise ValueError(msg(bad))
+        raise UserError(msg(bad))
     return sorted(names)
 
 
@@ -235,19 +369,19 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
     every combination whose parts are all measured singles; everything else trains (singles, the other
     combinations), so a test combination is predicted from its parts."""
     if not 0 <= support <= 1:
-        raise ValueError(f"support={support}: the fraction of the held-out context's perturbations that "
+        raise UserError(f"support={support}: the fraction of the held-out context's perturbations that "
                          "train must be in [0, 1]")
     if not 0 <= val_frac < 1:
-        raise ValueError(f"val_frac={val_frac}: the fraction of each training group moved to val must be in [0, 1)")
+        raise UserError(f"val_frac={val_frac}: the fraction of each training group moved to val must be in [0, 1)")
     if not 0 < test_frac <= 1:
-        raise ValueError(f"test_frac={test_frac} must be in (0, 1]")
+        raise UserError(f"test_frac={test_frac} must be in (0, 1]")
     rng = np.random.default_rng(seed)
     gt = data.group_table
     if task in ("fewshot", "zeroshot"):
         k = _ctx(data, context)
         perts = _perts_of(data, k)
         if not perts:
-            raise ValueError(f"context '{data.context_names[k]}' has no perturbed cells to test")
+            raise UserError(f"context '{data.context_names[k]}' has no perturbed cells to test")
         if task == "zeroshot":
             sup = []
         elif support_perts is not None:
@@ -258,12 +392,12 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
             sup = sorted(np.array(perts)[np.sort(rng.permutation(len(perts))[:n])].tolist()) if n else []
         held = [p for p in perts if p not in sup]
         if not held:
-            raise ValueError(f"empty split: every perturbation of '{data.context_names[k]}' is in the support set")
+            raise UserError(f"empty split: every perturbation of '{data.context_names[k]}' is in the support set")
         cname = data.context_names[k]
         groups = [(cname, p) for p in held]
     elif task == "unseen":
         if features is None:
-            raise ValueError("the unseen-perturbation task needs perturbation features (e.g. gene embeddings): "
+            raise UserError("the unseen-perturbation task needs perturbation features (e.g. gene embeddings): "
                              "with one-hot encodings a perturbation never seen in training has no embedding. "
                              "Pass features= / --pert-features")
         perts = [p for p in data.pert_names if p != data.control]
@@ -275,13 +409,14 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
             held = sorted(np.array(have)[rng.permutation(len(have))[:max(1, int(round(test_frac * len(have))))]].tolist())
         missing = [p for p in held if p not in features]
         if missing:
-            raise ValueError(f"no features for test perturbation(s) {sorted(set(missing))[:10]}: an unseen "
+            raise UserError(f"no features for test perturbation(s) {sorted(set(missing))[:10]}: an unseen "
                              "perturbation is predicted from its features alone")
     elif task == "combo":
         labels = [p for p in data.pert_names if p != data.control]
+        check_combo_labels(labels, combo_sep, data.control, where=f"{data.dir}: '{data.pert_col}' labels")
         combos = [p for p in labels if len(parts_of(p, combo_sep)) > 1]
         if not combos:
-            raise ValueError(f"task combo: no label of '{data.pert_col}' holds the separator '{combo_sep}' "
+            raise UserError(f"task combo: no label of '{data.pert_col}' holds the separator '{combo_sep}' "
                              f"(labels include {labels[:10]}); pass --combo-sep")
         if test_perts is not None:
             held = _named(test_perts, combos, lambda bad: f"test combination(s) {bad} are not combination "
@@ -290,10 +425,10 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
             singles = set(labels) - set(combos)
             held = [p for p in combos if all(q in singles for q in parts_of(p, combo_sep))]
             if not held:
-                raise ValueError("task combo: no combination has all its parts measured as singles; "
+                raise UserError("task combo: no combination has all its parts measured as singles; "
                                  "name the test combinations (test_perts=)")
     else:
-        raise ValueError(f"task '{task}' not one of fewshot, zeroshot, unseen, combo")
+        raise UserError(f"task '{task}' not one of fewshot, zeroshot, unseen, combo")
     if task in ("unseen", "combo"):  # whole perturbations held out in every context that has them
         hc = [data.pert_names.index(p) for p in held]
         cname, sup = None, []
@@ -302,67 +437,113 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
                  combo_sep if task == "combo" else None).validate(data)
 
 
+TOML_TABLES = ("datasets", "training", "zeroshot", "fewshot")
+
+
 def read_toml(path, data, val_frac=0.1, seed=0):
     """A reference split TOML -> Split. Keys are "<dataset>.<context value>"; fewshot val and test lists
-    both leave training and become test groups here (our val comes from training groups)."""
-    if not 0 <= val_frac < 1:
-        raise ValueError(f"val_frac={val_frac}: the fraction of each training group moved to val must be in [0, 1)")
+    both leave training and become test groups here (our val comes from training groups). Every table
+    and entry is checked (types, unknown tables and keys, duplicates, names against the data): a
+    UserError names the file, the entry and what is wrong."""
+    fix = "correct it (the reference's format: [datasets], [training], [zeroshot], [fewshot.\"<dataset>.<context>\"])"
+    if not _num(val_frac) or not 0 <= val_frac < 1:
+        raise UserError(f"val_frac={val_frac!r}: the fraction of each training group moved to val must be in [0, 1)")
     if not os.path.exists(path):
-        raise ValueError(f"split TOML {path} not found")
+        raise UserError(f"split TOML {path} not found")
     try:
         with open(path, "rb") as f:
             t = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    bad = lambda what: UserError(f"{path}: {what}; {fix}")
+    unknown = sorted(set(t) - set(TOML_TABLES))
+    if unknown:
+        raise bad(f"unknown table(s) or key(s) {unknown} (a split TOML has {', '.join(TOML_TABLES)})")
+    for k in TOML_TABLES:
+        if k in t and not isinstance(t[k], dict):
+            raise bad(f"'{k}' is {_kind(t[k])}, not a table [{k}]")
     ds = t.get("datasets", {})
     if not ds:
-        raise ValueError(f"{path}: no [datasets] table")
+        raise UserError(f"{path}: no [datasets] table")
     for name, where in ds.items():  # as given (from the working directory) or next to the TOML
-        if not (os.path.exists(str(where)) or os.path.exists(os.path.join(os.path.dirname(str(path)), str(where)))):
-            raise ValueError(f"{path}: [datasets] {name} = {str(where)!r} does not exist")
+        if not isinstance(where, str) or not where:
+            raise bad(f"[datasets] {name} is {_kind(where)}, not a path (a string)")
+        if not (os.path.exists(where) or os.path.exists(os.path.join(os.path.dirname(str(path)), where))):
+            raise UserError(f"{path}: [datasets] {name} = {where!r} does not exist")
     tr = t.get("training", {})
     unknown = [k for k in tr if k not in ds]
     if unknown:
-        raise ValueError(f"{path}: [training] names dataset(s) {unknown} not in [datasets] ({sorted(ds)})")
-    if not any(v == "train" for v in tr.values()):
-        raise ValueError(f"{path}: no dataset marked \"train\" in [training]")
+        raise UserError(f"{path}: [training] names dataset(s) {unknown} not in [datasets] ({sorted(ds)})")
+    for k, v in tr.items():
+        if v != "train":
+            raise bad(f"[training] {k} is {_kind(v)}; the only value understood is \"train\"")
+    if not tr:
+        raise UserError(f"{path}: no dataset marked \"train\" in [training]")
 
-    def parse(key):
-        d, _, c = key.partition(".")
+    def parse(key, table):
+        d, dot, c = key.partition(".")
+        if not dot:
+            raise bad(f"[{table}] key '{key}' is not '<dataset>.<context>'")
         if d not in ds:
-            raise ValueError(f"{path}: key '{key}' names dataset '{d}' not in [datasets] ({sorted(ds)})")
+            raise UserError(f"{path}: key '{key}' names dataset '{d}' not in [datasets] ({sorted(ds)})")
         if c not in data.context_names:
-            raise ValueError(f"{path}: key '{key}': context '{c}' not found in column '{data.context_col}' "
-                             f"(contexts: {data.context_names}); the key after the dot is the context value")
-        return data.context_names.index(c)
+            raise UserError(f"{path}: key '{key}': context '{c}' not found in column '{data.context_col}' "
+                            f"(contexts: {data.context_names}); the key after the dot is the context value")
+        k = data.context_names.index(c)
+        if k in held:
+            raise bad(f"[{table}] '{key}': context '{c}' is held out twice (in [zeroshot] and [fewshot], or "
+                      "under two dataset names)")
+        return k
 
     ctl = data.control_code
     groups, held, task = set(), [], None
     for key, v in t.get("zeroshot", {}).items():
-        k = parse(key)
+        if v not in ("test", "val"):
+            raise bad(f"[zeroshot] '{key}' is {_kind(v)}; it must be \"test\" (or \"val\")")
+        k = parse(key, "zeroshot")
         groups |= {(data.context_names[k], p) for p in _perts_of(data, k)}
         held.append(k); task = "zeroshot"
     for key, v in t.get("fewshot", {}).items():
-        k = parse(key)
+        if not isinstance(v, dict):
+            raise bad(f"[fewshot] '{key}' is {_kind(v)}, not a table [fewshot.\"{key}\"] with val = [...] "
+                      "and test = [...]")
+        extra = sorted(set(v) - {"val", "test"})
+        if extra:
+            raise bad(f"[fewshot.\"{key}\"] has unknown key(s) {extra} (only val and test)")
+        for part in ("val", "test"):
+            lst = v.get(part, [])
+            if not isinstance(lst, list) or not all(isinstance(p, str) and p for p in lst):
+                raise bad(f"[fewshot.\"{key}\"] {part} is {_kind(lst) if not isinstance(lst, list) else json.dumps(lst)}; "
+                          "it must be a list of perturbation names (strings)")
+            dup = sorted({p for p in lst if lst.count(p) > 1})
+            if dup:
+                raise bad(f"[fewshot.\"{key}\"] {part} lists {dup} more than once")
+        k = parse(key, "fewshot")
         names = list(dict.fromkeys(list(v.get("val", [])) + list(v.get("test", []))))
         if v.get("val"):
             print(f"[splits] {path}: fewshot val perturbations of '{key}' are held out with the test ones")
         have = set(_perts_of(data, k))
         for p in names:
+            if p == data.control:
+                raise bad(f"[fewshot.\"{key}\"] names the control '{p}' (controls train, and are test_ctrl)")
             if p not in have:
-                raise ValueError(f"{path}: [fewshot.\"{key}\"] perturbation '{p}' matches zero cells")
+                raise UserError(f"{path}: [fewshot.\"{key}\"] perturbation '{p}' matches zero cells")
             groups.add((data.context_names[k], p))
         held.append(k); task = task or "fewshot"
     if not held:
-        raise ValueError(f"{path}: no [zeroshot] or [fewshot] entries: nothing is held out")
+        raise UserError(f"{path}: no [zeroshot] or [fewshot] entries: nothing is held out")
     gt = data.group_table
     pairs = {(data.context_names[c], data.pert_names[p]) for c, p in gt[gt[:, 1] != ctl, :2].tolist()}
     if not pairs - groups:
-        raise ValueError(f"{path}: every perturbed cell is held out (contexts "
-                         f"{sorted(data.context_names[k] for k in set(held))}): training would see controls only")
+        raise UserError(f"{path}: every perturbed cell is held out (contexts "
+                        f"{sorted(data.context_names[k] for k in set(held))}): training would see controls only")
     sup = sorted({p for c, p in pairs - groups if c in {data.context_names[k] for k in held}})
     ctx = ",".join(data.context_names[k] for k in sorted(set(held)))
-    return Split(task, ctx, sorted(groups), sup, val_frac, seed, data.checksum).validate(data)
+    s = Split(task, ctx, sorted(groups), sup, val_frac, seed, data.checksum)
+    s.path = str(path)
+    return s.validate(data)
 
 
 def main(argv=None):
@@ -393,12 +574,9 @@ def main(argv=None):
                 feats = {p: None for p in data.pert_names if target_gene(p) in set(data.genes)}
                 print(f"[splits] --pert-features pca: {len(feats)} of {len(data.pert_names) - 1} perturbations name "
                       "a measured gene (the others cannot be encoded)")
-            elif a.pert_features:
-                if a.pert_features.endswith(".safetensors"):
-                    from safetensors.numpy import load_file
-                    feats = load_file(a.pert_features)
-                else:
-                    feats = dict(np.load(a.pert_features))
+            elif a.pert_features:  # checked entry by entry, as train.py reads it
+                from state.st import read_vectors
+                feats = read_vectors(a.pert_features)[0]
             sp = a.support_perts.split(",") if a.support_perts else None
             s = make_split(data, a.task, a.context, a.support, sp, a.val_frac, a.seed, features=feats,
                            test_perts=a.test_perts.split(",") if a.test_perts else None, combo_sep=a.combo_sep)
@@ -414,8 +592,12 @@ def main(argv=None):
                 tp = str(Path(a.out).with_suffix(".toml"))
                 s.write_toml(tp, data)
                 print(f"wrote {tp}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        from state.errors import message
+        m = message(f"python -m state.splits {a.cmd}", e)
+        if m is None and isinstance(e, OSError):
+            raise
+        print(m or f"python -m state.splits {a.cmd}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -25,6 +25,7 @@ where E_V = 2/(NM) sum|x-y| - 1/N^2 sum|x-x'| - 1/M^2 sum|y-y'| is the textbook 
 sets on the target's set mean (E is translation invariant; centring keeps the Gram trick accurate).
 """
 
+import os
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -33,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from state.errors import UserError
 
 # -----------------------------------------------------------------------------
 # config
@@ -141,51 +143,150 @@ TRAIN_DEFAULTS = {"cpu": dict(lr=1e-3, control_sets=False, batch_size=16, max_st
 # perturbation features
 
 
+class MissingFeatures(UserError, KeyError):
+    """Perturbations without a feature vector: a UserError, and a KeyError for callers that catch that."""
+    __str__ = ValueError.__str__
+
+
+VECTOR_FORMATS = (".pt", ".safetensors", ".npz", ".tsv", ".txt")
+
+
+def _vector(path, name, v):
+    """One entry of a {name: vector} file -> float32 (P,) tensor, or UserError naming the entry."""
+    if torch.is_tensor(v):
+        v = v.detach().cpu()
+        if v.is_complex() or v.dtype == torch.bool:
+            raise UserError(f"{path}: entry '{name}' is a {v.dtype} tensor, not real numbers; save float vectors")
+    else:
+        if isinstance(v, (dict, str, bytes)) or v is None:
+            raise UserError(f"{path}: entry '{name}' is {type(v).__name__ if v is not None else 'None'}, not a "
+                            "vector of numbers; the file must map each name to one vector")
+        try:
+            a = np.asarray(v)
+        except (ValueError, TypeError) as e:  # ragged lists
+            raise UserError(f"{path}: entry '{name}' is not a vector of numbers ({e})") from None
+        if a.dtype.kind not in "iuf":
+            raise UserError(f"{path}: entry '{name}' holds {a.dtype} values, not real numbers; save float vectors")
+        v = torch.from_numpy(np.array(a, dtype=np.float32))
+    shape = tuple(v.shape)
+    if sum(n > 1 for n in shape) > 1:
+        raise UserError(f"{path}: entry '{name}' is a {shape} array, not one vector: the file must map each name to "
+                        "one vector ({name: vector}); a table of rows needs its names, e.g. "
+                        "np.savez(f, **dict(zip(names, rows)))")
+    v = v.float().reshape(-1)
+    if v.numel() == 0:
+        raise UserError(f"{path}: entry '{name}' has no values (width 0); every vector needs the same width >= 1")
+    bad = ~torch.isfinite(v)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise UserError(f"{path}: entry '{name}' holds {int(bad.sum())} NaN/Inf value(s) (first at position {i}: "
+                        f"{v[i].item()}); fix or drop that vector (a NaN feature makes every loss NaN)")
+    return v
+
+
+def _read_tsv(path):
+    """(name, values) pairs of a tab-separated file (an optional header row), duplicates named."""
+    out, first = {}, {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            parts = line.rstrip("\r\n").split("\t")
+            if not line.strip():
+                continue
+            try:
+                v = [float(x) for x in parts[1:]]
+            except ValueError:
+                if not out and not first:
+                    first[None] = i  # header row
+                    continue
+                raise UserError(f"{path}:{i + 1}: non-numeric feature value in the row of '{parts[0]}'; every "
+                                "row is a name and its numbers, tab-separated") from None
+            if not parts[0]:
+                raise UserError(f"{path}:{i + 1}: a row with no name (the first column)")
+            if parts[0] in first:
+                raise UserError(f"{path}:{i + 1}: duplicated name '{parts[0]}' (first on line {first[parts[0]]}); "
+                                "keep one vector per name")
+            first[parts[0]] = i + 1
+            out[parts[0]] = np.array(v, np.float32)
+    return out
+
+
+def read_vectors(path):
+    """A {name: vector} file (.pt/.safetensors/.npz/.tsv) or dict -> ({name: float32 (P,) tensor} in file
+    order, the path as a string). Every entry is checked: a name is a non-empty string and unique (tsv),
+    a value is one vector of finite real numbers, all of one width >= 1; the file is not empty and is a
+    mapping (not one tensor or array). Anything else is a UserError naming the file and the entry."""
+    if isinstance(path, dict):
+        d, path = path, "features"
+    else:
+        path = str(path)
+        if not path.endswith(VECTOR_FORMATS):
+            raise UserError(f"{path}: vector files must be .pt, .safetensors, .npz or .tsv")
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: {'is a folder' if os.path.isdir(path) else 'not found'}; give a "
+                            "{name: vector} file (.pt, .safetensors, .npz or .tsv)")
+        if os.path.getsize(path) == 0:
+            raise UserError(f"{path}: the file is empty (0 bytes); give a {{name: vector}} file")
+        try:
+            if path.endswith(".pt"):
+                d = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+            elif path.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                d = load_file(path)
+            elif path.endswith(".npz"):
+                with np.load(path, allow_pickle=False) as z:
+                    d = {k: z[k] for k in z.files}
+            else:
+                d = _read_tsv(path)
+        except UserError:
+            raise
+        except Exception as e:  # truncated, not that format, pickled objects: the file, not our code
+            msg = " ".join(str(e).split())[:200]
+            raise UserError(f"{path}: cannot read it as a {os.path.splitext(path)[1]} file of vectors "
+                            f"({type(e).__name__}: {msg}); save a {{name: vector}} mapping of tensors") from None
+    if not isinstance(d, dict):
+        what = f"a {tuple(d.shape)} tensor/array" if hasattr(d, "shape") else f"a {type(d).__name__}"
+        raise UserError(f"{path}: holds {what}, not a {{name: vector}} mapping; save a dict of one vector per "
+                        "name (e.g. torch.save(dict(zip(names, rows)), f))")
+    if not d:
+        raise UserError(f"{path}: no vectors in it (an empty mapping)")
+    out = {}
+    for k, v in d.items():
+        if not isinstance(k, str) or not k:
+            raise UserError(f"{path}: key {k!r} ({type(k).__name__}) is not a name: the file must map names "
+                            "(non-empty strings) to vectors")
+        out[str(k)] = _vector(path, k, v)
+    widths = {}
+    for k, v in out.items():
+        widths.setdefault(v.numel(), []).append(k)
+    if len(widths) > 1:
+        common = max(widths, key=lambda w: len(widths[w]))
+        odd = [(k, w) for w, ks in widths.items() if w != common for k in ks]
+        raise UserError(f"{path}: vectors of unequal widths: {len(widths[common])} have {common} values but "
+                        + ", ".join(f"'{k}' has {w}" for k, w in odd[:10]) + (" ..." if len(odd) > 10 else "")
+                        + "; every vector needs the same width")
+    return out, path
+
+
 def load_pert_features(path, names, missing="error"):
     """{perturbation: vector} file (.pt/.safetensors/.npz/.tsv) or dict -> float32 (len(names), P) table.
+    The file is checked entry by entry (read_vectors: UserError naming the file and the entry).
 
     A name of `names` absent from the file is an error listing them (the reference silently uses
-    zeros; `missing="zero"` restores that with a warning and the coverage)."""
-    d, path = (path, "features") if isinstance(path, dict) else (None, str(path))
-    if d is not None:  # {name: vector} already in memory (e.g. pca_pert_features)
-        d = {str(k): torch.as_tensor(np.asarray(v), dtype=torch.float32).reshape(-1) for k, v in d.items()}
-    elif path.endswith(".pt"):
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        d = {str(k): torch.as_tensor(v).float().reshape(-1) for k, v in d.items()}
-    elif path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        d = {k: v.float().reshape(-1) for k, v in load_file(path).items()}
-    elif path.endswith(".npz"):
-        z = np.load(path, allow_pickle=False)
-        d = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float32).reshape(-1)) for k in z.files}
-    elif path.endswith((".tsv", ".txt")):
-        d = {}
-        with open(path) as f:
-            for i, line in enumerate(f):
-                parts = line.rstrip("\n").split("\t")
-                try:
-                    v = [float(x) for x in parts[1:]]
-                except ValueError:
-                    if i == 0:
-                        continue  # header row
-                    raise ValueError(f"{path}:{i + 1}: non-numeric feature value")
-                d[parts[0]] = torch.tensor(v, dtype=torch.float32)
-    else:
-        raise ValueError(f"{path}: perturbation features must be .pt, .safetensors, .npz or .tsv")
-    if not d:
-        raise ValueError(f"{path}: no perturbation vectors found")
-    widths = {v.numel() for v in d.values()}
-    if len(widths) != 1:
-        raise ValueError(f"{path}: vectors of unequal widths {sorted(widths)}")
-    P = widths.pop()
+    zeros; `missing="zero"` restores that with a warning and the coverage): MissingFeatures, a UserError
+    that is also a KeyError."""
+    if missing not in ("error", "zero"):
+        raise UserError(f"--missing_pert_features={missing!r}: choose error or zero")
+    d, path = read_vectors(path)
+    P = next(iter(d.values())).numel()
     miss = [n for n in names if n not in d]
     if miss:
         msg = (f"{path}: {len(miss)}/{len(names)} perturbations have no feature vector: "
                f"{miss[:20]}{' ...' if len(miss) > 20 else ''}")
         if missing != "zero":
-            raise KeyError(msg + " (pass --missing_pert_features=zero to give them zero vectors)")
+            raise MissingFeatures(msg + " (pass --missing_pert_features=zero to give them zero vectors)")
         print(f"WARNING: {msg}; using zero vectors (coverage {len(names) - len(miss)}/{len(names)})")
     return torch.stack([d.get(n, torch.zeros(P)) for n in names])
+
 
 def target_gene(label):
     """The gene a perturbation label names: 'CRISPRi:STAT1' -> 'STAT1' (prepare --modality keys)."""
@@ -198,15 +299,69 @@ def pca_pert_features(data, rows, names, d=16):
     embedding the linear baseline uses). -> ({name: (d,) vector} for the names whose target is a
     measured gene, [names whose target is not])."""
     from state.baselines import gene_pca
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+        raise UserError(f"pca perturbation features: d={d!r} axes; give an integer >= 1")
+    if len(rows) < 2:
+        raise UserError(f"pca perturbation features: {len(rows)} training cell(s) in {data.dir}; the pca of the "
+                        "training cells needs at least 2 (check the split, or give a features file)")
     G = np.ascontiguousarray(gene_pca(data, rows, d), dtype=np.float32)  # (n_genes, d)
+    if not np.isfinite(G).all():
+        raise UserError(f"pca perturbation features: the training cells of {data.dir} hold NaN/Inf values, so "
+                        "their pca does too; prepare the data again (state.data prepare refuses non-finite "
+                        "values) or give a features file")
     col = {g: i for i, g in enumerate(data.genes)}
     have = {n: G[col[target_gene(n)]] for n in names if target_gene(n) in col}
     return have, [n for n in names if n not in have]
 
 
 def parts_of(label, sep):
-    """The single perturbations of a label: 'A+B' -> ['A', 'B'] (order kept); no separator -> [label]."""
+    """The single perturbations of a label: 'A+B' -> ['A', 'B'] (order kept); no separator -> [label].
+    Lenient (empty parts dropped): check_combo_labels refuses malformed labels where they enter."""
     return [p for p in str(label).split(sep) if p] if sep else [str(label)]
+
+
+def check_combo_labels(labels, sep, control, known_parts=None, max_parts=None, where="perturbation labels",
+                       fix=None):
+    """Every combination label well formed, or UserError naming it: no empty part ('+A', 'A+', 'A++B'),
+    no part with spaces around it ('A + B'), no part twice ('A+A'), not the control as a part
+    ('control+A'). With `known_parts` (the singles a run knows): every part among them; with `max_parts`:
+    at most that many parts (a run trained on singles and doubles has never seen a triple). The control
+    label itself is skipped. -> [parts of each label]."""
+    fix = fix or ("name each combination by its perturbations joined by "
+                  f"'{sep}', each once, no spaces (rename the labels in the data and prepare it again)")
+    known = None if known_parts is None else set(known_parts)
+    out = []
+    for lab in labels:
+        if not isinstance(lab, str):
+            raise UserError(f"{where}: label {lab!r} is a {type(lab).__name__}, not a string; {fix}")
+        if lab == control or not sep:
+            out.append([lab])
+            continue
+        ps = lab.split(sep)
+        if any(p == "" for p in ps):
+            raise UserError(f"{where}: label '{lab}' has an empty part (it starts with, ends with or doubles "
+                            f"the separator '{sep}'); {fix}")
+        sp = next((p for p in ps if p != p.strip()), None)
+        if sp is not None:
+            raise UserError(f"{where}: label '{lab}' has the part {sp!r} with spaces around it (write "
+                            f"'{sep.join(p.strip() for p in ps)}'); {fix}")
+        if control in ps:
+            raise UserError(f"{where}: label '{lab}' has the control '{control}' as a part (a combination lists "
+                            f"only its perturbations: '{sep.join(p for p in ps if p != control)}'); {fix}")
+        dup = next((p for i, p in enumerate(ps) if p in ps[:i]), None)
+        if dup is not None:
+            raise UserError(f"{where}: label '{lab}' names the part '{dup}' twice; {fix}")
+        if known is not None:
+            unknown = [p for p in ps if p not in known]
+            if unknown:
+                kp = [p for p in known_parts if p != control]
+                raise UserError(f"{where}: combination '{lab}' has the single(s) {unknown} that the run never saw "
+                                f"(it knows {len(kp)}: {kp[:20]}{' ...' if len(kp) > 20 else ''})")
+        if max_parts is not None and len(ps) > max_parts:
+            raise UserError(f"{where}: combination '{lab}' has {len(ps)} parts, more than any label the run "
+                            f"trained on (at most {max_parts}): the model never saw a combination that large")
+        out.append(ps)
+    return out
 
 
 def combo_table(names, control, sep="+", reduce="sum", features=None, missing="error"):
@@ -214,12 +369,15 @@ def combo_table(names, control, sep="+", reduce="sum", features=None, missing="e
 
     One-hot runs (features None): multi-hot over the single perturbations that occur in any label (the
     control its own part), so 'A+B' is e_A + e_B and a double whose singles were seen has a code the
-    model can read even if the double never trained. With `features` (a features file path): each
-    label is the `reduce` (sum | mean) of its parts' vectors. A part without a vector is an error naming
-    it and its label (missing="zero": zero vectors, warned)."""
+    model can read even if the double never trained. With `features` (a features file path or dict):
+    each label is the `reduce` (sum | mean) of its parts' vectors. A part without a vector is an error
+    naming it and its label (missing="zero": zero vectors, warned). Malformed labels ('A+A', '+A',
+    'control+A', 'A + B') are refused by check_combo_labels."""
     if reduce not in ("sum", "mean"):
-        raise ValueError(f"combo_reduce '{reduce}' not one of sum, mean")
-    split = [parts_of(n, sep) if n != control else [control] for n in names]
+        raise UserError(f"combo_reduce '{reduce}' not one of sum, mean")
+    if not isinstance(sep, str) or not sep:
+        raise UserError(f"--combos={sep!r}: give the separator of combination labels (e.g. +)")
+    split = check_combo_labels(names, sep, control)
     vocab = sorted({p for ps in split for p in ps} - {control})
     vocab = [control] + vocab
     if features is None:
@@ -230,15 +388,15 @@ def combo_table(names, control, sep="+", reduce="sum", features=None, missing="e
                 T[i, col[p]] += 1.0
     else:
         need = [p for p in vocab if p != control]
-        try:
-            F_ = load_pert_features(features, need, missing="error")
-        except KeyError as e:
-            lacking = [p for p in need if p in str(e)]
-            if missing != "zero":
-                label = next((n for n, ps in zip(names, split) if set(ps) & set(lacking)), "?")
-                raise KeyError(f"{e.args[0]}; e.g. part '{lacking[0] if lacking else '?'}' of label '{label}' "
-                               "(combinations are encoded from their parts' vectors)") from None
-            F_ = load_pert_features(features, need, missing="zero")
+        d, path = read_vectors(features)
+        lacking = [p for p in need if p not in d]
+        if lacking and missing != "zero":
+            label = next((n for n, ps in zip(names, split) if set(ps) & set(lacking)), "?")
+            raise MissingFeatures(f"{path}: {len(lacking)}/{len(need)} parts have no feature vector: "
+                                  f"{lacking[:20]}{' ...' if len(lacking) > 20 else ''}; e.g. part '{lacking[0]}' "
+                                  f"of label '{label}' (combinations are encoded from their parts' vectors; "
+                                  "--missing_pert_features=zero gives them zero vectors)")
+        F_ = load_pert_features(d, need, missing=missing)
         row = {p: F_[i] for i, p in enumerate(need)}
         row[control] = torch.zeros(F_.shape[1])  # the control: no perturbation, the zero vector
         T = torch.stack([torch.stack([row[p] for p in ps]).sum(0) for ps in split])
@@ -256,15 +414,36 @@ def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=F
     whose shape differs outside those parts is an error naming it (skip=True: left at its init). Prints a
     table of loaded / re-initialised / skipped tensors; returns a note for meta.json."""
     import json
-    import os
     from safetensors.torch import load_file
     bad = [r for r in reinit if r not in ("pert", "decoder")]
     if bad:
-        raise ValueError(f"--reinit {bad}: choose from pert, decoder")
-    if not os.path.exists(os.path.join(run, "model.safetensors")):
-        raise FileNotFoundError(f"--init_from={run}: no model.safetensors (not a finished ST run)")
-    src = load_file(os.path.join(run, "model.safetensors"))
-    meta = json.load(open(os.path.join(run, "meta.json")))
+        raise UserError(f"--reinit {bad}: choose from pert, decoder")
+    run = str(run)
+    what = "a run folder of train.py (model.safetensors + meta.json)"
+    if not os.path.isdir(run):
+        raise UserError(f"--init_from={run}: {'is a file' if os.path.exists(run) else 'not found'}; give {what}")
+    wp, mp = os.path.join(run, "model.safetensors"), os.path.join(run, "meta.json")
+    if not os.path.exists(wp):
+        raise UserError(f"--init_from={run}: no model.safetensors (not a finished ST run); give {what}")
+    try:
+        meta = json.loads(open(mp).read())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--init_from={run}: cannot read its meta.json ({getattr(e, 'strerror', None) or e}); "
+                        f"give {what}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"--init_from={run}: its meta.json is not an object; give {what}")
+    if meta.get("kind") == "nanostate-se" or ("st" not in meta and ("se_hash" in meta or "fit" in meta)):
+        raise UserError(f"--init_from={run}: is an SE run (embed.py), not an ST run: its weights are a cell "
+                        "embedding model, none of them fits the transition model; give a train.py run folder "
+                        "(to train on SE embeddings, prepare the data with --key obsm/X_state instead)")
+    if "st" not in meta:
+        raise UserError(f"--init_from={run}: its meta.json has no 'st' config: not an ST run of train.py; "
+                        f"give {what}")
+    try:
+        src = load_file(wp)
+    except Exception as e:
+        raise UserError(f"--init_from={run}: cannot read model.safetensors ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}); give {what}") from None
     why = {}
     if "pert" in reinit:
         why["pert"] = "asked"
@@ -291,14 +470,28 @@ def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=F
             rows.append((n, "not in the source run: initialised", tuple(v.shape)))
         elif tuple(src[n].shape) != tuple(v.shape):
             if not skip:
-                raise ValueError(f"--init_from={run}: tensor '{n}' is {tuple(src[n].shape)} there and "
+                raise UserError(f"--init_from={run}: tensor '{n}' is {tuple(src[n].shape)} there and "
                                  f"{tuple(v.shape)} here (another hidden size or preset?); --init_skip=True "
                                  "leaves mismatched tensors at their initialisation")
             rows.append((n, f"skipped: shape {tuple(src[n].shape)} in the source", tuple(v.shape)))
         else:
             load[n] = src[n]
             rows.append((n, "loaded", tuple(v.shape)))
+    if not load:
+        raise UserError(f"--init_from={run}: loads nothing: none of its {len(src)} tensors matches a tensor of this "
+                        f"model by name and shape (its tensors: {sorted(src)[:3]} ..., this model's: {sorted(own)[:3]} ...); "
+                        "--init_from would train from scratch. Give a run of the same model (preset, hidden "
+                        "size), or drop --init_from to train from scratch")
     model.load_state_dict(load, strict=False)
+    params = dict(model.named_parameters())
+    n_all = sum(p.numel() for p in params.values())
+    n_got = sum(params[n].numel() for n in load if n in params)
+    n_t = sum(1 for n in own if n in params)
+    k_t = sum(1 for n in load if n in params)
+    frac = n_got / max(n_all, 1)
+    if frac < 0.5:
+        say(f"WARNING: init_from {run}: loaded {k_t} of {n_t} tensors ({100 * frac:.1f}% of parameters): most of "
+            "the model starts from its initialisation (see the table below)")
     kinds = {}
     for _, k, _ in rows:
         kinds[k.split(" (")[0].split(":")[0]] = kinds.get(k.split(" (")[0].split(":")[0], 0) + 1
@@ -307,7 +500,7 @@ def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=F
         if k != "loaded":
             say(f"  {n:<40s} {str(shp):<16s} {k}")
     return dict(run=os.path.abspath(run), reinit=why, loaded=sum(k == "loaded" for _, k, _ in rows),
-                rows=len(rows))
+                rows=len(rows), loaded_params=n_got, params=n_all)
 
 
 # -----------------------------------------------------------------------------
