@@ -44,7 +44,8 @@ import torch
 
 from state import ckpt
 from state.config import configure
-from state.dist import (StepSampler, compute_cleanup, compute_init, load_sharded, load_state, mfu,
+from state.errors import UserError, die, need_space, output_file, run, stale_tmp
+from state.dist import (StepSampler, compute_cleanup, compute_init, load_sharded, mfu,
                         print0, set_rng_state, set_sync, shard, stage_checkpoint)
 from state.h5ad import H5AD
 from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,
@@ -103,7 +104,7 @@ def parse(argv, defaults, model=False):
     try:
         seen = configure(flags, cfg, mdef)
     except ValueError as e:
-        raise SystemExit(f"embed.py: {e}")
+        die(f"embed.py: {e}")
     return cfg, {k: mdef[k] for k in seen if k in mdef}, pos
 
 
@@ -142,32 +143,43 @@ def lr_at(step, T, lr, warmup, floor):
 def fit(argv):
     C, mkw, pos = parse(argv, FIT, model=True)
     if pos or not C["data"]:
-        raise SystemExit("embed.py fit: --data=DIR[,DIR2] (prepared folders) is required"
+        die("embed.py fit: --data=DIR[,DIR2] (prepared folders) is required"
                          + (f"; {pos[0]} is a file: prepare it first (python -m state.data prepare {pos[0]} DIR), "
                             "one folder per gene panel" if pos else ""))
     folders = [p for p in C["data"].split(",") if p]
     if C["parallel"] not in ("fsdp", "ddp"):
-        raise SystemExit(f"embed.py fit: --parallel must be fsdp or ddp (got {C['parallel']!r})")
+        die(f"embed.py fit: --parallel must be fsdp or ddp (got {C['parallel']!r})")
     ddp, rank, local_rank, world, device = compute_init(seed=C["seed"])
     fsdp = ddp and C["parallel"] == "fsdp"
     if C["threads"] and device.type == "cpu":
         torch.set_num_threads(C["threads"])
     master = rank == 0
     out = C["out"]
-    if os.path.isdir(out) and os.listdir(out) and not C["resume"]:
-        raise SystemExit(f"embed.py fit: run directory {out} exists and is not empty; pass --resume to continue "
-                         "it or choose another --out")
+    if os.path.exists(out) and not os.path.isdir(out):
+        die(f"embed.py fit: --out={out} is a file; give a folder for the run")
+    if not ckpt.empty(out) and not C["resume"]:
+        die(f"embed.py fit: run directory {out} exists and is not empty; pass --resume to continue "
+            "it or choose another --out")
+    if C["resume"] and not os.path.isdir(out):
+        die(f"embed.py fit: --resume but {out} does not exist; check --out (or drop --resume to start a run)")
+    if master:  # one writer per run folder (a second is refused naming this pid); created here
+        ckpt.lock(out, "embed.py fit")
+        if C["resume"] and ckpt.repair(out):
+            print0(f"note: {out} was copied with its links dereferenced: its checkpoint links were put back")
+    if ddp:
+        import torch.distributed as dist
+        dist.barrier()
     ck = ckpt.latest(out) if C["resume"] else None  # the last committed checkpoint (one step throughout)
     if C["resume"] and ck is None:
         if not (os.path.isdir(out) and ckpt.leftovers_only(out)):
-            raise SystemExit(f"embed.py fit: --resume but {out} holds no committed checkpoint")
+            die(f"embed.py fit: --resume but {out} holds no committed checkpoint")
         print0(f"note: --resume: {out} holds no committed checkpoint: starting at step 0")
         if master:
             ckpt.clear(out)
         C["resume"] = False
-    if C["resume"] and json.load(open(os.path.join(ck, "meta.json"))).get("preset") is None:
-        raise SystemExit(f"embed.py fit: {out} is not an SE run (its meta.json has no SE preset)")
-    os.makedirs(out, exist_ok=True)
+    meta_old, st = ckpt.read(ck, "embed.py fit") if C["resume"] else (None, None)
+    if C["resume"] and meta_old.get("preset") is None:
+        die(f"embed.py fit: {out} is not an SE run (its meta.json has no SE preset)")
     print0(f"fit config: {json.dumps(C)} model overrides: {mkw}")
     resume = C["resume"]
 
@@ -176,10 +188,9 @@ def fit(argv):
     datas = [Prepared(p) for p in folders]
     for d in datas:
         if d.index["recipe"]["key"].startswith("obsm/"):
-            raise SystemExit(f"embed.py fit: {d.dir} holds an embedding ('{d.index['recipe']['key']}'); SE needs "
+            die(f"embed.py fit: {d.dir} holds an embedding ('{d.index['recipe']['key']}'); SE needs "
                              "gene expression (prepare the counts or log1p matrix)")
     recipes = [d.index["recipe"] for d in datas]
-    meta_old = json.load(open(os.path.join(ck, "meta.json"))) if resume else None
     if resume:  # what fixes the data, its order or the model is refused; the rest is applied and said
         old = meta_old["fit"]
         mc = {{"d": "d_model", "out": "d_out"}.get(k, k): v for k, v in meta_old["config"].items() if k != "k"}
@@ -188,13 +199,12 @@ def fit(argv):
         bad += [f"{k} ({mc.get(k)!r} -> {v!r})" for k, v in mkw.items() if mc.get(k) != v]
         if meta_old.get("data_checksums") != [d.checksum for d in datas]:
             bad.append("data (the prepared folders or their checksums differ)")
-        st = load_state(os.path.join(ck, "state.pt"))  # step, sampler cursor, every rank's RNG
         w_old = len(st["rng"])
         if w_old * old["grad_accum"] != world * C["grad_accum"]:  # world x accum may trade, not change
             bad.append(f"global batch ({w_old} processes x {old['grad_accum']} micro-steps -> "
                        f"{world} x {C['grad_accum']})")
         if bad:
-            raise SystemExit(f"embed.py fit: --resume cannot change {', '.join(bad)}: they fix the data, its "
+            die(f"embed.py fit: --resume cannot change {', '.join(bad)}: they fix the data, its "
                              "order or the model; start a new run instead")
         changed = [k for k in C if k in old and old[k] != C[k] and k not in ("resume", "stop_at")]
         if changed:
@@ -231,7 +241,7 @@ def fit(argv):
         luts = [np.array([lut[n] for n in getattr(d, f"{C['ds_col']}_names")]) for d in datas]
         labels = [lambda r, d=d, t=t: t[np.asarray(getattr(d, C["ds_col"])[r])] for d, t in zip(datas, luts)]
     elif C["ds_col"]:
-        raise SystemExit(f"embed.py fit: --ds_col must be '', context or batch (got {C['ds_col']!r})")
+        die(f"embed.py fit: --ds_col must be '', context or batch (got {C['ds_col']!r})")
     else:
         ds_names = [os.path.basename(os.path.normpath(p)) for p in folders]
         labels = [lambda r, f=f: np.full(len(r), f, np.int64) for f in range(len(datas))]
@@ -240,7 +250,7 @@ def fit(argv):
     try:
         cells = CellSampler(datas, [m.to_vocab for m in maps], V, C["batch_size"], C["seed"], C["val_cells"])
     except ValueError as err:
-        raise SystemExit(f"embed.py fit: {err} (x {world} processes)")
+        die(f"embed.py fit: {err} (x {world} processes)")
     sampler = StepSampler(cells, rank, world, C["grad_accum"], workers=workers, pin=device.type == "cuda")
     offs = np.cumsum([0] + [d.n_cells for d in datas])
     print0(f"data: {len(datas)} prepared folders, {offs[-1]} cells ({int(cells.nv.sum())} held out), {V} genes "
@@ -282,19 +292,19 @@ def fit(argv):
     step0 = 0
     if resume:
         if st["step"] != meta_old["step"]:
-            raise SystemExit(f"{out}: meta.json is at step {meta_old['step']} but state.pt at step {st['step']}; "
+            die(f"{out}: meta.json is at step {meta_old['step']} but state.pt at step {st['step']}; "
                              "cannot resume exactly")
         if st.get("dcp") and os.path.isdir(os.path.join(ck, st["dcp"])):
             load_sharded(raw, opt, os.path.join(ck, st["dcp"]))  # weights + optimizer, resharded to this world
         elif "opt" in st and not fsdp:  # a checkpoint written before dcp/ (replicated optimizer state)
             opt.load_state_dict(st["opt"])
         else:
-            raise SystemExit(f"embed.py fit: --resume needs the sharded checkpoint {ck}/dcp/")
+            die(f"embed.py fit: --resume needs the sharded checkpoint {ck}/dcp/")
         opt.param_groups[0]["weight_decay"] = C["wd"]  # the loaded state carries the old value: this run's wins
         try:
             sampler.load_state_dict(st["sampler"])  # one global cursor: any world size
         except ValueError as err:
-            raise SystemExit(f"embed.py fit: --resume: {err}")
+            die(f"embed.py fit: --resume: {err}")
         if len(st["rng"]) == world:
             set_rng_state(st["rng"][rank], device)
         else:  # another world size: the same cells in the same order, fresh per-rank dropout streams
@@ -338,11 +348,15 @@ def fit(argv):
                         data_checksums=[d.checksum for d in datas], recipe=recipes[0], recipes=recipes,
                         gene_emb=src, datasets=ds_names, ds_col=C["ds_col"], val_loss=val_loss, world=world,
                         parallel=C["parallel"] if ddp else None, torch=torch.__version__)
-            h = save_model(raw, stg, meta, sd)
-            ckpt._done()
-            st = dict(step=step, sampler=samp_state, rng=rngs, dcp="dcp", world=world)
-            ckpt.write(os.path.join(stg, "state.pt"), lambda p: torch.save(st, p))
-            ckpt.commit(out, step)
+            try:  # a failed write (full disk) leaves the committed checkpoint as it was, no staging folder
+                h = save_model(raw, stg, meta, sd)
+                ckpt._done()
+                st = dict(step=step, sampler=samp_state, rng=rngs, dcp="dcp", world=world)
+                ckpt.write(os.path.join(stg, "state.pt"), lambda p: torch.save(st, p))
+                ckpt.commit(out, step)
+            except OSError:
+                ckpt.abandon(out, step)
+                raise
             print0(f"saved {out} at step {step} (se_hash {h})")
         if ddp:
             import torch.distributed as dist
@@ -426,7 +440,7 @@ def transform(argv):
 
     C, _, pos = parse(argv, TRANSFORM)
     if not C["ckpt"] or len(pos) != 1:
-        raise SystemExit("usage: embed.py transform --ckpt=RUN_DIR IN.h5ad [--output=OUT.h5ad|OUT.npy]")
+        die("usage: embed.py transform --ckpt=RUN_DIR IN.h5ad [--output=OUT.h5ad|OUT.npy]")
     inp = pos[0]
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if C["device"] == "auto" else C["device"])
     if C["threads"] and dev.type == "cpu":
@@ -445,66 +459,85 @@ def transform(argv):
     o = C["output"]
     npy = o.endswith(".npy")
     if not o and not (os.stat(inp).st_mode & 0o222):  # root ignores permissions: honour the marking
-        raise SystemExit(f"{inp} is marked read-only; not writing into it. Use --output=OUT.h5ad "
-                         "(a copy plus obsm/X_state) or --output=OUT.npy")
-    target = o if o else inp
+        die(f"{inp} is marked read-only; not writing into it. Use --output=OUT.h5ad "
+            "(a copy plus obsm/X_state) or --output=OUT.npy")
+    target = output_file(o, [inp, C["ckpt"]], "embed.py transform") if o else inp
+    stale_tmp(target)  # temp files of killed transforms at this path
+    # everything is written into a temp file beside the target and renamed over it at the end: a kill, a
+    # full disk or an error leaves the user's file as it was (in place too: a copy is written, then
+    # switched in) and no partial obsm key that anndata would read as an embedding
+    need_space(target, 4 * n * D + (0 if npy else os.path.getsize(inp)) + (1 << 20), "embed.py transform")
     tmp = f"{target}.tmp{os.getpid()}"
-    if o and not npy:
-        shutil.copyfile(inp, tmp)  # copy, then add: the source file is never touched
-    if npy:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, D))
-    else:
-        try:
-            f = h5py.File(tmp if o else inp, "r+")
-        except OSError as e:
-            raise SystemExit(f"{inp}: cannot open for writing ({e}); write a copy with "
-                             "--output=OUT.h5ad or --output=OUT.npy") from None
-        if "obsm" not in f:
-            g = f.create_group("obsm")
-            g.attrs["encoding-type"], g.attrs["encoding-version"] = "dict", "0.1.0"
-        tname = f"_{C['obsm_key']}_tmp"
-        if tname in f["obsm"]:
-            del f["obsm"][tname]
-        arr = f["obsm"].create_dataset(tname, shape=(n, D), dtype=np.float32,
-                                       chunks=(max(1, min(n, 4096)), D))
-    bs = C["batch_size"]
-    with H5AD(inp) as h, torch.no_grad(), autocast(dev, C["dtype"]):
-        mat = h.matrix(C["key"])
-        ts = None  # raw counts -> the fit's normalisation (state.data.recipe_scaling); None: rows as they are
-        if meta.get("recipe"):  # runs fit on prepared folders record their recipe
-            from state.data import normalize_log1p, recipe_scaling, sample_rows
+    f = None
+    try:
+        if npy:
+            arr = open(tmp, "wb")
+            np.lib.format.write_array_header_1_0(arr, {"descr": "<f4", "fortran_order": False, "shape": (n, D)})
+        else:
+            shutil.copyfile(inp, tmp)  # copy, then add: the source file is never touched
+            shutil.copymode(inp, tmp)
+            f = h5py.File(tmp, "r+")
+            if "obsm" not in f:
+                g = f.create_group("obsm")
+                g.attrs["encoding-type"], g.attrs["encoding-version"] = "dict", "0.1.0"
+            tname = f"_{C['obsm_key']}_tmp"
+            if tname in f["obsm"]:
+                del f["obsm"][tname]
+            arr = f["obsm"].create_dataset(tname, shape=(n, D), dtype=np.float32,
+                                           chunks=(max(1, min(n, 4096)), D))
+        bs = C["batch_size"]
+        with H5AD(inp) as h, torch.no_grad(), autocast(dev, C["dtype"]):
+            mat = h.matrix(C["key"])
+            ts, kind = None, "any"  # raw counts -> the fit's normalisation (state.data.recipe_scaling)
+            if meta.get("recipe"):  # runs fit on prepared folders record their recipe
+                from state.data import check_rows, classify, normalize_log1p, recipe_scaling, sample_rows
+                smp = sample_rows(mat, 10_000, 0)
+                try:
+                    ts = recipe_scaling(smp, meta["recipe"], f"{inp}: '{C['key']}'", "the SE run")
+                except ValueError as err:  # raised, not die(): the temp file is removed on the way out
+                    raise UserError(f"embed.py transform: {err}") from None
+                kind = "counts" if ts else classify(smp, inp).kind
+                if ts:
+                    print(f"{inp}: raw counts -> normalised to the fit's target_sum {ts:g} and log1p'd")
+            for a in tqdm(range(0, n, bs), total=math.ceil(n / bs), desc=f"X_state {os.path.basename(inp)}",
+                          unit="batch", disable=None):
+                b = min(a + bs, n)
+                xb = mat.block(a, b)
+                if meta.get("recipe"):  # every row of the scale the sample showed, not only the sample
+                    check_rows(xb, kind, f"embed.py transform: {inp}: '{C['key']}'", a)
+                if ts:  # the library size over all of the file's genes, as prepare computed it
+                    xb = normalize_log1p(xb, ts)
+                x = torch.from_numpy(gm.to_vocab(xb)).to(dev)
+                rows = torch.arange(a, b, device=dev)
+                e = model.embed(x, valid.expand(b - a, -1), rows, C["seed"], cls.expand(b - a))
+                if npy:
+                    arr.write(np.ascontiguousarray(e.float().cpu().numpy(), "<f4").tobytes())
+                else:
+                    arr[a:b] = e.float().cpu().numpy()
+        if npy:
+            arr.close()
+        else:
+            k = C["obsm_key"]
+            if k in f["obsm"]:
+                del f["obsm"][k]
+            f["obsm"].move(tname, k)
+            f["obsm"][k].attrs["encoding-type"], f["obsm"][k].attrs["encoding-version"] = "array", "0.2.0"
+            _write_uns_group(f, "nanostate_se", info)
+            f.close()
+            f = None
+        os.replace(tmp, target)
+    except BaseException:
+        if f is not None:
             try:
-                ts = recipe_scaling(sample_rows(mat, 10_000, 0), meta["recipe"], f"{inp}: '{C['key']}'",
-                                    "the SE run")
-            except ValueError as err:
-                raise SystemExit(f"embed.py transform: {err}") from None
-            if ts:
-                print(f"{inp}: raw counts -> normalised to the fit's target_sum {ts:g} and log1p'd")
-        for a in tqdm(range(0, n, bs), total=math.ceil(n / bs), desc=f"X_state {os.path.basename(inp)}",
-                      unit="batch", disable=None):
-            b = min(a + bs, n)
-            xb = mat.block(a, b)
-            if ts:  # the library size over all of the file's genes, as prepare computed it
-                xb = normalize_log1p(xb, ts)
-            x = torch.from_numpy(gm.to_vocab(xb)).to(dev)
-            rows = torch.arange(a, b, device=dev)
-            e = model.embed(x, valid.expand(b - a, -1), rows, C["seed"], cls.expand(b - a))
-            arr[a:b] = e.float().cpu().numpy()
+                f.close()
+            except Exception:  # noqa: BLE001 (the file is being removed)
+                pass
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     if npy:
-        arr.flush()
-        del arr
-        os.replace(tmp, o)
-        json.dump(info, open(o[:-4] + ".json", "w"), indent=1)
-    else:
-        k = C["obsm_key"]
-        if k in f["obsm"]:
-            del f["obsm"][k]
-        f["obsm"].move(tname, k)
-        f["obsm"][k].attrs["encoding-type"], f["obsm"][k].attrs["encoding-version"] = "array", "0.2.0"
-        _write_uns_group(f, "nanostate_se", info)
-        f.close()
-        if o:
-            os.replace(tmp, o)
+        with open(o[:-4] + ".json", "w") as jf:
+            json.dump(info, jf, indent=1)
     print(f"wrote {target} ({'npy' if npy else 'obsm/' + C['obsm_key']}) {n} x {D}, se_hash {meta['se_hash']}")
     return target
 
@@ -512,12 +545,12 @@ def transform(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("fit", "transform"):
-        print(__doc__)
-        raise SystemExit("usage: embed.py fit|transform ...")
+        die(f"embed.py: {'unknown command ' + repr(argv[0]) if argv else 'no command'}; usage: "
+            "embed.py fit|transform --key=value ... (embed.py --help)")
     return fit(argv[1:]) if argv[0] == "fit" else transform(argv[1:])
 
 
 if __name__ == "__main__":
-    main()
+    run("embed.py", main, None, __doc__)
     from state.dist import quiet_exit
     quiet_exit(0)

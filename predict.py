@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from state.config import configure
 from state.data import draw_controls
+from state.errors import UserError, die, need_space, output_file, run, stale_tmp
 from state.eval import group_spread
 from state.h5ad import H5AD, Cat, Stream, write_h5ad
 from state.st import STConfig, StateTransition
@@ -38,10 +39,28 @@ from state.st import STConfig, StateTransition
 # loading a run
 
 
+def read_meta(run, command="predict.py"):
+    """meta.json of an ST run folder, checked: the folder holds a run's files, the JSON is a run's."""
+    if not os.path.isdir(run):
+        raise UserError(f"{command}: --run={run} is not a folder; give a run folder written by train.py")
+    for f in ("meta.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(run, f)):
+            raise UserError(f"{command}: {run}: no {f}; not a finished train.py run (or copied in part)")
+    try:
+        meta = json.load(open(os.path.join(run, "meta.json")))
+    except ValueError as e:
+        raise UserError(f"{command}: {run}/meta.json is not valid JSON ({e}); the run folder is damaged") from None
+    if not isinstance(meta, dict) or "st" not in meta:
+        what = "an SE run (embed.py fit): give it to embed.py transform" if isinstance(meta, dict) and \
+            meta.get("preset") else "not an ST run's meta.json"
+        raise UserError(f"{command}: {run} is {what}")
+    return meta
+
+
 def load_run(run, device="cpu"):
     """-> (model in eval mode, meta dict). The model is rebuilt from meta.json's config."""
     from safetensors.torch import load_file
-    meta = json.load(open(os.path.join(run, "meta.json")))
+    meta = read_meta(run)
     cfg = STConfig.from_dict(meta["st"])
     sd = load_file(os.path.join(run, "model.safetensors"))
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
@@ -53,17 +72,26 @@ def load_run(run, device="cpu"):
 def load_runs(runs, device="cpu"):
     """--run=A[,B,...]: -> (models, meta of the first). Several runs form a seed ensemble whose
     predictions are averaged; they must share genes, perturbation vocabulary, set size and output space."""
-    models, metas = zip(*(load_run(r, device) for r in runs.split(",") if r))
-    if not models:
-        sys.exit("predict.py: --run=RUN_DIR[,RUN_DIR...] is required")
+    names = [r for r in runs.split(",") if r]
+    if not names:
+        die("predict.py: --run=RUN_DIR[,RUN_DIR...] is required")
+    if len(set(map(os.path.realpath, names))) < len(names):
+        die(f"predict.py: --run={runs} names a run twice; an ensemble averages distinct runs")
+    models, metas = zip(*(load_run(r, device) for r in names))
     m0 = metas[0]
-    for r, m, mo in zip(runs.split(","), metas[1:], models[1:]):
-        for k in ("genes", "pert_names", "context_names", "genes_out", "gene_space"):
+    for r, m, mo in zip(names[1:], metas[1:], models[1:]):  # every member against the first, by name
+        for k in ENSEMBLE_SAME:
             if m.get(k) != m0.get(k):
-                sys.exit(f"predict.py: ensemble member {r} has other {k} than {runs.split(',')[0]}")
+                die(f"predict.py: ensemble member {r} has another {k} than {names[0]}; an ensemble's members "
+                    "must be trained on the same data, split, genes and recipe")
         if mo.cfg.set_size != models[0].cfg.set_size or (mo.decoder is None) != (models[0].decoder is None):
-            sys.exit(f"predict.py: ensemble member {r} has another set size or decoder than the first run")
+            die(f"predict.py: ensemble member {r} has another set size or decoder than {names[0]}")
     return list(models), m0
+
+
+# what the members of an ensemble share (their inputs and outputs mean the same things)
+ENSEMBLE_SAME = ("genes", "pert_names", "context_names", "batch_names", "genes_out", "gene_space", "key", "recipe",
+                 "data_checksum", "split_hash", "control", "pert_col", "context_col", "combos", "combo_parts")
 
 
 @torch.no_grad()
@@ -140,8 +168,14 @@ def spread_report(rows):
 
 def cmd_test(argv):
     cfg = {"run": "", "data": "", "split": "", "out": "", "seed": 0, "device": "cpu",
-           "clip": True, "max_cells": 8192, "allow_other_split": False}
+           "clip": True, "max_cells": 8192, "allow_other_split": False, "allow_other_data": False}
     configure(argv, cfg)
+    if not cfg["out"]:
+        die("predict.py test: --out=FOLDER is required (pred.h5ad and real.h5ad are written there)")
+    if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
+        die(f"predict.py test: --out={cfg['out']} is a file; give a folder")
+    for f in ("pred.h5ad", "real.h5ad"):
+        output_file(os.path.join(cfg["out"], f), [cfg["split"]], "predict.py test")
     from state.data import Prepared
     from state.splits import Split
     models, meta = load_runs(cfg["run"], cfg["device"])
@@ -150,24 +184,26 @@ def cmd_test(argv):
     try:  # the split must index this prepared data (checksum, rows, groups)
         sp.validate(D)
     except ValueError as e:
-        sys.exit(f"predict.py: split {cfg['split']} does not fit the data {cfg['data']}: {e}")
+        die(f"predict.py: split {cfg['split']} does not fit the data {cfg['data']}: {e}")
     if meta.get("split_hash") and not cfg["allow_other_split"]:
         import hashlib
         h = hashlib.sha256(open(cfg["split"], "rb").read()).hexdigest()[:16]
         if h != meta["split_hash"]:
-            sys.exit(f"predict.py: {cfg['split']} is not the split the run was trained on ({meta.get('split')}); "
+            die(f"predict.py: {cfg['split']} is not the split the run was trained on ({meta.get('split')}); "
                      "its test groups may be training groups of the run. --allow_other_split=True to go on")
     if list(D.genes) != list(meta["genes"]):
-        sys.exit("predict.py: the prepared data's genes differ from the run's (order included)")
-    if D.checksum != meta["data_checksum"]:
-        print(f"WARNING: data checksum {D.checksum} differs from the run's {meta['data_checksum']}")
+        die("predict.py: the prepared data's genes differ from the run's (order included)")
+    if D.checksum != meta["data_checksum"] and not cfg["allow_other_data"]:
+        die(f"predict.py: {cfg['data']}: its checksum {D.checksum} is not the run's {meta['data_checksum']}: "
+            "the folder was re-prepared (other cells, groups or recipe) since the run trained; predict on "
+            "the data the run was trained on, or --allow_other_data=True to go on")
     if list(D.pert_names) != list(meta["pert_names"]):
-        sys.exit("predict.py: the data's perturbation vocabulary differs from the run's")
+        die("predict.py: the data's perturbation vocabulary differs from the run's")
     # a run with a gene decoder (ST on an embedding): predictions and real cells in GENE space (the
     # decoder's genes, the stored gene matrix G.bin of the same cells); embeddings kept in obsm
     dec = model.decoder is not None
     if dec and (D.G is None or list(D.gene_names_out) != list(meta.get("genes_out") or [])):
-        sys.exit("predict.py: the run has a gene decoder but the prepared data has no gene targets with "
+        die("predict.py: the run has a gene decoder but the prepared data has no gene targets with "
                  "the run's output genes (prepare with the run's --genes-key)")
     out_genes = list(meta["genes_out"]) if dec else list(D.genes)
     gene_rows = D.rows_genes if dec else D.rows
@@ -187,7 +223,7 @@ def cmd_test(argv):
         rows = test[(D.context[test] == c) & (D.pert[test] == p)]
         pool = ctx_of.get(c)
         if pool is None or len(pool) == 0:
-            sys.exit(f"predict.py: context {D.context_names[c]} has no control cells in the test split")
+            die(f"predict.py: context {D.context_names[c]} has no control cells in the test split")
         drawn, a, wins = draw_controls(pool, len(rows), rng), 0, []
         for n in make_windows(len(rows), S):
             draw, a = drawn[a:a + n], a + n
@@ -241,8 +277,10 @@ def cmd_test(argv):
                          "seed": cfg["seed"], "clip": "0,14" if clip else "none",
                          "space": "gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding"),
                          "key": meta.get("key", "X"), "genes_key": meta.get("genes_key") if dec else None}}
-    os.makedirs(cfg["out"], exist_ok=True)
     N, G = n_pred + len(ctrl_rows), len(out_genes)
+    need_space(os.path.join(cfg["out"], "pred.h5ad"), 2 * (4 * N * (G + (D.n_genes if dec else 0)) + 64 * N),
+               "predict.py test")
+    os.makedirs(cfg["out"], exist_ok=True)
     write_h5ad(os.path.join(cfg["out"], "pred.h5ad"),
                Stream(N, {"X": G, **({"obsm/X_state_pred": D.n_genes} if dec else {})}, pred_blocks(), "predict"),
                None, out_genes, uns=uns, obs={**obs, "is_predicted": isp, "ctrl_cell_barcode": Cat(cb, ucn)})
@@ -267,41 +305,69 @@ def cmd_test(argv):
 # simulate: a virtual screen from control cells
 
 
-def apply_recipe(x, meta, path, key, gene_space, obs_names):
-    """Control rows x (N, G_file) of a user's file -> the run's input scale, or exit naming what was
-    found and what the run expects. Gene-valued runs: counts -> normalise each cell to the run's
-    target_sum over the file's genes, then log1p; log1p values as they are. Embedding runs take the
-    embedding (same SE checkpoint) as it is."""
-    from state.data import normalize_log1p, recipe_scaling
+def apply_recipe(x, names, meta, path, key, gene_space, obs_names, allow_missing=0.0):
+    """Control rows x (N, G_file) of a user's file, columns `names` -> the run's input scale, or a one-line
+    error naming what was found and what the run expects. Every row is checked (state.data.check_rows),
+    not a sample. Gene-valued runs: raw counts are normalised to the run's target_sum with each cell's
+    library size summed over the genes the recipe names (recipe['libsize_genes']: None = the run's own
+    genes, a list = those genes, e.g. all genes of the file prepare read before keeping HVGs; runs that
+    predate the key: the file's genes), then log1p'd; log1p values normalised to another target sum are
+    rescaled exactly to the run's (log1p(expm1(x) * ts / ts_file)); log1p values at the run's sum are
+    taken as they are. Embedding runs take the embedding (same SE checkpoint) as it is."""
+    from state.data import check_rows, classify, recipe_scaling
     r = meta.get("recipe") or {}
-    bad = ~np.isfinite(x).all(1)
-    if bad.any():
-        sys.exit(f"predict.py simulate: {int(bad.sum())} control cells of {path} ('{key}') have NaN/Inf values, "
-                 f"e.g. '{obs_names[np.flatnonzero(bad)[0]]}'")
-    if gene_space and (x < 0).any():
-        i = np.flatnonzero((x < 0).any(1))[0]
-        sys.exit(f"predict.py simulate: '{key}' of {path} has negative values (e.g. cell '{obs_names[i]}'): "
-                 "scaled/z-scored data; the run expects raw counts or non-negative log1p expression")
+    where = f"predict.py simulate: {path}: '{key}'"
     if not gene_space:  # an embedding: the run's key must be an embedding of the same SE model
         if not str(key).startswith("obsm/"):
-            sys.exit(f"predict.py simulate: the run was trained on the embedding '{meta.get('key')}'"
-                     f"{' of SE ' + r['se_hash'] if r.get('se_hash') else ''} but '{key}' of {path} is gene "
-                     "expression; embed the controls with that SE checkpoint (embed.py transform) and pass "
-                     "--key=obsm/X_state")
+            die(f"predict.py simulate: the run was trained on the embedding '{meta.get('key')}'"
+                f"{' of SE ' + r['se_hash'] if r.get('se_hash') else ''} but '{key}' of {path} is gene "
+                "expression; embed the controls with that SE checkpoint (embed.py transform) and pass "
+                "--key=obsm/X_state")
+        check_rows(x, "any", where, 0, obs_names)
         return x
-    where = f"{path}: '{key}'"
+    dup = sorted({g for g, k in zip(*np.unique(np.asarray(names, dtype=str), return_counts=True)) if k > 1})
+    if dup:
+        die(f"{where}: {len(dup)} gene names occur more than once (e.g. {dup[:5]}); the run's genes are "
+            "matched by name: make the names unique (e.g. sum or drop the duplicates) first")
+    sc = classify(x[:20000], where)  # the scale, from the first rows; then every row is checked
+    for a in range(0, len(x), 20000):
+        check_rows(x[a:a + 20000], sc.kind, where, a, obs_names)
+    want = r.get("target_sum")
+    if sc.kind == "log1p" and r.get("log1p", True):
+        if want and sc.target_sum and abs(sc.target_sum / want - 1) > 0.05:
+            print(f"input: log1p of counts normalised to {sc.target_sum:g} -> rescaled to the run's target_sum "
+                  f"{want:g} (log1p(expm1(x) * {want / sc.target_sum:.4g}))")
+            x = np.expm1(np.asarray(x, np.float32)) * np.float32(want / sc.target_sum)
+            return np.log1p(x, out=x)
+        return x
     try:
         ts = recipe_scaling(x[:20000], r, where)
     except ValueError as e:
-        sys.exit(f"predict.py simulate: {e}")
+        die(str(e))
     if ts is None:
         return x
-    tot = x.sum(1, dtype=np.float64)
+    over = r.get("libsize_genes", "file")
+    if over == "file":
+        cols, said = np.arange(x.shape[1]), f"the file's {x.shape[1]} genes (the run records no library-size genes)"
+    else:
+        over = list(meta["genes"]) if over is None else list(over)
+        at = {g: i for i, g in enumerate(names)}
+        cols = np.array([at[g] for g in over if g in at], np.int64)
+        lack = len(over) - len(cols)
+        if lack > allow_missing * len(over):
+            die(f"{where}: {lack}/{len(over)} of the genes the run's library sizes were summed over are missing "
+                f"(e.g. {[g for g in over if g not in at][:5]}): raw counts cannot be normalised as in training; "
+                "give the full count matrix, log1p values, or --allow_missing_genes=FRACTION")
+        said = f"the run's {len(cols)} library-size genes" + (f" ({lack} missing)" if lack else "") + \
+            (f"; {x.shape[1] - len(cols)} other genes of the file left out" if x.shape[1] > len(cols) else "")
+    tot = x[:, cols].sum(1, dtype=np.float64)
     if (tot <= 0).any():
-        sys.exit(f"predict.py simulate: {where}: control cell '{obs_names[np.argmax(tot <= 0)]}' has no counts")
-    print(f"input: raw counts (median total {np.median(tot):g} over {x.shape[1]} genes) -> normalised to the "
-          f"run's target_sum {ts:g} and log1p'd, as its training data were")
-    return normalize_log1p(np.array(x, np.float32), ts)
+        die(f"{where}: control cell '{obs_names[np.argmax(tot <= 0)]}' has no counts over those genes")
+    print(f"input: raw counts (median total {np.median(tot):g} over {said}) -> normalised to the run's "
+          f"target_sum {ts:g} and log1p'd, as its training data were")
+    x = np.array(x, np.float32)
+    x *= (ts / tot).astype(np.float32)[:, None]
+    return np.log1p(x, out=x)
 
 
 def extend_combos(models, meta, vocab, labels):
@@ -315,14 +381,14 @@ def extend_combos(models, meta, vocab, labels):
     for lab in labels:
         unknown = [q for q in parts_of(lab, sep) if q not in col]
         if unknown:
-            sys.exit(f"predict.py simulate: combination '{lab}' has the single(s) {unknown} that the run never "
+            die(f"predict.py simulate: combination '{lab}' has the single(s) {unknown} that the run never "
                      f"saw (it knows {len(parts) - 1}: {parts[1:21]}{' ...' if len(parts) > 21 else ''})")
     if meta.get("pert_features"):
-        sys.exit(f"predict.py simulate: {labels[:5]} are not in the run's vocabulary; a run with perturbation "
+        die(f"predict.py simulate: {labels[:5]} are not in the run's vocabulary; a run with perturbation "
                  "features stores the labels' vectors, not its parts', so new combinations need a run "
                  "without --pert_features (multi-hot) or the labels in the training data")
     if models[0].cfg.anchor != "none":
-        sys.exit(f"predict.py simulate: {labels[:5]} are not in the run's vocabulary and the run is anchored "
+        die(f"predict.py simulate: {labels[:5]} are not in the run's vocabulary and the run is anchored "
                  f"(--anchor={models[0].cfg.anchor}): a new label has no baseline shift; use a run without "
                  "--anchor to screen new combinations")
     rows = torch.zeros(len(labels), len(parts))
@@ -343,6 +409,13 @@ def cmd_simulate(argv):
            "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
            "allow_missing_genes": 0.0, "max_cells": 8192, "all_controls": False}
     configure(argv, cfg)
+    if not cfg["adata"] or not cfg["run"]:
+        die("predict.py simulate: --run=RUN_DIR and --adata=CONTROLS.h5ad are required")
+    out = cfg["out"] or os.path.join(cfg["run"].split(",")[0], "predictions",
+                                     os.path.basename(cfg["adata"]).rsplit(".", 1)[0] + "_pred.h5ad")
+    runs_files = [os.path.join(r, f) for r in cfg["run"].split(",") if r for f in ("meta.json", "model.safetensors")]
+    out = output_file(out, [cfg["adata"], cfg["perts"], *runs_files], "predict.py simulate")
+    stale_tmp(out)  # temp files of killed screens at this path
     models, meta = load_runs(cfg["run"], cfg["device"])
     model = models[0]
     dec = model.decoder is not None
@@ -358,13 +431,13 @@ def cmd_simulate(argv):
     else:
         perts = [p for p in perts.split(",") if p]
     if not perts:
-        sys.exit("predict.py simulate: --perts=A,B or a file with one perturbation per line")
+        die("predict.py simulate: --perts=A,B or a file with one perturbation per line")
     bad = [p for p in perts if p not in vocab]
     if bad and meta.get("combos"):
         extend_combos(models, meta, vocab, bad)  # new combinations of known singles get codes
         bad = [p for p in perts if p not in vocab]
     if bad:
-        sys.exit(f"predict.py simulate: {len(bad)} perturbations are not in the run's vocabulary "
+        die(f"predict.py simulate: {len(bad)} perturbations are not in the run's vocabulary "
                  f"({len(vocab)} names): {bad[:20]}")
     with H5AD(cfg["adata"]) as f:
         names = list(f.var_names())
@@ -375,9 +448,9 @@ def cmd_simulate(argv):
         if pcol in cols:
             keep = np.flatnonzero(np.asarray(f.column(pcol)).astype(str) == ctrl_label)
             if len(keep) == 0:
-                sys.exit(f"predict.py simulate: no '{ctrl_label}' cells in column '{pcol}'")
+                die(f"predict.py simulate: no '{ctrl_label}' cells in column '{pcol}'")
         elif not cfg["all_controls"]:
-            sys.exit(f"predict.py simulate: {cfg['adata']} has no perturbation column '{pcol}', so its control "
+            die(f"predict.py simulate: {cfg['adata']} has no perturbation column '{pcol}', so its control "
                      f"cells cannot be told from perturbed ones; pass --pert_col=COLUMN, or "
                      "--all_controls=True if every cell is an unperturbed control")
         ccol = cfg["context_col"] or meta.get("context_col") or ""
@@ -396,12 +469,13 @@ def cmd_simulate(argv):
             gnames, Gin = list(f.var_names()), f.matrix(cfg["genes_key"]).rows(keep)
     # the run's recipe applied to the input (meta["recipe"], from prepare): raw counts are normalised and
     # log1p'd as the training data were, log1p values are taken as they are, anything else is refused
-    Xin = apply_recipe(Xin, meta, cfg["adata"], cfg["key"], model.cfg.gene_space, obs_names)
+    Xin = apply_recipe(Xin, names, meta, cfg["adata"], cfg["key"], model.cfg.gene_space, obs_names,
+                       cfg["allow_missing_genes"])
     # map genes by name to the run's ordered list
     where = {g: i for i, g in enumerate(names)}
     miss = [g for g in genes if g not in where]
     if len(miss) > cfg["allow_missing_genes"] * len(genes):
-        sys.exit(f"predict.py simulate: {len(miss)}/{len(genes)} of the run's genes are missing from "
+        die(f"predict.py simulate: {len(miss)}/{len(genes)} of the run's genes are missing from "
                  f"{cfg['adata']} (e.g. {miss[:10]}); --allow_missing_genes=FRACTION zero-fills them")
     if miss:
         print(f"WARNING: zero-filling {len(miss)} missing genes: {miss[:20]}")
@@ -414,13 +488,13 @@ def cmd_simulate(argv):
         gw = {g: i for i, g in enumerate(gnames)}
         gmiss = [g for g in out_genes if g not in gw]
         if len(gmiss) > cfg["allow_missing_genes"] * len(out_genes):
-            sys.exit(f"predict.py simulate: {len(gmiss)}/{len(out_genes)} of the decoder's genes are missing "
+            die(f"predict.py simulate: {len(gmiss)}/{len(out_genes)} of the decoder's genes are missing "
                      f"from '{cfg['genes_key']}' of {cfg['adata']} (e.g. {gmiss[:10]})")
         Xout = np.zeros((len(keep), len(out_genes)), np.float32)
         gh = [i for i, g in enumerate(out_genes) if g in gw]
         Xout[:, gh] = Gin[:, [gw[out_genes[i]] for i in gh]]
         if float(Xout.max(initial=0)) > 30 and np.allclose(Xout[:1000], np.round(Xout[:1000])):
-            sys.exit(f"predict.py simulate: '{cfg['genes_key']}' looks like raw counts; the real controls must "
+            die(f"predict.py simulate: '{cfg['genes_key']}' looks like raw counts; the real controls must "
                      "be log1p values on the decoder's scale (--genes_key=...)")
     rng = np.random.default_rng(cfg["seed"])
     windows, info = [], []
@@ -428,7 +502,7 @@ def cmd_simulate(argv):
     if model.cfg.anchor != "none":  # the anchor's shift is per training context
         unknown = sorted(set(ctx) - set(cvocab))
         if unknown:
-            sys.exit(f"predict.py simulate: the run is anchored on per-context baseline shifts and contexts "
+            die(f"predict.py simulate: the run is anchored on per-context baseline shifts and contexts "
                      f"{unknown[:10]} are not among its {len(cvocab)} contexts ({list(cvocab)[:10]}); set "
                      f"--context_col to a column holding the run's context names")
     for c in sorted(set(ctx)):
@@ -466,9 +540,8 @@ def cmd_simulate(argv):
         yield {"X": Xout, "obs_names": obs_names, **({"obsm/X_state_pred": X} if dec else {})}
 
     cols = {"X": len(out_genes), "obs_names": 0, **({"obsm/X_state_pred": X.shape[1]} if dec else {})}
-    out = cfg["out"] or os.path.join(cfg["run"], "predictions",
-                                     os.path.basename(cfg["adata"]).rsplit(".", 1)[0] + "_pred.h5ad")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    need_space(out, 4 * (n_pred + len(X)) * sum(cols.values()) + 64 * (n_pred + len(X)), "predict.py simulate")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     write_h5ad(out, Stream(n_pred + len(X), cols, blocks(), progress="simulate"), None, out_genes, obs=obs,
                uns={"nanostate": {"pert_col": pc, "control": meta["control"], "context_col": cc,
                                   "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
@@ -503,7 +576,8 @@ def with_label_defaults(argv):
 
 def main(argv):
     if not argv or argv[0] not in ("test", "simulate", "eval", "report"):
-        sys.exit(__doc__)
+        die(f"predict.py: {'unknown command ' + repr(argv[0]) if argv else 'no command'}; usage: predict.py "
+            "test|simulate|eval|report --key=value ... (predict.py --help)")
     cmd, rest = argv[0], argv[1:]
     if cmd == "test":
         return cmd_test(rest)
@@ -517,6 +591,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    rc = main(sys.argv[1:])
+    rc = run("predict.py", main, None, __doc__)
     from state.dist import quiet_exit
     quiet_exit(rc if isinstance(rc, int) else 0)

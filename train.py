@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from state import ckpt
 from state.config import configure
+from state.errors import die, guard
 from state.data import Prepared, SetSampler
 from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16, mfu,
                         load_sharded, load_state, print0, quiet_exit, set_rng_state, set_sync, shard,
@@ -114,6 +115,8 @@ st_over = {f.name: f.default for f in fields(STConfig)
 train_keys = [k for k, v in list(globals().items()) if not k.startswith("_") and
               isinstance(v, (int, float, bool, str)) and k not in ("st_over",)]
 train_cfg = {k: globals()[k] for k in train_keys}
+guard("train.py", __doc__, extra=lambda: "options (--key=value, defaults; STConfig fields too: "
+      f"{', '.join(st_over)}):\n" + "\n".join(f"  --{k}={v!r}" for k, v in train_cfg.items()))
 over = configure(sys.argv[1:], train_cfg, st_over)
 for k, v in TRAIN_DEFAULTS.get(ALIASES.get(train_cfg["preset"], train_cfg["preset"]), {}).items():
     if k not in over:  # a preset's training recipe (state/st.py); explicit --key=value wins
@@ -141,12 +144,12 @@ if amp and dev.type == "cpu":
         print0("note: bf16 autocast on CPU (fast with avx512_bf16/AMX; the loss stays fp32)")
 autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp)
 if not data or not split:
-    sys.exit("train.py: --data=PREPARED_DIR and --split=split.json are required")
+    die("train.py: --data=PREPARED_DIR and --split=split.json are required")
 for k, ok in (("batch_size", batch_size >= 1), ("max_steps", max_steps >= 1), ("grad_accum", grad_accum >= 1),
               ("lr", lr > 0), ("log_every", log_every >= 1), ("ckpt_every", ckpt_every >= 1),
               ("val_every", val_every >= 0), ("val_batches", val_batches >= 1), ("grad_clip", grad_clip >= 0)):
     if not ok:
-        sys.exit(f"train.py: --{k}={globals()[k]} is out of range (batch_size, max_steps, grad_accum, "
+        die(f"train.py: --{k}={globals()[k]} is out of range (batch_size, max_steps, grad_accum, "
                  "log_every, ckpt_every, val_batches >= 1; lr > 0; val_every, grad_clip >= 0)")
 
 
@@ -154,12 +157,22 @@ def file_sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
 
 
-if os.path.isdir(out) and os.listdir(out) and not resume:
-    sys.exit(f"train.py: run directory {out} exists and is not empty; pass --resume to continue it "
-             "or choose another --out")
+if os.path.exists(out) and not os.path.isdir(out):
+    die(f"train.py: --out={out} is a file; give a folder for the run")
+if not ckpt.empty(out) and not resume:
+    die(f"train.py: run directory {out} exists and is not empty; pass --resume to continue it "
+        "or choose another --out")
+if resume and not os.path.isdir(out):
+    die(f"train.py: --resume but {out} does not exist; check --out (or drop --resume to start a run)")
+if master:  # one writer per run folder (a second is refused naming this pid); created here
+    ckpt.lock(out)
+    if resume and ckpt.repair(out):
+        print0(f"note: {out} was copied with its links dereferenced: its checkpoint links were put back")
+if ddp:
+    dist.barrier()
 if resume and ckpt.latest(out) is None:
     if not (os.path.isdir(out) and ckpt.leftovers_only(out)):
-        sys.exit(f"train.py: --resume but {out} holds no committed checkpoint")
+        die(f"train.py: --resume but {out} holds no committed checkpoint")
     print0(f"note: --resume: {out} holds no committed checkpoint (killed before its first one): starting at step 0")
     if master:
         ckpt.clear(out)
@@ -186,7 +199,7 @@ if pert_features == "pca":  # features without a download, for perturbations tha
     print0(f"perturbation features: {len(feats) - 1}/{len(need)} from the pca of the training cells (the target "
            f"gene's loadings)" + (f"; {len(lacking)} name no measured gene: {lacking[:10]}" if lacking else ""))
     if lacking and missing_pert_features != "zero":
-        sys.exit(f"train.py: --pert_features=pca: {len(lacking)} perturbations name no measured gene "
+        die(f"train.py: --pert_features=pca: {len(lacking)} perturbations name no measured gene "
                  f"({lacking[:10]}): give a features file (--pert_features=FILE, e.g. ESM2 gene vectors) or "
                  "--missing_pert_features=zero for zero vectors")
 try:
@@ -196,7 +209,7 @@ try:
     elif pert_features:
         pert_table = load_pert_features(feats, list(D.pert_names), missing=missing_pert_features)
 except (KeyError, ValueError) as e:
-    sys.exit(f"train.py: {e.args[0]}")
+    die(f"train.py: {e.args[0]}")
 if combos:
     n_combo = sum(len(parts_of(n, combos)) > 1 for n in D.pert_names)
     how = f"{combo_reduce} of the parts' feature vectors" if pert_features else \
@@ -212,14 +225,14 @@ S, B = cfg.set_size, batch_size
 train_part = sp.part("train")  # Rows: O(groups), never one index per training cell
 val_rows = sp.part("val")  # Rows: val_frac of the cells of every training group
 if parallel not in ("fsdp", "ddp") or grad_accum < 1:
-    sys.exit(f"train.py: --parallel must be fsdp or ddp (got {parallel!r}), --grad_accum >= 1")
+    die(f"train.py: --parallel must be fsdp or ddp (got {parallel!r}), --grad_accum >= 1")
 if schedule not in ("constant", "cosine") or warmup < 0 or not 0 <= min_lr <= 1 or not 0 <= ema < 1:
-    sys.exit(f"train.py: --schedule must be constant or cosine (got {schedule!r}), --warmup >= 0, "
+    die(f"train.py: --schedule must be constant or cosine (got {schedule!r}), --warmup >= 0, "
              f"0 <= --min_lr <= 1, 0 <= --ema < 1")
 if (ema or select != "last") and ddp and parallel == "fsdp":
-    sys.exit("train.py: --ema / --select with FSDP are not supported yet; use --parallel=ddp")
+    die("train.py: --ema / --select with FSDP are not supported yet; use --parallel=ddp")
 if select not in ("last", "support"):
-    sys.exit(f"train.py: --select must be last or support (got {select!r})")
+    die(f"train.py: --select must be last or support (got {select!r})")
 held = sorted({D.context_names.index(c) for c, _ in sp.test_groups})  # held-out context codes
 sup_rows = sp.part("val", contexts=held, perturbed=True)
 if select == "support" and len(sup_rows) == 0:
@@ -274,7 +287,7 @@ if init_from and not resume:  # transfer (state.st.init_from): before sharding, 
         init_note = _init_from(raw, init_from, list(D.pert_names), list(D.genes), combo_parts,
                                [x for x in reinit.split(",") if x], init_skip, say=print0)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"train.py: {e}")
+        die(f"train.py: {e}")
 n_params, n_mm = raw.num_params(), raw.num_params(matmul_only=True)
 if ddp and parallel == "fsdp":
     # FSDP2 (SPEC 13): compile blocks first (torchtitan order), then fully_shard each block and the
@@ -363,12 +376,16 @@ def save_checkpoint(step, val_loss):
             "pert_features_from": feat_from,
             "world": world, "grad_accum": grad_accum, "parallel": parallel if ddp else None,
             "global_batch": B * world * grad_accum, "git": git_sha(), "torch": torch.__version__}
-    ckpt.write(os.path.join(d, "state.pt"), lambda p: torch.save(state, p))
-    if emasd is not None:
-        ckpt.write(os.path.join(d, "ema.safetensors"), lambda p: save_file(emasd, p, {"step": str(step)}))
-    ckpt.write(os.path.join(d, "model.safetensors"), lambda p: save_file(sd, p, {"step": str(step)}))
-    ckpt.write(os.path.join(d, "meta.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
-    ckpt.commit(out, step)
+    try:  # a failed write (full disk) leaves the committed checkpoint as it was and no staging folder
+        ckpt.write(os.path.join(d, "state.pt"), lambda p: torch.save(state, p))
+        if emasd is not None:
+            ckpt.write(os.path.join(d, "ema.safetensors"), lambda p: save_file(emasd, p, {"step": str(step)}))
+        ckpt.write(os.path.join(d, "model.safetensors"), lambda p: save_file(sd, p, {"step": str(step)}))
+        ckpt.write(os.path.join(d, "meta.json"), lambda p: ckpt.write_text(p, json.dumps(meta, indent=1)))
+        ckpt.commit(out, step)
+    except OSError:
+        ckpt.abandon(out, step)
+        raise
     if ddp:
         dist.barrier()
 
@@ -377,14 +394,11 @@ start = 0
 if resume:
     from safetensors.torch import load_file
     ck = ckpt.latest(out)  # the last committed checkpoint: all its files are of one step
-    meta = json.load(open(os.path.join(ck, "meta.json")))
-    state = load_state(os.path.join(ck, "state.pt"))
-    if meta["step"] != state["step"]:
-        sys.exit(f"train.py: {out}: meta.json step {meta['step']} != state.pt step {state['step']}")
+    meta, state = ckpt.read(ck, "train.py")
     if meta["data_checksum"] != D.checksum or meta["split_hash"] != split_hash:
-        sys.exit("train.py: --resume with a different dataset or split than the run was trained on")
+        die("train.py: --resume with a different dataset or split than the run was trained on")
     if meta["st"] != cfg.to_dict():
-        sys.exit("train.py: --resume with a different model config than the run's meta.json")
+        die("train.py: --resume with a different model config than the run's meta.json")
     # settings that fix the data order or the model are refused; the others are applied and said
     old = meta.get("train", {})
     fixed = ("batch_size", "seed", "mapping", "control_sets", "batch_encoder", "pert_features", "decoder", "combos",
@@ -394,19 +408,19 @@ if resume:
         bad.append("global_batch")
         train_cfg["global_batch"], old["global_batch"] = B * world * grad_accum, meta["global_batch"]
     if bad:
-        sys.exit(f"train.py: --resume cannot change {', '.join(f'{k} ({old[k]!r} -> {train_cfg[k]!r})' for k in bad)}: "
+        die(f"train.py: --resume cannot change {', '.join(f'{k} ({old[k]!r} -> {train_cfg[k]!r})' for k in bad)}: "
                  "they fix the data order or the model; start a new run instead")
     changed = [k for k in train_cfg if k in old and old[k] != train_cfg[k] and k not in ("resume", "out")]
     if changed:
         print0("note: resumed with changed settings (applied from this step on): " +
                ", ".join(f"{k} {old[k]!r} -> {train_cfg[k]!r}" for k in changed))
     if bool(meta.get("ema")) != bool(ema) or meta.get("select", "last") != select:
-        sys.exit(f"train.py: --resume with --ema={ema} --select={select} but the run was trained with "
+        die(f"train.py: --resume with --ema={ema} --select={select} but the run was trained with "
                  f"ema={meta.get('ema')} select={meta.get('select', 'last')}")
     if state.get("dcp") and os.path.isdir(os.path.join(ck, state["dcp"])):
         load_sharded(raw, opt, os.path.join(ck, state["dcp"]))  # any world size: DCP reshards
     elif ddp or ema:
-        sys.exit(f"train.py: --resume{' with --ema' if ema else ''} needs a sharded checkpoint ({ck}/dcp/)")
+        die(f"train.py: --resume{' with --ema' if ema else ''} needs a sharded checkpoint ({ck}/dcp/)")
     else:
         raw.load_state_dict(load_file(os.path.join(ck, "model.safetensors")))
         opt.load_state_dict(state["optimizer"])
@@ -520,7 +534,7 @@ def check_finite(step):
     if b >= 0:
         if master and logf:
             logf.close()
-        raise SystemExit(f"train.py: the training loss is not finite (NaN/Inf) at step {b + 1} (checked at step "
+        die(f"train.py: the training loss is not finite (NaN/Inf) at step {b + 1} (checked at step "
                          f"{step}); stopped before writing a checkpoint. The last checkpoint in {out} is "
                          "untouched. Check the input data for NaN/Inf or negative values, or lower --lr")
 for step in range(start, max_steps + 1):

@@ -12,6 +12,10 @@ know the layout. Older checkpoint folders are removed after the switch.
     write(f"{d}/x", fn)           # fn(path) writes the file
     commit(out, step)             # rename + switch + links + clean-up
 
+One writer per run folder: `lock(out)` holds an exclusive lock on `<out>/.lock` (released by the kernel
+when the process ends, however it ends); a second writer is refused at once, naming the holder's pid.
+`repair(out)` puts back the layout of a run folder copied with its links dereferenced (`cp -rL`).
+
 NANOSTATE_FAULT=k (tests only): SIGKILL this process right after the k-th file operation of its saves.
 """
 
@@ -20,7 +24,9 @@ import shutil
 import signal
 
 LINKS = ("model.safetensors", "meta.json", "state.pt", "ema.safetensors")
+LOCK = ".lock"
 _ops = 0
+_held = {}  # lock file path -> open fd: kept for the life of the process
 
 
 def _done():
@@ -43,15 +49,73 @@ def latest(out):
     return None
 
 
+def lock(out, command="train.py"):
+    """Create `out` if needed and lock it for this process (rank 0 only under torchrun). A folder this
+    call created is removed again if the process then ends on a user's error with nothing in it."""
+    import fcntl
+
+    from state.errors import UserError, on_error
+    made = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.realpath(os.path.join(out, LOCK))
+    if path in _held:  # this process holds it already (a library caller running twice): same writer
+        try:
+            if os.fstat(_held[path]).st_ino == os.stat(path).st_ino:
+                return
+        except OSError:
+            pass
+        os.close(_held.pop(path))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{command}: {out}: another process (pid {pid}) is writing this run folder; wait for it "
+                        "to end (or stop it) or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[path] = fd
+    if made:
+        on_error(lambda: empty(out) and (os.remove(os.path.join(out, LOCK)), os.rmdir(out)))
+
+
+def empty(out):
+    """True when `out` is missing or holds nothing but its lock file."""
+    return not os.path.isdir(out) or all(f == LOCK for f in os.listdir(out))
+
+
+def repair(out):
+    """A run folder copied with its links dereferenced (`cp -rL`, some archivers) has a real `ckpt`
+    folder and real copies of the files that were links: move that folder to a checkpoint name and put
+    the links back, so resume and the next commit see the usual layout. No-op on an intact folder."""
+    link = os.path.join(out, "ckpt")
+    if not os.path.isdir(link) or os.path.islink(link):
+        return False
+    name = "ckpt-copied"
+    shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    os.rename(link, os.path.join(out, name))
+    os.symlink(name, link)
+    for f in LINKS:
+        p = os.path.join(out, f)
+        if os.path.exists(os.path.join(out, name, f)) and not os.path.islink(p):
+            if os.path.lexists(p):
+                os.remove(p)
+            os.symlink(os.path.join("ckpt", f), p)
+    return True
+
+
 def leftovers_only(out):
     """True when `out` holds nothing but what a run killed before its first commit leaves (its log and
     staging folders): --resume may then start from step 0 instead of refusing."""
-    return all(f in ("log.jsonl", "ckpt.tmp") or (f.startswith("ckpt-") and f.endswith(".tmp"))
+    return all(f in ("log.jsonl", "ckpt.tmp", LOCK) or (f.startswith("ckpt-") and f.endswith(".tmp"))
                for f in os.listdir(out))
 
 
 def clear(out):
     for f in os.listdir(out):
+        if f == LOCK:
+            continue
         p = os.path.join(out, f)
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
 
@@ -61,7 +125,13 @@ def trim_log(path, step):
     import json
     if not os.path.exists(path):
         return
-    keep = [l for l in open(path) if l.strip() and json.loads(l).get("step", 0) <= step]
+    keep = []
+    for line in open(path, errors="replace"):
+        try:  # a line torn by a kill or a full disk is dropped, not a reason to refuse the resume
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, AttributeError):
+            continue
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
@@ -75,6 +145,11 @@ def _name(out, step):
     return name + "-b" if cur and os.path.basename(cur) == name else name
 
 
+def abandon(out, step):
+    """A save failed (full disk, ...): remove its staging folder; the committed checkpoint is untouched."""
+    shutil.rmtree(staging(out, step), ignore_errors=True)
+
+
 def begin(out, step):
     """A fresh staging folder for this step's files (a stale one from a killed save is removed)."""
     tmp = os.path.join(out, _name(out, step) + ".tmp")
@@ -85,6 +160,39 @@ def begin(out, step):
 
 def staging(out, step):
     return os.path.join(out, _name(out, step) + ".tmp")
+
+
+def write_text(path, text):
+    with open(path, "w") as f:  # closed here: an error at close (full disk) is raised, not ignored
+        f.write(text)
+
+
+def read(ck, command):
+    """(meta, state) of a committed checkpoint folder, checked: both files there, meta.json valid JSON
+    of the same step as state.pt (loaded without unpickling anything but plain data), the sharded part
+    inside the folder."""
+    import json
+
+    from state.dist import load_state
+    from state.errors import UserError
+    for f in ("meta.json", "state.pt"):
+        if not os.path.isfile(os.path.join(ck, f)):
+            raise UserError(f"{command}: {ck}: {f} is missing: the run folder is incomplete (copied in part?); "
+                            "copy the whole folder, or start a new run")
+    try:
+        meta = json.load(open(os.path.join(ck, "meta.json")))
+        assert isinstance(meta, dict) and isinstance(meta.get("step"), int)
+    except (ValueError, AssertionError):
+        raise UserError(f"{command}: {ck}/meta.json is not a run's meta.json (not JSON, or no step); "
+                        "it was edited or damaged: start a new run") from None
+    state = load_state(os.path.join(ck, "state.pt"))
+    if not isinstance(state, dict) or state.get("step") != meta["step"]:
+        raise UserError(f"{command}: {ck}: meta.json is at step {meta['step']} but state.pt at step "
+                        f"{state.get('step') if isinstance(state, dict) else '?'}; cannot resume exactly")
+    if state.get("dcp") not in (None, "dcp"):
+        raise UserError(f"{command}: {ck}/state.pt names the sharded checkpoint {state['dcp']!r}; only 'dcp' "
+                        "inside the checkpoint folder is read")
+    return meta, state
 
 
 def write(path, fn):

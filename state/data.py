@@ -148,6 +148,33 @@ def recipe_scaling(x, recipe, where, who="the run"):
                      "give raw counts (e.g. --key=layers/counts) or log1p values")
 
 
+def check_rows(x, kind, where, start=0, names=None):
+    """Every row of a block x (n, G) of a user's matrix must be of the scale `kind` found for the matrix
+    (classify/recipe_scaling look at a sample): counts are non-negative integers, log1p values are
+    non-negative and below 15, any scale is finite. A row that is not is a UserError naming the cell
+    (row start + i): a sample must never vouch for rows it did not see."""
+    from state.errors import UserError
+    name = (lambda i: f"'{names[i]}' (row {start + i})") if names is not None else (lambda i: f"row {start + i}")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        i = int(np.argwhere(bad)[0][0])
+        raise UserError(f"{where}: cell {name(i)} has NaN/Inf values; fix or drop it")
+    if kind in ("counts", "log1p") and x.size and float(x.min()) < 0:
+        i = int(np.argwhere(x < 0)[0][0])
+        raise UserError(f"{where}: cell {name(i)} has negative values ({float(x[i].min()):g}) but the matrix "
+                        f"looks like {kind}: scaled data or a mix; give raw counts or log1p values")
+    if kind == "counts":
+        frac = x != np.round(x)
+        if frac.any():
+            i, c = (int(v) for v in np.argwhere(frac)[0])
+            raise UserError(f"{where}: cell {name(i)} has the fractional value {x[i, c]:g} (column {c}) but the "
+                            "matrix looks like raw counts: a mix of counts and normalised values; give one scale")
+    elif kind == "log1p" and x.size and float(x.max()) >= 15:
+        i = int(np.argwhere(x >= 15)[0][0])
+        raise UserError(f"{where}: cell {name(i)} has values up to {float(x[i].max()):g} but the matrix looks "
+                        "like log1p values (< 15): a mix of counts and log1p; give one scale")
+
+
 # -----------------------------------------------------------------------------
 # highly variable genes, seurat flavour (SPEC 2.4; scanpy's documented algorithm)
 

@@ -79,7 +79,8 @@ def load_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends
-        raise SystemExit(f"{path}: not a plain state file (tensors, numbers, strings only); refusing to "
+        from state.errors import die
+        die(f"{path}: not a plain state file (tensors, numbers, strings only); refusing to "
                          f"unpickle it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
@@ -181,15 +182,94 @@ def stage_checkpoint(out, step, model, opt, device):
     return d, sd, rngs
 
 
-def load_sharded(model, opt, path):
+# What DCP's `.metadata` pickle may name: its own metadata classes, tensor sizes, dtypes and layouts,
+# paths. DCP loads `.metadata` with plain pickle and its non-tensor items with torch.load(weights_only=
+# False); a run folder is something a user can hand us, so both go through these guards instead.
+_DCP_MD = "torch.distributed.checkpoint.metadata"
+_DCP_OK = {(_DCP_MD, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                  "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "MetadataIndex",
+                                  "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+def _safe_dcp():
+    """A DCP FileSystemReader whose `.metadata` is read by a restricted unpickler (DCP's classes, torch
+    dtypes, plain containers; anything else refused by name), and a load planner whose non-tensor items
+    load with weights_only=True."""
+    import pickle
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, mod, name):
+            if (mod, name) in _DCP_OK or (mod == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(mod, name)
+            raise pickle.UnpicklingError(f"global '{mod}.{name}' is not allowed")
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *a, **k):
+            path = self._get_metadata_path(k.get("rank"))
+            with open(path, "rb") as f:
+                try:
+                    md = Unpickler(f).load()
+                except Exception as e:
+                    from state.errors import UserError
+                    raise UserError(f"{path}: not a plain checkpoint index ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); refusing to unpickle "
+                                    "it: resume from a checkpoint this project wrote") from None
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as e:
+                from state.errors import UserError
+                raise UserError(f"{self._path}: item '{read_item.dest_index.fqn}' is not plain data "
+                                f"({type(e).__name__}); refusing to unpickle it") from None
+            fqn = read_item.dest_index.fqn  # as DefaultLoadPlanner.load_bytes, on the plain object
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return Reader, Planner
+
+
+def load_dcp(sd, path):
+    """dcp.load of `sd` from `path` without unpickling anything but plain data (see _safe_dcp)."""
     import torch.distributed.checkpoint as dcp
+    Reader, Planner = _safe_dcp()
+    planner = Planner()
+    planner._path = path
+    from torch.distributed.checkpoint.api import CheckpointException
+    from state.errors import UserError
+    Reader(path).read_metadata()  # refused here, by name, before DCP wraps the error per rank
+    try:
+        with warnings.catch_warnings():  # single process: the same warning as in save_sharded
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(sd, storage_reader=Reader(path), planner=planner)
+    except CheckpointException as e:
+        for f in getattr(e, "failures", {}).values():
+            inner = f[0] if isinstance(f, tuple) else f  # (exception, traceback) per rank
+            if isinstance(inner, UserError):
+                raise inner from None
+        raise
+
+
+def load_sharded(model, opt, path):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd}
-    with warnings.catch_warnings():  # single process: the same warning as in save_sharded
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(sd, checkpoint_id=path)
+    load_dcp(sd, path)
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
@@ -299,6 +379,8 @@ class StepSampler:
         """Wait for step `cur`'s micro-batches from the loader processes; -> list of batches."""
         want = list(self._ids(cur))
         while any(c not in self._ready for c in want):
+            while not self._done._reader.poll(0.5):  # a loader killed (OOM killer, kill -9) never answers
+                self._check_alive()
             c, err, dt = self._done.get()
             if err is not None:
                 raise RuntimeError(f"loader process failed on micro-batch {c}: {err}")
@@ -311,6 +393,18 @@ class StepSampler:
             b = self.s.from_buffers(self._ring[self._slot(cur, j)])  # tensors viewing the shared slot
             bs.append({k: v.pin_memory() for k, v in b.items()} if self.pin else b)
         return bs
+
+    def _check_alive(self):
+        import signal
+        from state.errors import UserError
+        for q in self._procs:
+            if q.exitcode is not None:
+                how = (f"killed by signal {-q.exitcode} ({signal.Signals(-q.exitcode).name}"
+                       f"{', e.g. by the out-of-memory killer' if -q.exitcode == signal.SIGKILL else ''})"
+                       if q.exitcode < 0 else f"exited with status {q.exitcode}")
+                self.close()
+                raise UserError(f"loader process {q.name} (pid {q.pid}) died: {how}; the last checkpoint is "
+                                "intact: run again with --resume (with fewer --workers, or more memory)")
 
     def next(self):
         """-> list of `accum` batches (this rank's share of the next optimizer step)."""
@@ -349,8 +443,9 @@ class StepSampler:
         self.cursor = int(sd["cursor"])
 
     def close(self):
-        for _ in self._procs:
-            self._tasks.put(None)
+        for q in self._procs:
+            if q.exitcode is None:
+                self._tasks.put(None)
         for q in self._procs:
             q.join(timeout=5)
             if q.is_alive():

@@ -58,9 +58,31 @@ def message(command, e):
     return msg if msg.startswith(command + ":") or msg.startswith(command + " ") else f"{command}: {msg}"
 
 
+_hard = False  # set by guard(): this process is a flat script's, with nothing to unwind
+_cleanups = []  # run before a refused process exits: undo what it created (an empty run folder)
+
+
+def on_error(fn):
+    """Call fn() when this process ends on a user's error (after it printed its line)."""
+    _cleanups.append(fn)
+
+
+def _exit(code):
+    for fn in reversed(_cleanups):
+        try:
+            fn()
+        except OSError:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown: Triton's extension would print dozens of lines there
+
+
 def die(msg):
-    """A script's own check failed: print the line, exit 2 (Refused carries the line for tests)."""
+    """A script's own check failed: print the line, exit 2 (in a library call: Refused carries the line)."""
     print(msg, file=sys.stderr, flush=True)
+    if _hard:
+        _exit(2)
     raise Refused(msg)
 
 
@@ -77,26 +99,28 @@ def guard(command, doc=None, argv=None, extra=""):
     """For flat scripts (train.py): `--help` prints the docstring and exits 0; a UserError or a refused
     path anywhere later ends the process with its one line and status 2 (os._exit: a flat script has
     nothing to unwind, and loader processes watch their parent)."""
+    global _hard
     argv = sys.argv[1:] if argv is None else argv
     if wants_help(argv):
         usage(doc, extra() if callable(extra) else extra)
         sys.exit(0)
-    prev = sys.excepthook
+    prev, _hard = sys.excepthook, True
 
     def hook(t, e, tb):
         m = message(command, e)
         if m is None:
             return prev(t, e, tb)
         print(m, file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
+        _exit(2)
 
     sys.excepthook = hook
 
 
 def run(command, main, argv=None, doc=None):
-    """For modules with main(argv): --help, then main; a user's error becomes its line and exit 2."""
+    """For modules with main(argv): --help, then main; a user's error becomes its line and exit 2.
+    argv=None: the process's own command line (`if __name__ == "__main__": sys.exit(run(...))`)."""
+    global _hard
+    _hard = _hard or argv is None
     args = sys.argv[1:] if argv is None else list(argv)
     if wants_help(args):
         usage(doc)
@@ -108,4 +132,47 @@ def run(command, main, argv=None, doc=None):
         if m is None:
             raise
         print(m, file=sys.stderr, flush=True)
+        if _hard:
+            _exit(2)
         raise Refused(m) from None
+
+
+def output_file(out, inputs, command):
+    """Check an output file path before anything is written: not a folder, not any of the command's
+    input files (the screen must never replace the controls it was made from), its folder writable.
+    -> the absolute path."""
+    if not out:
+        raise UserError(f"{command}: --out is empty; give the output file's path")
+    if os.path.isdir(out):
+        raise UserError(f"{command}: --out={out} is a folder; give a file path (e.g. {os.path.join(out, 'out.h5ad')})")
+    for p in inputs:
+        if p and os.path.exists(out) and os.path.exists(p) and os.path.samefile(out, p):
+            raise UserError(f"{command}: --out={out} is one of the inputs ({p}); it would be overwritten: "
+                            "choose another output path")
+    return os.path.abspath(out)
+
+
+def need_space(path, nbytes, command):
+    """Refuse before writing when the disk holding `path` has less than nbytes free (a write that fills
+    the disk half-way helps nobody, and some writers crash on it)."""
+    import shutil
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(d):
+        d = os.path.dirname(d)
+    free = shutil.disk_usage(d).free
+    if free < nbytes:
+        raise UserError(f"{command}: {d}: {free / 2**30:.2f} GiB free but writing {os.path.basename(path)} needs "
+                        f"about {nbytes / 2**30:.2f} GiB; free space on that disk or write somewhere else")
+
+
+def stale_tmp(target):
+    """Remove `<target>.tmp<pid>` files left by killed runs (their pid is gone): the next run cleans its
+    own leftovers."""
+    import glob
+    for p in glob.glob(glob.escape(target) + ".tmp*"):
+        pid = p.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
