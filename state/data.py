@@ -28,10 +28,12 @@ OUT_DIR holds:
 """
 
 import argparse
+import errno
 import glob
 import hashlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,8 @@ import numpy as np
 import torch
 
 from state.config import dashes
-from state.h5ad import H5AD, H5ADError
+from state.errors import UserError
+from state.h5ad import H5AD, H5ADError, _hash_strings
 
 PERT_COLS = ("target_gene", "perturbation", "condition", "gene", "drugname_drugconc", "drug")
 CONTROLS = ("non-targeting", "control", "ctrl", "DMSO_TF", "PBS", "NT")
@@ -386,6 +389,13 @@ def _blocks(src, chunk, desc):
             raise H5ADError(f"{src['path']}: '{m.key}' looked like log1p data but cell "
                             f"'{name(rows[r])}' (row {rows[r]}) has the value {x[r, c]:g} (> 20, not a log1p "
                             "expression): mixed scales in one matrix")
+        ts = src["scale"].target_sum
+        if src["tr"] == "none" and kind == "log1p" and ts and not src.get("ts_off"):
+            tot = np.expm1(x.astype(np.float64)).sum(1)  # every row normalised to the detected total?
+            off = (tot > 0) & (np.abs(tot / ts - 1) > 0.01)
+            if off.any():
+                i = int(np.argmax(off))
+                src["ts_off"] = (name(rows[i]), float(tot[i]))
         if src["tr"] == "normalize+log1p":
             normalize_log1p(x, src["target_sum"])  # library size over all of the file's genes
         elif src["tr"] == "log1p":
@@ -393,40 +403,169 @@ def _blocks(src, chunk, desc):
         yield rows, x[:, src["cols"]]
 
 
+def _fault(step):
+    """Test hook: NANOSTATE_PREPARE_FAULT=<step> ends the process at that step (os._exit), as a kill would.
+    Steps: rows (X.bin written), sums (sums.npy written), index (index.json written, before the switch),
+    swap (the new folder is in place, the old one not yet removed)."""
+    if os.environ.get("NANOSTATE_PREPARE_FAULT") == step:
+        os._exit(75)
+
+
+def _staging(out):
+    """The names next to OUT_DIR that a prepare writes into (.NAME.prepare-PID) and moves an old folder
+    aside to (.NAME.old-PID, only where an atomic exchange is not available)."""
+    return out.parent / f".{out.name}.prepare-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(out):
+    """Remove what killed prepares into OUT_DIR left next to it (their process is gone): staging folders,
+    and an old folder moved aside, which is first put back when OUT_DIR is missing (a kill between the
+    two renames of the non-atomic switch)."""
+    if not out.parent.is_dir():
+        return
+    pre = f".{out.name}."
+    found = []
+    for n in os.listdir(out.parent):
+        if not n.startswith(pre):
+            continue
+        kind, _, pid = n[len(pre):].rpartition("-")
+        if kind in ("prepare", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            found.append((kind != "old", out.parent / n))  # old folders first
+    for _, p in sorted(found):
+        if p.name.startswith(pre + "old-") and not os.path.lexists(out) and (p / "index.json").exists():
+            os.rename(p, out)
+            say(f"{out}: restored the prepared folder a killed prepare had moved aside")
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        say(f"removed {p} (left by a prepare that was killed)")
+
+
+def _exchange(a, b):
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE) == 0:
+        return True
+    e = ctypes.get_errno()
+    if e in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(e, os.strerror(e), str(b))
+
+
+def _sync(folder):
+    """fsync every file of a folder and the folder itself: what the switch commits is on disk."""
+    for n in os.listdir(folder):
+        p = os.path.join(folder, n)
+        if os.path.isfile(p):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _switch(stage, out, old):
+    """Put the complete folder `stage` at `out` in one step: a rename when `out` is new, an atomic exchange
+    when it holds a prepared folder (then the old one is removed); a kill at any moment leaves `out` the
+    old complete folder or the new one."""
+    _sync(stage)
+    if not os.path.lexists(out):
+        os.rename(stage, out)
+        _fault("swap")
+        return
+    if _exchange(stage, out):
+        _fault("swap")
+        shutil.rmtree(stage)  # now the old folder
+        return
+    os.rename(out, old)  # no atomic exchange here: a kill between the renames is undone by the next prepare
+    _fault("swap")
+    os.rename(stage, out)
+    shutil.rmtree(old)
+
+
+def _check_out(out):
+    """OUT_DIR may be new, an empty folder, or a prepared folder (replaced whole at the end); anything else
+    holds a user's files, which a prepare must never replace."""
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; give a new folder for the prepared data")
+    if any(True for _ in out.iterdir()) and not (out / "index.json").exists():
+        raise UserError(f"{out}: exists, is not empty and is not a prepared folder (no index.json); prepare "
+                        "replaces only a prepared folder: give a new or empty folder")
+
+
 def prepare(inputs, out_dir, **kw):
     """Convert one or more .h5ad files (paths, globs, folders) into OUT_DIR (see module docstring) and
     return Prepared(out_dir). Keyword arguments are Recipe fields. Memory is bounded in the number of
     cells: labels are read as codes block by block, rows are counted per group in a first pass and
-    written to their sorted place in a second (a counting sort), with positioned writes."""
+    written to their sorted place in a second (a counting sort), with positioned writes.
+    One commit: everything is written into a staging folder next to OUT_DIR (.NAME.prepare-PID) and
+    switched in at the very end (an existing prepared OUT_DIR is replaced only then), so OUT_DIR is always
+    the old complete folder or the new one; a killed prepare's leftovers are removed by the next one."""
     r = Recipe(**kw)
     paths = _expand(inputs)
     if r.dtype not in DTYPES:
-        raise ValueError(f"dtype '{r.dtype}' not one of {', '.join(DTYPES)}")
+        raise UserError(f"dtype '{r.dtype}' not one of {', '.join(DTYPES)}")
     r.normalize = {"yes": True, "no": False, "true": True, "false": False}.get(str(r.normalize).lower(), r.normalize)
     r.keep = r.keep or {}
-    hs = [H5AD(p) for p in paths]
     out_dir = Path(out_dir)
+    _check_out(out_dir)
+    hs = []
     try:
-        gt = None
-        if r.genes_key:
-            # the gene matrix first, into a scratch folder, with the same filters and labels: rows come
-            # out in the same (context, pert, batch, file) order; _prepare checks that before adopting it
-            rg = Recipe(**{**r.__dict__, "key": r.genes_key, "genes_key": None, "obsm_genes": None})
-            gt = _prepare(hs, out_dir / f".genes.tmp{os.getpid()}", rg)
-            r.pert_col, r.control = gt.pert_col, gt.control
-            r.context_col, r.batch_col = gt.context_col or "", gt.batch_col or None
-            if r.key.startswith("obsm/") and not r.key.endswith("X_hvg"):
-                # gene options belong to the gene matrix, not to the embedding
-                r.hvg, r.genes, r.gene_col, r.intersect, r.assume = None, None, None, False, None
+        for p in paths:
+            hs.append(H5AD(p))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out_dir)
+        stage, old = _staging(out_dir)
+        shutil.rmtree(stage, ignore_errors=True)
         try:
-            return _prepare(hs, out_dir, r, gene_target=gt)
-        finally:
+            gt = None
+            if r.genes_key:
+                # the gene matrix first, into a scratch folder, with the same filters and labels: rows come
+                # out in the same (context, pert, batch, file) order; _prepare checks that before adopting it
+                rg = Recipe(**{**r.__dict__, "key": r.genes_key, "genes_key": None, "obsm_genes": None})
+                gt = _prepare(hs, stage / ".genes", rg)
+                r.pert_col, r.control = gt.pert_col, gt.control
+                r.context_col, r.batch_col = gt.context_col or "", gt.batch_col or None
+                if r.key.startswith("obsm/") and not r.key.endswith("X_hvg"):
+                    # gene options belong to the gene matrix, not to the embedding
+                    r.hvg, r.genes, r.gene_col, r.intersect, r.assume = None, None, None, False, None
+            _prepare(hs, stage, r, gene_target=gt)
             if gt is not None:
-                import shutil
                 shutil.rmtree(gt.dir, ignore_errors=True)
+            _fault("index")
+            _switch(stage, out_dir, old)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)  # a refused or interrupted prepare leaves nothing
+            raise
     finally:
         for h in hs:
             h.close()
+    return Prepared(out_dir)
 
 
 EMBEDDINGS = ("X_state", "X_pca", "X_umap", "X_tsne", "X_scvi", "X_uce", "X_scgpt", "X_geneformer")
@@ -626,12 +765,28 @@ def _unkey(s, k):
     return s["pert"][0][pc], pt[tc], s["ctx"][0][cc], s["bat"][0][bc]
 
 
+def _unique_names(s, h, at):
+    """Kept cells of one file must have distinct names (a prediction names its control cell by name):
+    h the names' hashes, at their rows; two rows sharing a name are an H5ADError naming both."""
+    o = np.argsort(h, kind="stable")
+    for k in np.flatnonzero(h[o][1:] == h[o][:-1])[:1000]:
+        i, j = sorted((int(at[o[k]]), int(at[o[k + 1]])))
+        a, b = s["h"].obs_names_at(i, i + 1)[0], s["h"].obs_names_at(j, j + 1)[0]
+        if a == b:
+            raise H5ADError(f"{s['path']}: obs name '{a}' is used by rows {i} and {j}"
+                            f"{' (and more)' if (h[o][1:] == h[o][:-1]).sum() > 1 else ''}: cells must have unique "
+                            "names (a prediction names its control cell by name); make them unique "
+                            "(adata.obs_names_make_unique()) and re-save, or drop the copies with --keep")
+
+
 def _plan_groups(srcs, r, csize):
     """First pass over the labels only: cells per (context, pert, batch) group, the vocabularies, the
     group table (rows sorted by group; within a group, in file order) and the widest obs name."""
     width = 1
+    hashes = []  # a 64-bit hash per kept cell name (8 bytes per cell, briefly): duplicate names
     for i, s in enumerate(srcs):
         cnt = {}
+        hs, at = [], []
         for a in range(0, s["n"], csize):
             b = min(a + csize, s["n"])
             sel = _kept(s, a, b)
@@ -639,12 +794,25 @@ def _plan_groups(srcs, r, csize):
             for k, m in zip(u.tolist(), n.tolist()):
                 cnt[k] = cnt.get(k, 0) + m
             if sel.any():
-                width = max(width, np.char.encode(s["h"].obs_names_at(a, b)[sel], "utf-8").itemsize)
+                names = s["h"].obs_names_at(a, b)[sel]
+                width = max(width, np.char.encode(names, "utf-8").itemsize)
+                hs.append(_hash_strings(names))
+                at.append(np.flatnonzero(sel) + a)
+        if hs:
+            _unique_names(s, np.concatenate(hs), np.concatenate(at))
+            hashes.append(np.unique(np.concatenate(hs)))
         s["lk"] = np.array(sorted(cnt), np.int64)
         s["ln"] = np.array([cnt[k] for k in s["lk"].tolist()], np.int64)
         s["lab"] = list(zip(*_unkey(s, s["lk"]))) if len(s["lk"]) else []
     if sum(int(s["ln"].sum()) for s in srcs) == 0:
         raise H5ADError("no cells left after --keep")
+    if len(hashes) > 1:
+        allh = np.concatenate(hashes)
+        dup = len(allh) - len(np.unique(allh))
+        if dup:
+            say(f"WARNING: {dup} cell names occur in more than one input file (e.g. reused barcodes): a "
+                "prediction's ctrl_cell_barcode may then name cells of several files")
+    del hashes
     # modality aliasing (SPEC 2.2): one label, several perturbation_type values
     types = {}
     for s in srcs:
@@ -758,13 +926,18 @@ def _group_sums(out, table, G, dtype, csize):
     fd = os.open(out / "X.bin", os.O_RDONLY)
     tmp = out / f"sums.npy.tmp{os.getpid()}"
     f = _RowFile(tmp, len(table), np.float64, (G,), npy=True)
+    hx, seen = hashlib.sha256(), 0  # X.bin's content hash: the groups cover its rows in order
     try:
         buf, first = [], 0
         for g in tqdm(range(len(table)), desc="group sums", unit="group", file=sys.stderr, leave=False):
             acc, a0, a1 = np.zeros(G), int(table[g, 3]), int(table[g, 4])
             for a in range(a0, a1, csize):
                 n = min(a1, a + csize) - a
-                x = np.frombuffer(os.pread(fd, n * rb, a * rb), DTYPES[dtype]).reshape(n, G)
+                raw = os.pread(fd, n * rb, a * rb)
+                assert a * rb == seen and len(raw) == n * rb, "internal error: X.bin shorter than its groups"
+                hx.update(raw)
+                seen += len(raw)
+                x = np.frombuffer(raw, DTYPES[dtype]).reshape(n, G)
                 acc += from_storage(x, dtype).sum(0, dtype=np.float64)
             buf.append(acc)
             if len(buf) == 4096 or g == len(table) - 1:
@@ -776,12 +949,94 @@ def _group_sums(out, table, G, dtype, csize):
     finally:
         f.close()
         os.close(fd)
+    assert seen == os.path.getsize(out / "X.bin"), "internal error: X.bin longer than its groups"
     os.replace(tmp, out / "sums.npy")
+    return hx.hexdigest()[:32]
+
+
+def _sha(path, blk=1 << 23):
+    """Content hash of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(blk):
+            h.update(b)
+    return h.hexdigest()[:32]
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot record {type(o).__name__} in index.json")
+
+
+# what the data checksum covers: the content of every file (hashes), the whole recipe (options, detected
+# columns, control, scale and transform of each source) and the vocabularies; runs and splits record it
+CHECKSUM_KEYS = ("format", "n_cells", "n_genes", "dtype", "genes", "pert_col", "control", "context_col",
+                 "batch_col", "pert_names", "context_names", "batch_names", "n_groups", "recipe", "hashes")
+
+
+def _checksum(ix):
+    """The data checksum of an index.json dict: 16 hex digits of a hash of CHECKSUM_KEYS, the sources (md5,
+    scale, transform, cells kept) and the gene targets' own checksum."""
+    core = {k: ix.get(k) for k in CHECKSUM_KEYS}
+    core["sources"] = [{k: x.get(k) for k in ("md5", "n_obs", "kept", "scale", "transform", "libsize_genes")}
+                       for x in ix.get("sources", [])]
+    gt = ix.get("gene_target")
+    core["gene_target"] = None if gt is None else [gt.get("checksum"), gt.get("hash")]
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _libsize_recipe(srcs, r, gl, ts_given, emb):
+    """(target_sum, where it came from, libsize_genes) for the recipe: the library size raw counts are to be
+    normalised to, and the genes a cell's total counts were summed over (None: exactly the prepared genes
+    in their order). Counts normalised here: r.target_sum (given, or the median library size) over each
+    file's genes. Data that arrived log1p'd: the target sum its rows were normalised to, when every kept
+    row's expm1 sum over the file's genes agrees with the one the detector found (checked while writing)."""
+    if emb:
+        return (ts_given, "given" if ts_given else None, None)
+    norm = [s for s in srcs if s["tr"] == "normalize+log1p"]
+    logs = [s for s in srcs if s["tr"] == "none" and s["scale"].kind == "log1p"]
+    if norm:
+        ts, frm, used = float(r.target_sum), "given" if ts_given is not None else "median", norm
+    elif ts_given is not None:
+        ts, frm, used = float(ts_given), "given", logs or srcs
+    elif logs and len(logs) == len(srcs):
+        det = [s["scale"].target_sum for s in logs]
+        off = [s for s in logs if s.get("ts_off")]
+        if any(d is None for d in det):
+            return None, None, None
+        if off:
+            s = off[0]
+            say(f"WARNING {s['path']}: log1p rows are normalised to differing totals (e.g. cell '{s['ts_off'][0]}' "
+                f"sums to {s['ts_off'][1]:g}, not {s['scale'].target_sum:g}): no target sum recorded, so runs "
+                "on this data take log1p input only")
+            return None, None, None
+        if max(det) / min(det) > 1.01:
+            say(f"WARNING: the files are log1p of counts normalised to different totals ({sorted(set(det))}): "
+                "no target sum recorded, so runs on this data take log1p input only")
+            return None, None, None
+        ts, frm, used = float(det[0]), "detected", logs
+        say(f"recipe: log1p data normalised to {ts:g} (detected; every row checked): raw counts given to runs "
+            "on this data are normalised to it")
+    else:
+        return (None, None, None)
+    for s in used:
+        s["libsize"] = True
+    lists = [list(s["genes"]) for s in used]
+    if all(x == gl for x in lists):
+        return ts, frm, None
+    if all(x == lists[0] for x in lists):
+        return ts, frm, lists[0]
+    common = set.intersection(*map(set, lists))
+    return ts, frm, [g for g in lists[0] if g in common]
 
 
 def _prepare(hs, out, r, gene_target=None):
     srcs = _sources(hs, r)
     gl = _gene_plan(srcs, r)
+    ts_given = r.target_sum
     csize = r.chunk or int(max(256, min(8192, 2 ** 26 // (4 * max(max(s["m"].shape[1] for s in srcs), 1)))))
     emb, logged = _scale_plan(srcs, r, csize)
     if r.hvg:
@@ -789,17 +1044,12 @@ def _prepare(hs, out, r, gene_target=None):
             raise ValueError("--hvg needs log1p expression data (not an embedding or raw counts)")
         gl = _hvg(srcs, r, gl, csize)
     table, pert_names, context_names, batch_names, width = _plan_groups(srcs, r, csize)
-    fresh = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:  # a bad row found while streaming leaves nothing behind
-        _write_rows(srcs, r, out, table, len(gl), width, csize)
-    except BaseException:
-        if fresh or not any(out.iterdir()):
-            import shutil
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    out.mkdir(parents=True, exist_ok=True)  # a staging folder (prepare): removed whole on any error
+    _write_rows(srcs, r, out, table, len(gl), width, csize)
+    _fault("rows")
     np.save(out / "groups.npy", table)
-    _group_sums(out, table, len(gl), r.dtype, csize)
+    hx = _group_sums(out, table, len(gl), r.dtype, csize)
+    _fault("sums")
     sources = [dict(path=os.path.abspath(s["path"]), md5=md5(s["path"]), n_obs=int(s["n"]), kept=int(s["ln"].sum()),
                     scale=dict(kind=s["scale"].kind, target_sum=s["scale"].target_sum, evidence=s["scale"].evidence),
                     transform=s["tr"], se=s["h"].uns("nanostate_se") if emb else None)  # SE provenance (embed.py)
@@ -809,7 +1059,11 @@ def _prepare(hs, out, r, gene_target=None):
         raise H5ADError(f"'{r.key}' comes from different SE checkpoints {sorted(se_hashes)} across files; "
                         "re-embed them with one checkpoint (embed.py transform --ckpt=...)")
     se = sorted({(x["se"] or {}).get("se_hash") for x in sources if x["se"]} - {None})
-    recipe = dict(key=r.key, normalize=str(r.normalize), target_sum=r.target_sum, log1p=bool(logged and not emb),
+    ts, ts_from, libsize = _libsize_recipe(srcs, r, gl, ts_given, emb)
+    for x, s in zip(sources, srcs):
+        x["libsize_genes"] = None if s.get("libsize") is None or list(s["genes"]) == gl else int(len(s["genes"]))
+    recipe = dict(key=r.key, normalize=str(r.normalize), target_sum=ts, target_sum_from=ts_from,
+                  libsize_genes=libsize, log1p=bool(logged and not emb),
                   hvg=int(r.hvg) if r.hvg else None, hvg_flavor="seurat" if r.hvg else None,
                   se_hash=se[0] if se else None, genes=None if r.genes is None else "requested list",
                   intersect=bool(r.intersect), keep=r.keep, dtype=r.dtype, assume=r.assume, gene_col=r.gene_col,
@@ -822,23 +1076,23 @@ def _prepare(hs, out, r, gene_target=None):
                             "(internal error: same filters should give the same order)")
         os.replace(gene_target.dir / "X.bin", out / "G.bin")
         gtx = dict(key=gx["recipe"]["key"], genes=gx["genes"], n_genes=gx["n_genes"], dtype=gx["dtype"],
-                   recipe=gx["recipe"], checksum=gx["checksum"],
+                   recipe=gx["recipe"], checksum=gx["checksum"], hash=gx["hashes"]["X.bin"],
                    sources=[dict(path=x["path"], scale=x["scale"], transform=x["transform"]) for x in gx["sources"]])
         recipe["genes_key"] = gtx["key"]
-    cs = hashlib.sha256(json.dumps([[x["md5"] for x in sources], recipe, gl, context_names, pert_names]
-                                   + ([gtx["checksum"]] if gtx else []),
-                                   sort_keys=True).encode()).hexdigest()[:16]
     N = int(table[-1, 4])
+    hashes = {"X.bin": hx, **{f: _sha(out / f) for f in ("codes.npy", "groups.npy", "sums.npy", "obs_names.npy")}}
     index = dict(format=FORMAT, n_cells=N, n_genes=len(gl), dtype=r.dtype, genes=gl, pert_col=r.pert_col,
                  control=r.control, context_col=r.context_col or None, batch_col=r.batch_col or None,
                  pert_names=pert_names, context_names=context_names, batch_names=batch_names,
-                 n_groups=len(table), recipe=recipe, sources=sources, checksum=cs,
+                 n_groups=len(table), recipe=recipe, sources=sources, hashes=hashes,
                  files={"X.bin": f"({N}, {len(gl)}) {r.dtype} row-major", "codes.npy": "(N, 4) int32 context, "
                         "pert, batch, source", "groups.npy": "(n_groups, 5) int64 context, pert, batch, start, stop",
                         "sums.npy": f"(n_groups, {len(gl)}) float64 row sums per group",
                         "obs_names.npy": f"(N,) S{width} utf-8"})
     if gtx:
         index["gene_target"] = gtx
+    index = json.loads(json.dumps(index, default=_jsonable))  # what a reader will see, then its checksum
+    index["checksum"] = _checksum(index)
     with open(out / "index.json.tmp", "w") as f:
         json.dump(index, f)
     os.replace(out / "index.json.tmp", out / "index.json")
@@ -886,26 +1140,164 @@ class Prepared:
         if not (self.dir / "index.json").exists():
             raise H5ADError(f"{out_dir}: not a prepared data folder (no index.json); "
                             "run python -m state.data prepare first")
-        with open(self.dir / "index.json") as f:
-            self.index = ix = json.load(f)
+        try:
+            with open(self.dir / "index.json") as f:
+                self.index = ix = json.load(f)
+            if not isinstance(ix, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise H5ADError(f"{self.dir / 'index.json'}: unreadable ({e}): the folder is damaged; "
+                            "re-run python -m state.data prepare") from None
         if ix.get("format") != FORMAT:
             raise H5ADError(f"{out_dir}: prepared with an older layout (format {ix.get('format')}, obs names "
                             f"and groups inside index.json); this version reads format {FORMAT}: re-run "
                             "python -m state.data prepare on the same inputs")
+        miss = [k for k in ("genes", "n_cells", "n_genes", "dtype", "pert_col", "context_col", "batch_col",
+                            "pert_names", "context_names", "batch_names", "control", "checksum") if k not in ix]
+        if miss:
+            raise H5ADError(f"{self.dir / 'index.json'}: lacks {', '.join(miss)}: the folder is damaged; "
+                            "re-run python -m state.data prepare")
         self.genes = ix["genes"]
         self.n_cells, self.n_genes, self.dtype = ix["n_cells"], ix["n_genes"], ix["dtype"]
         self.pert_col, self.context_col, self.batch_col = ix["pert_col"], ix["context_col"], ix["batch_col"]
         self.pert_names, self.context_names, self.batch_names = ix["pert_names"], ix["context_names"], ix["batch_names"]
         self.control = ix["control"]
+        if self.control not in self.pert_names:
+            raise self._bad("index.json", f"the control '{self.control}' is not in its perturbation names")
         self.control_code = self.pert_names.index(self.control)
-        self.group_table = np.load(self.dir / "groups.npy")  # (n_groups, 5) context, pert, batch, start, stop
         self.checksum = ix["checksum"]
         self._maps = {}
+        self._sums_ok = False
         # optional gene-space targets of the same rows (prepare(..., genes_key=...)): G.bin
         gt = ix.get("gene_target")
         self.genes_key = gt["key"] if gt else None
         self.gene_names_out = list(gt["genes"]) if gt else None
         self.n_genes_out = int(gt["n_genes"]) if gt else 0
+        self._check()
+
+    RERUN = "re-run python -m state.data prepare on the inputs (the folder is damaged or mixes two prepares)"
+
+    def _bad(self, name, what):
+        return H5ADError(f"{self.dir / name}: {what}; {self.RERUN}")
+
+    def _npy(self, name, shape, kind):
+        """Check a .npy file's header against the shape and dtype kind it must have, and its size against
+        the header (a truncated file), reading the header only; returns the dtype."""
+        path = self.dir / name
+        if not path.exists():
+            raise self._bad(name, "missing")
+        try:
+            with open(path, "rb") as f:
+                v = np.lib.format.read_magic(f)
+                rd = np.lib.format.read_array_header_2_0 if v == (2, 0) else np.lib.format.read_array_header_1_0
+                sh, fortran, dt = rd(f)
+                off = f.tell()
+        except (ValueError, OSError, EOFError) as e:
+            raise self._bad(name, f"not a .npy file ({e})") from None
+        if tuple(sh) != tuple(shape) or dt.kind not in kind or fortran:
+            raise self._bad(name, f"shape {tuple(sh)} {dt}, but index.json describes {tuple(shape)}")
+        want = off + int(np.prod(sh, dtype=np.int64)) * dt.itemsize
+        if os.path.getsize(path) != want:
+            raise self._bad(name, f"{os.path.getsize(path)} bytes, but its header describes {want} (truncated?)")
+        return dt
+
+    def _check(self):
+        """The folder's files against each other and index.json, cheaply (headers, sizes, the O(groups)
+        table, a content hash of sums.npy when it is small, two groups' sums against their X.bin rows;
+        never a full read of X.bin). Each inconsistency is an H5ADError naming the file and saying to
+        re-run prepare. `verify()` hashes every file in full."""
+        ix, N, G = self.index, self.n_cells, self.n_genes
+        if not (isinstance(N, int) and isinstance(G, int) and N > 0 and G > 0):
+            raise self._bad("index.json", f"n_cells {N!r}, n_genes {G!r}")
+        if len(self.genes) != G:
+            raise self._bad("index.json", f"lists {len(self.genes)} genes but n_genes is {G}")
+        if self.dtype not in DTYPES:
+            raise self._bad("index.json", f"unknown dtype '{self.dtype}'")
+        # the groups table: O(groups), read whole
+        if ix.get("n_groups") is not None:
+            self._npy("groups.npy", (ix["n_groups"], 5), "iu")
+        try:
+            T = np.load(self.dir / "groups.npy")
+        except (ValueError, OSError) as e:
+            raise self._bad("groups.npy", f"unreadable ({e})") from None
+        if T.ndim != 2 or T.shape[1] != 5 or T.dtype.kind not in "iu" or not len(T):
+            raise self._bad("groups.npy", f"shape {T.shape} {T.dtype}, not (n_groups, 5) integers")
+        T = T.astype(np.int64)
+        start, stop = T[:, 3], T[:, 4]
+        gap = np.concatenate([[start[0] != 0], start[1:] != stop[:-1]]) | (stop <= start)
+        if gap.any() or stop[-1] != N:
+            k = int(np.argmax(gap)) if gap.any() else len(T) - 1
+            raise self._bad("groups.npy", f"its row ranges do not cover the {N} cells of index.json one after "
+                            f"another (group {k}: rows {T[k, 3]}..{T[k, 4]}; the last ends at {stop[-1]})")
+        for j, (what, names) in enumerate((("context", self.context_names), ("perturbation", self.pert_names),
+                                           ("batch", self.batch_names))):
+            if T[:, j].min() < 0 or T[:, j].max() >= len(names):
+                raise self._bad("groups.npy", f"a {what} code {int(T[:, j].max())} outside the {len(names)} "
+                                "names of index.json")
+        key = (T[:, 0] * len(self.pert_names) + T[:, 1]) * len(self.batch_names) + T[:, 2]
+        if (np.diff(key) <= 0).any():
+            raise self._bad("groups.npy", "groups not sorted by (context, perturbation, batch) or repeated")
+        self.group_table = T  # (n_groups, 5) context, pert, batch, start, stop
+        # per-row files: sizes and headers only
+        isz = np.dtype(DTYPES[self.dtype]).itemsize
+        for name, n_cols, dt in (("X.bin", G, self.dtype),) + (
+                (("G.bin", self.n_genes_out, ix["gene_target"]["dtype"]),) if self.n_genes_out else ()):
+            p = self.dir / name
+            want = N * n_cols * np.dtype(DTYPES[dt]).itemsize
+            if not p.exists():
+                raise self._bad(name, "missing")
+            if os.path.getsize(p) != want:
+                raise self._bad(name, f"{os.path.getsize(p)} bytes, but index.json describes {N} cells x {n_cols} "
+                                f"genes of {dt} ({want} bytes): truncated, or index.json belongs to another prepare")
+        self._npy("codes.npy", (N, 4), "iu")
+        self._npy("obs_names.npy", (N,), "S")
+        hashes = ix.get("hashes")
+        if hashes is not None and _checksum(ix) != self.checksum:
+            raise self._bad("index.json", f"its checksum {self.checksum} does not match its content (edited after "
+                            "prepare?)")
+        if (self.dir / "sums.npy").exists() or (hashes and "sums.npy" in hashes):
+            self._npy("sums.npy", (len(T), G), "f")
+            if hashes and os.path.getsize(self.dir / "sums.npy") <= 64 << 20:
+                self._verify_sums()
+            self._cross_check(isz)
+
+    def _verify_sums(self):
+        h = self.index.get("hashes") or {}
+        if not self._sums_ok and "sums.npy" in h:
+            if _sha(self.dir / "sums.npy") != h["sums.npy"]:
+                raise self._bad("sums.npy", "its content differs from what prepare wrote (its hash in index.json)")
+        self._sums_ok = True
+
+    def _cross_check(self, isz, budget=8 << 20):
+        """The smallest group's and the last group's sums in sums.npy against their rows in X.bin (when
+        they fit in `budget` bytes): a sums.npy or X.bin from another prepare (or zeroed) is caught without
+        hashes."""
+        T = self.group_table
+        n = T[:, 4] - T[:, 3]
+        S = np.load(self.dir / "sums.npy", mmap_mode="r")
+        for g in dict.fromkeys([int(np.argmin(n)), len(T) - 1]):
+            if n[g] * self.n_genes * isz > budget:
+                continue
+            x = from_storage(np.asarray(self._map("X.bin")[T[g, 3]:T[g, 4]]), self.dtype).sum(0, dtype=np.float64)
+            if not np.allclose(S[g], x, rtol=1e-5, atol=1e-6):
+                j = int(np.argmax(np.abs(S[g] - x)))
+                raise self._bad("sums.npy", f"group {g}'s sum of gene '{self.genes[j]}' is {S[g, j]:g} but its "
+                                f"{int(n[g])} rows in X.bin sum to {x[j]:g}: X.bin and sums.npy are not from one prepare")
+
+    def verify(self):
+        """Hash every file in full against index.json's hashes (a full read): H5ADError naming the first
+        that differs. Folders prepared before hashes existed have nothing to compare: returns False."""
+        h = self.index.get("hashes")
+        if not h:
+            return False
+        for name, want in h.items():
+            if _sha(self.dir / name) != want:
+                raise self._bad(name, "its content differs from what prepare wrote (its hash in index.json)")
+        gt = self.index.get("gene_target")
+        if gt and gt.get("hash") and _sha(self.dir / "G.bin") != gt["hash"]:
+            raise self._bad("G.bin", "its content differs from what prepare wrote (its hash in index.json)")
+        self._sums_ok = True
+        return True
 
     def _map(self, name):
         """A memory map of one file, re-opened after a fork (each worker process gets its own)."""
@@ -938,6 +1330,7 @@ class Prepared:
         if S.shape != (len(self.group_table), self.n_genes):
             raise H5ADError(f"{self.dir / 'sums.npy'}: shape {S.shape}, but the folder has {len(self.group_table)} "
                             f"groups x {self.n_genes} genes (a file from another prepare?): re-run prepare")
+        self._verify_sums()  # a large one is hashed on first use (a small one when the folder was opened)
         return S
 
     @property
