@@ -364,7 +364,7 @@ def check_combo_labels(labels, sep, control, known_parts=None, max_parts=None, w
     return out
 
 
-def combo_table(names, control, sep="+", reduce="sum", features=None, missing="error"):
+def combo_table(names, control, sep="+", reduce="sum", features=None, missing="error", where="perturbation labels"):
     """Encode every label from its parts: -> (float32 (len(names), P) table, parts vocabulary).
 
     One-hot runs (features None): multi-hot over the single perturbations that occur in any label (the
@@ -372,12 +372,12 @@ def combo_table(names, control, sep="+", reduce="sum", features=None, missing="e
     model can read even if the double never trained. With `features` (a features file path or dict):
     each label is the `reduce` (sum | mean) of its parts' vectors. A part without a vector is an error
     naming it and its label (missing="zero": zero vectors, warned). Malformed labels ('A+A', '+A',
-    'control+A', 'A + B') are refused by check_combo_labels."""
+    'control+A', 'A + B') are refused by check_combo_labels, its message starting with `where`."""
     if reduce not in ("sum", "mean"):
         raise UserError(f"combo_reduce '{reduce}' not one of sum, mean")
     if not isinstance(sep, str) or not sep:
         raise UserError(f"--combos={sep!r}: give the separator of combination labels (e.g. +)")
-    split = check_combo_labels(names, sep, control)
+    split = check_combo_labels(names, sep, control, where=where)
     vocab = sorted({p for ps in split for p in ps} - {control})
     vocab = [control] + vocab
     if features is None:
