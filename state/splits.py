@@ -113,9 +113,6 @@ def check_fields(d, where):
             bad("support", f"entry {i} is {_kind(p)}; each entry must be a perturbation name")
         if p in d["support"][:i]:
             bad("support", f"lists '{p}' twice (entry {i})")
-    if d["task"] == "zeroshot" and d["support"]:
-        bad("support", f"lists {d['support'][:10]} but a zeroshot split has no support perturbations "
-            "(the held-out context trains on its controls only)")
     ctxs = {c for c, _ in tg}
     c = d["context"]
     if c is not None and ctxs and c not in ctxs and set(c.split(",")) != ctxs:

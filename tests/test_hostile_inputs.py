@@ -72,7 +72,6 @@ def test_split_file_schema_every_field(syn, tmp_path):
         (dict(support=[sup_p, sup_p]), "twice"),
         (dict(counts=[1, 2]), "field 'counts'"),
         (dict(extra=1), "unknown field(s) ['extra']"),
-        (dict(task="zeroshot"), "field 'support'"),  # a zeroshot split trains no perturbation of its context
         (dict(task="combo"), "field 'combo_sep'"),
     ]
     for i, (edit, what) in enumerate(cases):
@@ -167,9 +166,12 @@ def test_split_toml_every_table(syn, tmp_path):
         with pytest.raises(ValueError) as e:
             read_toml(p, syn)
         one_line(e, str(p), what)
-    p = tmp_path / "ok.toml"  # a good one still reads, and its errors name it
-    p.write_text(head + f'[fewshot."d.{c0}"]\ntest = ["{p1}"]\n')
-    assert read_toml(p, syn).test_groups == [(c0, p1)]
+    p = tmp_path / "ok.toml"  # a good one still reads, and what it makes saves and loads back
+    p.write_text(head + f'[zeroshot]\n"d.{c1}" = "test"\n[fewshot."d.{c0}"]\ntest = ["{p1}"]\n')
+    s = read_toml(p, syn)
+    assert (c0, p1) in s.test_groups and s.support and s.path == str(p)
+    t = Split.load(s.save(tmp_path / "ok.json")).validate(syn)
+    assert np.array_equal(t.test, s.test) and t.support == s.support
 
 
 # -----------------------------------------------------------------------------
