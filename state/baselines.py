@@ -3,7 +3,7 @@ Baselines (SPEC 11) that write the same cell-level pred.h5ad as the model, so ev
 and a side-by-side report of the baselines (and of model predictions) on one split.
 
     python -m state.baselines report --data=DIR --split=split.json [--pred=runs/x/pred.h5ad ...] \
-        [--out=baselines_out] [--profile=full]
+        [--out=FOLDER (default: baselines/ beside the first --pred)] [--profile=full]
     python -m state.baselines write --data=DIR --split=split.json --which=perturbation_mean --out=pred.h5ad
 
 `report` trains nothing heavy (means and one closed-form ridge), evaluates every baseline with
@@ -458,8 +458,19 @@ def table(results, models=()):
 
 def report(data, split, preds=None, out=None, profile="full", seed=0):
     """Evaluate every baseline (and each pred file) on the split's test cells; -> table string."""
+    from state.errors import UserError
     preds = preds or {}
-    out = out or "baselines_out"
+    if not out:
+        raise UserError("state.baselines report: no output folder; give --out=FOLDER")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"state.baselines report: --out={out} is a file; give a folder")
+    for q in preds.values():
+        if not os.path.isfile(q):
+            raise UserError(f"state.baselines report: --pred {q}: no such file")
+        if os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) and os.path.samefile(q, os.path.join(out, f))
+                                      for f in os.listdir(out)):
+            raise UserError(f"state.baselines report: --pred {q} is inside --out={out}, where the report "
+                            "writes its files; choose another --out")
     os.makedirs(out, exist_ok=True)
     real = real_pair(data, split)
     genes = np.array(data.genes, dtype=object)
@@ -513,7 +524,8 @@ def main(argv=None):
     r.add_argument("--data", required=True)
     r.add_argument("--split", required=True)
     r.add_argument("--pred", nargs="*", default=[], help="model pred.h5ad files, PATH or NAME=PATH (default name: the parent dir)")
-    r.add_argument("--out", default="baselines_out")
+    r.add_argument("--out", default=None, help="folder for the baselines' files (default: baselines/ beside "
+                   "the first --pred; required without --pred)")
     r.add_argument("--profile", default="full")
     r.add_argument("--seed", type=int, default=0)
     w = sub.add_parser("write")
@@ -523,6 +535,13 @@ def main(argv=None):
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--out", required=True)
     a = ap.parse_args(dashes(argv))
+    if a.cmd == "report" and not a.out:
+        from state.errors import UserError
+        if not a.pred:
+            raise UserError("state.baselines report: --out=FOLDER is required without --pred (the baselines' "
+                            "files are written there)")
+        first = a.pred[0].rpartition("=")[2] if "=" in a.pred[0] and not os.path.exists(a.pred[0]) else a.pred[0]
+        a.out = os.path.join(os.path.dirname(os.path.abspath(first)), "baselines")
     from state.data import Prepared
     from state.splits import Split
     data = Prepared(a.data)
@@ -541,4 +560,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from state.errors import run
+    sys.exit(run("python -m state.baselines", main, None, __doc__))

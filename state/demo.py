@@ -33,14 +33,19 @@ def run(cmd):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/quickstart", help="work directory (replaced)")
+    ap.add_argument("--out", default="runs/quickstart", help="work directory (a previous demo's is replaced)")
     ap.add_argument("--max_steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     out = os.path.join(ROOT, a.out) if not os.path.isabs(a.out) else a.out
+    mark = os.path.join(out, ".nanostate-demo")
+    if os.path.exists(out) and os.listdir(out) and not os.path.exists(mark):  # never delete a user's folder
+        print(f"state.demo: --out={out} exists and was not made by the demo; choose another --out", file=sys.stderr)
+        sys.exit(2)
     if os.path.exists(out):
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # the previous demo's files
     os.makedirs(out)
+    open(mark, "w").close()
     py = sys.executable
     h5, data, split, run_dir = (os.path.join(out, x) for x in ("synth.h5ad", "data", "split.json", "st"))
     t0 = time.time()

@@ -55,7 +55,8 @@ def message(command, e):
         msg = f"{where}{e.strerror or os.strerror(e.errno)}; {FIX[e.errno]}"
     else:
         return None
-    return msg if msg.startswith(command + ":") or msg.startswith(command + " ") else f"{command}: {msg}"
+    short = command.removeprefix("python -m ").split()[0]
+    return msg if msg.startswith((command, short, "python -m " + short)) else f"{command}: {msg}"
 
 
 _hard = False  # set by guard(): this process is a flat script's, with nothing to unwind
@@ -91,8 +92,11 @@ def wants_help(argv):
 
 
 def usage(doc, extra=""):
-    print((doc or "").strip() + ("\n\n" + extra if extra else ""))
-    sys.stdout.flush()
+    try:
+        print((doc or "").strip() + ("\n\n" + extra if extra else ""))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--help | head`
+        pass
 
 
 def guard(command, doc=None, argv=None, extra=""):

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from state.config import dashes
+from state.errors import UserError
 from state.h5ad import H5AD
 
 FDR = 0.05
@@ -888,8 +889,12 @@ def main(argv=None):
     ap.add_argument("--allow_discrete", action="store_true")
     ap.add_argument("--baseline_agg", default=None, help="agg_results.csv of a baseline: VCC score")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="eval_out")
+    ap.add_argument("--out", default=None, help="results folder (default: eval/ beside --pred)")
     a = ap.parse_args(dashes(argv))
+    a.out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.pred)), "eval")
+    for f in (a.pred, a.real):
+        if not os.path.isfile(f):
+            raise UserError(f"python -m state.eval: {f}: no such file; check --pred/--real")
     per, agg = evaluate(a.pred, a.real, a.pert_col, a.control, a.context_col, a.profile,
                         a.pseudobulk, a.allow_discrete, out=a.out, threads=a.threads)
     print(report(per, agg))
@@ -903,4 +908,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from state.errors import run
+    run("python -m state.eval", main, None, __doc__)
+    sys.exit(0)

@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from state.config import dashes
+from state.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -122,13 +123,13 @@ def task_data(task, cache, shared):
     mark = os.path.join(cache, "format.json")
     if not os.path.exists(mark):
         if any(f.endswith(".json") for f in os.listdir(cache)):
-            sys.exit(f"{cache} holds a cache of an older prepared-data format (no format.json); use a new "
+            raise UserError(f"{cache} holds a cache of an older prepared-data format (no format.json); use a new "
                      "--cache or delete it")
         with open(mark + f".tmp{os.getpid()}", "w") as f:
             json.dump(FORMAT, f)
         os.replace(mark + f".tmp{os.getpid()}", mark)  # atomic: jobs in threads read it concurrently
     if json.load(open(mark)) != FORMAT:
-        sys.exit(f"{cache} was built with prepared-data format {json.load(open(mark))}, this code writes "
+        raise UserError(f"{cache} was built with prepared-data format {json.load(open(mark))}, this code writes "
                  f"format {FORMAT}; use a new --cache or delete it")
     ds, split_args, _ = TASKS[task]
     f, prep = DATASETS[ds]
@@ -260,7 +261,7 @@ def run(tasks, seeds, out, cache, shared, recipe, jobs=2, ensemble=False):
     cfg_f = os.path.join(out, "protocol.json")
     cfg = {"recipe": recipe, "tasks": tasks, "seeds": seeds}
     if os.path.exists(cfg_f) and json.load(open(cfg_f))["recipe"] != recipe:
-        sys.exit(f"{out} holds a protocol run with another recipe ({json.load(open(cfg_f))['recipe']!r}); "
+        raise UserError(f"{out} holds a protocol run with another recipe ({json.load(open(cfg_f))['recipe']!r}); "
                  "use another --out")
     json.dump(cfg, open(cfg_f, "w"), indent=1)
     for t in tasks:  # data, splits, ceilings and baselines first (cheap, cached)
@@ -461,11 +462,21 @@ def main(argv=None):
         tasks = [x for x in a.tasks.split(",") if x]
         bad = [x for x in tasks if x not in TASKS]
         if bad:
-            sys.exit(f"unknown task(s) {bad}; tasks: {list(TASKS)}")
-        seeds = [int(x) for x in a.seeds.split(",")]
+            raise UserError(f"python -m state.experiment run: unknown task(s) {bad}; tasks: {list(TASKS)}")
+        try:
+            seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"python -m state.experiment run: --seeds={a.seeds}: give integers, e.g. --seeds=0,1,2") from None
+        if not seeds or len(set(seeds)) < len(seeds):
+            raise UserError(f"python -m state.experiment run: --seeds={a.seeds}: give distinct integer seeds, "
+                            "e.g. --seeds=0,1,2")
         run(tasks, seeds, os.path.abspath(a.out), os.path.abspath(a.cache), a.shared, a.recipe, a.jobs,
             a.ensemble)
-    elif a.cmd == "table":
+    for o in ([a.out] if a.cmd == "table" else a.outs if a.cmd == "compare" else []):
+        if not os.path.isfile(os.path.join(o, "protocol.json")):
+            raise UserError(f"python -m state.experiment {a.cmd}: {o}: not a protocol run folder (no protocol.json); "
+                            "give the --out of a `python -m state.experiment run`")
+    if a.cmd == "table":
         print(table(os.path.abspath(a.out), os.path.abspath(a.cache)))
     else:
         print(compare([os.path.abspath(o) for o in a.outs], os.path.abspath(a.cache), a.metrics.split(",")))
@@ -473,4 +484,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from state.errors import run as run_cli
+    sys.exit(run_cli("python -m state.experiment", main, None, __doc__))

@@ -111,4 +111,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from state.errors import run
+    run("python -m state.synth", main, None, __doc__)
