@@ -364,7 +364,8 @@ def check_combo_labels(labels, sep, control, known_parts=None, max_parts=None, w
     return out
 
 
-def combo_table(names, control, sep="+", reduce="sum", features=None, missing="error", where="perturbation labels"):
+def combo_table(names, control, sep="+", reduce="sum", features=None, missing="error",
+                where="perturbation labels"):
     """Encode every label from its parts: -> (float32 (len(names), P) table, parts vocabulary).
 
     One-hot runs (features None): multi-hot over the single perturbations that occur in any label (the
