@@ -145,9 +145,9 @@ def recipe_scaling(x, recipe, where, who="the run"):
     if sc.kind == "counts" and ts:
         return float(ts)
     if sc.kind == "counts":
-        raise ValueError(f"{where} holds raw counts but {who}'s recipe records no target sum (it was prepared "
+        raise UserError(f"{where} holds raw counts but {who}'s recipe records no target sum (it was prepared "
                          f"from {want}); give log1p values")
-    raise ValueError(f"{where} looks {sc} but {who} expects {want} (or raw counts, which are normalised to it); "
+    raise UserError(f"{where} looks {sc} but {who} expects {want} (or raw counts, which are normalised to it); "
                      "give raw counts (e.g. --key=layers/counts) or log1p values")
 
 
@@ -193,7 +193,7 @@ def hvg_seurat(mean, var, n_top, genes=None):
     lm = np.log1p(mean)
     ok = ~np.isnan(disp)
     if n_top > ok.sum():
-        raise ValueError(f"asked for {n_top} highly variable genes but only {int(ok.sum())} of "
+        raise UserError(f"asked for {n_top} highly variable genes but only {int(ok.sum())} of "
                          f"{len(mean)} genes are non-constant; ask for at most {int(ok.sum())}")
     # pd.cut(lm, 20): equal-width bins over [min, max], the left edge pushed out by 0.1% of the range
     lo, hi = lm.min(), lm.max()
@@ -554,7 +554,7 @@ def prepare(inputs, out_dir, **kw):
                 if r.key.startswith("obsm/") and not r.key.endswith("X_hvg"):
                     # gene options belong to the gene matrix, not to the embedding
                     r.hvg, r.genes, r.gene_col, r.intersect, r.assume = None, None, None, False, None
-            _prepare(hs, stage, r, gene_target=gt)
+            _prepare(hs, stage, r, gene_target=gt, dest=out_dir)
             if gt is not None:
                 shutil.rmtree(gt.dir, ignore_errors=True)
             _fault("index")
@@ -1033,7 +1033,7 @@ def _libsize_recipe(srcs, r, gl, ts_given, emb):
     return ts, frm, [g for g in lists[0] if g in common]
 
 
-def _prepare(hs, out, r, gene_target=None):
+def _prepare(hs, out, r, gene_target=None, dest=None):
     srcs = _sources(hs, r)
     gl = _gene_plan(srcs, r)
     ts_given = r.target_sum
@@ -1041,7 +1041,8 @@ def _prepare(hs, out, r, gene_target=None):
     emb, logged = _scale_plan(srcs, r, csize)
     if r.hvg:
         if emb or not logged:
-            raise ValueError("--hvg needs log1p expression data (not an embedding or raw counts)")
+            raise UserError("--hvg needs log1p expression data (not an embedding or raw counts); drop --hvg or "
+                            "let prepare normalise the counts (--normalize auto)")
         gl = _hvg(srcs, r, gl, csize)
     table, pert_names, context_names, batch_names, width = _plan_groups(srcs, r, csize)
     out.mkdir(parents=True, exist_ok=True)  # a staging folder (prepare): removed whole on any error
@@ -1096,7 +1097,7 @@ def _prepare(hs, out, r, gene_target=None):
     with open(out / "index.json.tmp", "w") as f:
         json.dump(index, f)
     os.replace(out / "index.json.tmp", out / "index.json")
-    say(f"wrote {out}: {N} cells x {len(gl)} genes ({r.dtype}), {len(context_names)} contexts, "
+    say(f"wrote {dest or out}: {N} cells x {len(gl)} genes ({r.dtype}), {len(context_names)} contexts, "
         f"{len(pert_names) - 1} perturbations + control '{r.control}', {len(table)} groups"
         + (f"; gene targets G.bin from '{gtx['key']}': {gtx['n_genes']} genes" if gtx else ""))
     return Prepared(out)
@@ -1180,9 +1181,8 @@ class Prepared:
     def _bad(self, name, what):
         return H5ADError(f"{self.dir / name}: {what}; {self.RERUN}")
 
-    def _npy(self, name, shape, kind):
-        """Check a .npy file's header against the shape and dtype kind it must have, and its size against
-        the header (a truncated file), reading the header only; returns the dtype."""
+    def _header(self, name):
+        """(shape, dtype, data offset) of a .npy file's header, or an H5ADError naming it."""
         path = self.dir / name
         if not path.exists():
             raise self._bad(name, "missing")
@@ -1191,9 +1191,15 @@ class Prepared:
                 v = np.lib.format.read_magic(f)
                 rd = np.lib.format.read_array_header_2_0 if v == (2, 0) else np.lib.format.read_array_header_1_0
                 sh, fortran, dt = rd(f)
-                off = f.tell()
+                return tuple(sh), dt, f.tell(), fortran
         except (ValueError, OSError, EOFError) as e:
             raise self._bad(name, f"not a .npy file ({e})") from None
+
+    def _npy(self, name, shape, kind):
+        """Check a .npy file's header against the shape and dtype kind it must have, and its size against
+        the header (a truncated file), reading the header only; returns the dtype."""
+        path = self.dir / name
+        sh, dt, off, fortran = self._header(name)
         if tuple(sh) != tuple(shape) or dt.kind not in kind or fortran:
             raise self._bad(name, f"shape {tuple(sh)} {dt}, but index.json describes {tuple(shape)}")
         want = off + int(np.prod(sh, dtype=np.int64)) * dt.itemsize
@@ -1213,6 +1219,11 @@ class Prepared:
             raise self._bad("index.json", f"lists {len(self.genes)} genes but n_genes is {G}")
         if self.dtype not in DTYPES:
             raise self._bad("index.json", f"unknown dtype '{self.dtype}'")
+        # n_cells of index.json against the per-row files when they agree with each other (index.json lies)
+        rows = {f: self._header(f)[0][:1] for f in ("codes.npy", "obs_names.npy")}
+        if len({r for r in rows.values()}) == 1 and rows["codes.npy"] and rows["codes.npy"][0] != N:
+            raise self._bad("index.json", f"n_cells is {N}, but codes.npy and obs_names.npy hold "
+                            f"{rows['codes.npy'][0]} cells")
         # the groups table: O(groups), read whole
         if ix.get("n_groups") is not None:
             self._npy("groups.npy", (ix["n_groups"], 5), "iu")
@@ -1802,6 +1813,7 @@ def main(argv=None):
     p.add_argument("--modality", action="store_true", help="key labels 'type:label' by obs perturbation_type")
     i = sub.add_parser("info", help="summarise a prepared folder")
     i.add_argument("dir")
+    i.add_argument("--verify", action="store_true", help="also hash every file against index.json (a full read)")
     a = ap.parse_args(dashes(argv))
     try:
         if a.cmd == "prepare":
@@ -1821,6 +1833,9 @@ def main(argv=None):
                         obsm_genes=Path(a.obsm_genes).read_text().split() if a.obsm_genes else None)
         else:
             d = Prepared(a.dir)
+            if a.verify:
+                print(f"  verified: every file matches index.json's hashes" if d.verify()
+                      else "  prepared before content hashes: nothing to verify (re-run prepare to add them)")
             for k, c in enumerate(d.context_names):
                 m = d.context == k
                 print(f"  {c}: {int(m.sum())} cells, {int((m & (d.pert == d.control_code)).sum())} controls, "
@@ -1831,11 +1846,18 @@ def main(argv=None):
             for src in d.index["sources"]:
                 print(f"  source {src['path']} md5 {src['md5']}: {src['scale']['kind']} -> {src['transform']}")
         print(d)
-    except (H5ADError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:  # a user's mistake: one line, status 2 (anything else is our bug)
+        from state.errors import message
+        m = message(COMMAND, e)
+        if m is None:
+            raise
+        print(m, file=sys.stderr, flush=True)
         return 2
     return 0
 
 
+COMMAND = "python -m state.data"
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from state.errors import run
+    sys.exit(run(COMMAND, main, None, __doc__))
