@@ -1147,8 +1147,7 @@ class Prepared:
             if not isinstance(ix, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as e:
-            raise H5ADError(f"{self.dir / 'index.json'}: unreadable ({e}): the folder is damaged; "
-                            "re-run python -m state.data prepare") from None
+            raise self._bad("index.json", f"unreadable ({e})") from None
         if ix.get("format") != FORMAT:
             raise H5ADError(f"{out_dir}: prepared with an older layout (format {ix.get('format')}, obs names "
                             f"and groups inside index.json); this version reads format {FORMAT}: re-run "
@@ -1156,8 +1155,7 @@ class Prepared:
         miss = [k for k in ("genes", "n_cells", "n_genes", "dtype", "pert_col", "context_col", "batch_col",
                             "pert_names", "context_names", "batch_names", "control", "checksum") if k not in ix]
         if miss:
-            raise H5ADError(f"{self.dir / 'index.json'}: lacks {', '.join(miss)}: the folder is damaged; "
-                            "re-run python -m state.data prepare")
+            raise self._bad("index.json", f"lacks {', '.join(miss)}")
         self.genes = ix["genes"]
         self.n_cells, self.n_genes, self.dtype = ix["n_cells"], ix["n_genes"], ix["dtype"]
         self.pert_col, self.context_col, self.batch_col = ix["pert_col"], ix["context_col"], ix["batch_col"]
@@ -1176,7 +1174,7 @@ class Prepared:
         self.n_genes_out = int(gt["n_genes"]) if gt else 0
         self._check()
 
-    RERUN = "re-run python -m state.data prepare on the inputs (the folder is damaged or mixes two prepares)"
+    RERUN = "re-run prepare (python -m state.data prepare) on the inputs: the folder is damaged or mixes two prepares"
 
     def _bad(self, name, what):
         return H5ADError(f"{self.dir / name}: {what}; {self.RERUN}")

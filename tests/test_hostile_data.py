@@ -17,7 +17,7 @@ from state.errors import UserError
 from state.h5ad import H5AD, H5ADError, write_h5ad
 from state.synth import make_synthetic
 
-RERUN = "re-run python -m state.data prepare"
+RERUN = r"re-run prepare \(python -m state.data prepare\)"
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_prepared_refuses_files_that_disagree(prep, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith(f"python -m state.data: {d / name.strip()}: "), err
     # old layout still refused with the command to re-run
     d = _broken(prep, tmp_path, "old", lambda d: _index(d, format=1))
-    with pytest.raises(H5ADError, match="older layout.*" + RERUN):
+    with pytest.raises(H5ADError, match="older layout.*re-run python -m state.data prepare"):
         Prepared(d)
 
 
