@@ -329,6 +329,8 @@ def apply_recipe(x, names, meta, path, key, gene_space, obs_names, allow_missing
     if dup:
         die(f"{where}: {len(dup)} gene names occur more than once (e.g. {dup[:5]}); the run's genes are "
             "matched by name: make the names unique (e.g. sum or drop the duplicates) first")
+    for a in range(0, len(x), 20000):  # finite everywhere first (the scale is read from the first rows)
+        check_rows(x[a:a + 20000], "any", where, a, obs_names)
     sc = classify(x[:20000], where)  # the scale, from the first rows; then every row is checked
     for a in range(0, len(x), 20000):
         check_rows(x[a:a + 20000], sc.kind, where, a, obs_names)
@@ -375,9 +377,13 @@ def extend_combos(models, meta, vocab, labels):
     multi-hot rows of `labels` (combo_reduce as in training) to every model's perturbation table and
     give them codes in `vocab`. One-hot runs only (the parts' feature vectors are not stored); an
     anchored run has no baseline shift for a new label; a part the run never saw is an error."""
-    from state.st import parts_of
+    from state.st import check_combo_labels, parts_of
     sep, parts = meta["combos"], meta["combo_parts"]
     col = {q: i for i, q in enumerate(parts)}
+    # well-formed labels ('A+A', '+A', 'control+A' refused) with no more parts than any label it trained on
+    most = max(len(parts_of(n, sep)) for n in meta["pert_names"] if n != meta["control"])
+    check_combo_labels(labels, sep, meta["control"], max_parts=most, where="predict.py simulate: --perts",
+                       fix=f"the run trained on labels of at most {most} parts; screen those")
     for lab in labels:
         unknown = [q for q in parts_of(lab, sep) if q not in col]
         if unknown:

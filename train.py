@@ -247,6 +247,11 @@ if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitte
     print0(f"anchored output: y = ctrl + {cfg.anchor} shift[context, perturbation] + correction "
            f"(table {anchor_table.shape}, from {len(train_part):,} training rows)"
            + (f"; per context: {choice}" if choice else ""))
+sizes = np.diff(D.group_table[:, 3:5], axis=1)[:, 0]  # cells per group (training groups are these less val)
+big = int(sizes[D.group_table[:, 1] != D.control_code].max(initial=0))
+if big and S > big:  # sets are padded by resampling: every set would repeat its cells
+    print0(f"WARNING: --set_size={S} is larger than every perturbed group (the largest has {big} cells): each "
+           f"set repeats its cells about {S / big:.1f}x; a smaller --set_size (<= {big}) wastes no compute")
 # one global sequence of B-set micro-batches; this rank takes its block of each step (state/dist.py)
 if workers < 0:
     workers = 2 if dev.type == "cuda" else 0
