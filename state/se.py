@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import attention
+from state.errors import UserError
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,16 +121,18 @@ def load_gene_vectors(path):
         try:  # never unpickle arbitrary objects from a user's file: tensors and plain containers only
             d = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path}: not a plain {{gene: tensor}} file; refusing to unpickle it "
+            raise UserError(f"{path}: not a plain {{gene: tensor}} file; refusing to unpickle it "
                              f"({type(e).__name__}); save it with torch tensors, or as .safetensors/.npz") from None
     else:
-        raise ValueError(f"{path}: unknown gene embedding format (use .safetensors, .pt or .npz)")
+        raise UserError(f"{path}: unknown gene embedding format (use .safetensors, .pt or .npz)")
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a {{gene: vector}} dict, got {type(d).__name__}")
+        raise UserError(f"{path}: expected a {{gene: vector}} dict, got {type(d).__name__}")
     if len(d) == 0:
-        raise ValueError(f"{path}: the gene embedding file is empty (no gene vectors)")
+        raise UserError(f"{path}: the gene embedding file is empty (no gene vectors)")
     names, vecs, seen = [], [], set()
     for k, v in d.items():
+        if not isinstance(k, str) or not k.strip():
+            raise UserError(f"{path}: entry {k!r} is not a gene name (a non-empty string); key the vectors by gene")
         v = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).float().reshape(-1)
         g = norm_gene(k)
         if g in seen:
@@ -138,11 +141,13 @@ def load_gene_vectors(path):
         names.append(g)
         vecs.append(v)
     widths = {v.numel() for v in vecs}
+    if 0 in widths:
+        raise UserError(f"{path}: gene vectors of width 0 (e.g. '{names[[v.numel() for v in vecs].index(0)]}')")
     if len(widths) != 1:
-        raise ValueError(f"{path}: gene vectors have different widths {sorted(widths)[:5]}")
+        raise UserError(f"{path}: gene vectors have different widths {sorted(widths)[:5]}")
     W = torch.stack(vecs)
     if not torch.isfinite(W).all():
-        raise ValueError(f"{path}: gene vectors contain NaN/inf")
+        raise UserError(f"{path}: gene vectors contain NaN/inf")
     return names, W
 
 
