@@ -24,7 +24,16 @@ OUT_DIR holds:
     sums.npy    (n_groups, n_genes) float64: each group's sum of X rows (group means of a split part then
                 read only the rows the part leaves out: the anchor table, the mean baselines)
     obs_names.npy (n_cells,) fixed-width utf-8 cell names (read only when predictions are written)
-    index.json  genes, vocabularies, recipe, scale, sources, checksum (nothing per cell)
+    index.json  genes, vocabularies, recipe, scale, sources, content hashes, checksum (nothing per cell)
+
+A prepare is one commit: it writes into .OUT_DIR.prepare-PID next to OUT_DIR and switches it in at the end
+(an existing prepared OUT_DIR is exchanged atomically), so a kill leaves the old folder or the new one.
+The checksum (recorded by splits and runs) covers every file's content and the whole recipe. Opening a
+folder checks its files against each other (sizes, headers, the groups table, sums.npy; `info --verify`
+hashes everything). Recipe keys for raw counts given to a run later (predict.py simulate, embed.py
+transform): target_sum (normalise to it, then log1p; None: log1p input only), target_sum_from
+(given | median | detected | None) and libsize_genes (None: a cell's total was taken over exactly the
+prepared genes in order; else the gene names it was summed over, e.g. all of the input file's genes).
 """
 
 import argparse
