@@ -541,7 +541,7 @@ def prepare(inputs, out_dir, **kw):
         raise UserError(f"dtype '{r.dtype}' not one of {', '.join(DTYPES)}")
     r.normalize = {"yes": True, "no": False, "true": True, "false": False}.get(str(r.normalize).lower(), r.normalize)
     r.keep = r.keep or {}
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.realpath(out_dir)) if os.path.islink(out_dir) else Path(out_dir)  # the folder, not a link
     _check_out(out_dir)
     hs = []
     try:
@@ -1148,6 +1148,11 @@ class Prepared:
     def __init__(self, out_dir):
         self.dir = Path(out_dir)
         if not (self.dir / "index.json").exists():
+            aside = sorted(self.dir.parent.glob(f".{glob.escape(self.dir.name)}.old-*")) \
+                if not os.path.lexists(self.dir) and self.dir.parent.is_dir() else []
+            if aside:  # a kill inside a non-atomic switch: the previous folder waits next to it
+                raise H5ADError(f"{out_dir}: missing: a prepare was killed while switching folders; the previous "
+                                f"folder is {aside[0]}: re-run the prepare (it puts that back first) or rename it")
             raise H5ADError(f"{out_dir}: not a prepared data folder (no index.json); "
                             "run python -m state.data prepare first")
         try:

@@ -83,6 +83,20 @@ def test_killed_reprepare_leaves_the_old_folder_or_the_new_one(src, tmp_path):
     got = _state(Prepared(out))
     assert got[0] == old[0] and np.array_equal(got[1], old[1]) and old[0] != new[0]
 
+    def no_exchange():  # a file system without an atomic exchange: two renames, killed between them
+        sd._exchange = lambda a, b: False
+        again()
+
+    assert _forked(no_exchange, {"NANOSTATE_PREPARE_FAULT": "swap"}) == 75
+    with pytest.raises(H5ADError, match=r"out: missing: a prepare was killed while switching folders; the "
+                                        r"previous folder is .*\.out\.old-\d+"):
+        Prepared(out)
+    prepare(src, tmp_path / "other")  # unrelated folders are left alone
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".out.old-")]
+    prepare(src, out, dtype="float16")  # the next prepare into it puts the old folder back, then replaces it
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".out.")]
+    assert Prepared(out).dtype == "float16"
+
 
 def test_interrupted_prepare_leaves_nothing_and_user_folders_are_never_replaced(src, tmp_path):
     mine = tmp_path / "mine"
@@ -94,6 +108,11 @@ def test_interrupted_prepare_leaves_nothing_and_user_folders_are_never_replaced(
     with pytest.raises(H5ADError, match="batch column 'plate' not in obs"):
         prepare(src, tmp_path / "new", batch_col="plate")
     assert os.listdir(tmp_path) == ["mine"]
+    real = prepare(src, tmp_path / "real")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    d = prepare(src, tmp_path / "link", batch_col="batch")  # through a link: the folder it names is replaced
+    assert os.path.islink(tmp_path / "link") and Prepared(tmp_path / "real").checksum == d.checksum != real.checksum
+    assert sorted(os.listdir(tmp_path)) == ["link", "mine", "real"]
 
 
 # --- A2: the checksum covers content and the whole recipe -------------------------------------------
