@@ -1278,7 +1278,7 @@ class Prepared:
         if hashes is not None and _checksum(ix) != self.checksum:
             raise self._bad("index.json", f"its checksum {self.checksum} does not match its content (edited after "
                             "prepare?)")
-        if (self.dir / "sums.npy").exists() or (hashes and "sums.npy" in hashes):
+        if (self.dir / "sums.npy").exists():  # optional: without it group means read the rows (.sums is None)
             self._npy("sums.npy", (len(T), G), "f")
             if hashes and os.path.getsize(self.dir / "sums.npy") <= 64 << 20:
                 self._verify_sums()
@@ -1314,6 +1314,8 @@ class Prepared:
         if not h:
             return False
         for name, want in h.items():
+            if name == "sums.npy" and not (self.dir / name).exists():
+                continue  # optional (see sums)
             if _sha(self.dir / name) != want:
                 raise self._bad(name, "its content differs from what prepare wrote (its hash in index.json)")
         gt = self.index.get("gene_target")
