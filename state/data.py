@@ -400,7 +400,7 @@ def _blocks(src, chunk, desc):
                             "expression): mixed scales in one matrix")
         ts = src["scale"].target_sum
         if src["tr"] == "none" and kind == "log1p" and ts and not src.get("ts_off"):
-            tot = np.expm1(x.astype(np.float64)).sum(1)  # every row normalised to the detected total?
+            tot = np.expm1(x).sum(1, dtype=np.float64)  # every row normalised to the detected total?
             off = (tot > 0) & (np.abs(tot / ts - 1) > 0.01)
             if off.any():
                 i = int(np.argmax(off))
