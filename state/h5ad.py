@@ -436,8 +436,9 @@ def _hash_strings(names):
     u = np.frombuffer(b.tobytes(), np.uint8).reshape(len(b), w) if len(b) else np.zeros((0, w), np.uint8)
     h = np.full(len(b), 0xCBF29CE484222325, np.uint64)
     with np.errstate(over="ignore"):
-        for j in range(w):  # FNV-1a over the columns (trailing zero bytes of shorter names included)
-            h = (h ^ u[:, j].astype(np.uint64)) * np.uint64(0x100000001B3)
+        for j in range(w):  # FNV-1a over the bytes of each name (the zero padding of shorter names skipped,
+            c = u[:, j].astype(np.uint64)  # so a hash does not depend on the block's widest name)
+            h = np.where(c != 0, (h ^ c) * np.uint64(0x100000001B3), h)
     return h
 
 

@@ -295,6 +295,17 @@ def test_hostile_h5ad_inputs_are_one_named_error(tmp_path, capsys):
         m.block(0, 2000)  # rows before it read fine
         with pytest.raises(H5ADError, match="row 2999 has the column index 99"):
             list(m.chunks(512))
+    # duplicate names for readers that pair cells by name (predict.py simulate): a streamed check
+    p = _edit(_csr_file(tmp_path / "dups.h5ad", n=50), dup_names)
+    with pytest.raises(UserError, match="obs name 'c4' is used by rows 4 and 31"):
+        prepare(p, tmp_path / "dups", chunk=8)  # in different blocks of different name widths
+    capsys.readouterr()
+    prepare([_csr_file(tmp_path / "two1.h5ad"), _csr_file(tmp_path / "two2.h5ad", seed=1)], tmp_path / "two")
+    assert "40 cell names occur in more than one input file" in capsys.readouterr().out  # a warning only
+    with H5AD(p) as h:
+        assert h.duplicate_obs_names(np.arange(10, 50)) is None  # rows 31 and 4: only one is asked about
+        with pytest.raises(H5ADError, match="obs name 'c4' is used by rows 4 and 31"):
+            h.duplicate_obs_names(block=7)
     # repeated column indices in a row add up (as scipy's toarray does), never silently overwrite
     p = _edit(_csr_file(tmp_path / "rep.h5ad"), col(1, 0))  # row 0's second value moves onto column 0
     with H5AD(p) as h, h5py.File(p) as f:
