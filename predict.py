@@ -10,11 +10,13 @@ Evaluate / compare with baselines (forwarded to state.eval.main / state.baseline
     python predict.py eval ...        python predict.py report ...
 
 Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, fed with n
-controls of the same context drawn as evenly as possible (state.data.draw_controls, seeded); windows are
+controls of the same context drawn as evenly as possible (test: the baselines' draws from the context's
+training controls, state.baselines.control_draws; simulate: state.data.draw_controls, seeded); windows are
 batched by length (no padding) in blocks of --max_cells cells, and a screen is written block by block,
 so its size is bounded by the disk, not the memory. Screen inputs may be raw counts or log1p values in
 any gene order: the run's recipe (meta.json) normalises counts to its target_sum and log1p's them.
-`--run=A,B,C` averages the predictions of several runs (a seed ensemble). Real control cells are
+`--run=A,B,C` is a seed ensemble: each predicted cell comes from one member (--ensemble=mixture, which
+keeps the members' spread) or the members' predictions are averaged (--ensemble=mean). Real control cells are
 copied through with is_predicted=False (predicted controls would leak into the metrics). Gene-space
 outputs are clipped to [0, 14] (log1p). CPU or one GPU (--device=cuda).
 """
@@ -66,7 +68,14 @@ def load_run(run, device="cpu"):
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
     model = StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table"))
     model.load_state_dict(sd)
+    if meta.get("corr_scale") is not None:  # the guarded correction's strength per context (train.py --guard)
+        model.corr_scale.copy_(torch.tensor(meta["corr_scale"], dtype=torch.float32))
     return model.to(device).eval(), meta
+
+
+def check_ensemble(cfg, command):
+    if cfg["ensemble"] not in ("mixture", "mean"):
+        die(f"{command}: --ensemble={cfg['ensemble']!r}: mixture (each cell from one member) or mean")
 
 
 def load_runs(runs, device="cpu"):
@@ -95,14 +104,17 @@ ENSEMBLE_SAME = ("genes", "pert_names", "context_names", "batch_names", "genes_o
 
 
 @torch.no_grad()
-def predict_blocks(models, ctrl, windows, device, max_cells=8192):
+def predict_blocks(models, ctrl, windows, device, max_cells=8192, mix="mixture"):
     """Predictions for `windows` in their order, one block of consecutive windows at a time (so a
     virtual screen of any size streams to disk): yields (outputs, latents) lists for the next block
     of windows. ctrl (N,Din) float32 control rows; windows: list of (idx into ctrl (n<=S,), pert code,
     batch codes (n,) or None, context code). Outputs are (n, Dout) float32 predictions (decoded genes
-    when the model has a gene decoder), averaged over `models` (a seed ensemble; one model is fine);
-    latents the (n, Dout) embedding predictions before the decoder (None without one). Windows of one
-    length are batched together (key-padding lens), never padded with cells."""
+    when the model has a gene decoder); latents the (n, Dout) embedding predictions before the decoder
+    (None without one). Several `models` (a seed ensemble): mix="mixture" takes each predicted cell
+    from one member (cell j of window i from member (i + j) mod M), so the ensemble keeps its members'
+    per-cell spread and DE structure; mix="mean" averages the members per cell (which shrinks the
+    spread and was measured to lower the DE metrics). Windows of one length are batched together
+    (key-padding lens), never padded with cells."""
     models = models if isinstance(models, (list, tuple)) else [models]
     model = models[0]
     bs = max(1, max_cells // model.cfg.set_size)
@@ -122,18 +134,25 @@ def predict_blocks(models, ctrl, windows, device, max_cells=8192):
                     bt[j] = torch.as_tensor(w[2])
             x, bt, pert, ctx = x.to(device), bt.to(device), pert.to(device), ctx.to(device)
             ys = [m(x, pert, batch=bt if m.cfg.n_batch else None, ctx=ctx) for m in models]
+            M = len(models)
+            pick = (torch.tensor(ids)[:, None] + torch.arange(L)[None, :]) % M  # (n_w, L) member per cell
+
+            def combine(t):  # (M, n_w, L, D) -> (n_w, L, D)
+                t = t.float()
+                if M == 1 or mix == "mean":
+                    return t.mean(0)
+                return t.gather(0, pick.to(t.device)[None, :, :, None].expand(1, -1, -1, t.shape[-1]))[0]
             if model.decoder is not None:
-                z = torch.stack(ys).float().mean(0).cpu().numpy()
-                lat.update(zip(ids, z))
+                lat.update(zip(ids, combine(torch.stack(ys)).cpu().numpy()))
                 ys = [m.decode(yy) for m, yy in zip(models, ys)]
-            out.update(zip(ids, torch.stack(ys).float().mean(0).cpu().numpy()))
+            out.update(zip(ids, combine(torch.stack(ys)).cpu().numpy()))
         yield [out[i] for i in block], ([lat[i] for i in block] if lat else None)
 
 
-def predict_windows(models, ctrl, windows, device, max_cells=8192, return_latent=False):
+def predict_windows(models, ctrl, windows, device, max_cells=8192, return_latent=False, mix="mixture"):
     """All of predict_blocks' outputs as one list (and the latents with return_latent=True)."""
     out, lat = [], []
-    for o, z in tqdm(predict_blocks(models, ctrl, windows, device, max_cells), desc="predict", unit="block",
+    for o, z in tqdm(predict_blocks(models, ctrl, windows, device, max_cells, mix), desc="predict", unit="block",
                      leave=False, disable=not sys.stderr.isatty() and os.environ.get("TQDM", "") != "1"):
         out += o
         lat += z or []
@@ -168,8 +187,10 @@ def spread_report(rows):
 
 def cmd_test(argv):
     cfg = {"run": "", "data": "", "split": "", "out": "", "seed": 0, "device": "cpu",
-           "clip": True, "max_cells": 8192, "allow_other_split": False, "allow_other_data": False}
+           "clip": True, "max_cells": 8192, "allow_other_split": False, "allow_other_data": False,
+           "ensemble": "mixture"}
     configure(argv, cfg)
+    check_ensemble(cfg, "predict.py test")
     if not cfg["out"]:
         die("predict.py test: --out=FOLDER is required (pred.h5ad and real.h5ad are written there)")
     if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
@@ -208,11 +229,14 @@ def cmd_test(argv):
     out_genes = list(meta["genes_out"]) if dec else list(D.genes)
     gene_rows = D.rows_genes if dec else D.rows
     S, ctl = model.cfg.set_size, D.control_code
-    rng = np.random.default_rng(cfg["seed"])
+    from state.baselines import control_draws
     test = np.asarray(sp.test, dtype=np.int64)
-    test = test[D.pert[test] != ctl]
+    assert not (D.pert[test] == ctl).any(), "a split's test part holds perturbed groups only"
     tctrl = np.asarray(sp.test_ctrl, dtype=np.int64)
-    ctx_of = {c: tctrl[D.context[tctrl] == c] for c in np.unique(D.context[tctrl])}
+    try:  # the baselines' draws: the same control cells start every method's predictions
+        draws = control_draws(D, sp, cfg["seed"])
+    except ValueError as e:
+        die(f"predict.py test: {e}")
     # groups in the split's order: (context code, pert code) -> real rows
     keys = sorted({(int(c), int(p)) for c, p in zip(D.context[test], D.pert[test])})
     ctrl_rows_all = np.unique(tctrl)
@@ -220,11 +244,8 @@ def cmd_test(argv):
     ctrlX = D.rows(ctrl_rows_all)  # (Nc, G)
     plan = []  # per test group: (context, pert, real rows, windows, drawn controls)
     for c, p in keys:
-        rows = test[(D.context[test] == c) & (D.pert[test] == p)]
-        pool = ctx_of.get(c)
-        if pool is None or len(pool) == 0:
-            die(f"predict.py: context {D.context_names[c]} has no control cells in the test split")
-        drawn, a, wins = draw_controls(pool, len(rows), rng), 0, []
+        m = (D.context[test] == c) & (D.pert[test] == p)
+        rows, drawn, a, wins = test[m], draws[m], 0, []
         for n in make_windows(len(rows), S):
             draw, a = drawn[a:a + n], a + n
             wins.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw], c))
@@ -250,7 +271,7 @@ def cmd_test(argv):
         for c, p, rows, wins, _ in plan:
             t0 = time.perf_counter()
             ys, zs = [], []
-            for y, z in predict_blocks(models, ctrlX, wins, cfg["device"], cfg["max_cells"]):
+            for y, z in predict_blocks(models, ctrlX, wins, cfg["device"], cfg["max_cells"], cfg["ensemble"]):
                 ys += y
                 zs += z or []
             timing[0] += time.perf_counter() - t0
@@ -274,7 +295,7 @@ def cmd_test(argv):
 
     uns = {"nanostate": {"pert_col": pc, "control": D.control, "context_col": cc,
                          "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
-                         "seed": cfg["seed"], "clip": "0,14" if clip else "none",
+                         "seed": cfg["seed"], "ensemble": cfg["ensemble"] if "," in cfg["run"] else None, "clip": "0,14" if clip else "none",
                          "space": "gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding"),
                          "key": meta.get("key", "X"), "genes_key": meta.get("genes_key") if dec else None}}
     N, G = n_pred + len(ctrl_rows), len(out_genes)
@@ -305,7 +326,7 @@ def cmd_test(argv):
 # simulate: a virtual screen from control cells
 
 
-def apply_recipe(x, names, meta, path, key, gene_space, obs_names, allow_missing=0.0):
+def apply_recipe(x, meta, path, key, gene_space, obs_names, names=None, allow_missing=0.0):
     """Control rows x (N, G_file) of a user's file, columns `names` -> the run's input scale, or a one-line
     error naming what was found and what the run expects. Every row is checked (state.data.check_rows),
     not a sample. Gene-valued runs: raw counts are normalised to the run's target_sum with each cell's
@@ -325,12 +346,17 @@ def apply_recipe(x, names, meta, path, key, gene_space, obs_names, allow_missing
                 "--key=obsm/X_state")
         check_rows(x, "any", where, 0, obs_names)
         return x
+    names = [f"{i}" for i in range(x.shape[1])] if names is None else names
     dup = sorted({g for g, k in zip(*np.unique(np.asarray(names, dtype=str), return_counts=True)) if k > 1})
     if dup:
         die(f"{where}: {len(dup)} gene names occur more than once (e.g. {dup[:5]}); the run's genes are "
             "matched by name: make the names unique (e.g. sum or drop the duplicates) first")
     for a in range(0, len(x), 20000):  # finite everywhere first (the scale is read from the first rows)
         check_rows(x[a:a + 20000], "any", where, a, obs_names)
+    if (x < 0).any():
+        i = np.flatnonzero((x < 0).any(1))[0]
+        die(f"predict.py simulate: '{key}' of {path} has negative values (e.g. cell '{obs_names[i]}'): "
+            "scaled/z-scored data; the run expects raw counts or non-negative log1p expression")
     sc = classify(x[:20000], where)  # the scale, from the first rows; then every row is checked
     for a in range(0, len(x), 20000):
         check_rows(x[a:a + 20000], sc.kind, where, a, obs_names)
@@ -413,8 +439,9 @@ def extend_combos(models, meta, vocab, labels):
 def cmd_simulate(argv):
     cfg = {"run": "", "adata": "", "perts": "", "out": "", "n_cells": 0, "seed": 0, "device": "cpu",
            "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
-           "allow_missing_genes": 0.0, "max_cells": 8192, "all_controls": False}
+           "allow_missing_genes": 0.0, "max_cells": 8192, "all_controls": False, "ensemble": "mixture"}
     configure(argv, cfg)
+    check_ensemble(cfg, "predict.py simulate")
     if not cfg["adata"] or not cfg["run"]:
         die("predict.py simulate: --run=RUN_DIR and --adata=CONTROLS.h5ad are required")
     out = cfg["out"] or os.path.join(cfg["run"].split(",")[0], "predictions",
@@ -475,7 +502,7 @@ def cmd_simulate(argv):
             gnames, Gin = list(f.var_names()), f.matrix(cfg["genes_key"]).rows(keep)
     # the run's recipe applied to the input (meta["recipe"], from prepare): raw counts are normalised and
     # log1p'd as the training data were, log1p values are taken as they are, anything else is refused
-    Xin = apply_recipe(Xin, names, meta, cfg["adata"], cfg["key"], model.cfg.gene_space, obs_names,
+    Xin = apply_recipe(Xin, meta, cfg["adata"], cfg["key"], model.cfg.gene_space, obs_names, names,
                        cfg["allow_missing_genes"])
     # map genes by name to the run's ordered list
     where = {g: i for i, g in enumerate(names)}
@@ -534,7 +561,7 @@ def cmd_simulate(argv):
     def blocks():
         """Predicted cells block by block, then the real controls: memory bounded by --max_cells."""
         a = 0
-        for ys, zs in predict_blocks(models, X, windows, cfg["device"], cfg["max_cells"]):
+        for ys, zs in predict_blocks(models, X, windows, cfg["device"], cfg["max_cells"], cfg["ensemble"]):
             P = np.concatenate(ys).astype(np.float32)
             if clip:
                 P = np.clip(P, 0.0, 14.0)
@@ -551,7 +578,7 @@ def cmd_simulate(argv):
     write_h5ad(out, Stream(n_pred + len(X), cols, blocks(), progress="simulate"), None, out_genes, obs=obs,
                uns={"nanostate": {"pert_col": pc, "control": meta["control"], "context_col": cc,
                                   "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
-                                  "seed": cfg["seed"], "controls": os.path.abspath(cfg["adata"]),
+                                  "seed": cfg["seed"], "ensemble": cfg["ensemble"] if "," in cfg["run"] else None, "controls": os.path.abspath(cfg["adata"]),
                                   "clip": "0,14" if clip else "none",
                                   "space": "gene (decoded)" if dec else
                                   ("gene" if model.cfg.gene_space else "embedding"), "key": cfg["key"],

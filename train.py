@@ -48,7 +48,8 @@ import torch.distributed as dist
 
 from state import ckpt
 from state.config import configure
-from state.errors import die, guard
+from state.errors import die
+from state.errors import guard as cli_guard
 from state.data import Prepared, SetSampler
 from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16, mfu,
                         load_sharded, load_state, print0, quiet_exit, set_rng_state, set_sync, shard,
@@ -76,6 +77,9 @@ ema = 0.0                # weight EMA decay (e.g. 0.999); 0 = off. The EMA weigh
 select = "last"          # which weights model.safetensors holds: last | support (the lowest val loss on
                          # the held-out context's support perturbations: the val that resembles the test;
                          # few-shot splits only; checked every val_every steps)
+guard = ""               # anchored runs with support cells: the correction's strength alpha for the held-out
+                         # context, chosen from this grid (e.g. "0,0.25,0.5,0.75,1") on the support val loss
+                         # of the final weights; alpha = 0 is the anchor itself. Recorded in meta.json
 weight_decay = 0.0       # reference ignores its weight_decay key: none
 grad_clip = 10.0         # global grad-norm clip (reference 10); 0 disables
 seed = 42                # data order, controls, init
@@ -115,7 +119,7 @@ st_over = {f.name: f.default for f in fields(STConfig)
 train_keys = [k for k, v in list(globals().items()) if not k.startswith("_") and
               isinstance(v, (int, float, bool, str)) and k not in ("st_over",)]
 train_cfg = {k: globals()[k] for k in train_keys}
-guard("train.py", __doc__, extra=lambda: "options (--key=value, defaults; STConfig fields too: "
+cli_guard("train.py", __doc__, extra=lambda: "options (--key=value, defaults; STConfig fields too: "
       f"{', '.join(st_over)}):\n" + "\n".join(f"  --{k}={v!r}" for k, v in train_cfg.items()))
 over = configure(sys.argv[1:], train_cfg, st_over)
 for k, v in TRAIN_DEFAULTS.get(ALIASES.get(train_cfg["preset"], train_cfg["preset"]), {}).items():
@@ -239,6 +243,15 @@ if select == "support" and len(sup_rows) == 0:
     print0(f"note: --select=support: the {sp.task} split has no val cells of support perturbations in the "
            "held-out context (zero-shot, or --val-frac 0): keeping the last weights")
     select = train_cfg["select"] = "last"
+try:
+    grid = sorted({float(a) for a in guard.split(",") if a.strip()})
+except ValueError:
+    die(f"train.py: --guard={guard!r}: give a comma-separated grid of correction strengths, e.g. 0,0.5,1")
+if any(not 0 <= a <= 1 for a in grid):
+    die(f"train.py: --guard={guard!r}: strengths must lie in [0, 1]")
+if grid and (len(sup_rows) == 0 or cfg.anchor == "none"):
+    print0("note: --guard needs an anchored model and support cells in the held-out context: alpha stays 1")
+    grid = []
 anchor_table = None
 if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
     from state.baselines import group_means, shift_table
@@ -316,6 +329,7 @@ if ddp:
 ema_p = [p.detach().clone().float() for p in raw.parameters()] if ema else None
 ema_names = [n for n, _ in raw.named_parameters()]
 best = {"loss": None, "step": None, "w": None}  # --select=support: the best weights so far (cpu)
+curve = []  # (step, support val loss) of every check: meta.json's support_curve
 
 
 def lr_at(step):
@@ -367,6 +381,8 @@ def save_checkpoint(step, val_loss):
         state["optimizer"] = opt.state_dict()
     meta = {"step": step, "val_loss": val_loss, "st": cfg.to_dict(), "train": train_cfg, "ema": bool(ema),
             "select": select, "best_step": best["step"], "best_support_loss": best["loss"],
+            "support_curve": curve, "ema_bias_corrected": True, "guard": guard_note,
+            "corr_scale": raw.corr_scale.tolist() if raw.corr_scale is not None else None,
             "genes": list(D.genes), "key": key, "recipe": recipe, "gene_space": cfg.gene_space,
             "genes_out": list(D.gene_names_out) if cfg.n_genes else None,  # decoder output genes
             "genes_key": D.genes_key if cfg.n_genes else None,
@@ -438,6 +454,7 @@ if resume:
     if select == "support" and meta.get("best_step") is not None:
         msd = load_file(os.path.join(ck, "model.safetensors"))
         best.update(loss=meta["best_support_loss"], step=meta["best_step"], w=[msd[n] for n in ema_names])
+        curve.extend(tuple(x) for x in meta.get("support_curve") or [])
     sampler.load_state_dict(state["sampler"])
     rngs = state.get("rng_ranks") or [state["rng"]]
     r = rngs[rank] if len(rngs) == world else rngs[0]
@@ -494,6 +511,7 @@ def val_loss(support=False):
 
 
 val_parts = {"dec": None}  # the decoder part of the last validation
+guard_note = None  # --guard: the chosen alpha and the support loss at each strength
 
 
 @torch.no_grad()
@@ -505,11 +523,34 @@ def support_loss(step):
     if ema_p is not None:
         torch._foreach_copy_(params, ema_p)
     sl = val_loss(support=True)
+    curve.append((step, sl))
     if best["loss"] is None or sl < best["loss"]:
         best.update(loss=sl, step=step, w=[p.detach().cpu().clone() for p in params])
     if saved is not None:
         torch._foreach_copy_(params, saved)
     return sl
+
+
+
+@torch.no_grad()
+def choose_alpha():
+    """The guarded correction: with the weights predict.py will use (selected, EMA or last), the support
+    val loss of the held-out context at each alpha of the grid; the lowest wins (alpha 0 = the anchor)."""
+    params = list(raw.parameters())
+    saved = [p.detach().clone() for p in params]
+    use = best["w"] if best["w"] is not None else ema_p
+    if use is not None:
+        torch._foreach_copy_(params, [w.to(p.device, p.dtype) for p, w in zip(params, use)])
+    losses = {}
+    for a in grid:
+        raw.corr_scale[held] = a
+        losses[a] = val_loss(support=True)
+    a = min(grid, key=lambda k: (losses[k], -k))
+    raw.corr_scale[held] = a
+    torch._foreach_copy_(params, saved)
+    print0("guard: support val loss by correction strength " +
+           ", ".join(f"{k:g}: {v:.4f}" for k, v in losses.items()) + f" -> alpha {a:g} for {sp.context}")
+    return {"alpha": a, "losses": {f"{k:g}": v for k, v in losses.items()}}
 
 
 if len(val_rows) == 0:
@@ -556,6 +597,8 @@ for step in range(start, max_steps + 1):
                 logf.write(json.dumps({"step": step, "val_loss": vl, **({"val_dec": vd} if vd is not None else {}),
                                        **({"val_support": sl} if sl is not None else {})}) + "\n")
                 logf.flush()
+    if last and grid:
+        guard_note = choose_alpha()
     if (step % ckpt_every == 0 and step > start) or last:
         check_finite(step)
         save_checkpoint(step, vl)  # collective: every rank calls it
@@ -587,7 +630,10 @@ for step in range(start, max_steps + 1):
     opt.zero_grad(set_to_none=True)
     if ema_p is not None:
         with torch.no_grad():
-            torch._foreach_lerp_(ema_p, [p.detach().float() for p in raw.parameters()], 1.0 - ema)
+            # bias-corrected: the mean of the steps' weights so far with weights ema^(t-i), the initial
+            # weights excluded (a plain EMA from the init is still ~78% init at step 250 with 0.999)
+            torch._foreach_lerp_(ema_p, [p.detach().float() for p in raw.parameters()],
+                                 (1.0 - ema) / (1.0 - ema ** (step + 1)))
     # next batches: the sampler state saved in a checkpoint is the one *before* the pending batches,
     # so a resumed run redraws exactly the batches the uninterrupted run would use next
     samp_state = sampler.state_dict()
@@ -631,7 +677,8 @@ for step in range(start, max_steps + 1):
 if logf:
     logf.close()
 print0(f"done: {out} (step {max_steps}, val_loss {vl})" + (f"; model.safetensors holds step {best['step']}, "
-       f"the lowest support val loss {best['loss']:.4f}" if best["step"] is not None else ""))
+       f"the lowest support val loss {best['loss']:.4f} (curve: " + ", ".join(f"{k} {v:.4f}" for k, v in curve)
+       + ")" if best["step"] is not None else ""))
 sampler.close()
 compute_cleanup()
 quiet_exit(0)

@@ -111,10 +111,17 @@ def real_pair(data, split):
     return data.rows(rows), _obs(data, rows, np.zeros(len(rows), bool))
 
 
+def control_draws(data, split, seed=0):
+    """The one control pool of every method: for each perturbed test cell (split.test order), a control
+    cell of its own context, drawn per (context, perturbation) group, groups in sorted order, as evenly as
+    possible (state.data.draw_controls) from the TRAINING controls of that context with one generator
+    seeded `seed`. predict.py test and every baseline start from these same cells, so paired differences
+    compare like with like."""
+    return _controls_for(data, split, np.random.default_rng(seed))
+
+
 def _controls_for(data, split, rng):
-    """For each perturbed test cell, a control cell of its own context, drawn per (context,
-    perturbation) group as evenly as possible (state.data.draw_controls) from the training controls of
-    that context: the same draws as predict.py's."""
+    """control_draws with a given generator (the baselines pass a fresh default_rng(seed))."""
     from state.data import draw_controls
     tr = split.train[data.pert[split.train] == data.control_code]
     out = np.empty(len(split.test), np.int64)

@@ -7,7 +7,7 @@ plus a perturbation to the set of S perturbed cells (SPEC 3, 4).
     h = cat(conf_token, h)  if confidence_token          # (B,1+S,H) prepended: no positions, order is free
     z = backbone(h)                                      # LLaMA blocks, no mask/positions, final RMSNorm
     z = z[:, :S] + f_cell(ctrl)                          # residual in hidden space (reference)
-    y = f_out(z)  [+ ctrl + shift[c,p] if anchored]      # (B,S,Dout)  anchor: a baseline's shift, zero-init f_out
+    y = f_out(z)  [* alpha[c] + ctrl + shift[c,p] if anchored]  # (B,S,Dout)  anchor: a baseline's shift, zero-init f_out
     y = ReLU(y) in gene space
     x = gene_decoder(y)                                  # (B,S,G), only when trained on an embedding
                                                          #  *and* given gene targets (never untrained)
@@ -644,6 +644,10 @@ class StateTransition(nn.Module):
             self.register_buffer("anchor_table", anchor_table)  # saved with the model, like pert_table
         else:
             self.register_buffer("anchor_table", None)
+        # the correction's strength per context (anchored models): y = ctrl + shift + alpha[c] * f_out(z).
+        # 1 while training; train.py --guard chooses alpha for the held-out context on its support cells
+        # and records it in meta.json (not in the weights: predict.py's load_run sets it)
+        self.register_buffer("corr_scale", torch.ones(c.n_ctx) if c.anchor != "none" else None, persistent=False)
         self.f_pert = build_mlp(c.n_pert, H, H, c.n_enc, c.mlp_dropout, c.mlp_norm)
         if c.basal_proj:
             self.f_cell = build_mlp(c.n_in, H, H, c.n_enc, c.mlp_dropout, c.mlp_norm)
@@ -738,7 +742,8 @@ class StateTransition(nn.Module):
         if self.anchor_table is not None:  # a correction on top of the baseline's prediction
             if ctx is None or pert.dtype not in (torch.int64, torch.int32):
                 raise ValueError("an anchored model needs context codes (ctx=) and perturbation codes")
-            y = y + ctrl + self.anchor_table[ctx.long(), pert.long()].to(y.dtype)[:, None, :]
+            y = y * self.corr_scale[ctx.long()].to(y.dtype)[:, None, None] + ctrl + \
+                self.anchor_table[ctx.long(), pert.long()].to(y.dtype)[:, None, :]
         if self.relu:
             y = F.relu(y)
         if tgt is None:

@@ -191,8 +191,12 @@ def test_bad_settings_nonfinite_loss_and_resume_changes(synth, tmp_path):
     out = tmp_path / "nan"
     a = args(d, out, 6)
     a[1] = f"--data={tmp_path / 'prep'}"
-    r = run(*a, ok=False)
-    assert r.returncode != 0 and "not finite" in r.stderr and "at step 1" in r.stderr
+    r = run(*a, ok=False)  # the damaged copy no longer reaches training: Prepared checks its sums at open
+    assert r.returncode == 2 and "sums.npy" in r.stderr and "re-run prepare" in r.stderr
+    assert not out.exists()
+    # a loss that goes non-finite in training (a diverging run) stops the loop before anything is written
+    r = run(*args(d, out, 6, "--lr=1e30", "--grad_clip=0"), ok=False)
+    assert r.returncode != 0 and "not finite" in r.stderr and "at step" in r.stderr
     assert not (out / "model.safetensors").exists() and not (out / "meta.json").exists()
     # resume: lr changed -> applied and said; batch_size changed -> refused
     ok = tmp_path / "ok"
