@@ -59,8 +59,9 @@ def read_meta(run, command="predict.py"):
     return meta
 
 
-def load_run(run, device="cpu"):
-    """-> (model in eval mode, meta dict). The model is rebuilt from meta.json's config."""
+def load_run(run, device="cpu", guard=True):
+    """-> (model in eval mode, meta dict). The model is rebuilt from meta.json's config; guard=False
+    ignores a recorded correction strength (alpha 1: the correction as trained, an ablation)."""
     from safetensors.torch import load_file
     meta = read_meta(run)
     cfg = STConfig.from_dict(meta["st"])
@@ -68,7 +69,7 @@ def load_run(run, device="cpu"):
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
     model = StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table"))
     model.load_state_dict(sd)
-    if meta.get("corr_scale") is not None:  # the guarded correction's strength per context (train.py --guard)
+    if guard and meta.get("corr_scale") is not None:  # the guarded correction's strength per context (--guard)
         model.corr_scale.copy_(torch.tensor(meta["corr_scale"], dtype=torch.float32))
     return model.to(device).eval(), meta
 
@@ -78,7 +79,7 @@ def check_ensemble(cfg, command):
         die(f"{command}: --ensemble={cfg['ensemble']!r}: mixture (each cell from one member) or mean")
 
 
-def load_runs(runs, device="cpu"):
+def load_runs(runs, device="cpu", guard=True):
     """--run=A[,B,...]: -> (models, meta of the first). Several runs form a seed ensemble whose
     predictions are averaged; they must share genes, perturbation vocabulary, set size and output space."""
     names = [r for r in runs.split(",") if r]
@@ -86,7 +87,7 @@ def load_runs(runs, device="cpu"):
         die("predict.py: --run=RUN_DIR[,RUN_DIR...] is required")
     if len(set(map(os.path.realpath, names))) < len(names):
         die(f"predict.py: --run={runs} names a run twice; an ensemble averages distinct runs")
-    models, metas = zip(*(load_run(r, device) for r in names))
+    models, metas = zip(*(load_run(r, device, guard) for r in names))
     m0 = metas[0]
     for r, m, mo in zip(names[1:], metas[1:], models[1:]):  # every member against the first, by name
         for k in ENSEMBLE_SAME:
@@ -188,7 +189,7 @@ def spread_report(rows):
 def cmd_test(argv):
     cfg = {"run": "", "data": "", "split": "", "out": "", "seed": 0, "device": "cpu",
            "clip": True, "max_cells": 8192, "allow_other_split": False, "allow_other_data": False,
-           "ensemble": "mixture"}
+           "ensemble": "mixture", "guard": True}
     configure(argv, cfg)
     check_ensemble(cfg, "predict.py test")
     if not cfg["out"]:
@@ -199,7 +200,7 @@ def cmd_test(argv):
         output_file(os.path.join(cfg["out"], f), [cfg["split"]], "predict.py test")
     from state.data import Prepared
     from state.splits import Split
-    models, meta = load_runs(cfg["run"], cfg["device"])
+    models, meta = load_runs(cfg["run"], cfg["device"], cfg["guard"])
     model = models[0]
     D, sp = Prepared(cfg["data"]), Split.load(cfg["split"])
     try:  # the split must index this prepared data (checksum, rows, groups)

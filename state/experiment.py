@@ -158,6 +158,7 @@ def mean_scores(pred, real, data):
     row = _mean_row(agg)
     out = {m: row.get(m, np.nan) for m in METRICS if m not in DIAG}
     out["de_nsig_counts_real"] = row.get("de_nsig_counts_real", np.nan)
+    out["de_nsig_counts_pred"] = row.get("de_nsig_counts_pred", np.nan)
     sp = spread_stats(pred, real, data.pert_col, data.control, ctxc)
     out["spread"], out["shift"] = sp["spread"], sp["shift"]
     return out
@@ -229,15 +230,20 @@ def st_job(task, seed, out, cache, shared, recipe):
            log)
     t1 = time.time()
     s = predict_and_score(run, d, sp, run, seed, log)
+    meta = json.load(open(meta_f))
+    if meta.get("guard"):  # the same weights with the correction at full strength (alpha 1): the ablation
+        s["alpha"] = meta["guard"]["alpha"]
+        s["unguarded"] = predict_and_score(run, d, sp, os.path.join(run, "alpha1"), seed, log, "--guard=False")
+    s["best_step"] = meta.get("best_step")
     s["train_s"], s["total_s"] = t1 - t0, time.time() - t0
     return cached(score_f, lambda: s)
 
 
-def predict_and_score(runs, d, sp, out, seed, log):
+def predict_and_score(runs, d, sp, out, seed, log, *extra):
     """predict.py test of `runs` (one run dir, or several comma-joined: an ensemble) into out/test, scored."""
     from state.data import Prepared
     sh([sys.executable, "predict.py", "test", f"--run={runs}", f"--data={d}", f"--split={sp}",
-        f"--out={out}/test", f"--seed={seed}"], log)
+        f"--out={out}/test", f"--seed={seed}", *extra], log)
     return mean_scores(os.path.join(out, "test", "pred.h5ad"), os.path.join(out, "test", "real.h5ad"), Prepared(d))
 
 
@@ -376,6 +382,36 @@ def targets(rows):
     return res
 
 
+def anchor_block(t, r):
+    """ST against its own anchor (the auto baseline, what --anchor=auto starts from) and, for guarded
+    runs, against the same weights at full correction (alpha 1): paired per seed; alpha and the kept
+    step per seed; predicted vs real DE genes beside DE overlap."""
+    st, bl = r["st"], r["bl"][:len(r["st"])]
+    if not st or "auto_shift" not in bl[0]:
+        return []
+    K = len(st)
+    sd = (lambda v: float(np.nanstd(v, ddof=1)) if K > 1 else 0.0)
+    lines = ["", "| vs anchor | anchor (auto) | ST | ST - anchor (sd) | wins" +
+             (" | ST alpha=1 | ST - alpha=1 (sd)" if "unguarded" in st[0] else "") + " |",
+             "|---|---|---|---|---|" + ("---|---|" if "unguarded" in st[0] else "")]
+    for m in ("pearson_delta", "mae", "overlap_at_N", "de_nsig_counts_pred"):
+        a = np.array([b["auto_shift"].get(m, np.nan) for b in bl], float)
+        s = np.array([x.get(m, np.nan) for x in st], float)
+        sign = -1 if m in LOWER else 1
+        d = s - a
+        row = (f"| {m} | {np.nanmean(a):.4f} | {np.nanmean(s):.4f} +- {sd(s):.4f} | {np.nanmean(d):+.4f} ({sd(d):.4f})"
+               f" | {int(np.sum(sign * d > 0)) if m != 'de_nsig_counts_pred' else '-'}/{K}")
+        if "unguarded" in st[0]:
+            u = np.array([x["unguarded"].get(m, np.nan) for x in st], float)
+            row += f" | {np.nanmean(u):.4f} | {np.nanmean(s - u):+.4f} ({sd(s - u):.4f})"
+        lines.append(row + " |")
+    real = np.nanmean([b["auto_shift"].get("de_nsig_counts_real", np.nan) for b in bl])
+    lines.append(f"\nreal DE genes per perturbation: {real:.1f}; kept step per seed: "
+                 f"{[x.get('best_step') for x in st]}" + (f"; alpha per seed: {[x.get('alpha') for x in st]}"
+                                                           if "alpha" in st[0] else ""))
+    return lines
+
+
 def table(out, cache):
     cfg, res = collect(out, cache)
     A = analyse(res)
@@ -398,6 +434,7 @@ def table(out, cache):
             wins = "" if r["wins"] is None else f"{r['wins']}/{r['K']}"
             cal = "" if r["best"] is None else ("-" if r["cal"] is None else f"{r['cal']:+.2f}")
             lines.append(f"| {m} | {b} | {r['ceil']:.4f} | {st} | {df} | {wins} | {cal} | {en} |")
+        lines += anchor_block(t, res[t])
         tg = targets(rows)
         lines += ["", "targets: " + "; ".join(f"{n}: {'n/a (' + d + ')' if ok is None else ('MET' if ok else 'not met')}"
                                                + (f" {d}" if d and ok is not None else "") for n, ok, d in tg), ""]

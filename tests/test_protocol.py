@@ -147,10 +147,26 @@ def test_ensemble_is_the_mean_of_its_members():
     wins = [(np.arange(16), 1, None, 0), (np.arange(16, 23), 2, None, 0)]
     pa = predict.predict_windows([a], ctrl, wins, "cpu")
     pb = predict.predict_windows([b], ctrl, wins, "cpu")
-    pe = predict.predict_windows([a, b], ctrl, wins, "cpu")
+    pe = predict.predict_windows([a, b], ctrl, wins, "cpu", mix="mean")
     for x, y, z in zip(pa, pb, pe):
         np.testing.assert_allclose(z, (x + y) / 2, atol=1e-6)
     assert not np.allclose(pa[0], pb[0])
+
+
+def test_ensemble_mixture_takes_each_cell_from_one_member():
+    """The default ensemble (issue Science III): cell j of window i is member (i + j) mod M's prediction,
+    so every member contributes whole cells (its spread and DE structure kept), about equally."""
+    import predict
+    torch.manual_seed(0)
+    cfg = STConfig.from_name("tiny", n_in=11, n_pert=3)
+    ms = [StateTransition(cfg).eval() for _ in range(3)]
+    ctrl = np.random.default_rng(0).random((30, 11)).astype(np.float32)
+    wins = [(np.arange(16), 1, None, 0), (np.arange(16, 23), 2, None, 0)]
+    alone = [predict.predict_windows([m], ctrl, wins, "cpu") for m in ms]
+    mixed = predict.predict_windows(ms, ctrl, wins, "cpu")
+    for i, z in enumerate(mixed):
+        for j in range(len(z)):
+            np.testing.assert_allclose(z[j], alone[(i + j) % 3][i][j], atol=1e-6)
 
 
 def fake_results(st, bl, ceil, n_perts=5, n_de=3.0):
