@@ -42,7 +42,8 @@ from state.config import dashes
 from state.eval import BEST, evaluate, score
 from state.h5ad import H5AD, write_h5ad
 
-NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift", "additive", "celleval_baseline"]
+NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift", "additive", "crispr_shift",
+         "celleval_baseline"]
 
 # -----------------------------------------------------------------------------------------------
 # training statistics
@@ -261,7 +262,7 @@ def linear(data, split, seed=0, d=10, lams=(0.01, 0.1, 1.0, 10.0, 100.0)):
     return _assemble(data, split, data.rows(ctrl) + shift.astype(np.float32), ctrl)
 
 
-KINDS = ("pert_mean", "context_mean", "two_way", "auto", "additive")
+KINDS = ("pert_mean", "context_mean", "two_way", "auto", "additive", "crispr")
 
 
 def _delta_grid(data, rows):
@@ -296,6 +297,11 @@ def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
       additive      a combination 'A+B' (parts split on `sep`): delta[c,A] + delta[c,B] when every part
                     has a training delta in c (Norman et al.'s additive model); otherwise, and for
                     singles, two_way
+      crispr        context_mean, with the target gene's own expression moved as perturbations move their
+                    targets: a perturbation named after a measured gene g gets shift[c,p,g] = r * mu_ctrl[c,g],
+                    r the mean on-target change delta[c',q,g_q] / mu_ctrl[c',g_q] of the OTHER perturbations
+                    q with a measured, expressed target (cross-fitted by perturbation: what an unseen
+                    perturbation gets). The anchor for unseen perturbations (a knockdown lowers its target)
     with delta[c,p] = mean(x | c,p) - mean(x | c, control). Controls get a zero shift.
     return_choice=True: (table, {context name: kind}) for auto, (table, None) for the others."""
     if kind not in KINDS:
@@ -318,6 +324,36 @@ def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
                     n_add += 1
         print(f"additive: {n_add} (context, combination) pairs from their singles' deltas; the rest two_way")
         return (T, None) if return_choice else T
+    if kind == "crispr":
+        T = shift_table(data, rows, "context_mean")
+        D, H = _delta_grid(data, rows)[:2]
+        M = rows
+        ctl = data.control_code
+        gene = {str(g).upper(): i for i, g in enumerate(data.genes)}
+        nC = len(data.context_names)
+        mu = np.zeros((nC, data.n_genes))
+        for c in range(nC):
+            if (c, ctl) in M:
+                mu[c] = M[(c, ctl)][0]
+        tgt = {p: gene.get(str(n).upper()) for p, n in enumerate(data.pert_names) if p != ctl}
+        r = {}  # p -> on-target fractions over its training contexts
+        for p, g in tgt.items():
+            if g is None:
+                continue
+            cs = [c for c in range(nC) if H[c, p] and mu[c, g] > 0.1]  # expressed targets only
+            if cs:
+                r[p] = [D[c, p, g] / mu[c, g] for c in cs]
+        n_set = 0
+        for p, g in tgt.items():
+            others = [v for q, vs in r.items() if q != p for v in vs]
+            if g is None or not others:
+                continue
+            T[:, p, g] = float(np.mean(others)) * mu[:, g]
+            n_set += 1
+        print(f"crispr: on-target change {np.mean([v for vs in r.values() for v in vs]) if r else float('nan'):+.3f}"
+              f" x control expression from {len(r)} perturbations with a measured target; applied to {n_set}")
+        T[:, ctl] = 0.0
+        return (T.astype(np.float32), None) if return_choice else T.astype(np.float32)
     if kind == "auto":
         Ts = {k: shift_table(data, rows, k) for k in KINDS[:3]}
         D, H = _delta_grid(data, rows)[:2]
@@ -395,6 +431,13 @@ def additive(data, split, seed=0):
     return _assemble(data, split, data.rows(ctrl) + T[data.context[split.test], data.pert[split.test]], ctrl)
 
 
+def crispr_shift(data, split, seed=0):
+    """Control cells of the target context + the context's mean shift, with the target gene moved as
+    the other perturbations moved theirs (shift_table 'crispr'): the baseline for unseen perturbations
+    that name a measured gene (the 'CRISPR-informed' context mean)."""
+    return _shifted_controls(data, split, seed, "crispr")
+
+
 def celleval_baseline(data, split, seed=0):
     """cell-eval `baseline`: mean of the per-perturbation pseudobulks of the TEST file (control
     included) for every perturbed cell; real controls appended. Built from test data."""
@@ -406,7 +449,8 @@ def celleval_baseline(data, split, seed=0):
 
 
 BASELINES = dict(perturbation_mean=perturbation_mean, context_mean=context_mean, linear=linear,
-                 two_way=two_way, auto_shift=auto_shift, additive=additive, celleval_baseline=celleval_baseline)
+                 two_way=two_way, auto_shift=auto_shift, additive=additive, crispr_shift=crispr_shift,
+                 celleval_baseline=celleval_baseline)
 
 
 def write_pred(path, pair, data, source):
@@ -488,6 +532,8 @@ def report(data, split, preds=None, out=None, profile="full", seed=0):
     for name, fn in BASELINES.items():
         if name == "additive" and not getattr(split, "combo_sep", None):
             continue  # without combinations it is two_way
+        if name == "crispr_shift" and getattr(split, "task", None) != "unseen":
+            continue  # for seen perturbations it is the context mean plus a guess the data can replace
         pair = fn(data, split, seed=seed)
         pp = os.path.join(out, f"{name}_pred.h5ad")
         write_pred(pp, pair, data, name + (" (built from test data)" if name == "celleval_baseline"

@@ -98,12 +98,13 @@ DE = {"overlap_at_N", "de_direction_match"}
 ONE_PERT = {"discrimination_score_l1", "pearson_edistance"}
 BASELINES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift"]
 SHORT = {"perturbation_mean": "pert-mean", "context_mean": "ctx-mean", "linear": "linear", "two_way": "two-way",
-         "auto_shift": "auto", "additive": "additive"}
+         "auto_shift": "auto", "additive": "additive", "crispr_shift": "crispr"}
 
 
 def names_for(task):
     """The baselines of a task: the additive one joins on combination tasks (elsewhere it is two_way)."""
-    return BASELINES + (["additive"] if "combo" in TASKS[task][1] else [])
+    return BASELINES + (["additive"] if "combo" in TASKS[task][1] else []) + \
+        (["crispr_shift"] if "unseen" in TASKS[task][1] else [])
 
 
 def sh(cmd, log=None):

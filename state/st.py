@@ -93,9 +93,9 @@ class STConfig:
         self.decoder_hidden = tuple(self.decoder_hidden)
         assert self.mlp_norm in ("none", "layernorm"), self.mlp_norm
         assert self.residual in ("reference", "paper"), self.residual
-        if self.anchor not in ("none", "pert_mean", "context_mean", "two_way", "auto", "additive"):
+        if self.anchor not in ("none", "pert_mean", "context_mean", "two_way", "auto", "additive", "crispr"):
             raise ValueError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way, auto, "
-                             "additive")
+                             "additive, crispr")
         if self.mixer not in ("attention", "mean", "none"):
             raise ValueError(f"mixer '{self.mixer}' not one of attention, mean, none")
         if self.anchor != "none" and self.n_out != self.n_in:
