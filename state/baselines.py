@@ -262,7 +262,7 @@ def linear(data, split, seed=0, d=10, lams=(0.01, 0.1, 1.0, 10.0, 100.0)):
     return _assemble(data, split, data.rows(ctrl) + shift.astype(np.float32), ctrl)
 
 
-KINDS = ("pert_mean", "context_mean", "two_way", "auto", "additive", "crispr")
+KINDS = ("pert_mean", "context_mean", "two_way", "auto", "additive", "crispr", "fold")
 
 
 def _delta_grid(data, rows):
@@ -297,6 +297,10 @@ def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
       additive      a combination 'A+B' (parts split on `sep`): delta[c,A] + delta[c,B] when every part
                     has a training delta in c (Norman et al.'s additive model); otherwise, and for
                     singles, two_way
+      fold          pert_mean transferred as fold changes: each other context c' moves gene g from m' to
+                    m' + delta[c',p]; in c (control mean m) that fold change of the (expm1) expression gives
+                    log1p(expm1(m) * (expm1(m' + delta) + e) / (expm1(m') + e)) - m, e = 0.1, averaged over
+                    c'. A gene silent in c's controls barely moves; zero-shot transfer gene by gene
       crispr        context_mean, with the target gene's own expression moved as perturbations move their
                     targets: a perturbation named after a measured gene g gets shift[c,p,g] = r * mu_ctrl[c,g],
                     r the mean on-target change delta[c',q,g_q] / mu_ctrl[c',g_q] of the OTHER perturbations
@@ -324,6 +328,29 @@ def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
                     n_add += 1
         print(f"additive: {n_add} (context, combination) pairs from their singles' deltas; the rest two_way")
         return (T, None) if return_choice else T
+    if kind == "fold":
+        D, H = _delta_grid(data, rows)[:2]
+        ctl = data.control_code
+        nC = len(data.context_names)
+        mu = np.zeros((nC, data.n_genes))
+        has = np.zeros(nC, bool)
+        for c in range(nC):
+            if (c, ctl) in rows:
+                mu[c], has[c] = rows[(c, ctl)][0], True
+        T = shift_table(data, rows, "pert_mean")  # the fallback where no other context has p
+        e = 0.1
+        for p in range(len(data.pert_names)):
+            if p == ctl:
+                continue
+            for c in range(nC):
+                src = [k for k in range(nC) if k != c and H[k, p] and has[k]]
+                if not src or not has[c]:
+                    continue
+                fc = [(np.expm1(mu[k] + D[k, p]) + e) / (np.expm1(mu[k]) + e) for k in src]  # (G,) each
+                T[c, p] = np.mean([np.log1p(np.maximum(np.expm1(mu[c]) * f + e * (f - 1), 0.0)) - mu[c]
+                                   for f in fc], axis=0)
+        T[:, ctl] = 0.0
+        return (T.astype(np.float32), None) if return_choice else T.astype(np.float32)
     if kind == "crispr":
         T = shift_table(data, rows, "context_mean")
         D, H = _delta_grid(data, rows)[:2]
