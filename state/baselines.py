@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from state.config import dashes
+from state.errors import UserError
 from state.eval import BEST, evaluate, score
 from state.h5ad import H5AD, write_h5ad
 
@@ -129,7 +130,7 @@ def _controls_for(data, split, rng):
     for c in np.unique(data.context[split.test]):
         pool = tr[data.context[tr] == c]
         if len(pool) == 0:
-            raise ValueError(f"context '{data.context_names[c]}' has no training controls")
+            raise UserError(f"context '{data.context_names[c]}' has no training controls")
         for p in np.unique(data.pert[split.test][data.context[split.test] == c]):
             m = (data.context[split.test] == c) & (data.pert[split.test] == p)
             out[m] = draw_controls(pool, m.sum(), rng)
@@ -276,7 +277,7 @@ def _delta_grid(data, rows):
     for (c, p), d in _deltas(data, M).items():
         D[c, p], H[c, p], W[c, p] = d, 1.0, M[(c, p)][1]
     if not H.any():
-        raise ValueError("no perturbed training group with controls in its context: no shifts to learn from")
+        raise UserError("no perturbed training group with controls in its context: no shifts to learn from")
     return D, H, W
 
 
@@ -309,7 +310,7 @@ def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
     with delta[c,p] = mean(x | c,p) - mean(x | c, control). Controls get a zero shift.
     return_choice=True: (table, {context name: kind}) for auto, (table, None) for the others."""
     if kind not in KINDS:
-        raise ValueError(f"shift kind '{kind}' not one of {', '.join(KINDS)}")
+        raise UserError(f"shift kind '{kind}' not one of {', '.join(KINDS)}")
     if not isinstance(rows, dict):  # read the rows once for every table below
         rows = group_means(data, rows)
     if kind == "additive":
@@ -575,7 +576,7 @@ def report(data, split, preds=None, out=None, profile="full", seed=0):
         rp = rp if os.path.exists(rp) else realp
         with H5AD(path) as f:
             if list(f.var_names()) != list(genes):
-                raise ValueError(f"{path}: genes differ from the prepared data's")
+                raise UserError(f"{path}: genes differ from the prepared data's")
         _, agg = evaluate(path, rp, data.pert_col, data.control, ctxc, profile,
                           out=os.path.join(out, name))
         results[name] = agg

@@ -1387,7 +1387,7 @@ class Prepared:
     def rows_genes(self, idx):
         """Dense float32 gene-space rows (len(idx), n_genes_out), any order (requires --genes-key)."""
         if self.G is None:
-            raise ValueError(f"{self.dir}: no gene-space targets (prepare with --genes-key X)")
+            raise UserError(f"{self.dir}: no gene-space targets (prepare with --genes-key X)")
         idx = np.asarray(idx, np.int64).ravel()
         order = np.argsort(idx, kind="stable")
         out = np.empty((len(idx), self.n_genes_out), np.float32)
@@ -1587,12 +1587,12 @@ class SetSampler:
 
     def __init__(self, data, rows, set_size, batch_size, seed=0, train=True, control_sets=True, mapping="random"):
         if mapping not in ("random", "batch"):
-            raise ValueError(f"mapping '{mapping}' not one of random, batch")
+            raise UserError(f"mapping '{mapping}' not one of random, batch")
         self.data, self.S, self.B = data, int(set_size), int(batch_size)
         self.seed, self.train, self.control_sets, self.mapping = seed, train, control_sets, mapping
         rows = rows if isinstance(rows, Rows) else Rows.of(rows)
         if len(rows) == 0:
-            raise ValueError("SetSampler: no rows (empty split?)")
+            raise UserError("SetSampler: no rows (empty split?)")
         self.segs, gi = rows.cut(data)
         gt = data.group_table
         c, p, b = gt[gi, 0], gt[gi, 1], gt[gi, 2]  # codes per segment
@@ -1621,12 +1621,12 @@ class SetSampler:
                 continue
             pool = self.pool_of.get((k, bb if mapping == "batch" else -1), self.pool_of.get((k, -1)))
             if pool is None:
-                raise ValueError(f"context '{data.context_names[k]}' has no control cells "
+                raise UserError(f"context '{data.context_names[k]}' has no control cells "
                                  f"('{data.control}') among the sampler's rows, so perturbation "
                                  f"'{data.pert_names[pp]}' cannot be paired with controls")
             gs.append((x, y, k, pp, pool))
         if not gs:
-            raise ValueError("SetSampler: no target groups (only controls and control_sets=False?)")
+            raise UserError("SetSampler: no target groups (only controls and control_sets=False?)")
         self.g = np.array(gs, np.int64)  # (n_groups, 5)
         self.g_n = self.cum[self.g[:, 1]] - self.cum[self.g[:, 0]]  # cells per group
         k_sets = -(-self.g_n // self.S)
@@ -1755,7 +1755,7 @@ class SetSampler:
     def load_state_dict(self, sd):
         for k in ("seed", "set_size", "batch_size", "steps_per_epoch"):
             if sd[k] != self.state_dict()[k]:
-                raise ValueError(f"sampler state has {k}={sd[k]} but this sampler has {self.state_dict()[k]}")
+                raise UserError(f"sampler state has {k}={sd[k]} but this sampler has {self.state_dict()[k]}")
         self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
 
 
@@ -1775,7 +1775,7 @@ class CellSampler:
         self.key = hkey(seed, np.arange(len(datas)), 99)  # each folder's fixed permutation
         self.cum = np.concatenate([[0], np.cumsum(self.n - self.nv)])  # training positions per folder
         if self.cum[-1] < self.B:
-            raise ValueError(f"only {int(self.cum[-1])} training cells for a batch of {self.B}")
+            raise UserError(f"only {int(self.cum[-1])} training cells for a batch of {self.B}")
         self.steps_per_epoch = int(self.cum[-1] // self.B)
 
     def val_rows(self, f):

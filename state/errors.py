@@ -33,6 +33,10 @@ FIX = {
 }
 
 
+BY_CLASS = {FileNotFoundError: errno.ENOENT, PermissionError: errno.EACCES, IsADirectoryError: errno.EISDIR,
+            NotADirectoryError: errno.ENOTDIR}
+
+
 class UserError(ValueError):
     """A mistake in what the user handed us (an option, a file): printed as `command: message`, exit 2.
     A ValueError, so library callers that catch ValueError keep working."""
@@ -53,6 +57,8 @@ def message(command, e):
     elif isinstance(e, OSError) and e.errno in FIX:
         where = f"{e.filename}: " if e.filename else ""
         msg = f"{where}{e.strerror or os.strerror(e.errno)}; {FIX[e.errno]}"
+    elif type(e) in BY_CLASS:  # raised with a message only (no errno): the class says which refusal
+        msg = f"{' '.join(str(e).split())}; {FIX[BY_CLASS[type(e)]]}"
     else:
         return None
     short = command.removeprefix("python -m ").split()[0]

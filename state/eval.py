@@ -82,7 +82,7 @@ def _keys(X):
     """float32 -> int64 keys with the same order and equality (-0.0 == 0.0); NaN is rejected."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     if np.isnan(X).any():
-        raise ValueError("expression contains NaN; the rank test needs finite values")
+        raise UserError("expression contains NaN; the rank test needs finite values")
     i = X.view(np.int32).astype(np.int64)
     return np.where(i < 0, -(i & 0x7FFFFFFF), i)
 
@@ -405,7 +405,7 @@ def score(agg_user, agg_base):
         return {c: (np.nan if t[c][i] is None else float(t[c][i])) for c in t if c != "statistic"}
     u, b = mean_row(agg_user), mean_row(agg_base)
     if list(u) != list(b):
-        raise ValueError(f"columns differ: {list(u)} != {list(b)}")
+        raise UserError(f"columns differ: {list(u)} != {list(b)}")
     # cell-eval drops pearson_edistance (an error) with one perturbation; we keep it as NaN, so
     # leave it out of the score when it is NaN on both sides to get cell-eval's number
     skip = set(EXTRA) | {m for m in ("pearson_edistance",) if m in u and np.isnan(u[m]) and np.isnan(b[m])}
@@ -476,9 +476,9 @@ def normlog_if_counts(X, which, allow_discrete=False):
         sc = np.where(tot > 0, tgt / np.where(tot > 0, tot, 1), 1.0).astype(np.float32)
         return np.log1p(X * sc[:, None])
     if X.min() < 0:
-        raise ValueError(f"{which}: negative values; expected log1p data")
+        raise UserError(f"{which}: negative values; expected log1p data")
     if X.max() >= 15 and not allow_discrete:
-        raise ValueError(f"{which}: max {X.max():.2f} >= 15, not log1p data")
+        raise UserError(f"{which}: max {X.max():.2f} >= 15, not log1p data")
     return X
 
 
@@ -743,9 +743,9 @@ def _evaluate(pred, real, pert_col, control, context_col, profile, pseudobulk, a
     lp, cp, gp = load_obs(pred, pert_col, context_col)
     lr, cr, gr = load_obs(real, pert_col, context_col)
     if len(gp) != len(gr) or not np.array_equal(gp, gr):
-        raise ValueError("pred and real must have identical var names in the same order")
+        raise UserError("pred and real must have identical var names in the same order")
     if context_col is not None and set(cp) != set(cr):
-        raise ValueError(f"contexts differ: pred {sorted(set(cp))} vs real {sorted(set(cr))}")
+        raise UserError(f"contexts differ: pred {sorted(set(cp))} vs real {sorted(set(cr))}")
     ctxs = [None] if context_col is None else sorted(set(cr))
     plan = {}
     for c in ctxs:
@@ -753,10 +753,10 @@ def _evaluate(pred, real, pert_col, control, context_col, profile, pseudobulk, a
         mr = np.ones(len(lr), bool) if c is None else cr == c
         pr_, pp_ = np.unique(lr[mr]), np.unique(lp[mp])
         if not np.array_equal(pr_, pp_):
-            raise ValueError(f"perturbations differ{'' if c is None else f' in {c}'}: only real "
+            raise UserError(f"perturbations differ{'' if c is None else f' in {c}'}: only real "
                              f"{sorted(set(pr_) - set(pp_))}, only pred {sorted(set(pp_) - set(pr_))}")
         if control not in pr_:
-            raise ValueError(f"control '{control}' not in the files{'' if c is None else f' ({c})'}")
+            raise UserError(f"control '{control}' not in the files{'' if c is None else f' ({c})'}")
         allp = pr_.astype(object)
         plan[c] = (mp, mr, allp, int(np.flatnonzero(allp == control)[0]))
     want = set(metrics)

@@ -73,7 +73,7 @@ class SEConfig:
     @classmethod
     def from_name(cls, name, **kw):
         if name not in PRESETS:
-            raise ValueError(f"unknown SE preset '{name}'; choose from {', '.join(PRESETS)}")
+            raise UserError(f"unknown SE preset '{name}'; choose from {', '.join(PRESETS)}")
         c = dict(PRESETS[name])
         c.update(kw)
         return cls(**c)
@@ -196,7 +196,7 @@ class GeneMap:
         self.ids = np.asarray(ids, np.int64)
         self.V = len(lut)
         if len(self.ids) == 0:
-            raise ValueError(f"{path}: none of its {len(up)} genes (best var column '{name}') is in the "
+            raise UserError(f"{path}: none of its {len(up)} genes (best var column '{name}') is in the "
                              f"SE vocabulary of {self.V} genes (e.g. {up[:3]}). Mouse symbols do not match "
                              "a human vocabulary; convert them to human orthologues first.")
         self.coverage = len(self.ids) / max(1, len(up))
@@ -575,7 +575,7 @@ def load_model(ckpt, device="cpu"):
             raise FileNotFoundError(f"SE checkpoint {ckpt}: missing {os.path.basename(p)}")
     meta = json.load(open(mp))
     if meta.get("kind") != "nanostate-se":
-        raise ValueError(f"{ckpt}: not an SE checkpoint (meta.json kind={meta.get('kind')!r})")
+        raise UserError(f"{ckpt}: not an SE checkpoint (meta.json kind={meta.get('kind')!r})")
     sd = load_file(wp)
     legacy = {"d": "d_model", "out": "d_out"}  # field names of the first checkpoints
     c = {legacy.get(k, k): v for k, v in meta["config"].items() if k != "k"}

@@ -36,6 +36,11 @@ import torch.nn.functional as F
 import kernels
 from state.errors import UserError
 
+
+class UnknownName(UserError, KeyError):
+    """A name that is not in a table (a preset): a UserError, and a KeyError for callers that catch that."""
+    __str__ = ValueError.__str__
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -94,18 +99,19 @@ class STConfig:
         assert self.mlp_norm in ("none", "layernorm"), self.mlp_norm
         assert self.residual in ("reference", "paper"), self.residual
         if self.anchor not in ("none", "pert_mean", "context_mean", "two_way", "auto", "additive", "crispr"):
-            raise ValueError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way, auto, "
+            raise UserError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way, auto, "
                              "additive, crispr")
         if self.mixer not in ("attention", "mean", "none"):
-            raise ValueError(f"mixer '{self.mixer}' not one of attention, mean, none")
+            raise UserError(f"mixer '{self.mixer}' not one of attention, mean, none")
         if self.anchor != "none" and self.n_out != self.n_in:
-            raise ValueError("an anchored output adds to the control cell: needs n_out == n_in")
+            raise UserError("an anchored output adds to the control cell: needs n_out == n_in")
 
     @classmethod
     def from_name(cls, name, **kw):
         name = ALIASES.get(name, name)
         if name not in PRESETS:
-            raise KeyError(f"unknown ST preset {name!r}; choose from {sorted(PRESETS) + sorted(ALIASES)}")
+            raise UnknownName(f"unknown ST preset {name!r} (--preset); choose from "
+                                  f"{sorted(PRESETS) + sorted(ALIASES)}")
         return cls(**{**PRESETS[name], **kw})
 
     def to_dict(self):
