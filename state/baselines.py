@@ -296,8 +296,10 @@ def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
       auto          per context, whichever of the three has the lowest cross-fitted mean squared error
                     on that context's own training perturbations (a context without any: two_way)
       additive      a combination 'A+B' (parts split on `sep`): delta[c,A] + delta[c,B] when every part
-                    has a training delta in c (Norman et al.'s additive model); otherwise, and for
-                    singles, two_way
+                    has a training delta in c (Norman et al.'s additive model); a single with a training
+                    delta in c: that delta itself (so a model anchored here learns no correction for the
+                    parts that it would add again on top of their sum in a double; only the doubles'
+                    non-additive residual); anything else: two_way
       fold          pert_mean transferred as fold changes: each other context c' moves gene g from m' to
                     m' + delta[c',p]; in c (control mean m) that fold change of the (expm1) expression gives
                     log1p(expm1(m) * (expm1(m' + delta) + e) / (expm1(m') + e)) - m, e = 0.1, averaged over
@@ -321,6 +323,9 @@ def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
         n_add = 0
         for p, name in enumerate(data.pert_names):
             ps = [code.get(q) for q in parts_of(name, sep)]
+            if len(ps) == 1 and p != data.control_code:  # a single: anchored on its own training delta
+                T[:, p] = np.where(H[:, p, None] > 0, D[:, p], T[:, p])
+                continue
             if len(ps) < 2 or None in ps:
                 continue
             for c in range(len(data.context_names)):
