@@ -260,8 +260,7 @@ def fit(argv):
     lr = C["lr"] if C["lr"] > 0 else (1e-3 if C["preset"] == "tiny" else 1e-5)
     if resume:
         cfg = SEConfig(**mc)
-        from safetensors.torch import load_file
-        sd = load_file(os.path.join(ck, "model.safetensors"))
+        sd = ckpt.load_weights(os.path.join(ck, "model.safetensors"), "embed.py fit")
         model = StateEmbedding(cfg, sd["emb"], genes)
         model.load_state_dict(sd)
     else:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from state import ckpt
 from state.config import configure
 from state.data import draw_controls
 from state.errors import UserError, die, need_space, output_file, run, stale_tmp
@@ -62,10 +63,9 @@ def read_meta(run, command="predict.py"):
 def load_run(run, device="cpu", guard=True):
     """-> (model in eval mode, meta dict). The model is rebuilt from meta.json's config; guard=False
     ignores a recorded correction strength (alpha 1: the correction as trained, an ablation)."""
-    from safetensors.torch import load_file
     meta = read_meta(run)
     cfg = STConfig.from_dict(meta["st"])
-    sd = load_file(os.path.join(run, "model.safetensors"))
+    sd = ckpt.load_weights(os.path.join(run, "model.safetensors"), "predict.py")
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
     model = StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table"))
     model.load_state_dict(sd)

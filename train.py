@@ -149,6 +149,9 @@ if amp and dev.type == "cpu":
 autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp)
 if not data or not split:
     die("train.py: --data=PREPARED_DIR and --split=split.json are required")
+bad_f = [k for k, v in train_cfg.items() if isinstance(v, float) and not math.isfinite(v)]
+if bad_f:
+    die(f"train.py: --{bad_f[0]}={train_cfg[bad_f[0]]} is not a finite number")
 for k, ok in (("batch_size", batch_size >= 1), ("max_steps", max_steps >= 1), ("grad_accum", grad_accum >= 1),
               ("lr", lr > 0), ("log_every", log_every >= 1), ("ckpt_every", ckpt_every >= 1),
               ("val_every", val_every >= 0), ("val_batches", val_batches >= 1), ("grad_clip", grad_clip >= 0)):
@@ -413,7 +416,6 @@ def save_checkpoint(step, val_loss):
 
 start = 0
 if resume:
-    from safetensors.torch import load_file
     ck = ckpt.latest(out)  # the last committed checkpoint: all its files are of one step
     meta, state = ckpt.read(ck, "train.py")
     if meta["data_checksum"] != D.checksum or meta["split_hash"] != split_hash:
@@ -443,16 +445,16 @@ if resume:
     elif ddp or ema:
         die(f"train.py: --resume{' with --ema' if ema else ''} needs a sharded checkpoint ({ck}/dcp/)")
     else:
-        raw.load_state_dict(load_file(os.path.join(ck, "model.safetensors")))
+        raw.load_state_dict(ckpt.load_weights(os.path.join(ck, "model.safetensors"), "train.py"))
         opt.load_state_dict(state["optimizer"])
     for g in opt.param_groups:  # the optimizer state carries the old values: this run's settings win
         g["weight_decay"] = weight_decay
     if ema_p is not None:
-        esd = load_file(os.path.join(ck, "ema.safetensors"))
+        esd = ckpt.load_weights(os.path.join(ck, "ema.safetensors"), "train.py")
         for n, e in zip(ema_names, ema_p):
             e.copy_(esd[n])
     if select == "support" and meta.get("best_step") is not None:
-        msd = load_file(os.path.join(ck, "model.safetensors"))
+        msd = ckpt.load_weights(os.path.join(ck, "model.safetensors"), "train.py")
         best.update(loss=meta["best_support_loss"], step=meta["best_step"], w=[msd[n] for n in ema_names])
         curve.extend(tuple(x) for x in meta.get("support_curve") or [])
     sampler.load_state_dict(state["sampler"])
@@ -464,6 +466,9 @@ if resume:
         print0(f"note: resuming a world-{len(rngs)} run at world {world}: data order continues, "
                "dropout RNG reseeded per rank")
     start = state["step"]
+    if start > max_steps:
+        die(f"train.py: --max_steps={max_steps} is below the checkpoint's step {start} in {out}; give "
+            f"--max_steps >= {start} (a run cannot go back: start a new one, or --init_from={out})")
     if master:
         ckpt.trim_log(os.path.join(out, "log.jsonl"), start)
     print0(f"resumed {out} at step {start}")

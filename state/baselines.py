@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from state.config import dashes
-from state.errors import UserError
+from state.errors import Parser, UserError
 from state.eval import BEST, evaluate, score
 from state.h5ad import H5AD, write_h5ad
 
@@ -555,7 +555,18 @@ def report(data, split, preds=None, out=None, profile="full", seed=0):
                                       for f in os.listdir(out)):
             raise UserError(f"state.baselines report: --pred {q} is inside --out={out}, where the report "
                             "writes its files; choose another --out")
-    os.makedirs(out, exist_ok=True)
+        with H5AD(q) as f:
+            if list(f.var_names()) != list(data.genes):
+                raise UserError(f"state.baselines report: --pred {q}: its genes differ from the prepared data's")
+    from state.errors import output_folder, staged_folder
+    output_folder(out, [], "state.baselines report")
+    with staged_folder(out) as d:  # every file or none: a failure half-way leaves --out as it was
+        return _report(data, split, preds, d, profile, seed)
+
+
+def _report(data, split, preds, out, profile, seed):
+    """report()'s work, into the staging folder `out`."""
+    from state.errors import UserError
     real = real_pair(data, split)
     genes = np.array(data.genes, dtype=object)
     realp = os.path.join(out, "real.h5ad")
@@ -604,7 +615,7 @@ def report(data, split, preds=None, out=None, profile="full", seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m state.baselines", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m state.baselines", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("report")
     r.add_argument("--data", required=True)

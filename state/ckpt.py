@@ -76,8 +76,8 @@ def lock(out, command="train.py"):
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[path] = fd
-    if made:
-        on_error(lambda: empty(out) and (os.remove(os.path.join(out, LOCK)), os.rmdir(out)))
+    if made:  # a run refused or failed before its first checkpoint leaves no folder behind
+        on_error(lambda: latest(out) is None and leftovers_only(out) and shutil.rmtree(out, ignore_errors=True))
 
 
 def empty(out):
@@ -193,6 +193,28 @@ def read(ck, command):
         raise UserError(f"{command}: {ck}/state.pt names the sharded checkpoint {state['dcp']!r}; only 'dcp' "
                         "inside the checkpoint folder is read")
     return meta, state
+
+
+def load_weights(path, command=""):
+    """A run's safetensors weights, checked: a damaged file (bad header, offsets past its end) or a
+    non-finite value in any tensor is a UserError naming the file and the tensor (predictions from NaN
+    weights would be NaN with exit 0). Safetensors never runs code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from state.errors import UserError
+    pre = f"{command}: " if command else ""
+    try:
+        sd = load_file(path)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise UserError(f"{pre}{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]}); the run "
+                        "folder is damaged: copy it again or train again") from None
+    import torch
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{pre}{path}: tensor '{k}' has NaN/Inf values; these weights cannot predict: "
+                            "use an earlier checkpoint or train again")
+    return sd
 
 
 def write(path, fn):

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from state.config import dashes
-from state.errors import UserError
+from state.errors import Parser, UserError
 from state.h5ad import H5AD, H5ADError, _hash_strings
 
 PERT_COLS = ("target_gene", "perturbation", "condition", "gene", "drugname_drugconc", "drug")
@@ -505,6 +505,19 @@ def _switch(stage, out, old):
         os.rename(stage, out)
         _fault("swap")
         return
+    # the user's own entries in the old folder (a split.json the README puts there, notes, runs) come
+    # along as hard links (no copy of the data): prepare replaces only its own files
+    mine = set(os.listdir(stage))
+    for e in os.listdir(out):
+        if e in mine or e.startswith(".nanostate"):
+            continue
+        src, dst = os.path.join(out, e), os.path.join(stage, e)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
     if _exchange(stage, out):
         _fault("swap")
         shutil.rmtree(stage)  # now the old folder
@@ -513,6 +526,13 @@ def _switch(stage, out, old):
     _fault("swap")
     os.rename(stage, out)
     shutil.rmtree(old)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links there
+        shutil.copy2(src, dst)
 
 
 def _check_out(out):
@@ -1274,6 +1294,7 @@ class Prepared:
                                 f"genes of {dt} ({want} bytes): truncated, or index.json belongs to another prepare")
         self._npy("codes.npy", (N, 4), "iu")
         self._npy("obs_names.npy", (N,), "S")
+        self._check_codes()
         hashes = ix.get("hashes")
         if hashes is not None and _checksum(ix) != self.checksum:
             raise self._bad("index.json", f"its checksum {self.checksum} does not match its content (edited after "
@@ -1283,6 +1304,24 @@ class Prepared:
             if hashes and os.path.getsize(self.dir / "sums.npy") <= 64 << 20:
                 self._verify_sums()
             self._cross_check(isz)
+
+    def _check_codes(self, budget=64 << 20):
+        """Every row's (context, perturbation, batch) codes in codes.npy against its group's in groups.npy:
+        all rows while the file is small (<= budget bytes: 4M cells), else each group's first and last row.
+        A code out of range or a row in the wrong group would give predictions wrong labels silently."""
+        T, C = self.group_table, self._map("codes.npy")
+        n = T[:, 4] - T[:, 3]
+        if C.nbytes <= budget:
+            want = np.repeat(T[:, :3], n, axis=0)  # (N, 3) the group's codes for every row
+            got = np.asarray(C[:, :3], np.int64)
+        else:
+            ends = np.concatenate([T[:, 3], T[:, 4] - 1])
+            want, got = np.concatenate([T[:, :3], T[:, :3]]), np.asarray(C[ends, :3], np.int64)
+        bad = (want != got).any(1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise self._bad("codes.npy", f"a row's codes {got[i].tolist()} (context, perturbation, batch) are not "
+                            f"its group's {want[i].tolist()} in groups.npy")
 
     def _verify_sums(self):
         h = self.index.get("hashes") or {}
@@ -1809,7 +1848,7 @@ class CellSampler:
 # CLI
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m state.data", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m state.data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="convert .h5ad file(s) into a prepared folder")
     p.add_argument("paths", nargs="+", help="input .h5ad files, globs or folders, then OUT_DIR")

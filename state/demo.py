@@ -21,6 +21,9 @@ import subprocess
 import sys
 import time
 
+from state.errors import Parser
+from state.errors import run as run_cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,7 +35,7 @@ def run(cmd):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m state.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/quickstart", help="work directory (a previous demo's is replaced)")
     ap.add_argument("--max_steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
@@ -64,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("python -m state.demo", main, None, __doc__)

@@ -171,7 +171,21 @@ def stage_checkpoint(out, step, model, opt, device):
     if dist.is_initialized():
         dist.barrier()
     d = ckpt.staging(out, step)
-    save_sharded(model, opt, os.path.join(d, "dcp"))
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        save_sharded(model, opt, os.path.join(d, "dcp"))
+    except (CheckpointException, OSError) as e:  # a full disk: the committed checkpoint stays as it was
+        if master:
+            ckpt.abandon(out, step)
+        fails = getattr(e, "failures", {}).values() if isinstance(e, CheckpointException) else [e]
+        for f in fails:
+            inner = f[0] if isinstance(f, tuple) else f
+            if isinstance(inner, OSError):
+                raise OSError(inner.errno, inner.strerror, d) from None
+            if isinstance(inner, RuntimeError) and "unexpected pos" in str(inner):  # torch's writer on ENOSPC
+                import errno
+                raise OSError(errno.ENOSPC, "a write stopped short (disk full?)", d) from None
+        raise
     if master:
         ckpt._done()
     sd = {k: v.detach().cpu().contiguous() for k, v in full_state_dict(model).items()}

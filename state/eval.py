@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from state.config import dashes
-from state.errors import UserError
+from state.errors import Parser, UserError, output_folder, staged_folder
 from state.h5ad import H5AD
 
 FDR = 0.05
@@ -878,7 +878,7 @@ def plot(per, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m state.eval", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m state.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pred", required=True)
     ap.add_argument("--real", required=True)
     ap.add_argument("--pert_col", default="target_gene")
@@ -895,15 +895,17 @@ def main(argv=None):
     for f in (a.pred, a.real):
         if not os.path.isfile(f):
             raise UserError(f"python -m state.eval: {f}: no such file; check --pred/--real")
-    per, agg = evaluate(a.pred, a.real, a.pert_col, a.control, a.context_col, a.profile,
-                        a.pseudobulk, a.allow_discrete, out=a.out, threads=a.threads)
+    output_folder(a.out, [os.path.dirname(os.path.abspath(a.pred))], "python -m state.eval")
+    with staged_folder(a.out) as d:  # every file or none: a failure leaves --out as it was
+        per, agg = evaluate(a.pred, a.real, a.pert_col, a.control, a.context_col, a.profile,
+                            a.pseudobulk, a.allow_discrete, out=d, threads=a.threads)
+        png = plot(per, os.path.join(d, "metrics.png"))
     print(report(per, agg))
     if a.baseline_agg:
         s, avg = score(agg, read_csv_table(a.baseline_agg))
         print(f"VCC-2025 score vs baseline: {100 * avg:.2f} " +
               " ".join(f"{k}={v:.3f}" for k, v in s.items()))
-    png = plot(per, os.path.join(a.out, "metrics.png"))
-    print(f"wrote {a.out}/results.csv, agg_results.csv" + (f", {png}" if png else ""))
+    print(f"wrote {a.out}/results.csv, agg_results.csv" + (", metrics.png" if png else ""))
     return per, agg
 
 

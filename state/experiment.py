@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from state.config import dashes
-from state.errors import UserError
+from state.errors import Parser, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -477,7 +477,7 @@ def compare(outs, cache, metrics=("pearson_delta", "mae", "discrimination_score_
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m state.experiment", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m state.experiment", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--tasks", default=",".join(t for t, v in TASKS.items() if v[2] == "choose"))

@@ -560,11 +560,11 @@ def write_h5ad(path, X, obs_names, var_names, obs=None, var=None, obsm=None, uns
     try:
         with h5py.File(tmp, "w") as f:
             _write_file(f, n, g, X, stream, obs_names, var_names, obs, var, obsm, uns, layers)
+        os.replace(tmp, path)  # atomic: a crashed write never leaves a half file at `path`
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    os.replace(tmp, path)  # atomic: a crashed write never leaves a half file at `path`
 
 
 def _write_file(f, n, g, X, stream, obs_names, var_names, obs, var, obsm, uns, layers):

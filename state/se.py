@@ -567,7 +567,6 @@ def load_model(ckpt, device="cpu"):
     """-> (StateEmbedding in eval mode with dropout 0, meta). `ckpt`: a run directory."""
     import json
 
-    from safetensors.torch import load_file
     mp = os.path.join(ckpt, "meta.json")
     wp = os.path.join(ckpt, "model.safetensors")
     for p in (mp, wp):
@@ -576,7 +575,8 @@ def load_model(ckpt, device="cpu"):
     meta = json.load(open(mp))
     if meta.get("kind") != "nanostate-se":
         raise UserError(f"{ckpt}: not an SE checkpoint (meta.json kind={meta.get('kind')!r})")
-    sd = load_file(wp)
+    from state.ckpt import load_weights
+    sd = load_weights(wp)
     legacy = {"d": "d_model", "out": "d_out"}  # field names of the first checkpoints
     c = {legacy.get(k, k): v for k, v in meta["config"].items() if k != "k"}
     c["dropout"] = 0.0  # inference: no dropout (the reference forgot this in SDPA)

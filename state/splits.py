@@ -29,7 +29,7 @@ import numpy as np
 
 from state.config import dashes
 from state.data import Prepared, Rows, hkey
-from state.errors import UserError
+from state.errors import Parser, UserError
 from state.st import check_combo_labels, parts_of
 
 
@@ -120,6 +120,19 @@ def check_fields(d, where):
     if "counts" in d and not (isinstance(d["counts"], dict) and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in d["counts"].values())):
         bad("counts", f"is {_kind(d['counts'])}; it must be {FIELDS['counts'][1]} (integers >= 0)")
+
+
+def _write_atomic(path, text):
+    """Write text to path through a temp file and a rename: a failed write leaves no half file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 @dataclass
@@ -289,7 +302,7 @@ class Split:
                  combo_sep=self.combo_sep)
         if self._parts:
             d["counts"] = {k: len(v) for k, v in self._parts.items()}
-        Path(path).write_text(json.dumps(d, indent=1))
+        _write_atomic(path, json.dumps(d, indent=1))
         return path
 
     @classmethod
@@ -329,7 +342,7 @@ class Split:
                 ps = [p for cc, p in self.test_groups if cc == c]
                 lines += [f"[fewshot.{q(dataset + '.' + c)}]", "val = []",
                           "test = [" + ", ".join(q(p) for p in ps) + "]", ""]
-        Path(path).write_text("\n".join(lines))
+        _write_atomic(path, "\n".join(lines))
         return path
 
 
@@ -544,7 +557,7 @@ def read_toml(path, data, val_frac=0.1, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m state.splits", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m state.splits", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make")
     m.add_argument("--data", required=True); m.add_argument("--task", default="fewshot")
@@ -582,7 +595,12 @@ def main(argv=None):
         else:
             s = Split.load(a.split).validate(data)
         print(s.report(data))
-        if a.cmd != "report":
+        if a.cmd != "report":  # never over an input, a prepared folder's or a run's own files
+            from state.errors import output_file
+            ins = [getattr(a, k, None) for k in ("toml", "split", "pert_features")]
+            output_file(a.out, ins, f"python -m state.splits {a.cmd}")
+            if a.cmd == "make":
+                output_file(str(Path(a.out).with_suffix(".toml")), ins, f"python -m state.splits {a.cmd}")
             s.save(a.out)
             print(f"wrote {a.out}")
             if a.cmd == "make":

@@ -25,6 +25,7 @@ where E_V = 2/(NM) sum|x-y| - 1/N^2 sum|x-x'| - 1/M^2 sum|y-y'| is the textbook 
 sets on the target's set mean (E is translation invariant; centring keeps the Gram trick accurate).
 """
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -88,16 +89,31 @@ class STConfig:
                                 # token, the paper's ablation) | none (cells are independent)
 
     def __post_init__(self):
+        bad = [f"{k}={getattr(self, k)!r} (needs {rule})" for k, ok, rule in (
+            ("hidden", self.hidden >= 1, ">= 1"), ("n_heads", self.n_heads >= 1, ">= 1"),
+            ("head_dim", self.head_dim >= 0, ">= 0; 0 = hidden / n_heads"), ("ff", self.ff >= 0, ">= 0"),
+            ("n_layers", self.n_layers >= 0, ">= 0"), ("n_enc", self.n_enc >= 1, ">= 1"),
+            ("n_dec", self.n_dec >= 1, ">= 1"), ("set_size", self.set_size >= 1, ">= 1"),
+            ("mlp_dropout", 0 <= self.mlp_dropout < 1, "0 <= p < 1"), ("norm_eps", self.norm_eps > 0, "> 0"),
+            ("init_std", self.init_std > 0, "> 0"), ("energy_scale", self.energy_scale > 0, "> 0"),
+            ("decoder_weight", self.decoder_weight >= 0, ">= 0"),
+            ("confidence_weight", self.confidence_weight >= 0, ">= 0"),
+            ("decoder_hidden", all(h >= 1 for h in self.decoder_hidden), "widths >= 1"),
+            ("mlp_norm", self.mlp_norm in ("none", "layernorm"), "none or layernorm"),
+            ("residual", self.residual in ("reference", "paper"), "reference or paper"))
+            if not ok or (isinstance(getattr(self, k), float) and not math.isfinite(getattr(self, k)))]
+        if self.head_dim == 0 and self.n_heads >= 1 and self.hidden % self.n_heads:
+            bad.append(f"hidden={self.hidden} with n_heads={self.n_heads} (hidden must divide by n_heads when "
+                       "head_dim=0, or give head_dim)")
+        if bad:
+            raise UserError(f"model settings out of range: {'; '.join(bad)}")
         if self.head_dim == 0:
-            assert self.hidden % self.n_heads == 0, "hidden must divide by n_heads when head_dim=0"
             self.head_dim = self.hidden // self.n_heads
         if self.ff == 0:
             self.ff = 4 * self.hidden
         if self.n_out == 0:
             self.n_out = self.n_in
         self.decoder_hidden = tuple(self.decoder_hidden)
-        assert self.mlp_norm in ("none", "layernorm"), self.mlp_norm
-        assert self.residual in ("reference", "paper"), self.residual
         if self.anchor not in ("none", "pert_mean", "context_mean", "two_way", "auto", "additive", "crispr"):
             raise UserError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way, auto, "
                              "additive, crispr")
@@ -421,7 +437,6 @@ def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=F
     whose shape differs outside those parts is an error naming it (skip=True: left at its init). Prints a
     table of loaded / re-initialised / skipped tensors; returns a note for meta.json."""
     import json
-    from safetensors.torch import load_file
     bad = [r for r in reinit if r not in ("pert", "decoder")]
     if bad:
         raise UserError(f"--reinit {bad}: choose from pert, decoder")
@@ -446,11 +461,8 @@ def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=F
     if "st" not in meta:
         raise UserError(f"--init_from={run}: its meta.json has no 'st' config: not an ST run of train.py; "
                         f"give {what}")
-    try:
-        src = load_file(wp)
-    except Exception as e:
-        raise UserError(f"--init_from={run}: cannot read model.safetensors ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:200]}); give {what}") from None
+    from state.ckpt import load_weights
+    src = load_weights(wp, f"--init_from={run}")
     why = {}
     if "pert" in reinit:
         why["pert"] = "asked"

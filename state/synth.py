@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from state.config import dashes
+from state.errors import Parser, UserError, output_file
 from state.h5ad import _attrs, _write_df, _write_uns
 
 
@@ -31,7 +32,7 @@ def make_synthetic(path, n_cells=3600, n_genes=200, n_perts=12, n_contexts=3, se
     rng = np.random.default_rng(seed)
     G, P, K = n_genes, n_perts, n_contexts
     if P > G:
-        raise ValueError(f"n_perts {P} > n_genes {G}: perturbations are named after genes of the panel")
+        raise UserError(f"n_perts {P} > n_genes {G}: perturbations are named after genes of the panel")
     genes = np.array([f"GENE{g:04d}" for g in range(G)])
     perts = np.array(["control"] + genes[:P].tolist())
     ctxs = np.array([f"ctx{chr(65 + k)}" if K <= 26 else f"ctx{k}" for k in range(K)])
@@ -96,7 +97,7 @@ def make_synthetic(path, n_cells=3600, n_genes=200, n_perts=12, n_contexts=3, se
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m state.synth", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m state.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("--n_cells", type=int, default=3600); ap.add_argument("--n_genes", type=int, default=200)
     ap.add_argument("--n_perts", type=int, default=12); ap.add_argument("--n_contexts", type=int, default=3)
@@ -104,6 +105,13 @@ def main(argv=None):
     ap.add_argument("--counts", action="store_true", help="X holds raw counts instead of log1p")
     ap.add_argument("--compression", choices=["gzip", "lzf"], default=None)
     a = ap.parse_args(dashes(argv))
+    small = min(a.n_cells, a.n_genes - 1, a.n_perts, a.n_contexts, a.n_batches)
+    if small < 1 or a.n_cells < 2 * (a.n_perts + 1) * a.n_contexts:
+        raise UserError(f"python -m state.synth: give n_genes >= 2, n_perts, n_contexts, n_batches >= 1 and n_cells "
+                        f">= 2 x (n_perts + 1) x n_contexts = {2 * (a.n_perts + 1) * a.n_contexts} (every group gets "
+                        "cells); got " + ", ".join(f"{k}={getattr(a, k)}" for k in
+                                                    ("n_cells", "n_genes", "n_perts", "n_contexts", "n_batches")))
+    output_file(a.out, [], "python -m state.synth", flag="OUT")
     t = make_synthetic(a.out, a.n_cells, a.n_genes, a.n_perts, a.n_contexts, a.seed, a.counts, a.n_batches,
                        a.compression)
     print(f"wrote {a.out}: {t['n_cells']} cells x {a.n_genes} genes, {a.n_contexts} contexts x "
