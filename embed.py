@@ -177,9 +177,7 @@ def fit(argv):
         if master:
             ckpt.clear(out)
         C["resume"] = False
-    meta_old, st = ckpt.read(ck, "embed.py fit") if C["resume"] else (None, None)
-    if C["resume"] and meta_old.get("preset") is None:
-        die(f"embed.py fit: {out} is not an SE run (its meta.json has no SE preset)")
+    meta_old, st = ckpt.read(ck, "embed.py fit", "preset", "an SE run") if C["resume"] else (None, None)
     print0(f"fit config: {json.dumps(C)} model overrides: {mkw}")
     resume = C["resume"]
 
@@ -542,7 +540,12 @@ def transform(argv):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """The CLI (argv None: this process's own arguments); a user's mistake is one line, exit 2 (a
+    library caller gets a SystemExit carrying the line)."""
+    return run("embed.py", _main, argv, __doc__)
+
+
+def _main(argv):
     if not argv or argv[0] not in ("fit", "transform"):
         die(f"embed.py: {'unknown command ' + repr(argv[0]) if argv else 'no command'}; usage: "
             "embed.py fit|transform --key=value ... (embed.py --help)")
@@ -550,6 +553,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run("embed.py", main, None, __doc__)
+    main()
     from state.dist import quiet_exit
     quiet_exit(0)

@@ -417,7 +417,7 @@ def save_checkpoint(step, val_loss):
 start = 0
 if resume:
     ck = ckpt.latest(out)  # the last committed checkpoint: all its files are of one step
-    meta, state = ckpt.read(ck, "train.py")
+    meta, state = ckpt.read(ck, "train.py", "st", "an ST run of train.py")
     if meta["data_checksum"] != D.checksum or meta["split_hash"] != split_hash:
         die("train.py: --resume with a different dataset or split than the run was trained on")
     if meta["st"] != cfg.to_dict():

@@ -167,10 +167,11 @@ def write_text(path, text):
         f.write(text)
 
 
-def read(ck, command):
+def read(ck, command, need=None, what=None):
     """(meta, state) of a committed checkpoint folder, checked: both files there, meta.json valid JSON
-    of the same step as state.pt (loaded without unpickling anything but plain data), the sharded part
-    inside the folder."""
+    (holding the key `need`: "st" for train.py's runs, "preset" for embed.py's; else "not <what>") of the
+    same step as state.pt (loaded without unpickling anything but plain data), the sharded part inside
+    the folder."""
     import json
 
     from state.dist import load_state
@@ -185,6 +186,9 @@ def read(ck, command):
     except (ValueError, AssertionError):
         raise UserError(f"{command}: {ck}/meta.json is not a run's meta.json (not JSON, or no step); "
                         "it was edited or damaged: start a new run") from None
+    if need and meta.get(need) is None:
+        raise UserError(f"{command}: {os.path.dirname(ck)} is not {what} (its meta.json has no '{need}'); "
+                        "check --out")
     state = load_state(os.path.join(ck, "state.pt"))
     if not isinstance(state, dict) or state.get("step") != meta["step"]:
         raise UserError(f"{command}: {ck}: meta.json is at step {meta['step']} but state.pt at step "
@@ -207,8 +211,9 @@ def load_weights(path, command=""):
     try:
         sd = load_file(path)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise UserError(f"{pre}{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]}); the run "
-                        "folder is damaged: copy it again or train again") from None
+        raise UserError(f"{pre}cannot read {os.path.basename(path)} ({path}: not a readable safetensors file: "
+                        f"{(str(e).splitlines() or [''])[0][:160]}); the run folder is damaged: copy it again or "
+                        "train again") from None
     import torch
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():

@@ -81,7 +81,7 @@ def load_state(path):
     except Exception as e:  # pickle.UnpicklingError and friends
         from state.errors import die
         die(f"{path}: not a plain state file (tensors, numbers, strings only); refusing to "
-                         f"unpickle it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                         f"unpickle it ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
 
 
 def compute_cleanup():

@@ -147,7 +147,7 @@ def run(command, main, argv=None, doc=None):
         return main(args)
     except (UserError, OSError) as e:
         m = message(command, e)
-        if m is None:
+        if m is None or (not _hard and not isinstance(e, UserError)):  # a library caller keeps OS errors
             raise
         print(m, file=sys.stderr, flush=True)
         if _hard:
