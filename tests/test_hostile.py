@@ -381,3 +381,125 @@ def test_mistakes_are_one_line(synth, trained, tmp_path):
     assert not (tmp_path / "x").exists()  # a refused run leaves no folder behind
     r = run_script(*train_args(d, tmp_path / "big", 1, "--set_size=4096"))
     assert "larger than every perturbed group" in r.stdout
+
+
+# --- round 2 (a hostile tester's 90 cases against the fixes above): the classes it found ------------
+
+def test_outputs_never_name_a_prepared_or_run_folders_own_files(synth, trained, tmp_path):
+    """`splits make --out=DATA/index.json` replaced the data's index with a split (exit 0)."""
+    data = tmp_path / "prep"
+    shutil.copytree(synth / "prep", data)
+    before = (data / "index.json").read_bytes()
+    r = run_script("-m", "state.splits", "make", f"--data={data}", "--task=zeroshot", "--context=ctxA",
+                   f"--out={data / 'index.json'}", ok=False)
+    one_line(r, "is a file of the prepared folder")
+    assert (data / "index.json").read_bytes() == before and not (data / "index.toml").exists()
+    from state.errors import UserError, output_file
+    for p in (trained / "meta.json", trained / "state.pt", trained / "ckpt" / "x.h5ad"):
+        with pytest.raises(UserError, match="run folder|checkpoint"):
+            output_file(str(p), [], "t")
+    output_file(str(data / "split.json"), [], "t")  # the README's place for a split stays allowed
+
+
+def test_reprepare_keeps_the_users_files(synth, tmp_path):
+    """Re-preparing a folder swapped it whole and deleted the split.json the README puts there."""
+    from state.data import prepare
+    data = tmp_path / "prep"
+    shutil.copytree(synth / "prep", data)
+    shutil.copy(synth / "split.json", data / "split.json")
+    (data / "notes").mkdir()
+    (data / "notes" / "a.txt").write_text("mine")
+    prepare([str(synth / "s.h5ad")], data, pert_col="perturbation", control="control", context_col="cell_type",
+            batch_col="batch")
+    assert (data / "split.json").read_bytes() == (synth / "split.json").read_bytes()
+    assert (data / "notes" / "a.txt").read_text() == "mine"
+
+
+def test_codes_out_of_their_group_are_refused_at_open(synth, tmp_path):
+    from state.data import Prepared
+    from state.errors import UserError
+    data = tmp_path / "prep"
+    shutil.copytree(synth / "prep", data)
+    c = np.load(data / "codes.npy")
+    c[5, 1] = 99
+    np.save(data / "codes.npy", c)
+    with pytest.raises(UserError, match="codes.npy: a row's codes"):
+        Prepared(data)
+
+
+def test_damaged_or_nan_weights_are_refused(synth, trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+    run = tmp_path / "r"
+    shutil.copytree(trained, run, symlinks=False)
+    sd = load_file(run / "model.safetensors")
+    k = next(iter(sd))
+    sd[k] = torch.full_like(sd[k], float("nan"))
+    save_file(sd, str(run / "model.safetensors"))
+    d = synth
+    test = ["predict.py", "test", f"--run={run}", f"--data={d / 'prep'}", f"--split={d / 'split.json'}",
+            f"--out={tmp_path / 't'}"]
+    one_line(run_script(*test, ok=False), f"tensor '{k}' has NaN/Inf")
+    (run / "model.safetensors").write_bytes(b"\xff" * 64)
+    one_line(run_script(*test, ok=False), "cannot read model.safetensors")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("opt", ["--mlp_dropout=2", "--n_heads=3", "--hidden=0", "--set_size=0", "--head_dim=-4",
+                                 "--anchor=bogus", "--mixer=bogus", "--mapping=bogus", "--lr=1e400"])
+def test_bad_settings_are_one_line_and_leave_no_folder(synth, tmp_path, opt):
+    r = run_script(*train_args(synth, tmp_path / "x", 4, opt), ok=False)
+    one_line(r, opt.split("=")[0].lstrip("-"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_diverging_run_and_resume_below_the_checkpoint(synth, trained, tmp_path):
+    r = run_script(*train_args(synth, tmp_path / "x", 6, "--lr=1e30", "--grad_clip=0"), ok=False)
+    one_line(r, "not finite")
+    assert not (tmp_path / "x").exists()  # no checkpoint was ever committed: no folder left behind
+    run = tmp_path / "r"
+    shutil.copytree(trained, run, symlinks=True)
+    one_line(run_script(*train_args(synth, run, 4, "--resume"), ok=False), "below the checkpoint's step 8")
+
+
+def test_full_disk_in_the_sharded_save(synth, tmp_path):
+    """ENOSPC inside DCP's writer (wrapped by DCP in its own exception): one line, the staging folder
+    removed, and a run that never committed leaves no folder."""
+    out = tmp_path / "r"
+    code = ("import errno, runpy, sys\n"
+            "import torch.distributed.checkpoint as dcp\n"
+            "def full(*a, **k):\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "dcp.save = full\n"
+            f"sys.argv = {train_args(synth, out, 4)!r}\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    one_line(r, "No space left on device", "free space")
+    assert not out.exists()
+
+
+def test_eval_and_report_write_every_file_or_none(synth, trained, tmp_path, monkeypatch):
+    from state import eval as E
+    from state.errors import Refused
+    d = synth
+    run_script("predict.py", "test", f"--run={trained}", f"--data={d / 'prep'}", f"--split={d / 'split.json'}",
+               f"--out={tmp_path / 't'}")
+    real_plot = E.plot
+
+    def fails(*a, **k):  # the last file of the results fails to write (a full disk)
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ev" / "metrics.png"))
+    monkeypatch.setattr(E, "plot", fails)
+    args = [f"--pred={tmp_path / 't' / 'pred.h5ad'}", f"--real={tmp_path / 't' / 'real.h5ad'}",
+            "--pert_col=perturbation", "--control=control", f"--out={tmp_path / 'ev'}", "--profile=minimal"]
+    with pytest.raises(OSError):
+        E.main(args)
+    assert not (tmp_path / "ev").exists() and not any(".tmp" in f for f in os.listdir(tmp_path))
+    monkeypatch.setattr(E, "plot", real_plot)
+    E.main(args)
+    assert (tmp_path / "ev" / "results.csv").exists()
+    r = run_script("-m", "state.synth", str(tmp_path), ok=False)  # a folder as OUT: refused, no temp file
+    one_line(r, "is a folder")
+    assert not any(".tmp" in f for f in os.listdir(tmp_path.parent))
+    one_line(run_script("-m", "state.demo", "--bogus", ok=False), "unrecognized arguments")
+    assert isinstance(Refused("x"), SystemExit)
