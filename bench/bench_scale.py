@@ -42,6 +42,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from state.config import configure  # noqa: E402
+from state.errors import guard  # noqa: E402
+
+guard("bench/bench_scale.py", __doc__)
 
 dir = "/tmp/nsscale"     # work folder (synthetic files and prepared folders are kept for reruns)
 sizes = "250000,2000000,10000000"

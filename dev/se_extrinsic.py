@@ -51,4 +51,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from state.errors import run
+    run("dev/se_extrinsic.py", main, None, __doc__)

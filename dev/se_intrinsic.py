@@ -101,4 +101,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from state.errors import run
+    run("dev/se_intrinsic.py", main, None, __doc__)

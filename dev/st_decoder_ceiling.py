@@ -17,7 +17,10 @@ from predict import load_run  # noqa: E402
 from state.config import configure  # noqa: E402
 from state.h5ad import H5AD, write_h5ad  # noqa: E402
 
+from state.errors import guard  # noqa: E402
+
 cfg = {"run": "", "test": "", "out": ""}
+guard("dev/st_decoder_ceiling.py", __doc__)
 configure(sys.argv[1:], cfg)
 model, meta = load_run(cfg["run"])
 assert model.decoder is not None, "the run has no gene decoder"

@@ -15,7 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from state import baselines as bl  # noqa: E402
 from state import experiment as X  # noqa: E402
 from state.data import Prepared  # noqa: E402
+from state.errors import guard  # noqa: E402
 from state.splits import Split  # noqa: E402
+
+guard("dev/zeroshot_transfer.py", __doc__)
 
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
 cache = os.path.abspath(args.get("cache", "runs/exp/data"))
