@@ -362,7 +362,9 @@ def test_ensemble_members_compared_by_name(synth, trained, tmp_path):
 
 @pytest.mark.parametrize("cmd", [["train.py"], ["predict.py"], ["embed.py"], ["-m", "state.data"],
                                  ["-m", "state.splits"], ["-m", "state.baselines"], ["-m", "state.eval"],
-                                 ["-m", "state.experiment"], ["-m", "state.synth"], ["-m", "state.demo"]])
+                                 ["-m", "state.experiment"], ["-m", "state.synth"], ["-m", "state.demo"],
+                                 ["bench/bench_scale.py"], ["bench/bench_train.py"], ["dev/se_intrinsic.py"],
+                                 ["dev/zeroshot_transfer.py"], ["dev/st_decoder_ceiling.py"]])
 def test_help_everywhere(cmd):
     r = run_script(*cmd, "--help", ok=False)
     assert r.returncode == 0 and len(r.stdout) > 100 and "Traceback" not in r.stderr, (cmd, r.stderr[-1000:])
