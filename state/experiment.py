@@ -516,7 +516,7 @@ def main(argv=None):
                             "give the --out of a `python -m state.experiment run`")
     if a.cmd == "table":
         print(table(os.path.abspath(a.out), os.path.abspath(a.cache)))
-    else:
+    elif a.cmd == "compare":
         print(compare([os.path.abspath(o) for o in a.outs], os.path.abspath(a.cache), a.metrics.split(",")))
     return 0
 
