@@ -159,7 +159,7 @@ ALIASES = {"state": "default", "state_sm": "small", "state_lg": "paper", "paper_
 # README "Results"): the model fields, and the training settings train.py takes as defaults for it
 PRESETS["cpu"] = dict(PRESETS["tiny"], hidden=128, n_layers=4, set_size=32, anchor="auto")
 TRAIN_DEFAULTS = {"cpu": dict(lr=1e-3, control_sets=False, batch_size=16, max_steps=2000, schedule="cosine",
-                              warmup=100, ema=0.999, select="support")}
+                              warmup=100, ema=0.999, select="support", guard="0,0.25,0.5,0.75,1")}
 
 # -----------------------------------------------------------------------------
 # perturbation features
