@@ -52,6 +52,13 @@ def trained(synth, tmp_path_factory):
     return out
 
 
+def train_patched(patch, argv):
+    """train.py as a user runs it, with `patch` (Python source: a fault injected into torch) run first."""
+    code = "import errno, runpy, sys, torch\n" + patch + f"sys.argv = {argv!r}\nrunpy.run_path('train.py', run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+
+
 def log(out):
     return [json.loads(l) for l in open(Path(out) / "log.jsonl")]
 
@@ -171,17 +178,12 @@ def test_failed_save_leaves_the_committed_checkpoint(synth, trained, tmp_path, m
     ckpt.abandon(str(run), 12)
     assert os.readlink(run / "ckpt") == committed and not any(f.endswith(".tmp") for f in os.listdir(run))
     # the training script removes its staging folder when a write fails (ENOSPC simulated in the child)
-    code = ("import builtins, errno, os, runpy, sys, torch\n"
-            "real = torch.save\n"
-            "def full(obj, f, *a, **k):\n"
-            "    if isinstance(f, str) and f.endswith('state.pt'):\n"
-            "        raise OSError(errno.ENOSPC, 'No space left on device', f)\n"
-            "    return real(obj, f, *a, **k)\n"
-            "torch.save = full\n"
-            f"sys.argv = {train_args(synth, run, 12, '--resume')!r}\n"
-            "runpy.run_path('train.py', run_name='__main__')\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    r = train_patched("real = torch.save\n"
+                      "def full(obj, f, *a, **k):\n"
+                      "    if isinstance(f, str) and f.endswith('state.pt'):\n"
+                      "        raise OSError(errno.ENOSPC, 'No space left on device', f)\n"
+                      "    return real(obj, f, *a, **k)\n"
+                      "torch.save = full\n", train_args(synth, run, 12, "--resume"))
     one_line(r, "No space left on device", "free space")
     assert os.readlink(run / "ckpt") == committed
     assert not any(f.endswith(".tmp") for f in os.listdir(run)), os.listdir(run)
@@ -467,15 +469,11 @@ def test_full_disk_in_the_sharded_save(synth, tmp_path):
     """ENOSPC inside DCP's writer (wrapped by DCP in its own exception): one line, the staging folder
     removed, and a run that never committed leaves no folder."""
     out = tmp_path / "r"
-    code = ("import errno, runpy, sys\n"
-            "import torch.distributed.checkpoint as dcp\n"
-            "def full(*a, **k):\n"
-            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "dcp.save = full\n"
-            f"sys.argv = {train_args(synth, out, 4)!r}\n"
-            "runpy.run_path('train.py', run_name='__main__')\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    r = train_patched("import torch.distributed.checkpoint as dcp\n"
+                      "from torch.distributed.checkpoint.api import CheckpointException\n"
+                      "def full(*a, **k):  # what DCP raises when a rank's write fails\n"
+                      "    raise CheckpointException('save', {0: (OSError(errno.ENOSPC, 'No space left on device'), None)})\n"
+                      "dcp.save = full\n", train_args(synth, out, 4))
     one_line(r, "No space left on device", "free space")
     assert not out.exists()
 
