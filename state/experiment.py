@@ -306,8 +306,9 @@ def collect(out, cache):
     cfg = json.load(open(os.path.join(out, "protocol.json")))
     res = {}
     for t in cfg["tasks"]:
-        st = [json.load(open(os.path.join(out, t, f"s{s}", "scores.json"))) for s in cfg["seeds"]
-              if os.path.exists(os.path.join(out, t, f"s{s}", "scores.json"))]
+        st = [dict(json.load(open(os.path.join(out, t, f"s{s}", "scores.json"))),
+                   anchor=json.load(open(os.path.join(out, t, f"s{s}", "meta.json")))["st"].get("anchor", "none"))
+              for s in cfg["seeds"] if os.path.exists(os.path.join(out, t, f"s{s}", "scores.json"))]
         bl = [json.load(open(os.path.join(cache, f"{t}_baselines_s{s}.json"))) for s in cfg["seeds"]]
         ens = os.path.join(out, t, "ensemble", "scores.json")
         groups = json.load(open(os.path.join(cache, f"{t}.json")))["test_groups"]
@@ -383,20 +384,25 @@ def targets(rows):
     return res
 
 
+ANCHOR_BASELINE = {"auto": "auto_shift", "two_way": "two_way", "pert_mean": "perturbation_mean",
+                   "context_mean": "context_mean", "additive": "additive", "crispr": "crispr_shift"}
+
+
 def anchor_block(t, r):
-    """ST against its own anchor (the auto baseline, what --anchor=auto starts from) and, for guarded
-    runs, against the same weights at full correction (alpha 1): paired per seed; alpha and the kept
-    step per seed; predicted vs real DE genes beside DE overlap."""
+    """ST against its own anchor (the baseline of the shift it starts from: --anchor=auto -> auto, ...)
+    and, for guarded runs, against the same weights at full correction (alpha 1): paired per seed; alpha
+    and the kept step per seed; predicted vs real DE genes beside DE overlap."""
     st, bl = r["st"], r["bl"][:len(r["st"])]
-    if not st or "auto_shift" not in bl[0]:
+    kind = ANCHOR_BASELINE.get(st[0].get("anchor", "auto")) if st else None
+    if not st or kind not in bl[0]:
         return []
     K = len(st)
     sd = (lambda v: float(np.nanstd(v, ddof=1)) if K > 1 else 0.0)
-    lines = ["", "| vs anchor | anchor (auto) | ST | ST - anchor (sd) | wins" +
+    lines = ["", f"| vs anchor | anchor ({SHORT[kind]}) | ST | ST - anchor (sd) | wins" +
              (" | ST alpha=1 | ST - alpha=1 (sd)" if "unguarded" in st[0] else "") + " |",
              "|---|---|---|---|---|" + ("---|---|" if "unguarded" in st[0] else "")]
     for m in ("pearson_delta", "mae", "overlap_at_N", "de_nsig_counts_pred"):
-        a = np.array([b["auto_shift"].get(m, np.nan) for b in bl], float)
+        a = np.array([b[kind].get(m, np.nan) for b in bl], float)
         s = np.array([x.get(m, np.nan) for x in st], float)
         sign = -1 if m in LOWER else 1
         d = s - a
@@ -406,7 +412,7 @@ def anchor_block(t, r):
             u = np.array([x["unguarded"].get(m, np.nan) for x in st], float)
             row += f" | {np.nanmean(u):.4f} | {np.nanmean(s - u):+.4f} ({sd(s - u):.4f})"
         lines.append(row + " |")
-    real = np.nanmean([b["auto_shift"].get("de_nsig_counts_real", np.nan) for b in bl])
+    real = np.nanmean([b[kind].get("de_nsig_counts_real", np.nan) for b in bl])
     lines.append(f"\nreal DE genes per perturbation: {real:.1f}; kept step per seed: "
                  f"{[x.get('best_step') for x in st]}" + (f"; alpha per seed: {[x.get('alpha') for x in st]}"
                                                            if "alpha" in st[0] else ""))
