@@ -3,6 +3,7 @@ The multi-seed protocol: does ST beat the simple baselines by more than seed noi
 
     python -m state.experiment run --recipe="--preset=cpu" --seeds=0,1,2 --out=runs/exp/cpu
     python -m state.experiment run --tasks=pap_rep1,kang_cd14 --recipe="--preset=tiny --lr=1e-3" --out=..
+    python -m state.experiment run --tasks=all --recipe="--preset=cpu" --out=runs/exp/all   # every task type
     python -m state.experiment table runs/exp/cpu            # reprint the table from saved scores
     python -m state.experiment compare runs/exp/a runs/exp/b  # recipes side by side (key metrics)
 
@@ -33,9 +34,9 @@ Tasks (choose recipes on the `choose` ones; the `check` ones are kept for indepe
   pap_rep3  Papalexi few-shot, rep_3 held out, 30% of its KOs train          check
   kang_b, kang_cd4, kang_cd8, kang_fcgr3a: Kang zero-shot, each other cell type held out (zero-shot magnitude)
   norman_combo  Norman19 K562 CRISPRa, the doubles whose singles were measured held out (combo; the
-            additive baseline joins; train with --combos=+)
-  pap_unseen  Papalexi, IFNGR2/JAK2/STAT1 held out in every replicate (unseen; train with
-            --pert_features=pca --missing_pert_features=zero)
+            additive baseline joins; trained with --combos=+ --anchor=additive, TASK_FLAGS)
+  pap_unseen  Papalexi, IFNGR2/JAK2/STAT1 held out in every replicate (unseen; trained with
+            --pert_features=pca --missing_pert_features=zero --anchor=context_mean, TASK_FLAGS)
 With --ensemble each task also gets the seed ensemble (predict.py test --run=s0,s1,s2), scored once.
 Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
 """
@@ -70,6 +71,11 @@ DATASETS = {  # name -> (file, prepare options)
                 "--keep", "cell_type=k562"]),
 }
 GBM_SUPPORT = "MAP2K3,MAP2K6,MAP3K21"
+# what a task type needs from train.py beyond the recipe (appended to it; the recipe may override them):
+# combinations read their parts and start from the additive model, unseen perturbations need features
+# and start from the context mean (the measured anchors of each type: dev/LOG.md, "Science III")
+TASK_FLAGS = {"combo": "--combos=+ --anchor=additive",
+              "unseen": "--pert_features=pca --missing_pert_features=zero --anchor=context_mean"}
 TASKS = {  # name -> (dataset, split options, role)
     "pap_rep1": ("pap", ["--task", "fewshot", "--context", "rep_1", "--support", "0.3"], "choose"),
     "pap_rep2": ("pap", ["--task", "fewshot", "--context", "rep_2", "--support", "0.3"], "choose"),
@@ -226,8 +232,9 @@ def st_job(task, seed, out, cache, shared, recipe):
     meta_f = os.path.join(run, "meta.json")
     meta = json.load(open(meta_f)) if os.path.exists(meta_f) else None
     if meta is None or meta["step"] < meta["train"]["max_steps"]:  # not trained, or stopped part-way
+        flags = TASK_FLAGS.get(TASKS[task][2], "")
         sh([sys.executable, "train.py", f"--data={d}", f"--split={sp}", f"--out={run}", f"--seed={seed}",
-            "--threads=1", "--log_every=100", *shlex.split(recipe)] + (["--resume"] if os.path.isdir(run) else []),
+            "--threads=1", "--log_every=100", *shlex.split(flags), *shlex.split(recipe)] + (["--resume"] if os.path.isdir(run) else []),
            log)
     t1 = time.time()
     s = predict_and_score(run, d, sp, run, seed, log)
@@ -503,7 +510,7 @@ def main(argv=None):
     c.add_argument("--metrics", default="pearson_delta,mae,discrimination_score_l1,overlap_at_N,spread")
     a = ap.parse_args(dashes(argv))
     if a.cmd == "run":
-        tasks = [x for x in a.tasks.split(",") if x]
+        tasks = list(TASKS) if a.tasks == "all" else [x for x in a.tasks.split(",") if x]
         bad = [x for x in tasks if x not in TASKS]
         if bad:
             raise UserError(f"python -m state.experiment run: unknown task(s) {bad}; tasks: {list(TASKS)}")
