@@ -153,6 +153,12 @@ def run(command, main, argv=None, doc=None):
         if _hard:
             _exit(2)
         raise Refused(m) from None
+    except Exception:  # a bug of ours: its traceback, and still no empty run folder left behind
+        if not _hard:
+            raise
+        import traceback
+        traceback.print_exc()
+        _exit(1)
 
 
 # files a command writes and owns: an output path may never name one of them in someone else's folder
