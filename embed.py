@@ -501,7 +501,8 @@ def transform(argv):
                 b = min(a + bs, n)
                 xb = mat.block(a, b)
                 if meta.get("recipe"):  # every row of the scale the sample showed, not only the sample
-                    check_rows(xb, kind, f"embed.py transform: {inp}: '{C['key']}'", a)
+                    check_rows(xb, kind if kind in ("counts", "log1p") else "any",
+                               f"embed.py transform: {inp}: '{C['key']}'", lambda i, a=a: f"row {a + i}")
                 if ts:  # the library size over all of the file's genes, as prepare computed it
                     xb = normalize_log1p(xb, ts)
                 x = torch.from_numpy(gm.to_vocab(xb)).to(dev)

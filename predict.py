@@ -42,28 +42,10 @@ from state.st import STConfig, StateTransition
 # loading a run
 
 
-def read_meta(run, command="predict.py"):
-    """meta.json of an ST run folder, checked: the folder holds a run's files, the JSON is a run's."""
-    if not os.path.isdir(run):
-        raise UserError(f"{command}: --run={run} is not a folder; give a run folder written by train.py")
-    for f in ("meta.json", "model.safetensors"):
-        if not os.path.isfile(os.path.join(run, f)):
-            raise UserError(f"{command}: {run}: no {f}; not a finished train.py run (or copied in part)")
-    try:
-        meta = json.load(open(os.path.join(run, "meta.json")))
-    except ValueError as e:
-        raise UserError(f"{command}: {run}/meta.json is not valid JSON ({e}); the run folder is damaged") from None
-    if not isinstance(meta, dict) or "st" not in meta:
-        what = "an SE run (embed.py fit): give it to embed.py transform" if isinstance(meta, dict) and \
-            meta.get("preset") else "not an ST run's meta.json"
-        raise UserError(f"{command}: {run} is {what}")
-    return meta
-
-
 def load_run(run, device="cpu", guard=True):
     """-> (model in eval mode, meta dict). The model is rebuilt from meta.json's config; guard=False
     ignores a recorded correction strength (alpha 1: the correction as trained, an ablation)."""
-    meta = read_meta(run)
+    meta = ckpt.read_run(run, f"--run={run}")
     cfg = STConfig.from_dict(meta["st"])
     sd = ckpt.load_weights(os.path.join(run, "model.safetensors"), "predict.py")
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
@@ -339,28 +321,30 @@ def apply_recipe(x, meta, path, key, gene_space, obs_names, names=None, allow_mi
     from state.data import check_rows, classify, recipe_scaling
     r = meta.get("recipe") or {}
     where = f"predict.py simulate: {path}: '{key}'"
+
+    def cell(a):  # names block row i of the block starting at row a
+        return lambda i: f"'{obs_names[a + i]}' (row {a + i})" if obs_names is not None else f"row {a + i}"
     if not gene_space:  # an embedding: the run's key must be an embedding of the same SE model
         if not str(key).startswith("obsm/"):
             die(f"predict.py simulate: the run was trained on the embedding '{meta.get('key')}'"
                 f"{' of SE ' + r['se_hash'] if r.get('se_hash') else ''} but '{key}' of {path} is gene "
                 "expression; embed the controls with that SE checkpoint (embed.py transform) and pass "
                 "--key=obsm/X_state")
-        check_rows(x, "any", where, 0, obs_names)
+        check_rows(x, "any", where, cell(0))
         return x
     names = [f"{i}" for i in range(x.shape[1])] if names is None else names
     dup = sorted({g for g, k in zip(*np.unique(np.asarray(names, dtype=str), return_counts=True)) if k > 1})
     if dup:
         die(f"{where}: {len(dup)} gene names occur more than once (e.g. {dup[:5]}); the run's genes are "
             "matched by name: make the names unique (e.g. sum or drop the duplicates) first")
-    for a in range(0, len(x), 20000):  # finite everywhere first (the scale is read from the first rows)
-        check_rows(x[a:a + 20000], "any", where, a, obs_names)
+    check_rows(x[:20000], "any", where, cell(0))  # the rows the scale is read from; then every row below
     if (x < 0).any():
         i = np.flatnonzero((x < 0).any(1))[0]
         die(f"predict.py simulate: '{key}' of {path} has negative values (e.g. cell '{obs_names[i]}'): "
             "scaled/z-scored data; the run expects raw counts or non-negative log1p expression")
     sc = classify(x[:20000], where)  # the scale, from the first rows; then every row is checked
     for a in range(0, len(x), 20000):
-        check_rows(x[a:a + 20000], sc.kind, where, a, obs_names)
+        check_rows(x[a:a + 20000], sc.kind if sc.kind in ("counts", "log1p") else "any", where, cell(a))
     want = r.get("target_sum")
     if sc.kind == "log1p" and r.get("log1p", True):
         if want and sc.target_sum and abs(sc.target_sum / want - 1) > 0.05:

@@ -199,6 +199,35 @@ def read(ck, command, need=None, what=None):
     return meta, state
 
 
+def read_run(run, who):
+    """meta.json of a finished train.py run folder, checked (predict.py's --run, train.py's --init_from):
+    a folder holding model.safetensors and a readable meta.json object with an 'st' config; an SE run is
+    named as such. Anything else is a UserError starting with `who` (e.g. "--run=DIR")."""
+    import json
+
+    from state.errors import UserError
+    what = "a run folder of train.py (model.safetensors + meta.json)"
+    if not os.path.isdir(run):
+        raise UserError(f"{who}: {'is a file' if os.path.exists(run) else 'not found'}; give {what}")
+    if not os.path.isfile(os.path.join(run, "model.safetensors")):
+        raise UserError(f"{who}: no model.safetensors (not a finished train.py run, or copied in part); give {what}")
+    try:
+        with open(os.path.join(run, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{who}: cannot read its meta.json ({getattr(e, 'strerror', None) or e}); give {what}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{who}: its meta.json is not an object; give {what}")
+    if meta.get("kind") == "nanostate-se" or ("st" not in meta and ("se_hash" in meta or "fit" in meta
+                                                                     or "preset" in meta)):
+        raise UserError(f"{who}: is an SE run (embed.py), not an ST run: its weights embed cells (embed.py "
+                        "transform uses them; to train ST on its embeddings, prepare the data with --key "
+                        "obsm/X_state); give a train.py run folder")
+    if "st" not in meta:
+        raise UserError(f"{who}: its meta.json has no 'st' config: not an ST run of train.py; give {what}")
+    return meta
+
+
 def load_weights(path, command=""):
     """A run's safetensors weights, checked: a damaged file (bad header, offsets past its end) or a
     non-finite value in any tensor is a UserError naming the file and the tensor (predictions from NaN

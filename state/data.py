@@ -160,31 +160,31 @@ def recipe_scaling(x, recipe, where, who="the run"):
                      "give raw counts (e.g. --key=layers/counts) or log1p values")
 
 
-def check_rows(x, kind, where, start=0, names=None):
-    """Every row of a block x (n, G) of a user's matrix must be of the scale `kind` found for the matrix
-    (classify/recipe_scaling look at a sample): counts are non-negative integers, log1p values are
-    non-negative and below 15, any scale is finite. A row that is not is a UserError naming the cell
-    (row start + i): a sample must never vouch for rows it did not see."""
-    from state.errors import UserError
-    name = (lambda i: f"'{names[i]}' (row {start + i})") if names is not None else (lambda i: f"row {start + i}")
+def check_rows(x, kind, where, name=None, top=15.0):
+    """Every row of a block x (n, G) of a user's matrix against the scale found for the matrix (the
+    detector only samples rows): always finite; kind "nonneg": and >= 0; "counts": and integers; "log1p":
+    and below `top`; "any": finite only. A row that is not is an H5ADError (a UserError) naming the cell,
+    `name(i)` for block row i. prepare checks every row it writes with it; predict.py simulate and
+    embed.py transform every row they read."""
+    name = name or (lambda i: f"row {i}")
     bad = ~np.isfinite(x)
     if bad.any():
-        i = int(np.argwhere(bad)[0][0])
-        raise UserError(f"{where}: cell {name(i)} has NaN/Inf values; fix or drop it")
-    if kind in ("counts", "log1p") and x.size and float(x.min()) < 0:
-        i = int(np.argwhere(x < 0)[0][0])
-        raise UserError(f"{where}: cell {name(i)} has negative values ({float(x[i].min()):g}) but the matrix "
-                        f"looks like {kind}: scaled data or a mix; give raw counts or log1p values")
-    if kind == "counts":
-        frac = x != np.round(x)
-        if frac.any():
-            i, c = (int(v) for v in np.argwhere(frac)[0])
-            raise UserError(f"{where}: cell {name(i)} has the fractional value {x[i, c]:g} (column {c}) but the "
-                            "matrix looks like raw counts: a mix of counts and normalised values; give one scale")
-    elif kind == "log1p" and x.size and float(x.max()) >= 15:
-        i = int(np.argwhere(x >= 15)[0][0])
-        raise UserError(f"{where}: cell {name(i)} has values up to {float(x[i].max()):g} but the matrix looks "
-                        "like log1p values (< 15): a mix of counts and log1p; give one scale")
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        raise H5ADError(f"{where} has non-finite values (NaN/Inf), e.g. cell {name(r)} column {c}; fix or drop it")
+    if kind == "any" or not x.size:
+        return
+    if float(x.min()) < 0:
+        r, c = (int(v) for v in np.argwhere(x < 0)[0])
+        raise H5ADError(f"{where} has a negative value {x[r, c]:g} in cell {name(r)}, column {c}: expression "
+                        "values cannot be negative (scaled/centred data? use the raw counts: --key layers/counts)")
+    if kind == "counts" and not np.array_equal(x, np.round(x)):
+        r, c = (int(v) for v in np.argwhere(x != np.round(x))[0])
+        raise H5ADError(f"{where} looked like integer counts but cell {name(r)} has the fractional value "
+                        f"{x[r, c]:g} in column {c}: mixed scales in one matrix")
+    if kind == "log1p" and float(x.max()) >= top:
+        r, c = np.unravel_index(int(np.argmax(x)), x.shape)
+        raise H5ADError(f"{where} looked like log1p data but cell {name(r)} has the value {x[r, c]:g} (>= {top:g}, "
+                        "not a log1p expression): mixed scales in one matrix")
 
 
 # -----------------------------------------------------------------------------
@@ -378,26 +378,10 @@ def _blocks(src, chunk, desc):
             continue
         rows = np.flatnonzero(sel) + a
         x = m.block(a, b)[sel]  # (n, G_file)
-        if not np.isfinite(x).all():
-            r, c = np.argwhere(~np.isfinite(x))[0]
-            raise H5ADError(f"{src['path']}: '{m.key}' has non-finite values (NaN or inf), e.g. cell "
-                            f"'{name(rows[r])}' column {c}")
         kind = src["scale"].kind
-        if kind != "embedding" and (x < 0).any():
-            r, c = np.argwhere(x < 0)[0]
-            raise H5ADError(f"{src['path']}: '{m.key}' has a negative value {x[r, c]:g} in cell "
-                            f"'{name(rows[r])}' (row {rows[r]}), column {c}: expression values cannot be negative "
-                            "(scaled/centred data? use the raw counts: --key layers/counts)")
-        if src["tr"] == "normalize+log1p" and kind == "counts" and not np.array_equal(x, np.round(x)):
-            r, c = np.argwhere(x != np.round(x))[0]
-            raise H5ADError(f"{src['path']}: '{m.key}' looked like integer counts but cell "
-                            f"'{name(rows[r])}' (row {rows[r]}) has the fractional value {x[r, c]:g} in column "
-                            f"{c}: mixed scales in one matrix")
-        if src["tr"] == "none" and kind == "log1p" and x.size and x.max() > 20:
-            r, c = np.unravel_index(np.argmax(x), x.shape)
-            raise H5ADError(f"{src['path']}: '{m.key}' looked like log1p data but cell "
-                            f"'{name(rows[r])}' (row {rows[r]}) has the value {x[r, c]:g} (> 20, not a log1p "
-                            "expression): mixed scales in one matrix")
+        check = ("any" if kind == "embedding" else "counts" if src["tr"] == "normalize+log1p" and kind == "counts"
+                 else "log1p" if src["tr"] == "none" and kind == "log1p" else "nonneg")
+        check_rows(x, check, f"{src['path']}: '{m.key}'", lambda r: f"'{name(rows[r])}' (row {rows[r]})", top=20.0)
         ts = src["scale"].target_sum
         if src["tr"] == "none" and kind == "log1p" and ts and not src.get("ts_off"):
             tot = np.expm1(x).sum(1, dtype=np.float64)  # every row normalised to the detected total?

@@ -165,9 +165,8 @@ TRAIN_DEFAULTS = {"cpu": dict(lr=1e-3, control_sets=False, batch_size=16, max_st
 # perturbation features
 
 
-class MissingFeatures(UserError, KeyError):
+class MissingFeatures(UnknownName):
     """Perturbations without a feature vector: a UserError, and a KeyError for callers that catch that."""
-    __str__ = ValueError.__str__
 
 
 VECTOR_FORMATS = (".pt", ".safetensors", ".npz", ".tsv", ".txt")
@@ -436,33 +435,13 @@ def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=F
     'decoder' in `reinit`. Buffers (pert_table, anchor_table) always come from this run's data. A tensor
     whose shape differs outside those parts is an error naming it (skip=True: left at its init). Prints a
     table of loaded / re-initialised / skipped tensors; returns a note for meta.json."""
-    import json
     bad = [r for r in reinit if r not in ("pert", "decoder")]
     if bad:
         raise UserError(f"--reinit {bad}: choose from pert, decoder")
+    from state.ckpt import load_weights, read_run
     run = str(run)
-    what = "a run folder of train.py (model.safetensors + meta.json)"
-    if not os.path.isdir(run):
-        raise UserError(f"--init_from={run}: {'is a file' if os.path.exists(run) else 'not found'}; give {what}")
-    wp, mp = os.path.join(run, "model.safetensors"), os.path.join(run, "meta.json")
-    if not os.path.exists(wp):
-        raise UserError(f"--init_from={run}: no model.safetensors (not a finished ST run); give {what}")
-    try:
-        meta = json.loads(open(mp).read())
-    except (OSError, ValueError) as e:
-        raise UserError(f"--init_from={run}: cannot read its meta.json ({getattr(e, 'strerror', None) or e}); "
-                        f"give {what}") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"--init_from={run}: its meta.json is not an object; give {what}")
-    if meta.get("kind") == "nanostate-se" or ("st" not in meta and ("se_hash" in meta or "fit" in meta)):
-        raise UserError(f"--init_from={run}: is an SE run (embed.py), not an ST run: its weights are a cell "
-                        "embedding model, none of them fits the transition model; give a train.py run folder "
-                        "(to train on SE embeddings, prepare the data with --key obsm/X_state instead)")
-    if "st" not in meta:
-        raise UserError(f"--init_from={run}: its meta.json has no 'st' config: not an ST run of train.py; "
-                        f"give {what}")
-    from state.ckpt import load_weights
-    src = load_weights(wp, f"--init_from={run}")
+    meta = read_run(run, f"--init_from={run}")
+    src = load_weights(os.path.join(run, "model.safetensors"), f"--init_from={run}")
     why = {}
     if "pert" in reinit:
         why["pert"] = "asked"
