@@ -241,7 +241,14 @@ if (ema or select != "last") and ddp and parallel == "fsdp":
 if select not in ("last", "support"):
     die(f"train.py: --select must be last or support (got {select!r})")
 held = sorted({D.context_names.index(c) for c, _ in sp.test_groups})  # held-out context codes
-sup_rows = sp.part("val", contexts=held, perturbed=True)
+# the data that resembles the test, for support selection and the guard: the held-out context's support
+# perturbations (few-shot), or perturbations held out of training whole (the split's guard_perts: unseen,
+# combo), whose cells are all val
+gcodes = [D.pert_names.index(q) for q in sp.guard_perts]
+sup_rows = sp.part("val", contexts=held, perturbed=True, perts=gcodes or None)
+if gcodes:
+    print0(f"guard perturbations (held out of training, scored as unseen): {sp.guard_perts}, "
+           f"{len(sup_rows):,} cells")
 if select == "support" and len(sup_rows) == 0:
     print0(f"note: --select=support: the {sp.task} split has no val cells of support perturbations in the "
            "held-out context (zero-shot, or --val-frac 0): keeping the last weights")
@@ -255,6 +262,9 @@ if any(not 0 <= a <= 1 for a in grid):
 if grid and (len(sup_rows) == 0 or cfg.anchor == "none"):
     print0("note: --guard needs an anchored model and support cells in the held-out context: alpha stays 1")
     grid = []
+if grid and not gcodes and sp.task in ("unseen", "combo"):
+    print0(f"note: the {sp.task} split has no guard perturbations, so --guard scores the val cells of "
+           "perturbations that train, unlike the test's; make the split with --guard_perts=N")
 anchor_table = None
 if cfg.anchor != "none":  # baseline shifts from training rows only, cross-fitted (state/baselines.py)
     from state.baselines import group_means, shift_table

@@ -8,6 +8,7 @@ perturbation, unseen combination; reading and writing the reference's TOML split
     python -m state.splits toml --data=DIR --toml=split.toml --out=split.json   # a reference TOML
     python -m state.splits make --data=DIR --task=combo --out=split.json   # doubles whose singles were measured
     python -m state.splits make --data=DIR --task=unseen --pert_features=pca --test_perts=JAK2,STAT1 --out=s.json
+    python -m state.splits make --data=DIR --task=unseen --pert_features=pca --test_perts=JAK2 --guard_perts=2 --out=s.json
     python -m state.splits report --data=DIR --split=split.json
 
 `make` also writes a reference-compatible TOML next to the JSON (split.toml). The JSON lists held-out
@@ -45,6 +46,7 @@ FIELDS = {"format": (True, f"the integer {FORMAT}"), "task": (True, f"one of {',
           "val_frac": (True, "a number in [0, 1)"), "seed": (True, "an integer >= 0"),
           "checksum": (True, "the prepared data's checksum (a string, DIR/index.json 'checksum')"),
           "combo_sep": (False, "the separator of combination labels (a string), or null"),
+          "guard_perts": (False, "a list of perturbation names (strings) held out of training whole"),
           "counts": (False, "an object of cell counts per part")}
 
 
@@ -106,13 +108,15 @@ def check_fields(d, where):
         if tuple(g) in seen:
             bad("test_groups", f"lists {json.dumps(g)} twice (entry {i})")
         seen.add(tuple(g))
-    if not isinstance(d["support"], list):
-        bad("support", f"is {_kind(d['support'])}; it must be {FIELDS['support'][1]}")
-    for i, p in enumerate(d["support"]):
-        if not isinstance(p, str) or not p:
-            bad("support", f"entry {i} is {_kind(p)}; each entry must be a perturbation name")
-        if p in d["support"][:i]:
-            bad("support", f"lists '{p}' twice (entry {i})")
+    for k in ("support", "guard_perts"):
+        v = d.get(k, [])
+        if not isinstance(v, list):
+            bad(k, f"is {_kind(v)}; it must be {FIELDS[k][1]}")
+        for i, p in enumerate(v):
+            if not isinstance(p, str) or not p:
+                bad(k, f"entry {i} is {_kind(p)}; each entry must be a perturbation name")
+            if p in v[:i]:
+                bad(k, f"lists '{p}' twice (entry {i})")
     ctxs = {c for c, _ in tg}
     c = d["context"]
     if c is not None and ctxs and c not in ctxs and set(c.split(",")) != ctxs:
@@ -152,6 +156,8 @@ class Split:
     seed: int = 0
     checksum: str = None  # of the prepared data it indexes
     combo_sep: str = None  # combination labels' separator (combo task): B+A is the same test group as A+B
+    guard_perts: list = field(default_factory=list)  # perts held out of training whole, in every context:
+    # all their cells are val, the data the guard and support selection score unseen perturbations on
 
     def __post_init__(self):
         self.test_groups = [tuple(g) for g in self.test_groups]
@@ -201,6 +207,14 @@ class Split:
             if q in seen:
                 raise self._err(f"support perturbation '{q}' is listed twice")
             seen.add(q)
+        for q in self.guard_perts:
+            if q not in pix:
+                raise self._err(f"guard perturbation '{q}' not in the data's '{data.pert_col}' labels")
+            if pix[q] == ctl:
+                raise self._err(f"guard perturbation '{q}' is the control (controls always train)")
+            if q in self.support or q in {pn for _, pn in self.test_groups} or self.guard_perts.count(q) > 1:
+                raise self._err(f"guard perturbation '{q}' is also a support or test perturbation, or listed "
+                                "twice: guard perturbations are held out of training, apart from the test")
         if self.combo_sep:  # a test combination must not train under a reordered name (B+A for A+B)
             check_combo_labels([pn for _, pn in self.test_groups], self.combo_sep, data.control,
                                where=f"split file {self.path}" if self.path else "split")
@@ -219,11 +233,14 @@ class Split:
                                  f"'{data.context_names[k]}' has no cells")
         hctx = sorted({k for k, _ in held})
         is_tc = np.isin(c, hctx) & (p == ctl)
-        tr = ~is_test
+        is_g = np.isin(p, [pix[q] for q in self.guard_perts]) & ~is_test  # guard perts: every cell is val
+        tr = ~is_test & ~is_g
         m = np.where(tr & (n >= 2), np.floor(self.val_frac * n), 0).astype(np.int64)
+        m = np.where(is_g, n, m)
         key = hkey(self.seed, a, 7)
+        va = tr | is_g
         self._parts = dict(train=Rows(a[tr], n[tr], m[tr], n[tr], key[tr], m[tr] > 0),
-                           val=Rows(a[tr], n[tr], 0 * m[tr], m[tr], key[tr], m[tr] > 0),
+                           val=Rows(a[va], n[va], 0 * m[va], m[va], key[va], (m[va] > 0) & ~is_g[va]),
                            test=Rows(a[is_test], n[is_test], 0 * n[is_test], n[is_test]),
                            test_ctrl=Rows(a[is_tc], n[is_tc], 0 * n[is_tc], n[is_tc]))
         self._arrays, self.data = {}, data
@@ -247,19 +264,21 @@ class Split:
                     ": support perturbations are those of the held-out context that train")
         return self
 
-    def part(self, name, contexts=None, perturbed=None):
-        """Rows of one part; contexts (codes) and perturbed (True: no controls, False: only controls)
-        keep some of its groups."""
+    def part(self, name, contexts=None, perturbed=None, perts=None):
+        """Rows of one part; contexts (codes), perturbed (True: no controls, False: only controls) and
+        perts (codes) keep some of its groups."""
         if self.data is None:
             raise UserError("split not bound to its data: call split.validate(data) first")
         r = self._parts[name]
-        if contexts is None and perturbed is None:
+        if contexts is None and perturbed is None and perts is None:
             return r
         gi = np.searchsorted(self.data.group_table[:, 3], r.start, "right") - 1
         gc, gp = self.data.group_table[gi, 0], self.data.group_table[gi, 1]
         keep = np.ones(len(gi), bool) if contexts is None else np.isin(gc, list(contexts))
         if perturbed is not None:
             keep &= (gp != self.data.control_code) == perturbed
+        if perts is not None:
+            keep &= np.isin(gp, list(perts))
         return Rows(r.start[keep], r.n[keep], r.lo[keep], r.hi[keep], r.key[keep], r.shuf[keep])
 
     def _rows(self, name):
@@ -276,7 +295,8 @@ class Split:
         """Cells per split, context and perturbation, as text (O(groups))."""
         counts = {k: len(self._parts[k]) for k in self._parts}
         out = [f"split task={self.task} context={self.context}: train {counts['train']}, val {counts['val']}, "
-               f"test {counts['test']} (+{counts['test_ctrl']} test controls) cells; support {self.support}"]
+               f"test {counts['test']} (+{counts['test_ctrl']} test controls) cells; support {self.support}"
+               + (f"; guard perturbations (held out of training) {self.guard_perts}" if self.guard_perts else "")]
         gt = data.group_table
         per = {}
         for k, r in self._parts.items():
@@ -300,6 +320,8 @@ class Split:
         d = dict(format=FORMAT, task=self.task, context=self.context, support=self.support,
                  test_groups=self.test_groups, val_frac=self.val_frac, seed=self.seed, checksum=self.checksum,
                  combo_sep=self.combo_sep)
+        if self.guard_perts:
+            d["guard_perts"] = self.guard_perts
         if self._parts:
             d["counts"] = {k: len(v) for k, v in self._parts.items()}
         _write_atomic(path, json.dumps(d, indent=1))
@@ -326,7 +348,7 @@ class Split:
                             "re-make it with python -m state.splits make (or toml)")
         check_fields(d, where)
         s = cls(d["task"], d["context"], d["test_groups"], d["support"], d["val_frac"], d["seed"],
-                d["checksum"], d.get("combo_sep"))
+                d["checksum"], d.get("combo_sep"), d.get("guard_perts", []))
         s.path = str(path)
         return s
 
@@ -372,12 +394,16 @@ def _named(names, allowed, msg):
 
 
 def make_split(data, task="fewshot", context=None, support=0.3, support_perts=None, val_frac=0.1, seed=0,
-               features=None, test_perts=None, test_frac=0.2, combo_sep="+"):
+               features=None, test_perts=None, test_frac=0.2, combo_sep="+", guard_perts=None):
     """Build and validate a Split (see module docstring). `features`, `test_perts`, `test_frac` (additive)
     serve the unseen-perturbation task: it holds out whole perturbations across all contexts.
     task="combo": the test groups are combinations (labels with `combo_sep`), `test_perts` or by default
     every combination whose parts are all measured singles; everything else trains (singles, the other
-    combinations), so a test combination is predicted from its parts."""
+    combinations), so a test combination is predicted from its parts.
+    guard_perts (unseen / combo): perturbations held out of training whole, the data on which the guard
+    (train.py --guard) chooses the correction's strength for perturbations the model never saw: a list of
+    names, or a count drawn (seeded) from the candidates (unseen: perturbations with features; combo:
+    combinations)."""
     if not 0 <= support <= 1:
         raise UserError(f"support={support}: the fraction of the held-out context's perturbations that "
                          "train must be in [0, 1]")
@@ -439,12 +465,27 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
                                  "name the test combinations (test_perts=)")
     else:
         raise UserError(f"task '{task}' not one of fewshot, zeroshot, unseen, combo")
+    gp = []
+    if guard_perts is not None:
+        if task not in ("unseen", "combo"):
+            raise UserError(f"guard_perts: task {task} scores the guard on its support perturbations; guard "
+                            "perturbations (held out of training whole) serve the unseen and combo tasks")
+        cand = sorted(set(combos if task == "combo" else [p for p in perts if p in features]) - set(held))
+        if isinstance(guard_perts, (int, np.integer)) and not isinstance(guard_perts, bool):
+            if not 1 <= guard_perts < len(cand):
+                raise UserError(f"guard_perts={guard_perts}: draw between 1 and {len(cand) - 1} of the "
+                                f"{len(cand)} candidates ({cand[:20]}), so that some still train")
+            gp = sorted(np.array(cand)[rng.permutation(len(cand))[:guard_perts]].tolist())
+        else:
+            gp = _named(guard_perts, cand, lambda bad: f"guard perturbation(s) {bad} are not candidates: "
+                        f"{'combinations' if task == 'combo' else 'perturbations with features'} that are not "
+                        f"test perturbations ({cand[:20]})")
     if task in ("unseen", "combo"):  # whole perturbations held out in every context that has them
         hc = [data.pert_names.index(p) for p in held]
         cname, sup = None, []
         groups = sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
     return Split(task, cname, groups, sup, val_frac, seed, data.checksum,
-                 combo_sep if task == "combo" else None).validate(data)
+                 combo_sep if task == "combo" else None, gp).validate(data)
 
 
 TOML_TABLES = ("datasets", "training", "zeroshot", "fewshot")
@@ -567,6 +608,8 @@ def main(argv=None):
     m.add_argument("--pert_features", help="safetensors/npz file of perturbation features, or pca (unseen task)")
     m.add_argument("--test_perts", help="comma-separated held-out perturbations (unseen / combo tasks)")
     m.add_argument("--combo_sep", default="+", help="separator of combination labels (combo task)")
+    m.add_argument("--guard_perts", help="unseen / combo: perturbations held out of training whole, on which "
+                   "train.py --guard chooses the correction's strength: comma-separated names, or a count")
     m.add_argument("--out", required=True)
     t = sub.add_parser("toml")
     t.add_argument("--data", required=True); t.add_argument("--toml", required=True)
@@ -589,7 +632,9 @@ def main(argv=None):
                 feats = read_vectors(a.pert_features)[0]
             sp = a.support_perts.split(",") if a.support_perts else None
             s = make_split(data, a.task, a.context, a.support, sp, a.val_frac, a.seed, features=feats,
-                           test_perts=a.test_perts.split(",") if a.test_perts else None, combo_sep=a.combo_sep)
+                           test_perts=a.test_perts.split(",") if a.test_perts else None, combo_sep=a.combo_sep,
+                           guard_perts=None if not a.guard_perts else int(a.guard_perts)
+                           if a.guard_perts.isdigit() else a.guard_perts.split(","))
         elif a.cmd == "toml":
             s = read_toml(a.toml, data, a.val_frac, a.seed)
         else:

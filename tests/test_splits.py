@@ -86,6 +86,34 @@ def test_unseen_needs_features(syn):
     assert {p for _, p in s.test_groups} <= {"GENE0001", "GENE0003"}
 
 
+def test_guard_perts_held_out_of_training_whole(syn, tmp_path):
+    """guard_perts (unseen / combo): every cell of those perturbations is val, none trains, none is test;
+    a count is drawn among the candidates with features; the field survives save/load; bad names refused."""
+    feats = {p: np.ones(4) for p in syn.pert_names if p != syn.control}
+    s = make_split(syn, "unseen", features=feats, test_perts=["GENE0001"], guard_perts=["GENE0002", "GENE0005"])
+    g = {syn.pert_names.index(q) for q in ("GENE0002", "GENE0005")}
+    tr, va, te = (set(syn.pert[r].tolist()) for r in (s.train, s.val, s.test))
+    assert not g & tr and not g & te and g <= va
+    assert (np.isin(syn.pert, list(g))).sum() == np.isin(syn.pert[s.val], list(g)).sum()  # all their cells
+    gr = s.part("val", perts=list(g)).array()
+    assert set(syn.pert[gr].tolist()) == g and len(gr) == np.isin(syn.pert, list(g)).sum()
+    t = Split.load(s.save(tmp_path / "g.json")).validate(syn)
+    assert t.guard_perts == ["GENE0002", "GENE0005"] and np.array_equal(t.val, s.val)
+    assert np.array_equal(t.train, s.train)
+    c = make_split(syn, "unseen", features={"GENE0001": 1, "GENE0002": 1, "GENE0003": 1},
+                   test_perts=["GENE0001"], guard_perts=1, seed=3)
+    assert len(c.guard_perts) == 1 and c.guard_perts[0] in ("GENE0002", "GENE0003")
+    with pytest.raises(ValueError, match="not candidates"):
+        make_split(syn, "unseen", features=feats, test_perts=["GENE0001"], guard_perts=["GENE0001"])
+    with pytest.raises(ValueError, match="between 1 and"):
+        make_split(syn, "unseen", features={"GENE0001": 1, "GENE0002": 1}, test_perts=["GENE0001"], guard_perts=1)
+    with pytest.raises(ValueError, match="serve the unseen and combo"):
+        make_split(syn, "fewshot", context=syn.context_names[0], guard_perts=1)
+    bad = Split("unseen", None, s.test_groups, [], 0.1, 0, syn.checksum, None, ["GENE0001"])
+    with pytest.raises(ValueError, match="also a support or test"):
+        bad.validate(syn)
+
+
 def test_pca_features_from_measured_target_genes(tmp_path):
     """--pert_features=pca: a perturbation named after a measured gene gets that gene's loadings on the
     training cells' principal axes; the others are reported, and train.py refuses them unless zero."""

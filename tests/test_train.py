@@ -171,6 +171,31 @@ def test_anchor_cosine_ema_resume_and_ensemble(synth, tmp_path):
         assert np.isfinite(p.matrix("X").block(0, p.n_obs)).all()
 
 
+def test_guard_scores_unseen_perturbations_held_out_whole(synth, tmp_path):
+    """--guard on an unseen split with guard_perts: alpha is chosen on the cells of perturbations that
+    never trained (the split's guard perturbations), from the grid, by the lowest loss; recorded in
+    meta.json and used by predict.py. Without guard perturbations the run says what the guard scores."""
+    from state.data import Prepared
+    from state.splits import make_split
+    D = Prepared(synth / "prep")
+    perts = [p for p in D.pert_names if p != D.control]
+    feats = {p: None for p in perts}
+    make_split(D, "unseen", features=feats, test_perts=perts[:1], guard_perts=perts[1:3]).save(tmp_path / "u.json")
+    make_split(D, "unseen", features=feats, test_perts=perts[:1]).save(tmp_path / "n.json")
+    opts = ["--anchor=context_mean", "--guard=0,0.5,1", "--pert_features=pca", "--lr=3e-3"]
+    a = args(synth, tmp_path / "g", 8, *opts)
+    a[2] = f"--split={tmp_path / 'u.json'}"
+    r = run(*a)
+    assert f"guard perturbations (held out of training, scored as unseen): {perts[1:3]}" in r.stdout
+    g = json.load(open(tmp_path / "g" / "meta.json"))["guard"]
+    losses = {float(k): v for k, v in g["losses"].items()}
+    assert sorted(losses) == [0, 0.5, 1] and all(np.isfinite(list(losses.values())))
+    assert len(set(losses.values())) == 3 and g["alpha"] == min(losses, key=losses.get)
+    a[2], a[4] = f"--split={tmp_path / 'n.json'}", f"--out={tmp_path / 'n'}"
+    r = run(*a)
+    assert "no guard perturbations" in r.stdout
+
+
 def test_bad_settings_nonfinite_loss_and_resume_changes(synth, tmp_path):
     """Out-of-range settings are named errors; a NaN in the data stops training with the step named and
     no checkpoint written; a resume applies and says changed settings, and refuses data-order ones."""
