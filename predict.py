@@ -16,7 +16,8 @@ batched by length (no padding) in blocks of --max_cells cells, and a screen is w
 so its size is bounded by the disk, not the memory. Screen inputs may be raw counts or log1p values in
 any gene order: the run's recipe (meta.json) normalises counts to its target_sum and log1p's them.
 `--run=A,B,C` is a seed ensemble: each predicted cell comes from one member (--ensemble=mixture, which
-keeps the members' spread) or the members' predictions are averaged (--ensemble=mean). Real control cells are
+keeps the members' spread), or the members' set means are averaged and each cell keeps one member's
+residual (--ensemble=shift), or the members' predictions are averaged per cell (--ensemble=mean). Real control cells are
 copied through with is_predicted=False (predicted controls would leak into the metrics). Gene-space
 outputs are clipped to [0, 14] (log1p). CPU or one GPU (--device=cuda).
 """
@@ -57,8 +58,9 @@ def load_run(run, device="cpu", guard=True):
 
 
 def check_ensemble(cfg, command):
-    if cfg["ensemble"] not in ("mixture", "mean"):
-        die(f"{command}: --ensemble={cfg['ensemble']!r}: mixture (each cell from one member) or mean")
+    if cfg["ensemble"] not in ("mixture", "shift", "mean"):
+        die(f"{command}: --ensemble={cfg['ensemble']!r}: mixture (each cell from one member), shift (the "
+            "members' set means averaged, each cell's residual from one member) or mean (per-cell average)")
 
 
 def load_runs(runs, device="cpu", guard=True):
@@ -95,8 +97,10 @@ def predict_blocks(models, ctrl, windows, device, max_cells=8192, mix="mixture")
     when the model has a gene decoder); latents the (n, Dout) embedding predictions before the decoder
     (None without one). Several `models` (a seed ensemble): mix="mixture" takes each predicted cell
     from one member (cell j of window i from member (i + j) mod M), so the ensemble keeps its members'
-    per-cell spread and DE structure; mix="mean" averages the members per cell (which shrinks the
-    spread and was measured to lower the DE metrics). Windows of one length are batched together
+    per-cell spread; mix="shift" averages the members' set means (the shift) and adds each cell's
+    residual from its set mean in one member (the spread of one member, no between-member variance);
+    mix="mean" averages the members per cell (which shrinks the spread and was measured to lower the
+    DE metrics). Windows of one length are batched together
     (key-padding lens), never padded with cells."""
     models = models if isinstance(models, (list, tuple)) else [models]
     model = models[0]
@@ -124,7 +128,11 @@ def predict_blocks(models, ctrl, windows, device, max_cells=8192, mix="mixture")
                 t = t.float()
                 if M == 1 or mix == "mean":
                     return t.mean(0)
-                return t.gather(0, pick.to(t.device)[None, :, :, None].expand(1, -1, -1, t.shape[-1]))[0]
+                one = lambda u: u.gather(0, pick.to(u.device)[None, :, :, None].expand(1, -1, -1, u.shape[-1]))[0]
+                if mix == "shift":  # the members' set means averaged, each cell's residual from one member
+                    mu = t.mean(2, keepdim=True).expand_as(t)  # (M, n_w, L, D): each member's set mean
+                    return one(t) - one(mu) + mu.mean(0)
+                return one(t)
             if model.decoder is not None:
                 lat.update(zip(ids, combine(torch.stack(ys)).cpu().numpy()))
                 ys = [m.decode(yy) for m, yy in zip(models, ys)]

@@ -257,15 +257,19 @@ def predict_and_score(runs, d, sp, out, seed, log, *extra):
     return mean_scores(os.path.join(out, "test", "pred.h5ad"), os.path.join(out, "test", "real.h5ad"), Prepared(d))
 
 
-def ensemble_job(task, seeds, out, cache, shared):
-    """The seeds' runs as one ensemble (predictions averaged per cell), scored like a single run."""
+ENSEMBLES = {"ensemble": "mixture", "ensemble_shift": "shift"}  # folder -> predict.py --ensemble
+
+
+def ensemble_job(task, seeds, out, cache, shared, name="ensemble"):
+    """The seeds' runs as one ensemble (predict.py --ensemble=ENSEMBLES[name]), scored like a single run."""
     d, sp = task_data(task, cache, shared)
-    ens = os.path.join(out, task, "ensemble")
+    ens = os.path.join(out, task, name)
     score_f = os.path.join(ens, "scores.json")
     if os.path.exists(score_f):
         return json.load(open(score_f))
     runs = ",".join(os.path.join(out, task, f"s{s}") for s in seeds)
-    s = predict_and_score(runs, d, sp, ens, seeds[0], os.path.join(out, task, "ensemble.log"))
+    s = predict_and_score(runs, d, sp, ens, seeds[0], os.path.join(out, task, f"{name}.log"),
+                          f"--ensemble={ENSEMBLES[name]}")
     return cached(score_f, lambda: s)
 
 
@@ -302,7 +306,8 @@ def run(tasks, seeds, out, cache, shared, recipe, jobs=2, ensemble=False):
                   f"disc_l1 {r['discrimination_score_l1']:.3f} mae {r['mae']:.4f} "
                   f"({r.get('train_s', 0):.0f}s train; {time.time() - t0:.0f}s elapsed)", flush=True)
         if ensemble:
-            list(ex.map(lambda t: ensemble_job(t, seeds, out, cache, shared), tasks))
+            list(ex.map(lambda tn: ensemble_job(*tn[:1], seeds, out, cache, shared, tn[1]),
+                        [(t, n) for t in tasks for n in ENSEMBLES]))
     txt = table(out, cache)
     print(txt)
     return txt
@@ -319,11 +324,11 @@ def collect(out, cache):
                    anchor=json.load(open(os.path.join(out, t, f"s{s}", "meta.json")))["st"].get("anchor", "none"))
               for s in cfg["seeds"] if os.path.exists(os.path.join(out, t, f"s{s}", "scores.json"))]
         bl = [json.load(open(os.path.join(cache, f"{t}_baselines_s{s}.json"))) for s in cfg["seeds"]]
-        ens = os.path.join(out, t, "ensemble", "scores.json")
+        ens = {n: os.path.join(out, t, n, "scores.json") for n in ENSEMBLES}
         groups = json.load(open(os.path.join(cache, f"{t}.json")))["test_groups"]
         res[t] = dict(st=st, bl=bl, ceil=json.load(open(os.path.join(cache, f"{t}_ceiling.json"))),
                       n_perts=len({p for _, p in groups}),
-                      ens=json.load(open(ens)) if os.path.exists(ens) else None)
+                      **{n: json.load(open(f)) if os.path.exists(f) else None for n, f in ens.items()})
     return cfg, res
 
 
@@ -359,7 +364,7 @@ def analyse(res):
                 gap = sign * (c - np.nanmean(bl[best]))
                 cal = float(sign * np.nanmean(d) / gap) if gap > 1e-9 else None
             rows[m] = dict(st=(float(np.nanmean(st)), float(np.nanstd(st, ddof=1)) if K > 1 else 0.0),
-                           ens=None if not r.get("ens") else float(r["ens"][m]),
+                           **{n: None if not r.get(n) else float(r[n][m]) for n in ENSEMBLES},
                            bl={n: (float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if K > 1 else 0.0)
                                for n, v in bl.items()},
                            best=best, ceil=float(c),
@@ -436,13 +441,13 @@ def table(out, cache):
         K, BASELINES = rows["mae"]["K"], list(rows["mae"]["bl"])
         lines += [f"## {t} ({TASKS[t][2]}; {K} seeds)", "",
                   "| metric | " + " | ".join(SHORT[n] for n in BASELINES) +
-                  " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated | ensemble |",
-                  "|---|" + "---|" * (len(BASELINES) + 6)]
+                  " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated | ens. mixture | ens. shift |",
+                  "|---|" + "---|" * (len(BASELINES) + 7)]
         for m, r in rows.items():
             b = " | ".join((f"**{r['bl'][n][0]:.4f}**" if n == r["best"] else f"{r['bl'][n][0]:.4f}")
                            for n in BASELINES)
             st = f"{r['st'][0]:.4f} +- {r['st'][1]:.4f}"
-            en = "" if r.get("ens") is None else f"{r['ens']:.4f}"
+            en = " | ".join("" if r.get(n) is None else f"{r[n]:.4f}" for n in ENSEMBLES)
             if r["flag"]:
                 lines.append(f"| {m} | {b} | {r['ceil']:.4f} | {st} | uninformative: {r['flag']} | | | {en} |")
                 continue
