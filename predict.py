@@ -43,18 +43,35 @@ from state.st import STConfig, StateTransition
 # loading a run
 
 
-def load_run(run, device="cpu", guard=True):
-    """-> (model in eval mode, meta dict). The model is rebuilt from meta.json's config; guard=False
-    ignores a recorded correction strength (alpha 1: the correction as trained, an ablation)."""
+def load_run(run, device="cpu", alpha=None):
+    """-> (model in eval mode, meta dict). The model is rebuilt from meta.json's config, with the guarded
+    correction's strength per context the run recorded (train.py --guard), or `alpha` in every context
+    (an ablation: 1 = the correction as trained, 0 = the anchor alone)."""
     meta = ckpt.read_run(run, f"--run={run}")
     cfg = STConfig.from_dict(meta["st"])
     sd = ckpt.load_weights(os.path.join(run, "model.safetensors"), "predict.py")
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
     model = StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table"))
     model.load_state_dict(sd)
-    if guard and meta.get("corr_scale") is not None:  # the guarded correction's strength per context (--guard)
+    if model.corr_scale is not None and alpha is not None:
+        model.corr_scale.fill_(alpha)
+    elif meta.get("corr_scale") is not None:  # the guarded correction's strength per context (--guard)
         model.corr_scale.copy_(torch.tensor(meta["corr_scale"], dtype=torch.float32))
     return model.to(device).eval(), meta
+
+
+def check_alpha(a, command):
+    """--alpha: "" (the run's guarded strength) or a number in [0, 1] for every context."""
+    if a in ("", None):
+        return None
+    try:
+        v = float(a)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v <= 1:
+        die(f"{command}: --alpha={a!r}: the correction's strength in [0, 1] (1 = as trained, 0 = the anchor), "
+            "or leave it out for the run's own (train.py --guard)")
+    return v
 
 
 def check_ensemble(cfg, command):
@@ -63,7 +80,7 @@ def check_ensemble(cfg, command):
             "members' set means averaged, each cell's residual from one member) or mean (per-cell average)")
 
 
-def load_runs(runs, device="cpu", guard=True):
+def load_runs(runs, device="cpu", alpha=None):
     """--run=A[,B,...]: -> (models, meta of the first). Several runs form a seed ensemble whose
     predictions are averaged; they must share genes, perturbation vocabulary, set size and output space."""
     names = [r for r in runs.split(",") if r]
@@ -71,7 +88,7 @@ def load_runs(runs, device="cpu", guard=True):
         die("predict.py: --run=RUN_DIR[,RUN_DIR...] is required")
     if len(set(map(os.path.realpath, names))) < len(names):
         die(f"predict.py: --run={runs} names a run twice; an ensemble averages distinct runs")
-    models, metas = zip(*(load_run(r, device, guard) for r in names))
+    models, metas = zip(*(load_run(r, device, alpha) for r in names))
     m0 = metas[0]
     for r, m, mo in zip(names[1:], metas[1:], models[1:]):  # every member against the first, by name
         for k in ENSEMBLE_SAME:
@@ -179,9 +196,10 @@ def spread_report(rows):
 def cmd_test(argv):
     cfg = {"run": "", "data": "", "split": "", "out": "", "seed": 0, "device": "cpu",
            "clip": True, "max_cells": 8192, "allow_other_split": False, "allow_other_data": False,
-           "ensemble": "mixture", "guard": True}
+           "ensemble": "mixture", "alpha": ""}
     configure(argv, cfg)
     check_ensemble(cfg, "predict.py test")
+    alpha = check_alpha(cfg["alpha"], "predict.py test")
     if not cfg["out"]:
         die("predict.py test: --out=FOLDER is required (pred.h5ad and real.h5ad are written there)")
     if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
@@ -190,7 +208,7 @@ def cmd_test(argv):
         output_file(os.path.join(cfg["out"], f), [cfg["split"]], "predict.py test")
     from state.data import Prepared
     from state.splits import Split
-    models, meta = load_runs(cfg["run"], cfg["device"], cfg["guard"])
+    models, meta = load_runs(cfg["run"], cfg["device"], alpha)
     model = models[0]
     D, sp = Prepared(cfg["data"]), Split.load(cfg["split"])
     try:  # the split must index this prepared data (checksum, rows, groups)

@@ -80,6 +80,8 @@ select = "last"          # which weights model.safetensors holds: last | support
 guard = ""               # anchored runs with support cells: the correction's strength alpha for the held-out
                          # context, chosen from this grid (e.g. "0,0.25,0.5,0.75,1") on the support val loss
                          # of the final weights; alpha = 0 is the anchor itself. Recorded in meta.json
+guard_by = "energy"      # the guard's support loss: energy (the training loss: the cells' distribution) |
+                         # mean (the squared error of the set means: the shift pearson_delta and MAE score)
 weight_decay = 0.0       # reference ignores its weight_decay key: none
 grad_clip = 10.0         # global grad-norm clip (reference 10); 0 disables
 seed = 42                # data order, controls, init
@@ -240,6 +242,8 @@ if (ema or select != "last") and ddp and parallel == "fsdp":
     die("train.py: --ema / --select with FSDP are not supported yet; use --parallel=ddp")
 if select not in ("last", "support"):
     die(f"train.py: --select must be last or support (got {select!r})")
+if guard_by not in ("energy", "mean"):
+    die(f"train.py: --guard_by must be energy or mean (got {guard_by!r})")
 held = sorted({D.context_names.index(c) for c, _ in sp.test_groups})  # held-out context codes
 # the data that resembles the test, for support selection and the guard: the held-out context's support
 # perturbations (few-shot), or perturbations held out of training whole (the split's guard_perts: unseen,
@@ -502,7 +506,7 @@ def val_loss(support=False):
     vs = SetSampler(D, rows, set_size=S, batch_size=B, seed=seed + 1, train=True,
                     control_sets=control_sets and not support, mapping=mapping)
     model.eval()
-    tot = torch.zeros(3, device=dev)
+    tot = torch.zeros(4, device=dev)
     # the same val_batches batches at any world size: rank r takes batches r, r+W, ...; every rank
     # runs the same number of forwards (FSDP all-gathers inside), the surplus weighted 0
     for i in range(rank, -(-val_batches // world) * world, world):
@@ -514,6 +518,7 @@ def val_loss(support=False):
         v = b["valid"].float() * (i < val_batches)
         tot[0] += (e * v).sum()
         tot[1] += v.sum()
+        tot[3] += (raw.set_mean_error(pred, b["tgt"], b["lens"]) * v).sum()
         if cfg.n_genes:  # gene-decoder loss on the same sets (SPEC 4.3: val/decoder_loss)
             with autocast:
                 xg = raw.decode(pred)
@@ -522,10 +527,11 @@ def val_loss(support=False):
     if ddp:
         dist.all_reduce(tot)
     val_parts["dec"] = (tot[2] / tot[1].clamp_min(1)).item() if cfg.n_genes else None
+    val_parts["mean"] = (tot[3] / tot[1].clamp_min(1)).item()
     return (tot[0] / tot[1].clamp_min(1)).item()
 
 
-val_parts = {"dec": None}  # the decoder part of the last validation
+val_parts = {"dec": None, "mean": None}  # the decoder part and the set-mean error of the last validation
 guard_note = None  # --guard: the chosen alpha and the support loss at each strength
 
 
@@ -550,22 +556,27 @@ def support_loss(step):
 @torch.no_grad()
 def choose_alpha():
     """The guarded correction: with the weights predict.py will use (selected, EMA or last), the support
-    val loss of the held-out context at each alpha of the grid; the lowest wins (alpha 0 = the anchor)."""
+    val loss (energy and set-mean error) of the held-out context at each alpha of the grid; the lowest by
+    --guard_by wins (alpha 0 = the anchor). Both are recorded, with the alpha each would choose."""
     params = list(raw.parameters())
     saved = [p.detach().clone() for p in params]
     use = best["w"] if best["w"] is not None else ema_p
     if use is not None:
         torch._foreach_copy_(params, [w.to(p.device, p.dtype) for p, w in zip(params, use)])
-    losses = {}
+    losses, means = {}, {}
     for a in grid:
         raw.corr_scale[held] = a
         losses[a] = val_loss(support=True)
-    a = min(grid, key=lambda k: (losses[k], -k))
+        means[a] = val_parts["mean"]
+    by = {n: min(grid, key=lambda k: (d[k], -k)) for n, d in (("energy", losses), ("mean", means))}
+    a = by[guard_by]
     raw.corr_scale[held] = a
     torch._foreach_copy_(params, saved)
-    print0("guard: support val loss by correction strength " +
-           ", ".join(f"{k:g}: {v:.4f}" for k, v in losses.items()) + f" -> alpha {a:g} for {sp.context}")
-    return {"alpha": a, "losses": {f"{k:g}": v for k, v in losses.items()}}
+    print0("guard: support val loss (energy / set-mean error) by correction strength " +
+           ", ".join(f"{k:g}: {losses[k]:.4f} / {means[k]:.5f}" for k in grid) +
+           f" -> alpha {a:g} for {sp.context} (by {guard_by}; energy {by['energy']:g}, mean {by['mean']:g})")
+    return {"alpha": a, "by": guard_by, "alpha_by": by, "losses": {f"{k:g}": v for k, v in losses.items()},
+            "mean_losses": {f"{k:g}": v for k, v in means.items()}}
 
 
 if len(val_rows) == 0:
@@ -686,7 +697,8 @@ for step in range(start, max_steps + 1):
         if logf:
             logf.write(json.dumps({"step": step + 1, "loss": lossf, "dt_ms": dt * 1000, "data_wait": wait,
                                    "loader_cells_s": cap,
-                                   **({"dec": parts["decoder"].item()} if "decoder" in parts else {})}) + "\n")
+                                   **({"dec": parts["decoder"].item()} if "decoder" in parts else {}),
+                                   **({"mean": parts["mean"].item()} if "mean" in parts else {})}) + "\n")
             logf.flush()
 
 if logf:

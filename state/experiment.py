@@ -243,7 +243,13 @@ def st_job(task, seed, out, cache, shared, recipe):
     meta = json.load(open(meta_f))
     if meta.get("guard"):  # the same weights with the correction at full strength (alpha 1): the ablation
         s["alpha"] = meta["guard"]["alpha"]
-        s["unguarded"] = predict_and_score(run, d, sp, os.path.join(run, "alpha1"), seed, log, "--guard=False")
+        s["unguarded"] = predict_and_score(run, d, sp, os.path.join(run, "alpha1"), seed, log, "--alpha=1")
+        # the alpha each guard criterion (energy, set-mean error) would choose, scored: a paired comparison
+        s["guard_by"] = {}
+        for n, a in (meta["guard"].get("alpha_by") or {}).items():
+            at = {s["alpha"]: s, 1.0: s["unguarded"]}.get(a) or predict_and_score(
+                run, d, sp, os.path.join(run, f"alpha{a:g}"), seed, log, f"--alpha={a}")
+            s["guard_by"][n] = dict(alpha=a, **{m: at[m] for m in METRICS + ["de_nsig_counts_pred"] if m in at})
     s["best_step"] = meta.get("best_step")
     s["train_s"], s["total_s"] = t1 - t0, time.time() - t0
     return cached(score_f, lambda: s)

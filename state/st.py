@@ -69,7 +69,10 @@ class STConfig:
     basal_proj: bool = True     # f_cell is an MLP (use_basal_projection); False -> a single Linear
     mlp_dropout: float = 0.1    # dropout inside the MLPs (reference 0.1; paper 0.0)
     mlp_norm: str = "none"      # "none" (reference) | "layernorm" (paper encoders)
-    residual: str = "reference"  # "reference": z + f_cell(ctrl); "paper": z + full token sum h
+    residual: str = "reference"  # "reference": z + f_cell(ctrl); "paper": z + full token sum h; "none":
+                                # z alone (arc-state predict_residual=False)
+    activation: str = "gelu"    # activation inside the f_pert/f_cell/f_out MLPs (arc-state `activation`:
+                                # gelu | relu | leakyrelu | elu | selu)
     gene_space: bool = True     # outputs are expression values: ReLU them (SPEC 3.3)
     relu_embedding: bool = False  # reference quirk: ReLU signed embedding outputs too
     confidence_token: bool = False  # extra token predicting 10 x the set's loss (SPEC 4.3)
@@ -78,6 +81,8 @@ class STConfig:
     energy_scale: float = 0.5   # 0.5 = reference/geomloss scale, 1.0 = textbook E_V
     decoder_weight: float = 1.0  # gene-decoder loss weight (reference 1.0, paper 0.1)
     confidence_weight: float = 0.01  # MSE(conf, 10 x set loss) weight (reference)
+    mean_weight: float = 0.0    # weight of a pseudobulk term beside the energy distance: the squared
+                                # error of the set means, per feature (set_mean_error); 0 = off (reference)
     init_std: float = 0.02      # normal init std of backbone projections
     # options tested by the multi-seed protocol (state/experiment.py)
     anchor: str = "none"        # baseline-anchored output: y = ctrl + shift[c,p] + f_out(z), with the
@@ -97,10 +102,11 @@ class STConfig:
             ("mlp_dropout", 0 <= self.mlp_dropout < 1, "0 <= p < 1"), ("norm_eps", self.norm_eps > 0, "> 0"),
             ("init_std", self.init_std > 0, "> 0"), ("energy_scale", self.energy_scale > 0, "> 0"),
             ("decoder_weight", self.decoder_weight >= 0, ">= 0"),
-            ("confidence_weight", self.confidence_weight >= 0, ">= 0"),
+            ("confidence_weight", self.confidence_weight >= 0, ">= 0"), ("mean_weight", self.mean_weight >= 0, ">= 0"),
             ("decoder_hidden", all(h >= 1 for h in self.decoder_hidden), "widths >= 1"),
             ("mlp_norm", self.mlp_norm in ("none", "layernorm"), "none or layernorm"),
-            ("residual", self.residual in ("reference", "paper"), "reference or paper"))
+            ("residual", self.residual in ("reference", "paper", "none"), "reference, paper or none"),
+            ("activation", self.activation in ACTIVATIONS, " | ".join(ACTIVATIONS)))
             if not ok or (isinstance(getattr(self, k), float) and not math.isfinite(getattr(self, k)))]
         if self.head_dim == 0 and self.n_heads >= 1 and self.hidden % self.n_heads:
             bad.append(f"hidden={self.hidden} with n_heads={self.n_heads} (hidden must divide by n_heads when "
@@ -505,8 +511,12 @@ def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=F
 # modules
 
 
-def build_mlp(n_in, n_out, n_hid, n_layers, dropout=0.1, norm="none"):
-    """Reference build_mlp: n=1 Linear; else Linear->[LN]->GELU->Dropout, (n-2) more, then Linear."""
+# the MLP activations arc-state's `activation` setting names (its default: gelu)
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "selu": nn.SELU}
+
+
+def build_mlp(n_in, n_out, n_hid, n_layers, dropout=0.1, norm="none", act="gelu"):
+    """Reference build_mlp: n=1 Linear; else Linear->[LN]->act->Dropout, (n-2) more, then Linear."""
     if n_layers == 1:
         return nn.Linear(n_in, n_out)
     layers, d = [], n_in
@@ -514,7 +524,7 @@ def build_mlp(n_in, n_out, n_hid, n_layers, dropout=0.1, norm="none"):
         layers += [nn.Linear(d, n_hid)]
         if norm == "layernorm":
             layers += [nn.LayerNorm(n_hid)]
-        layers += [nn.GELU(), nn.Dropout(dropout)]
+        layers += [ACTIVATIONS[act](), nn.Dropout(dropout)]
         d = n_hid
     return nn.Sequential(*layers, nn.Linear(d, n_out))
 
@@ -645,9 +655,9 @@ class StateTransition(nn.Module):
         # 1 while training; train.py --guard chooses alpha for the held-out context on its support cells
         # and records it in meta.json (not in the weights: predict.py's load_run sets it)
         self.register_buffer("corr_scale", torch.ones(c.n_ctx) if c.anchor != "none" else None, persistent=False)
-        self.f_pert = build_mlp(c.n_pert, H, H, c.n_enc, c.mlp_dropout, c.mlp_norm)
+        self.f_pert = build_mlp(c.n_pert, H, H, c.n_enc, c.mlp_dropout, c.mlp_norm, c.activation)
         if c.basal_proj:
-            self.f_cell = build_mlp(c.n_in, H, H, c.n_enc, c.mlp_dropout, c.mlp_norm)
+            self.f_cell = build_mlp(c.n_in, H, H, c.n_enc, c.mlp_dropout, c.mlp_norm, c.activation)
         else:
             self.f_cell = nn.Linear(c.n_in, H)
         self.f_batch = nn.Embedding(c.n_batch, H) if c.n_batch > 0 else None
@@ -655,7 +665,7 @@ class StateTransition(nn.Module):
         self.conf_head = ConfidenceHead(H, c.mlp_dropout) if c.confidence_token else None
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(H, c.norm_eps)  # final norm: part of the backbone output
-        self.f_out = build_mlp(H, c.n_out, H, c.n_dec, c.mlp_dropout)
+        self.f_out = build_mlp(H, c.n_out, H, c.n_dec, c.mlp_dropout, act=c.activation)
         self.relu = c.gene_space or c.relu_embedding
         # rule: never build a decoder without a training target (n_genes is only set with one)
         self.decoder = gene_decoder(c.n_out, c.decoder_hidden, c.n_genes, c.mlp_dropout) if c.n_genes else None
@@ -734,7 +744,8 @@ class StateTransition(nn.Module):
         conf = None
         if self.conf_token is not None:
             conf, z, h = self.conf_head(z[:, 0]).squeeze(-1), z[:, 1:], h[:, 1:]  # (B,), (B,S,H)
-        z = z + (cell if c.residual == "reference" else h)  # residual in hidden space
+        if c.residual != "none":  # residual in hidden space
+            z = z + (cell if c.residual == "reference" else h)
         y = self.f_out(z)  # (B,S,Dout)
         if self.anchor_table is not None:  # a correction on top of the baseline's prediction
             if ctx is None or pert.dtype not in (torch.int64, torch.int32):
@@ -758,10 +769,25 @@ class StateTransition(nn.Module):
             return kernels.energy_distance(x.float(), y.float().detach(), n_x=lens, n_y=lens,
                                            scale=self.cfg.energy_scale)
 
+    @staticmethod
+    def set_mean_error(x, y, lens=None):
+        """Per-set (B,) squared error of the set means, averaged over features, in fp32: the error of the
+        pseudobulk shift (what pearson_delta and MAE score), blind to the cells' spread."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x, y = x.float(), y.float()
+            if lens is None:
+                return (x.mean(1) - y.mean(1)).pow(2).mean(-1)
+            m = (torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]).float()[..., None]  # (B,S,1)
+            n = lens.clamp_min(1).float()[:, None]  # (B,1)
+            return (((x - y) * m).sum(1) / n).pow(2).mean(-1)
+
     def _loss(self, y, conf, tgt, lens, tgt_genes):
         e = self.set_energy(y, tgt, lens)  # (B,)
         parts = {"main": e.nanmean()}
         loss = parts["main"]
+        if self.cfg.mean_weight:
+            parts["mean"] = self.set_mean_error(y, tgt, lens).nanmean()
+            loss = loss + self.cfg.mean_weight * parts["mean"]
         if self.decoder is not None and tgt_genes is not None:
             parts["decoder"] = self.set_energy(self.decoder(y), tgt_genes, lens).nanmean()
             loss = loss + self.cfg.decoder_weight * parts["decoder"]

@@ -220,6 +220,27 @@ def test_energy_loss_convention():
     assert xp.grad.abs().sum() > 0
 
 
+def test_pseudobulk_term_is_the_set_mean_error():
+    """mean_weight adds w * the squared error of the set means (per feature, over the valid cells of each
+    set) to the loss; 0 (default) leaves the loss the energy distance alone."""
+    x, y = torch.rand(3, 16, 37), torch.rand(3, 16, 37)
+    lens = torch.tensor([16, 9, 4])
+    want = torch.stack([(x[i, :n].mean(0) - y[i, :n].mean(0)).pow(2).mean() for i, n in enumerate(lens)])
+    torch.testing.assert_close(StateTransition.set_mean_error(x, y, lens), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(StateTransition.set_mean_error(x, y), ((x.mean(1) - y.mean(1)) ** 2).mean(-1))
+    torch.manual_seed(0)
+    m0 = StateTransition(tiny(mlp_dropout=0.0)).eval()
+    m1 = StateTransition(tiny(mlp_dropout=0.0, mean_weight=5.0)).eval()
+    m1.load_state_dict(m0.state_dict())
+    ctrl, tgt, pert = torch.rand(3, 16, 37), torch.rand(3, 16, 37), torch.tensor([0, 1, 2])
+    l0, p0 = m0(ctrl, pert, lens=lens, tgt=tgt)
+    l1, p1 = m1(ctrl, pert, lens=lens, tgt=tgt)
+    assert "mean" not in p0 and p1["mean"] > 0
+    torch.testing.assert_close(l1, l0 + 5.0 * p1["mean"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mean_weight"):
+        tiny(mean_weight=-1.0)
+
+
 def test_loss_in_fp32_under_autocast():
     m = StateTransition(tiny(mlp_dropout=0.0))
     ctrl, tgt = torch.rand(2, 16, 37), torch.rand(2, 16, 37)

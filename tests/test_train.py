@@ -191,6 +191,20 @@ def test_guard_scores_unseen_perturbations_held_out_whole(synth, tmp_path):
     losses = {float(k): v for k, v in g["losses"].items()}
     assert sorted(losses) == [0, 0.5, 1] and all(np.isfinite(list(losses.values())))
     assert len(set(losses.values())) == 3 and g["alpha"] == min(losses, key=losses.get)
+    means = {float(k): v for k, v in g["mean_losses"].items()}  # the set-mean error, recorded beside it
+    assert g["alpha_by"] == {"energy": g["alpha"], "mean": min(means, key=means.get)}
+    # predict.py --alpha: the same weights at another strength (0 = the anchor alone); refused outside [0, 1]
+    pt = ["predict.py", "test", f"--run={tmp_path / 'g'}", f"--data={synth / 'prep'}", f"--split={tmp_path / 'u.json'}"]
+    from state.h5ad import H5AD
+    xs = {}
+    for al in ("0", "1", ""):
+        run(*pt, f"--out={tmp_path / ('p' + al)}", *([f"--alpha={al}"] if al else []))
+        with H5AD(tmp_path / ("p" + al) / "pred.h5ad") as f:
+            xs[al] = f.matrix("X").block(0, f.n_obs)
+    assert not np.allclose(xs["0"], xs["1"])
+    assert np.allclose(xs[""], xs["0" if g["alpha"] == 0 else "1"]) or g["alpha"] == 0.5
+    r = run(*pt, f"--out={tmp_path / 'bad'}", "--alpha=2", ok=False)
+    assert r.returncode == 2 and "--alpha='2'" in r.stderr and not (tmp_path / "bad").exists()
     a[2], a[4] = f"--split={tmp_path / 'n.json'}", f"--out={tmp_path / 'n'}"
     r = run(*a)
     assert "no guard perturbations" in r.stdout
