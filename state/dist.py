@@ -212,17 +212,12 @@ def _safe_dcp():
     """A DCP FileSystemReader whose `.metadata` is read by a restricted unpickler (DCP's classes, torch
     dtypes, plain containers; anything else refused by name), and a load planner whose non-tensor items
     load with weights_only=True."""
-    import pickle
-
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, mod, name):
-            if (mod, name) in _DCP_OK or (mod == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-                return super().find_class(mod, name)
-            raise pickle.UnpicklingError(f"global '{mod}.{name}' is not allowed")
+    from state.unpickle import restricted
+    Unpickler = restricted(dict.fromkeys(_DCP_OK))  # DCP's classes, torch dtypes, plain containers
 
     class Reader(FileSystemReader):
         def read_metadata(self, *a, **k):

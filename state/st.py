@@ -723,10 +723,10 @@ class StateTransition(nn.Module):
             return F.one_hot(pert.long(), self.cfg.n_pert).to(dtype)  # (B,P)
         return pert.to(dtype)  # (B,P) features given directly
 
-    def forward(self, ctrl, pert, batch=None, lens=None, tgt=None, tgt_genes=None, ctx=None):
+    def forward(self, ctrl, pert, batch=None, lens=None, tgt=None, tgt_genes=None, ctx=None, with_conf=False):
         """ctrl (B,S,Din), pert (B,) codes or (B,P) features, batch (B,S) int, lens (B,) valid cells,
-        ctx (B,) context codes (anchored models). Without tgt: pred (B,S,Dout). With tgt (B,S,Dout)
-        [and tgt_genes (B,S,G)]: (loss, parts)."""
+        ctx (B,) context codes (anchored models). Without tgt: pred (B,S,Dout), or (pred, conf (B,) or None)
+        with with_conf=True. With tgt (B,S,Dout) [and tgt_genes (B,S,G)]: (loss, parts)."""
         B, S, _ = ctrl.shape
         c = self.cfg
         cell = self.f_cell(ctrl)  # (B,S,H)
@@ -755,7 +755,7 @@ class StateTransition(nn.Module):
         if self.relu:
             y = F.relu(y)
         if tgt is None:
-            return y
+            return (y, conf) if with_conf else y
         return self._loss(y, conf, tgt, lens, tgt_genes)
 
     def decode(self, y):

@@ -1,0 +1,352 @@
+"""
+Import an arc-state ST run (what `state tx train` writes) as a nanostate ST run folder, so predict.py
+simulate/test read it like a run of train.py:
+
+    python -m state.convert --arc_run=ARC_DIR --out=NANO_RUN_DIR [--checkpoint=final.ckpt]
+    python predict.py simulate --run=NANO_RUN_DIR --adata=controls.h5ad --perts=A,B --out=screen.h5ad
+
+ARC_DIR holds config.yaml, var_dims.pkl, pert_onehot_map.pt, checkpoints/*.ckpt and the batch and cell-type
+one-hot maps. Nothing in it is executed: the Lightning .ckpt and var_dims.pkl are read by a restricted
+unpickler (tensors, numbers, strings, containers; any other global refused by name, state/unpickle.py), the
+.pt/.torch maps by torch.load(weights_only=True); data_module.torch (a pickled object) is never read.
+
+The model is rebuilt from the checkpoint's own hyper-parameters (what arc-state's load_from_checkpoint
+reads) and mapped onto STConfig; every forward-relevant arc-state setting either maps exactly or is refused
+with its name:
+
+    arc-state                                  nanostate STConfig
+    hidden_dim, cell_set_len                   hidden, set_size
+    transformer_backbone_kwargs (llama,        n_layers, n_heads, head_dim, ff, norm_eps (rms_norm_eps,
+      bidirectional)                             default 1e-6: HF ignores layer_norm_eps)
+    n_encoder_layers / n_decoder_layers        n_enc / n_dec
+    use_basal_projection, activation           basal_proj, activation
+    predict_residual True / False              residual="reference" / "none"
+    batch_encoder (+ batch_dim)                n_batch (batch names from batch_onehot_map, by index)
+    confidence_token                           confidence_token (appended there, prepended here: no
+                                                 positions, so the same outputs)
+    embed_key X_hvg / None, output_space gene  gene_space=True (ReLU)
+    embed_key other, output_space gene         gene_space=False, n_genes + decoder_hidden (the decoder that
+                                                 arc-state trains on X_hvg)
+    embed_key other, output_space embedding    gene_space=False, relu_embedding=True (arc-state ReLUs it)
+    pert_onehot_map (one-hot or features)      pert_table (the map's vectors, its names in order)
+
+Refused (named): a GPT2 backbone, a causal LLaMA, grouped-query attention, biased attention/MLP, another
+MLP activation in the backbone, mask_attn, an active use_batch_token, LoRA, the VCI counts decoder, the
+residual gene decoder, output_space=all (arc's DownUp head). A gene decoder that arc-state built but never
+trained (HVG input: ArcInstitute/state#247) is dropped, and said so. Everything else in the config is
+training-only (loss, optimiser, logging) and read by no forward.
+"""
+
+import hashlib
+import json
+import os
+import re
+import sys
+
+import torch
+
+from state.errors import UserError, output_folder, run
+
+COMMAND = "python -m state.convert"
+# the llama kwargs that change what the backbone computes, and the values nanostate's blocks compute
+LLAMA_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+
+
+# -----------------------------------------------------------------------------
+# reading an arc-state run
+
+
+def _config_yaml(path):
+    """The scalar settings of arc-state's config.yaml (OmegaConf's output: nested `key: value` blocks) as
+    {'data.kwargs.pert_col': 'target_gene', ...}; lists and mappings written inline are kept as text."""
+    out, stack = {}, []
+    for line in open(path, encoding="utf-8"):
+        if not line.strip() or line.lstrip().startswith(("#", "- ")):
+            continue
+        m = re.match(r"^( *)([^:#]+):(?: (.*))?$", line.rstrip("\n"))
+        if not m:
+            continue
+        ind, key, val = len(m.group(1)), m.group(2).strip(), (m.group(3) or "").strip()
+        while stack and stack[-1][0] >= ind:
+            stack.pop()
+        if val == "":
+            stack.append((ind, key))
+            continue
+        if len(val) > 1 and val[0] == val[-1] and val[0] in "'\"":
+            val = val[1:-1]
+        out[".".join([k for _, k in stack] + [key])] = None if val == "null" else val
+    return out
+
+
+def pick_checkpoint(arc, name=""):
+    d = os.path.join(arc, "checkpoints")
+    if name:
+        p = name if os.path.isabs(name) or os.path.exists(name) else os.path.join(d, name)
+        if not os.path.isfile(p):
+            raise UserError(f"{p}: checkpoint not found (--checkpoint=NAME of a file in {d}, or a path)")
+        return p
+    cks = sorted(f for f in os.listdir(d) if f.endswith(".ckpt")) if os.path.isdir(d) else []
+    for f in ("final.ckpt", "last.ckpt"):
+        if f in cks:
+            return os.path.join(d, f)
+    if len(cks) == 1:
+        return os.path.join(d, cks[0])
+    raise UserError(f"{d}: {'no .ckpt file' if not cks else f'{len(cks)} checkpoints ({cks[:5]})'} and no "
+                    "final.ckpt or last.ckpt; give --checkpoint=NAME")
+
+
+def read_arc_run(arc, checkpoint=""):
+    """-> dict of an arc-state ST run folder: hp (the checkpoint's hyper-parameters), sd (its weights),
+    var_dims, the pert/batch/cell-type maps, config.yaml's scalars, the checkpoint path and step."""
+    from state import unpickle
+    if not os.path.isdir(arc):
+        raise UserError(f"--arc_run={arc}: {'is a file' if os.path.exists(arc) else 'not found'}; give the "
+                        "folder `state tx train` wrote (config.yaml, var_dims.pkl, checkpoints/)")
+    for f in ("config.yaml", "var_dims.pkl", "pert_onehot_map.pt"):
+        if not os.path.isfile(os.path.join(arc, f)):
+            raise UserError(f"{arc}: {f} is missing: not an arc-state ST run folder (`state tx train` writes "
+                            "config.yaml, var_dims.pkl, pert_onehot_map.pt, checkpoints/*.ckpt)")
+    ck = pick_checkpoint(arc, checkpoint)
+    obj = unpickle.torch_load(ck, what="an arc-state checkpoint")
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict) or \
+            not isinstance(obj.get("hyper_parameters"), dict):
+        raise UserError(f"{ck}: not a Lightning checkpoint of an arc-state model (no state_dict or "
+                        "hyper_parameters)")
+    var_dims = unpickle.load(os.path.join(arc, "var_dims.pkl"), what="var_dims.pkl")
+    if not isinstance(var_dims, dict):
+        raise UserError(f"{arc}/var_dims.pkl: holds a {type(var_dims).__name__}, not arc-state's dict of dims")
+
+    def onehot(base, need):
+        for ext in (".pt", ".torch", ".pkl"):
+            p = os.path.join(arc, base + ext)
+            if os.path.isfile(p):
+                m = unpickle.load(p, what=base) if ext == ".pkl" else unpickle.weights_load(p, what=base)
+                if not isinstance(m, dict) or not all(torch.is_tensor(v) and v.dim() == 1 for v in m.values()):
+                    raise UserError(f"{p}: not a {{name: vector}} map")
+                return {str(k): v.float() for k, v in m.items()}
+        if need:
+            raise UserError(f"{arc}: {base}.torch is missing (the model has a batch encoder, whose batch names "
+                            "it holds); copy the whole arc-state run folder")
+        return None
+    hp = obj["hyper_parameters"]
+    pert = onehot("pert_onehot_map", True)
+    return dict(arc=arc, ckpt=ck, hp=hp, sd=obj["state_dict"], var_dims=var_dims, pert=pert,
+                batch=onehot("batch_onehot_map", bool(hp.get("batch_encoder"))),
+                ctype=onehot("cell_type_onehot_map", False), yaml=_config_yaml(os.path.join(arc, "config.yaml")),
+                step=int(obj.get("global_step") or 0))
+
+
+# -----------------------------------------------------------------------------
+# the mapping
+
+
+def st_config(r):
+    """(STConfig, notes, decoder_trained) of an arc-state run, or a UserError naming the setting that does
+    not map."""
+    from state.st import ACTIVATIONS, STConfig
+    hp, vd, ck = r["hp"], r["var_dims"], r["ckpt"]
+
+    def refuse(field, why):
+        raise UserError(f"{ck}: {field}: {why}; nanostate's ST does not compute this, so it cannot be imported "
+                        "(retrain without it, or run it with arc-state)")
+    if str(hp.get("transformer_backbone_key", "")).lower() != "llama":
+        refuse(f"model.kwargs.transformer_backbone_key={hp.get('transformer_backbone_key')!r}",
+               "only the bidirectional LLaMA backbone (every state* preset) is mapped, not GPT2 (pertsets)")
+    bk = dict(hp.get("transformer_backbone_kwargs") or {})
+    if not bk.get("bidirectional_attention", False):
+        refuse("transformer_backbone_kwargs.bidirectional_attention=False", "a causal LLaMA with rotary positions")
+    for k, v in LLAMA_FIXED.items():
+        if bk.get(k, v) != v:
+            refuse(f"transformer_backbone_kwargs.{k}={bk[k]!r}", f"the backbone has {k}={v!r}")
+    H = int(bk.get("hidden_size", hp.get("hidden_dim", 0)))
+    if H != int(hp.get("hidden_dim", H)):
+        refuse(f"transformer_backbone_kwargs.hidden_size={H}", f"differs from model.kwargs.hidden_dim={hp.get('hidden_dim')}")
+    nh = int(bk.get("num_attention_heads", 32))
+    if int(bk.get("num_key_value_heads") or nh) != nh:
+        refuse(f"transformer_backbone_kwargs.num_key_value_heads={bk['num_key_value_heads']}",
+               f"grouped-query attention ({nh} query heads)")
+    act = str(hp.get("activation", "gelu")).lower()
+    if act not in ACTIVATIONS:
+        refuse(f"model.kwargs.activation={act!r}", f"not one of {', '.join(ACTIVATIONS)}")
+    if hp.get("mask_attn"):
+        refuse("model.kwargs.mask_attn=True", "each cell attends only to itself")
+    if hp.get("use_batch_token") and not hp.get("batch_encoder") and hp.get("basal_mapping_strategy") != "random":
+        refuse("model.kwargs.use_batch_token=True", "a learned batch token prepended to every set")
+    if (hp.get("lora") or {}).get("enable"):
+        refuse("model.kwargs.lora.enable=True", "LoRA adapters on the backbone (merge them into the weights first)")
+    if hp.get("finetune_vci_decoder"):
+        refuse("model.kwargs.finetune_vci_decoder=True", "the VCI counts decoder")
+    space, key = hp.get("output_space", "gene"), hp.get("embed_key")
+    if space == "all":
+        refuse("data.kwargs.output_space=all", "arc's all-genes head (project_out + basal, then a Linear-GELU-"
+               "Linear down/up block)")
+    if space not in ("gene", "embedding"):
+        refuse(f"data.kwargs.output_space={space!r}", "not gene or embedding")
+    has_dec = any(k.startswith("gene_decoder.") for k in r["sd"])
+    if has_dec and (hp.get("residual_decoder") or (hp.get("decoder_cfg") or {}).get("residual_decoder")):
+        refuse("model.kwargs.residual_decoder=True", "a gene decoder with skip connections between its blocks")
+    gene_space = key in (None, "X_hvg")
+    trained_dec = has_dec and bool(key) and key != "X_hvg" and space == "gene"  # cell-load gives it targets
+    notes = []
+    if has_dec and not trained_dec:
+        notes.append("dropped the gene decoder arc-state built but never trained (HVG input: no gene targets; "
+                     "ArcInstitute/state#247)")
+    dec_w, G = (), 0
+    if trained_dec:  # widths from the tensors (older checkpoints have no decoder_cfg)
+        lin = sorted((int(k.split(".")[2]), v.shape) for k, v in r["sd"].items()
+                     if re.fullmatch(r"gene_decoder\.decoder\.\d+\.weight", k) and v.dim() == 2)
+        dec_w, G = tuple(s[0] for _, s in lin[:-1]), lin[-1][1][0]
+    cfg = STConfig(
+        n_in=int(vd["input_dim"]), n_out=int(vd["output_dim"]), n_pert=int(vd["pert_dim"]),
+        n_batch=int(vd["batch_dim"]) if hp.get("batch_encoder") and vd.get("batch_dim") else 0,
+        n_genes=G, set_size=int(hp.get("cell_set_len", 256)), hidden=H, n_layers=int(bk.get("num_hidden_layers", 32)),
+        n_heads=nh, head_dim=int(bk.get("head_dim") or H // nh), ff=int(bk.get("intermediate_size", 4 * H)),
+        norm_eps=float(bk.get("rms_norm_eps", 1e-6)), n_enc=int(hp.get("n_encoder_layers", 2)),
+        n_dec=int(hp.get("n_decoder_layers", 2)), basal_proj=bool(hp.get("use_basal_projection", True)),
+        mlp_dropout=float(hp.get("dropout", 0.1)), residual="reference" if hp.get("predict_residual", True) else "none",
+        activation=act, gene_space=gene_space, relu_embedding=not gene_space and not trained_dec,
+        confidence_token=bool(hp.get("confidence_token")), decoder_hidden=dec_w or (1024, 1024, 512),
+        decoder_weight=float(hp.get("decoder_weight", 1.0)), confidence_weight=float(hp.get("confidence_weight", 0.01)))
+    return cfg, notes, trained_dec
+
+
+def st_weights(r, cfg, trained_dec):
+    """arc-state's state_dict -> nanostate's names (q/k/v and gate/up fused), every tensor accounted for."""
+    sd, out, used = r["sd"], {}, set()
+    single = lambda name: (cfg.n_dec if name == "f_out" else 1 if name == "f_cell" and not cfg.basal_proj
+                           else cfg.n_enc) == 1
+
+    def take(k):
+        if k not in sd:
+            raise UserError(f"{r['ckpt']}: tensor '{k}' is missing (a damaged or another kind of checkpoint)")
+        used.add(k)
+        return sd[k].float()
+    for name, src in (("f_pert", "pert_encoder"), ("f_cell", "basal_encoder"), ("f_out", "project_out")):
+        for k in [k for k in sd if k.startswith(src + ".")]:
+            # arc-state's 1-layer MLP is Sequential(Linear) ("x.0.weight"); nanostate's a bare Linear
+            out[name + re.sub(r"^\.0\.", ".", k[len(src):]) if single(name) else name + k[len(src):]] = take(k)
+    bb = "transformer_backbone."
+    for i in range(cfg.n_layers):
+        p, q = f"{bb}layers.{i}.", f"blocks.{i}."
+        out[q + "attn.wqkv.weight"] = torch.cat([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        out[q + "attn.wo.weight"] = take(p + "self_attn.o_proj.weight")
+        out[q + "mlp.w13.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        out[q + "mlp.w2.weight"] = take(p + "mlp.down_proj.weight")
+        out[q + "norm1.weight"] = take(p + "input_layernorm.weight")
+        out[q + "norm2.weight"] = take(p + "post_attention_layernorm.weight")
+    out["norm.weight"] = take(bb + "norm.weight")
+    used.add(bb + "embed_tokens.weight")  # zeroed, frozen and never read (inputs_embeds are given)
+    if cfg.n_batch:
+        out["f_batch.weight"] = take("batch_encoder.weight")
+    if cfg.confidence_token:
+        out["conf_token"] = take("confidence_token.confidence_token")
+        for k in [k for k in sd if k.startswith("confidence_token.confidence_projection.")]:
+            out["conf_head.net." + k.split(".", 2)[2]] = take(k)
+    for k in [k for k in sd if k.startswith("gene_decoder.")]:
+        if trained_dec:
+            out["decoder." + k.split(".", 2)[2]] = take(k)
+        else:
+            used.add(k)
+    left = sorted(set(sd) - used)
+    if left:
+        raise UserError(f"{r['ckpt']}: {len(left)} tensors have no place in the mapped model (e.g. {left[:4]}): "
+                        "the checkpoint holds parts nanostate's ST does not compute; it cannot be imported")
+    names = list(r["pert"])
+    table = torch.stack([r["pert"][n] for n in names])
+    if table.shape[1] != cfg.n_pert:
+        raise UserError(f"{r['arc']}/pert_onehot_map.pt: vectors of width {table.shape[1]} but var_dims.pkl says "
+                        f"pert_dim={cfg.n_pert}")
+    out["pert_table"] = table
+    return out, names
+
+
+def by_index(m, what):
+    """Names of a one-hot map ordered by their hot index (the batch encoder's rows)."""
+    if m is None:
+        return []
+    idx = {n: int(v.argmax()) for n, v in m.items()}
+    names = sorted(idx, key=idx.get)
+    if sorted(idx.values()) != list(range(len(idx))):
+        raise UserError(f"{what}: not a one-hot map over {len(idx)} names (indices {sorted(idx.values())[:10]})")
+    return names
+
+
+def convert(arc, out, checkpoint=""):
+    """Write the nanostate run folder `out` from the arc-state run `arc`; -> (meta, notes)."""
+    from safetensors.torch import save_file
+
+    from state import ckpt
+    from state.st import StateTransition
+    r = read_arc_run(arc, checkpoint)
+    cfg, notes, trained_dec = st_config(r)
+    sd, pert_names = st_weights(r, cfg, trained_dec)
+    try:  # the mapped weights must fill the model exactly
+        model = StateTransition(cfg, pert_table=sd["pert_table"])
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"{r['ckpt']}: its tensors do not fit the model its settings describe "
+                        f"({' '.join(str(e).split())[:300]})") from None
+    for k, v in sd.items():
+        if not torch.isfinite(v).all():
+            raise UserError(f"{r['ckpt']}: tensor for '{k}' has NaN/Inf values; these weights cannot predict")
+    hp, vd, y = r["hp"], r["var_dims"], r["yaml"]
+    key = hp.get("embed_key")
+    genes = [str(g) for g in (vd.get("gene_names") or [])]
+    if cfg.gene_space:
+        if len(genes) != cfg.n_in:
+            raise UserError(f"{arc}/var_dims.pkl: {len(genes)} gene names for an input of {cfg.n_in} genes; "
+                            "cannot tell which column is which gene")
+        in_names, genes_out = genes, None
+    else:
+        in_names = [f"{key}_{i}" for i in range(cfg.n_in)]  # obsm columns, as state.data.obsm_names names them
+        genes_out = genes if trained_dec else None
+        if trained_dec and len(genes) != cfg.n_genes:
+            raise UserError(f"{arc}/var_dims.pkl: {len(genes)} gene names for a decoder of {cfg.n_genes} genes")
+    control = str(hp.get("control_pert") or y.get("data.kwargs.control_pert") or "")
+    if control not in pert_names:
+        raise UserError(f"{arc}: the control '{control}' is not in pert_onehot_map.pt ({pert_names[:10]})")
+    sha = hashlib.sha256(open(r["ckpt"], "rb").read()).hexdigest()[:16]
+    meta = {"step": r["step"], "val_loss": None, "st": cfg.to_dict(), "kind": "nanostate-st",
+            "genes": in_names, "key": f"obsm/{key}" if key else "X",
+            "recipe": {"log1p": True, "target_sum": None, "libsize_genes": None},  # arc-state's inputs are log1p
+            "gene_space": cfg.gene_space, "genes_out": genes_out, "genes_key": "X" if trained_dec else None,
+            "pert_names": pert_names, "context_names": list(r["ctype"] or []),
+            "batch_names": by_index(r["batch"], f"{arc}/batch_onehot_map"),
+            "pert_col": y.get("data.kwargs.pert_col") or "gene", "context_col": y.get("data.kwargs.cell_type_key"),
+            "batch_col": y.get("data.kwargs.batch_col"), "control": control, "data": None, "data_checksum": None,
+            "split": None, "split_hash": None, "corr_scale": None, "pert_features": None, "combos": None,
+            "combo_parts": None, "init_from": None,
+            "arc": {"run": os.path.abspath(arc), "checkpoint": os.path.relpath(r["ckpt"], arc), "sha256": sha,
+                    "global_step": r["step"], "embed_key": key, "output_space": hp.get("output_space"),
+                    "notes": notes}}
+    from state.ckpt import lock
+    lock(out, COMMAND)
+    if not ckpt.empty(out) and ckpt.latest(out) is not None:
+        raise UserError(f"--out={out}: holds a run already; choose another folder")
+    d = ckpt.begin(out, r["step"])
+    ckpt.write(os.path.join(d, "model.safetensors"), lambda p: save_file(
+        {k: v.contiguous() for k, v in sd.items()}, p, {"step": str(r["step"]), "from": "arc-state"}))
+    ckpt.write(os.path.join(d, "meta.json"), lambda p: ckpt.write_text(p, json.dumps(meta, indent=1)))
+    ckpt.commit(out, r["step"])
+    return meta, notes
+
+
+def main(argv):
+    from state.config import configure
+    cfg = {"arc_run": "", "out": "", "checkpoint": ""}
+    configure(argv, cfg)
+    if not cfg["arc_run"] or not cfg["out"]:
+        raise UserError("--arc_run=ARC_DIR and --out=NANO_RUN_DIR are required (see --help)")
+    output_folder(cfg["out"], [cfg["arc_run"]], COMMAND)
+    meta, notes = convert(cfg["arc_run"], cfg["out"], cfg["checkpoint"])
+    c = meta["st"]
+    print(f"{meta['arc']['checkpoint']} (step {meta['step']}) -> {cfg['out']}: ST hidden {c['hidden']}, {c['n_layers']} "
+          f"layers, set {c['set_size']}, input {meta['key']} ({c['n_in']}), {len(meta['pert_names'])} perturbations"
+          + (f", gene decoder -> {c['n_genes']} genes" if c["n_genes"] else ""))
+    for n in notes:
+        print("note:", n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(COMMAND, main, None, __doc__))

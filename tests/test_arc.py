@@ -1,0 +1,212 @@
+"""arc-state ST runs in: real `state tx train` runs (tests/fixtures/arc/, recorded by
+dev/record_arc_fixtures.py with arc-state installed) converted by `python -m state.convert` give arc-state's
+own recorded outputs (predicted cells, decoded genes, confidence) within 1e-5 in fp32, without arc-state
+installed; predict.py simulate on the converted run gives what `state tx infer` wrote on the same file;
+crafted files are refused without running their payload; settings nanostate does not compute are refused
+by name."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from state.convert import convert
+from state.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures" / "arc"
+RUNS = ("hvg_sm", "emb_dec", "emb_conf_batch", "hvg_nores")
+TOL = 1e-5
+
+
+def fixture(name):
+    """A recorded arc-state run: missing fixtures fail (a skipped parity test would pass CI silently)."""
+    p = FIX / name
+    assert (p / "checkpoints" / "final.ckpt").is_file() and (p / "arc_outputs.safetensors").is_file(), \
+        f"{p}: arc-state fixture missing; record it with dev/record_arc_fixtures.py (see its docstring)"
+    return p
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Every fixture run converted once: name -> (run folder, model, meta, notes)."""
+    from predict import load_run
+    out = {}
+    for name in RUNS:
+        d = tmp_path_factory.mktemp("nano") / name
+        _, notes = convert(str(fixture(name)), str(d))
+        model, meta = load_run(str(d))
+        out[name] = (d, model, meta, notes)
+    return out
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_forward_matches_arc_state(converted, name):
+    """Each recorded set (lengths S down to 1, every perturbation, the control too) through the converted
+    model: predictions, decoded genes and the confidence as arc-state's predict_step gave them."""
+    _, model, meta, _ = converted[name]
+    path = fixture(name) / "arc_outputs.safetensors"
+    rec = load_file(path)
+    arc_names = json.loads(safe_open(str(path), "pt").metadata()["pert_names"])
+    code = {n: i for i, n in enumerate(meta["pert_names"])}
+    assert sorted(code) == sorted(arc_names)
+    worst = {"preds": 0.0, "dec": 0.0, "conf": 0.0}
+    n_sets = len(rec["pert"])
+    assert n_sets >= len(arc_names) and len(set(rec["set"].tolist())) == n_sets
+    for i in range(n_sets):
+        s = rec["set"] == i
+        pert = torch.tensor([code[arc_names[int(rec["pert"][i])]]])
+        batch = rec["batch"][s][None] if model.cfg.n_batch else None
+        with torch.no_grad():
+            y, conf = model(rec["ctrl"][s][None].float(), pert, batch=batch, with_conf=True)
+            worst["preds"] = max(worst["preds"], (y[0] - rec["preds"][s]).abs().max().item())
+            if "dec" in rec and model.decoder is not None:
+                worst["dec"] = max(worst["dec"], (model.decode(y)[0] - rec["dec"][s]).abs().max().item())
+            if "conf" in rec:
+                worst["conf"] = max(worst["conf"], abs(conf.item() - rec["conf"][i].item()))
+    print(f"{name}: max |diff| {worst}")
+    assert worst["preds"] <= TOL and worst["dec"] <= TOL and worst["conf"] <= TOL, worst
+    # outputs that could hide a wrong mapping: not all zero, not all the same
+    assert rec["preds"].abs().max() > 0.05 and rec["preds"].std(0).max() > 1e-3
+    if "conf" in rec:
+        assert rec["conf"].min() > 0  # the confidence head's final ReLU is not simply clipping everything
+
+
+def test_mapping_of_each_variant(converted):
+    """What each arc-state variant became: decoder kept only where arc-state trained it, ReLU where it
+    applies one, residual, batch encoder, confidence token, activation, 1-layer MLPs."""
+    c = {n: converted[n][1].cfg for n in RUNS}
+    m = {n: converted[n][2] for n in RUNS}
+    assert c["hvg_sm"].gene_space and not c["hvg_sm"].basal_proj and c["hvg_sm"].n_enc == 4
+    assert converted["hvg_sm"][1].decoder is None and m["hvg_sm"]["key"] == "obsm/X_hvg"
+    assert converted["emb_dec"][1].decoder is not None and c["emb_dec"].n_genes == 48
+    assert c["emb_dec"].decoder_hidden == (32, 24) and not c["emb_dec"].gene_space and not c["emb_dec"].relu_embedding
+    assert m["emb_dec"]["genes_out"] and len(m["emb_dec"]["genes_out"]) == 48 and m["emb_dec"]["key"] == "obsm/X_emb"
+    e = c["emb_conf_batch"]
+    assert e.relu_embedding and e.confidence_token and e.n_batch == 3 and e.activation == "relu" and e.n_enc == 3
+    assert m["emb_conf_batch"]["batch_names"] == ["rep_1", "rep_2", "rep_3"]
+    assert c["hvg_nores"].residual == "none" and c["hvg_nores"].n_enc == 1 and c["hvg_nores"].n_dec == 1
+    assert converted["hvg_nores"][1].decoder is None and any("never trained" in n for n in converted["hvg_nores"][3])
+    assert m["hvg_sm"]["control"] == "non-targeting" and m["hvg_sm"]["pert_col"] == "target_gene"
+
+
+@pytest.mark.parametrize("name", ["hvg_sm", "emb_dec"])
+def test_simulate_matches_state_tx_infer(converted, name, tmp_path):
+    """predict.py simulate (unchanged) on the converted run vs `state tx infer` on the same file. The file's
+    one cell type has one control cell, so both tools' control draws can only pick it (arc-state draws with
+    np.random.RandomState per window, nanostate with its own generator: with a larger pool the draws, not
+    the models, would differ). Genes are compared by name (decoded genes for the decoder run)."""
+    import predict
+    from state.h5ad import H5AD
+    d, model, meta, _ = converted[name]
+    src, ref = fixture(name) / "infer_in.h5ad", fixture(name) / "infer_out.h5ad"
+    out = tmp_path / "screen.h5ad"
+    predict.cmd_simulate([f"--run={d}", f"--adata={src}", "--perts=STAT1,JAK2,non-targeting", "--n_cells=10",
+                          f"--out={out}"])
+    with H5AD(str(ref)) as f:
+        labels = np.asarray(f.column("target_gene")).astype(str)
+        arc_genes = list(f.var_names())
+        arc = f.matrix("obsm/X_hvg").rows(np.arange(f.n_obs))  # predictions (HVG run) / decoded genes
+    with H5AD(str(out)) as f:
+        pred = np.asarray(f.column("is_predicted")).astype(bool)
+        plabels = np.asarray(f.column("target_gene")).astype(str)
+        genes = list(f.var_names())
+        X = f.matrix("X").rows(np.arange(f.n_obs))
+    col = [arc_genes.index(g) for g in genes]
+    for p in ("STAT1", "JAK2", "non-targeting"):
+        ours, theirs = X[pred & (plabels == p)], arc[labels == p][:, col]
+        assert len(ours) == 10 and len(theirs) >= 1
+        diff = np.abs(ours[:, None, :] - theirs[None, :, :]).max()
+        assert diff <= TOL, (p, diff)
+        assert np.abs(theirs - theirs.mean(0)).max() <= TOL  # one control in: every predicted cell alike
+    assert np.abs(arc[labels == "STAT1"] - arc[labels == "JAK2"]).max() > 20 * TOL  # the perturbation shows
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.getcwd()}/PWNED_BY_ARC",))
+
+
+def _copy(tmp_path, name="hvg_sm"):
+    d = tmp_path / "arc"
+    shutil.copytree(fixture(name), d)
+    return d
+
+
+@pytest.mark.parametrize("what", ["ckpt", "ckpt_legacy", "var_dims", "pert_map"])
+def test_crafted_files_are_refused_and_never_run(tmp_path, monkeypatch, what):
+    import pickle
+    monkeypatch.chdir(tmp_path)
+    d = _copy(tmp_path)
+    evil = {"state_dict": {}, "hyper_parameters": {"x": Payload()}}
+    if what == "ckpt":
+        torch.save(evil, d / "checkpoints" / "final.ckpt")
+    elif what == "ckpt_legacy":
+        torch.save(evil, d / "checkpoints" / "final.ckpt", _use_new_zipfile_serialization=False)
+    elif what == "var_dims":
+        (d / "var_dims.pkl").write_bytes(pickle.dumps({"input_dim": Payload()}))
+    else:
+        torch.save({"A": torch.ones(3), "B": Payload()}, d / "pert_onehot_map.pt")
+    with pytest.raises(UserError, match="refusing to unpickle|not plain data") as e:
+        convert(str(d), str(tmp_path / "out"))
+    assert "system" in str(e.value) or what == "pert_map"  # the refused global is named
+    assert not (tmp_path / "PWNED_BY_ARC").exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _edit_hp(d, **kw):
+    """Re-save the fixture checkpoint with hyper-parameters changed (what another arc-state config gives)."""
+    from state import unpickle
+    p = d / "checkpoints" / "final.ckpt"
+    ck = unpickle.torch_load(str(p))
+    for k, v in kw.items():
+        if "." in k:
+            a, b = k.split(".")
+            ck["hyper_parameters"][a][b] = v
+        else:
+            ck["hyper_parameters"][k] = v
+    torch.save(ck, p)
+
+
+@pytest.mark.parametrize("edit,field", [
+    (dict(mask_attn=True), "mask_attn"),
+    (dict(transformer_backbone_key="GPT2"), "transformer_backbone_key"),
+    (dict(output_space="all"), "output_space=all"),
+    ({"transformer_backbone_kwargs.num_key_value_heads": 2}, "num_key_value_heads"),
+    ({"transformer_backbone_kwargs.bidirectional_attention": False}, "bidirectional_attention"),
+    ({"lora.enable": True}, "lora.enable"),
+    (dict(activation="tanh"), "activation"),
+])
+def test_unmapped_settings_are_refused_by_name(tmp_path, edit, field):
+    d = _copy(tmp_path)
+    _edit_hp(d, **edit)
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        convert(str(d), str(tmp_path / "out"))
+
+
+def test_cli_one_line_errors(tmp_path):
+    """The command line: --help exit 0; a missing file and an extra tensor: one line, exit 2, no folder."""
+    cmd = [sys.executable, "-m", "state.convert"]
+    r = subprocess.run(cmd + ["--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "--arc_run" in r.stdout
+    d = _copy(tmp_path)
+    os.remove(d / "var_dims.pkl")
+    r = subprocess.run(cmd + [f"--arc_run={d}", f"--out={tmp_path / 'o'}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "var_dims.pkl is missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    d2 = _copy(tmp_path / "b")
+    from state import unpickle
+    p = d2 / "checkpoints" / "final.ckpt"
+    ck = unpickle.torch_load(str(p))
+    ck["state_dict"]["batch_token"] = torch.zeros(1, 1, 32)
+    torch.save(ck, p)
+    r = subprocess.run(cmd + [f"--arc_run={d2}", f"--out={tmp_path / 'o2'}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "batch_token" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o").exists()
