@@ -2,8 +2,13 @@
 Import an arc-state ST run (what `state tx train` writes) as a nanostate ST run folder, so predict.py
 simulate/test read it like a run of train.py:
 
-    python -m state.convert --arc_run=ARC_DIR --out=NANO_RUN_DIR [--checkpoint=final.ckpt]
+    python -m state.convert --arc_run=ARC_DIR --out=NANO_RUN_DIR [--checkpoint=final.ckpt] [--data=PREPARED]
     python predict.py simulate --run=NANO_RUN_DIR --adata=controls.h5ad --perts=A,B --out=screen.h5ad
+    python predict.py test --run=NANO_RUN_DIR --data=PREPARED --split=split.json --out=DIR   # with --data
+
+--data=PREPARED binds the import to a folder of `python -m state.data prepare` (prepared from the run's input,
+e.g. --key=obsm/X_hvg): perturbation and batch codes in that folder's order, its checksum recorded, so
+predict.py test replays a split of it. Without it the run is not tied to any data (simulate needs none).
 
 ARC_DIR holds config.yaml, var_dims.pkl, pert_onehot_map.pt, checkpoints/*.ckpt and the batch and cell-type
 one-hot maps. Nothing in it is executed: the Lightning .ckpt and var_dims.pkl are read by a restricted
@@ -271,21 +276,56 @@ def by_index(m, what):
     return names
 
 
-def convert(arc, out, checkpoint=""):
-    """Write the nanostate run folder `out` from the arc-state run `arc`; -> (meta, notes)."""
+def fits(cfg, sd, ck):
+    """The mapped weights fill the model exactly (every tensor, every shape), or a UserError."""
+    from state.st import StateTransition
+    try:
+        StateTransition(cfg, pert_table=sd["pert_table"]).load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"{ck}: its tensors do not fit the model its settings describe "
+                        f"({' '.join(str(e).split())[:300]})") from None
+
+
+def bind(sd, meta, cfg, data):
+    """--data=PREPARED: the imported run in a prepared folder's codes, so predict.py test reads that folder
+    with it: the perturbation table's rows (and the batch encoder's) in the folder's vocabulary order (its
+    perturbations must all be in the run's map), the folder's genes checked equal to the run's input
+    columns, its checksum, columns and context names recorded."""
+    from state.data import Prepared
+    D = Prepared(data)
+    if list(D.genes) != list(meta["genes"]):
+        bad = next((i for i, (a, b) in enumerate(zip(D.genes, meta["genes"])) if a != b), min(len(D.genes), len(meta["genes"])))
+        raise UserError(f"--data={data}: its {len(D.genes)} input columns are not the run's {len(meta['genes'])} in order "
+                        f"(first difference at column {bad}); prepare it with the run's input (--key={meta['key']})")
+    have = {n: i for i, n in enumerate(meta["pert_names"])}
+    lack = [p for p in D.pert_names if p not in have]
+    if lack or D.control != meta["control"]:
+        raise UserError(f"--data={data}: perturbations {lack[:10]} (control '{D.control}') are not in the run's map "
+                        f"({meta['pert_names'][:10]} ..., control '{meta['control']}'); the run cannot predict them")
+    sd["pert_table"] = sd["pert_table"][[have[p] for p in D.pert_names]].contiguous()
+    if cfg.n_batch:  # the prepared batch codes index the embedding rows directly
+        bi = {n: i for i, n in enumerate(meta["batch_names"])}
+        lack = [b for b in D.batch_names if b not in bi]
+        if lack:
+            raise UserError(f"--data={data}: batches {lack[:10]} are not among the run's ({meta['batch_names'][:10]})")
+        sd["f_batch.weight"] = sd["f_batch.weight"][[bi[b] for b in D.batch_names]].contiguous()
+        meta["batch_names"] = list(D.batch_names)
+        cfg.n_batch = len(D.batch_names)
+        meta["st"] = cfg.to_dict()
+    meta.update(pert_names=list(D.pert_names), context_names=list(D.context_names), pert_col=D.pert_col,
+                context_col=D.context_col, batch_col=D.batch_col, data=os.path.abspath(data), data_checksum=D.checksum)
+
+
+def convert(arc, out, checkpoint="", data=""):
+    """Write the nanostate run folder `out` from the arc-state run `arc` (bound to the prepared folder
+    `data` if given); -> (meta, notes)."""
     from safetensors.torch import save_file
 
     from state import ckpt
-    from state.st import StateTransition
     r = read_arc_run(arc, checkpoint)
     cfg, notes, trained_dec = st_config(r)
     sd, pert_names = st_weights(r, cfg, trained_dec)
-    try:  # the mapped weights must fill the model exactly
-        model = StateTransition(cfg, pert_table=sd["pert_table"])
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise UserError(f"{r['ckpt']}: its tensors do not fit the model its settings describe "
-                        f"({' '.join(str(e).split())[:300]})") from None
+    fits(cfg, sd, r["ckpt"])
     for k, v in sd.items():
         if not torch.isfinite(v).all():
             raise UserError(f"{r['ckpt']}: tensor for '{k}' has NaN/Inf values; these weights cannot predict")
@@ -319,6 +359,9 @@ def convert(arc, out, checkpoint=""):
             "arc": {"run": os.path.abspath(arc), "checkpoint": os.path.relpath(r["ckpt"], arc), "sha256": sha,
                     "global_step": r["step"], "embed_key": key, "output_space": hp.get("output_space"),
                     "notes": notes}}
+    if data:
+        bind(sd, meta, cfg, data)
+        fits(cfg, sd, r["ckpt"])
     from state.ckpt import lock
     lock(out, COMMAND)
     if not ckpt.empty(out) and ckpt.latest(out) is not None:
@@ -333,12 +376,12 @@ def convert(arc, out, checkpoint=""):
 
 def main(argv):
     from state.config import configure
-    cfg = {"arc_run": "", "out": "", "checkpoint": ""}
+    cfg = {"arc_run": "", "out": "", "checkpoint": "", "data": ""}
     configure(argv, cfg)
     if not cfg["arc_run"] or not cfg["out"]:
         raise UserError("--arc_run=ARC_DIR and --out=NANO_RUN_DIR are required (see --help)")
     output_folder(cfg["out"], [cfg["arc_run"]], COMMAND)
-    meta, notes = convert(cfg["arc_run"], cfg["out"], cfg["checkpoint"])
+    meta, notes = convert(cfg["arc_run"], cfg["out"], cfg["checkpoint"], cfg["data"])
     c = meta["st"]
     print(f"{meta['arc']['checkpoint']} (step {meta['step']}) -> {cfg['out']}: ST hidden {c['hidden']}, {c['n_layers']} "
           f"layers, set {c['set_size']}, input {meta['key']} ({c['n_in']}), {len(meta['pert_names'])} perturbations"

@@ -210,3 +210,36 @@ def test_cli_one_line_errors(tmp_path):
     r = subprocess.run(cmd + [f"--arc_run={d2}", f"--out={tmp_path / 'o2'}"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "batch_token" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o").exists()
+
+
+def test_predict_test_on_a_bound_import(tmp_path):
+    """--data=PREPARED binds the import to a prepared folder (its perturbation order, checksum): predict.py
+    test (unchanged) then replays a split of it, and its predictions are arc-state's (one control cell:
+    the draws are forced, as in the simulate test)."""
+    from state.h5ad import H5AD
+    src = fixture("hvg_sm")
+    py = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, cwd=ROOT)
+    r = py("-m", "state.data", "prepare", str(src / "infer_in.h5ad"), str(tmp_path / "prep"), "--key=obsm/X_hvg",
+           "--pert_col=target_gene", "--control=non-targeting", "--context_col=cell_type")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = py("-m", "state.splits", "make", f"--data={tmp_path / 'prep'}", "--task=fewshot", "--context=THP-1",
+           "--support_perts=JAK2", f"--out={tmp_path / 'split.json'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = py("-m", "state.convert", f"--arc_run={src}", f"--out={tmp_path / 'nb'}", f"--data={tmp_path / 'prep'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.load(open(tmp_path / "nb" / "meta.json"))
+    assert meta["pert_names"] == ["non-targeting", "JAK2", "STAT1"] and meta["data_checksum"]
+    r = py("predict.py", "test", f"--run={tmp_path / 'nb'}", f"--data={tmp_path / 'prep'}",
+           f"--split={tmp_path / 'split.json'}", f"--out={tmp_path / 'test'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with H5AD(str(src / "infer_out.h5ad")) as f:
+        arc = f.matrix("obsm/X_hvg").rows(np.flatnonzero(np.asarray(f.column("target_gene")).astype(str) == "STAT1"))
+    with H5AD(str(tmp_path / "test" / "pred.h5ad")) as f:
+        keep = np.asarray(f.column("is_predicted")).astype(bool)
+        X = f.matrix("X").rows(np.flatnonzero(keep))
+        assert set(np.asarray(f.column("target_gene")).astype(str)[keep]) == {"STAT1"}
+    assert X.shape == (10, 48) and np.abs(X[:, None] - arc[None]).max() <= TOL
+    # a folder of another input (genes, not the embedding run's columns) cannot be bound: one line, no run
+    r = py("-m", "state.convert", f"--arc_run={fixture('emb_dec')}", f"--out={tmp_path / 'nb2'}",
+           f"--data={tmp_path / 'prep'}")
+    assert r.returncode == 2 and "input columns" in r.stderr and not (tmp_path / "nb2" / "meta.json").exists()
