@@ -48,7 +48,7 @@ from state.errors import UserError, die, need_space, output_file, run, stale_tmp
 from state.dist import (StepSampler, compute_cleanup, compute_init, load_sharded, mfu,
                         print0, set_rng_state, set_sync, shard, stage_checkpoint)
 from state.h5ad import H5AD
-from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, load_gene_vectors,
+from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, is_raw, load_gene_vectors,
                       load_model, norm_gene, pca_gene_vectors, save_model)
 
 # ---------------------------------------------------------------------------------------------------
@@ -506,8 +506,9 @@ def transform(argv):
                 if ts:  # the library size over all of the file's genes, as prepare computed it
                     xb = normalize_log1p(xb, ts)
                 x = torch.from_numpy(gm.to_vocab(xb)).to(dev)
+                raw = is_raw(torch.from_numpy(xb)).to(dev)  # judged on all the file's genes (reference)
                 rows = torch.arange(a, b, device=dev)
-                e = model.embed(x, valid.expand(b - a, -1), rows, C["seed"], cls.expand(b - a))
+                e = model.embed(x, valid.expand(b - a, -1), rows, C["seed"], cls.expand(b - a), raw)
                 if npy:
                     arr.write(np.ascontiguousarray(e.float().cpu().numpy(), "<f4").tobytes())
                 else:

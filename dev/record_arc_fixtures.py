@@ -187,6 +187,72 @@ def infer_e2e(run, h5ad, key, work):
     subprocess.run(cmd, check=True)
 
 
+def record_se(data, work, out, n_genes=40, extra=24, E=16):
+    """A tiny arc-state SE checkpoint in the published layout (se/se_tiny.ckpt + se/protein_embeddings.pt)
+    and `state emb transform`'s own embeddings of real cells (se/cells.h5ad -> se/arc_emb.npy).
+
+    `state emb fit` cannot run here: it hard-codes CUDA (model.cuda(), NCCL DDP, bf16-mixed). The
+    checkpoint is therefore made with the class it trains (StateEmbeddingModel, built from arc-state's own
+    state-defaults.yaml with tiny widths) and saved by Lightning's Trainer.save_checkpoint, which is how
+    fit writes it (on_save_checkpoint packs cfg_yaml and the protein embeddings). Its weights are the
+    initialisation plus seeded noise on every tensor (an untrained model's norms are all ones and its
+    biases zero: a swapped norm or bias would go unnoticed).
+
+    Gene vectors: seeded random E-dim vectors for `n_genes` of the slice's genes plus `extra` genes absent
+    from the file (what ESM2 is for real genes; the file's other genes have none). pad_length is the number
+    of the file's genes with a vector + 1: every cell's sentence is then all of them, which makes arc-state's
+    tokenisation deterministic (it breaks ties and pads with torch.randperm/randint draws; nanostate with its
+    own seeded hash), so the two embeddings can be compared at all."""
+    import anndata as ad
+    import lightning as L
+    import torch
+    from omegaconf import OmegaConf
+
+    import state as arc
+    from state.emb.nn.model import StateEmbeddingModel
+    d = os.path.join(out, "se")
+    os.makedirs(d, exist_ok=True)
+    a = ad.read_h5ad(os.path.join(work, "data", "pap.h5ad"))
+    full = ad.read_h5ad(os.path.join(data, "papalexi2021_thp1_eccite_sceptre.h5ad"))
+    rows = np.flatnonzero(np.isin(full.obs_names, a.obs_names))[::12][:32]
+    cells = ad.AnnData(X=full.layers["counts"][rows][:, np.isin(full.var_names, a.var_names)].astype(np.float32),
+                       obs=full.obs.iloc[rows][["target_gene", "bio_rep"]].astype(str))
+    cells.var_names = np.asarray(full.var_names)[np.isin(full.var_names, a.var_names)]
+    cells.write_h5ad(os.path.join(d, "cells.h5ad"))  # raw counts (arc-state and nanostate log1p them per cell)
+    g = torch.Generator().manual_seed(SEED)
+    names = list(cells.var_names[:n_genes]) + [f"NOTINFILE{i}" for i in range(extra)]
+    order = torch.randperm(len(names), generator=g).tolist()  # the table's order is not the file's
+    pe = {names[i]: torch.randn(E, generator=g) for i in order}
+    torch.save(pe, os.path.join(d, "protein_embeddings.pt"))
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(arc.__file__), "configs", "state-defaults.yaml"))
+    cfg.embeddings.current, cfg.dataset.current = "tiny", "tiny"
+    cfg.embeddings["tiny"] = {"all_embeddings": os.path.join(d, "protein_embeddings.pt"), "ds_emb_mapping": None,
+                              "valid_genes_masks": None, "size": E, "num": len(pe)}
+    cfg.dataset["tiny"] = {"ds_type": "h5ad", "train": None, "val": None, "filter": False, "num_datasets": 3}
+    cfg.dataset.pad_length, cfg.dataset.P, cfg.dataset.N, cfg.dataset.S = n_genes + 1, 8, 8, 8
+    cfg.model.update(emsize=32, d_hid=64, nhead=4, nlayers=2, output_dim=24, batch_size=8)
+    cfg.wandb.enable = False
+    torch.manual_seed(SEED)
+    m = StateEmbeddingModel(token_dim=E, d_model=32, nhead=4, d_hid=64, nlayers=2, output_dim=24, dropout=0.1,
+                            cfg=cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    m.protein_embeds = pe
+    m.pe_embedding = torch.nn.Embedding.from_pretrained(torch.vstack(list(pe.values())))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(m)
+    ck = os.path.join(d, "se_tiny.ckpt")
+    trainer.save_checkpoint(ck)
+    emb = os.path.join(d, "arc_emb.npy")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "state"), "emb", "transform", "--model-folder", d,
+           "--input", os.path.join(d, "cells.h5ad"), "--output", emb]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    e = np.load(emb)
+    print(f"recorded SE: {e.shape} embeddings of {len(cells)} cells ({len(pe)} gene vectors, pad_length {n_genes + 1})")
+
+
 # what a fixture run keeps: everything `state tx infer` and the converter read (not data_module.torch, a
 # pickled object neither needs, nor the duplicate last.ckpt)
 KEEP = ("config.yaml", "var_dims.pkl", "pert_onehot_map.pt", "batch_onehot_map.torch", "cell_type_onehot_map.torch",
@@ -199,11 +265,12 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "..", "tests", "fixtures", "arc"))
     p.add_argument("--work", default="/tmp/arc_fixtures_work", help="scratch folder (full checkpoints stay here)")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--runs", default=",".join(RUNS), help="ST runs to record ('' for none)")
+    p.add_argument("--se", type=int, default=1, help="record the SE fixture too (1) or not (0)")
     a = p.parse_args(argv)
     os.makedirs(a.work, exist_ok=True)
     path, toml = make_slice(a.data, a.work)
-    for name in a.runs.split(","):
+    for name in [r for r in a.runs.split(",") if r]:
         key, space, extra = RUNS[name]
         run = train(a.work, toml, name, key, space, extra, a.steps)
         record(run, path, key)
@@ -214,6 +281,8 @@ def main(argv=None):
             if os.path.exists(os.path.join(run, f)):
                 os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
                 shutil.copy(os.path.join(run, f), os.path.join(dst, f))
+    if a.se:
+        record_se(a.data, a.work, a.out)
     total = sum(os.path.getsize(f) for f in glob.glob(os.path.join(a.out, "**"), recursive=True) if os.path.isfile(f))
     print(f"fixtures in {a.out}: {total / 2**20:.2f} MiB")
 

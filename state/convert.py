@@ -1,10 +1,13 @@
 """
-Import an arc-state ST run (what `state tx train` writes) as a nanostate ST run folder, so predict.py
-simulate/test read it like a run of train.py:
+Import arc-state models: an ST run (what `state tx train` writes) as a nanostate ST run folder, so predict.py
+simulate/test read it like a run of train.py; an SE checkpoint as a nanostate SE run for embed.py transform:
 
     python -m state.convert --arc_run=ARC_DIR --out=NANO_RUN_DIR [--checkpoint=final.ckpt] [--data=PREPARED]
     python predict.py simulate --run=NANO_RUN_DIR --adata=controls.h5ad --perts=A,B --out=screen.h5ad
     python predict.py test --run=NANO_RUN_DIR --data=PREPARED --split=split.json --out=DIR   # with --data
+
+    python -m state.convert --arc_se=SE_FOLDER_OR_CKPT --out=NANO_SE_DIR [--protein_embeddings=FILE]
+    python embed.py transform --ckpt=NANO_SE_DIR cells.h5ad --output=cells_emb.h5ad
 
 --data=PREPARED binds the import to a folder of `python -m state.data prepare` (prepared from the run's input,
 e.g. --key=obsm/X_hvg): perturbation and batch codes in that folder's order, its checksum recorded, so
@@ -34,6 +37,14 @@ with its name:
                                                  arc-state trains on X_hvg)
     embed_key other, output_space embedding    gene_space=False, relu_embedding=True (arc-state ReLUs it)
     pert_onehot_map (one-hot or features)      pert_table (the map's vectors, its names in order)
+
+SE (`state emb fit` checkpoints, the published SE-600M folder: se600m*.ckpt + protein_embeddings.pt): the
+weights map one to one onto state/se.py's StateEmbedding (post-norm blocks, count soft-binning, CLS count
+of the file's 4th gene, dataset token); widths come from the tensors, heads and pad_length from the config
+in the checkpoint (cfg_yaml, or the omegaconf tree of older ones read as plain data). The gene vectors are
+the ones `state emb transform` would use: --protein_embeddings, else the folder's protein_embeddings*.pt,
+else those packed in the checkpoint (read with weights_only=True / the restricted unpickler). Refused:
+rda or counts off, another cls_token_idx, tensors without a place.
 
 Refused (named): a GPT2 backbone, a causal LLaMA, grouped-query attention, biased attention/MLP, another
 MLP activation in the backbone, mask_attn, an active use_batch_token, LoRA, the VCI counts decoder, the
@@ -374,13 +385,165 @@ def convert(arc, out, checkpoint="", data=""):
     return meta, notes
 
 
+# -----------------------------------------------------------------------------
+# SE: an arc-state SE checkpoint (`state emb fit`, the published SE-600M folder) -> a nanostate SE run
+
+# arc-state SE tensor names -> nanostate's (layer i: "{i}"); gene_embedding_layer is the encoder itself
+SE_NAMES = [(r"cls_token", "cls"), (r"dataset_token", "ds_tok"), (r"encoder\.(\d)\.(weight|bias)", r"enc.\1.\2"),
+            (r"count_encoder\.(\d)\.(weight|bias)", r"count_enc.\1.\2"), (r"bin_encoder\.weight", "bins"),
+            (r"transformer_encoder\.layers\.(\d+)\.qkv_proj\.(weight|bias)", r"blocks.\1.qkv.\2"),
+            (r"transformer_encoder\.layers\.(\d+)\.out_proj\.(weight|bias)", r"blocks.\1.proj.\2"),
+            (r"transformer_encoder\.layers\.(\d+)\.norm([12])\.(weight|bias)", r"blocks.\1.ln\2.\3"),
+            (r"transformer_encoder\.layers\.(\d+)\.linear([12])\.(weight|bias)", r"blocks.\1.w\2.\3"),
+            (r"(decoder|binary_decoder)\.(\d)\.intermediate_dense\.(weight|bias)", r"\1.\2.w1.\3"),
+            (r"(decoder|binary_decoder)\.(\d)\.dense\.(weight|bias)", r"\1.\2.w2.\3"),
+            (r"(decoder|binary_decoder)\.(\d)\.layer_norm\.(weight|bias)", r"\1.\2.ln.\3"),
+            (r"(decoder|binary_decoder)\.(\d)\.(weight|bias)", r"\1.\2.\3"),
+            (r"dataset_embedder\.(weight|bias)", r"ds_emb.\1"), (r"dataset_encoder\.(\d)\.(weight|bias)", r"ds_head.\1.\2")]
+
+
+def _flat(d, pre=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{pre}{k}."))
+        else:
+            out[f"{pre}{k}"] = v
+    return out
+
+
+def read_arc_se(path, protein_embeddings=""):
+    """(checkpoint dict, its config as {'model.nhead': ..}, {gene: vector}, where the vectors came from) of
+    an SE checkpoint or model folder. The gene vectors as `state emb transform` picks them: the given file,
+    else the folder's protein_embeddings*.pt, else the ones packed in the checkpoint."""
+    import glob
+
+    from state import unpickle
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isdir(path):
+        cks = sorted(glob.glob(os.path.join(path, "*.ckpt")))
+        if not cks:
+            raise UserError(f"--arc_se={path}: no .ckpt file in the folder; give the SE checkpoint or its folder")
+        ck = cks[-1]  # state emb transform takes the last one too
+    elif os.path.isfile(path):
+        ck = path
+    else:
+        raise UserError(f"--arc_se={path}: not found; give an SE checkpoint (.ckpt) or its model folder")
+    obj = unpickle.torch_load(ck, {**unpickle.PLAIN, **unpickle.CONFIGS}, "an arc-state SE checkpoint")
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        raise UserError(f"{ck}: not a Lightning checkpoint (no state_dict)")
+    if "cfg_yaml" in obj:  # written by recent arc-state: a YAML text
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as t:
+            t.write(obj["cfg_yaml"])
+            t.flush()
+            cfg = _config_yaml(t.name)
+    else:  # older checkpoints: the omegaconf tree in hyper_parameters, read as plain data
+        cfg = _flat(unpickle.plain((obj.get("hyper_parameters") or {}).get("cfg")))
+    if not cfg:
+        raise UserError(f"{ck}: holds no config (no cfg_yaml, no hyper_parameters cfg); not an SE checkpoint of "
+                        "arc-state >= 0.9")
+    pe, src = None, None
+    cands = [protein_embeddings] if protein_embeddings else sorted(glob.glob(os.path.join(folder, "protein_embeddings*.pt")))
+    if cands:
+        src = cands[0] if protein_embeddings else (os.path.join(folder, "protein_embeddings.pt")
+                                                   if os.path.join(folder, "protein_embeddings.pt") in cands else cands[-1])
+        if not os.path.isfile(src):
+            raise UserError(f"--protein_embeddings={src}: not found")
+        pe = unpickle.weights_load(src, "protein embeddings")
+    elif isinstance(obj.get("protein_embeds_dict"), dict):
+        pe, src = obj["protein_embeds_dict"], f"{ck} (packed)"
+    if not isinstance(pe, dict) or not pe:
+        raise UserError(f"{ck}: no gene vectors: no protein_embeddings.pt beside it and none packed in it; give "
+                        "--protein_embeddings=FILE (the {gene: vector} .pt the model was trained with)")
+    return ck, obj, cfg, pe, src
+
+
+def se_model(ck, obj, cfg, pe):
+    """-> nanostate StateEmbedding with arc-state's weights, or a UserError naming what does not map."""
+    from state.se import SEConfig, StateEmbedding, norm_gene
+    sd = {k: v for k, v in obj["state_dict"].items()}
+    truthy = lambda k, d=True: str(cfg.get(k, d)).lower() in ("true", "1")
+    for k, why in (("model.rda", "the read-depth input of the expression decoder"),
+                   ("model.counts", "the soft-binned expression of each token")):
+        if not truthy(k):
+            raise UserError(f"{ck}: {k}=false: nanostate's SE always has {why} (arc-state's loader asserts it "
+                            "too); this checkpoint cannot be imported")
+    if int(cfg.get("dataset.cls_token_idx", 3)) != 3:
+        raise UserError(f"{ck}: dataset.cls_token_idx={cfg['dataset.cls_token_idx']}: nanostate gives CLS the count "
+                        "of the file's 4th gene (cls_token_idx 3) only")
+    out, used = {}, set()
+    for k, v in sd.items():
+        if k.startswith("gene_embedding_layer.") or k == "pe_embedding.weight":
+            used.add(k)  # the encoder again (one module, two names); the table comes from the gene vectors
+            continue
+        for pat, rep in SE_NAMES:
+            if re.fullmatch(pat, k):
+                n = re.sub(r"^binary_decoder\.", "exp_dec.", re.sub(r"^decoder\.", "dec.", re.sub(pat, rep, k)))
+                out[n] = v.float().reshape(1, 1, -1) if n in ("cls", "ds_tok") else v.float()
+                used.add(k)
+                break
+    left = sorted(set(sd) - used)
+    if left:
+        raise UserError(f"{ck}: {len(left)} tensors have no place in nanostate's SE (e.g. {left[:4]}); it cannot be "
+                        "imported")
+    d, E = sd["encoder.0.weight"].shape
+    names, vecs = [], []
+    for g, v in pe.items():
+        v = torch.as_tensor(v).float().reshape(-1)
+        if v.numel() != E:
+            raise UserError(f"gene vector '{g}' has {v.numel()} values but the model reads {E}")
+        names.append(norm_gene(g))
+        vecs.append(v)
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})[:5]
+        raise UserError(f"gene vectors: names {dup} occur twice after upper-casing; nanostate maps genes by "
+                        "upper-case symbol, so each needs one vector")
+    n_ds = int(sd["dataset_encoder.4.weight"].shape[0]) if "dataset_encoder.4.weight" in sd else 1  # classes
+    nl = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer_encoder.layers."))
+    c = SEConfig(d_model=d, ff=int(sd["transformer_encoder.layers.0.linear1.weight"].shape[0]),
+                 n_head=int(cfg.get("model.nhead") or (obj.get("hyper_parameters") or {}).get("nhead")), n_layer=nl,
+                 d_out=int(sd["decoder.1.weight"].shape[0]), pad_length=int(cfg.get("dataset.pad_length", 2048)),
+                 count_hidden=int(sd["count_encoder.0.weight"].shape[0]), n_bins=int(sd["bin_encoder.weight"].shape[0]),
+                 dropout=0.0, norm="post", cls_count="ref", ds_token="dataset_token" in sd, n_datasets=n_ds,
+                 P=int(cfg.get("dataset.P", 512)), N=int(cfg.get("dataset.N", 512)), S=int(cfg.get("dataset.S", 512)))
+    model = StateEmbedding(c, torch.stack(vecs), names)
+    out["emb"] = model.emb
+    try:
+        model.load_state_dict(out)
+    except RuntimeError as e:
+        raise UserError(f"{ck}: its tensors do not fit the SE its config describes ({' '.join(str(e).split())[:300]})") from None
+    return model.eval()
+
+
+def convert_se(path, out, protein_embeddings=""):
+    from state.errors import staged_folder
+    from state.se import save_model
+    ck, obj, cfg, pe, src = read_arc_se(path, protein_embeddings)
+    model = se_model(ck, obj, cfg, pe)
+    meta = {"preset": "arc-state", "arc": {"checkpoint": os.path.abspath(ck), "gene_vectors": src,
+                                           "global_step": int(obj.get("global_step") or 0)}}
+    with staged_folder(out) as d:
+        save_model(model, d, meta)
+    return model, meta
+
+
 def main(argv):
     from state.config import configure
-    cfg = {"arc_run": "", "out": "", "checkpoint": "", "data": ""}
+    cfg = {"arc_run": "", "arc_se": "", "out": "", "checkpoint": "", "data": "", "protein_embeddings": ""}
     configure(argv, cfg)
-    if not cfg["arc_run"] or not cfg["out"]:
-        raise UserError("--arc_run=ARC_DIR and --out=NANO_RUN_DIR are required (see --help)")
-    output_folder(cfg["out"], [cfg["arc_run"]], COMMAND)
+    if bool(cfg["arc_run"]) == bool(cfg["arc_se"]) or not cfg["out"]:
+        raise UserError("give --arc_run=ARC_DIR (ST) or --arc_se=SE_CKPT_OR_FOLDER (SE), and --out=DIR (see --help)")
+    output_folder(cfg["out"], [cfg["arc_run"] or cfg["arc_se"]], COMMAND)
+    if cfg["arc_se"]:
+        if os.path.exists(os.path.join(cfg["out"], "meta.json")):
+            raise UserError(f"--out={cfg['out']}: holds a run already; choose another folder")
+        model, meta = convert_se(cfg["arc_se"], cfg["out"], cfg["protein_embeddings"])
+        c = model.cfg
+        print(f"{meta['arc']['checkpoint']} -> {cfg['out']}: SE d_model {c.d_model}, {c.n_layer} layers, {c.n_head} heads, "
+              f"pad_length {c.pad_length}, X_state width {c.d_out + (c.n_ds if c.ds_token else 0)}, {model.V} gene "
+              f"vectors ({meta['arc']['gene_vectors']}); embed with: python embed.py transform --ckpt={cfg['out']} IN.h5ad")
+        return 0
     meta, notes = convert(cfg["arc_run"], cfg["out"], cfg["checkpoint"], cfg["data"])
     c = meta["st"]
     print(f"{meta['arc']['checkpoint']} (step {meta['step']}) -> {cfg['out']}: ST hidden {c['hidden']}, {c['n_layers']} "

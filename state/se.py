@@ -220,10 +220,17 @@ class GeneMap:
         return int(self.ids[min(3, len(self.ids) - 1)])  # cols ascend, so ids follow local order
 
 
-def to_log1p(x):
-    """Per cell (SPEC 8.2): ReLU; raw counts (max > 35 or sum expm1 > 5e6) get log1p. x (B, G)."""
+def is_raw(x):
+    """Per cell (SPEC 8.2): raw counts when max > 35 or sum expm1 > 5e6. x (B, G) -> (B,) bool. The reference
+    judges a cell on all of its file's genes, so transform calls this on the file's rows."""
     x = x.clamp_min(0)
-    raw = (x.amax(1) > 35) | (torch.expm1(x.clamp_max(80)).sum(1) > 5e6)  # (B,)
+    return (x.amax(1) > 35) | (torch.expm1(x.clamp_max(80)).sum(1) > 5e6)
+
+
+def to_log1p(x, raw=None):
+    """Per cell: ReLU; raw counts (is_raw(x), or the given (B,) `raw`) get log1p. x (B, G)."""
+    x = x.clamp_min(0)
+    raw = is_raw(x) if raw is None else raw
     return torch.where(raw[:, None], torch.log1p(x), x)
 
 
@@ -483,10 +490,10 @@ class StateEmbedding(nn.Module):
     def ds_token_on(self):
         return self.cfg.ds_token
 
-    def embed(self, x, valid, rows, salt=0, cls_gene=None):
+    def embed(self, x, valid, rows, salt=0, cls_gene=None, raw=None):
         """X_state rows: x (B, V) (counts or log1p), valid (B, V), rows (B,) cell ids (seed the
-        tie-break) -> (B, out + n_ds) = [z | ds]."""
-        x = to_log1p(x)
+        tie-break), raw (B,) which cells are raw counts (default: judged on x) -> (B, out + n_ds) = [z | ds]."""
+        x = to_log1p(x, raw)
         ids, cnt = tokenize(x, valid, self.cfg.k, rows, salt, cls_gene, self.cfg.cls_count)
         z, dsv = self.encode(ids, cnt)
         if dsv is None:

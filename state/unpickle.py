@@ -49,6 +49,48 @@ PLAIN = {("collections", "OrderedDict"): None, ("builtins", "set"): None, ("buil
          ("torch._utils", "_rebuild_parameter"): None, ("torch", "Size"): None}
 
 
+class Opaque:
+    """Stand-in for a config class of another package (omegaconf's DictConfig and its nodes, typing.Any)
+    inside a checkpoint: rebuilt as plain data, none of that package's code runs. `plain(x)` reads it."""
+
+    def __new__(cls, *args, **kw):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kw):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def plain(x):
+    """An Opaque omegaconf tree -> plain dicts/lists/values (DictConfig/ListConfig `_content`, node `_val`)."""
+    if isinstance(x, Opaque):
+        st = getattr(x, "state", None)
+        st = st[1] if isinstance(st, tuple) and len(st) == 2 and isinstance(st[1], dict) else st
+        if isinstance(st, dict) and "_content" in st:
+            return plain(st["_content"])
+        if isinstance(st, dict) and "_val" in st:
+            return plain(st["_val"])
+        return None
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
+
+
+# checkpoints that carry an omegaconf config (arc-state's Lightning hyper_parameters): its classes are
+# Opaque, the builtins its pickle names (protocol-2 `__builtin__` names) are plain containers and numbers
+CONFIGS = {**{("omegaconf." + m, n): Opaque for m, n in (
+    ("dictconfig", "DictConfig"), ("listconfig", "ListConfig"), ("base", "Metadata"), ("base", "ContainerMetadata"),
+    ("nodes", "AnyNode"), ("nodes", "StringNode"), ("nodes", "IntegerNode"), ("nodes", "FloatNode"),
+    ("nodes", "BooleanNode"), ("nodes", "ValueNode"))}, ("typing", "Any"): Opaque,
+    ("collections", "defaultdict"): None, **{(b, n): None for b in ("builtins", "__builtin__")
+                                               for n in ("list", "dict", "int", "float", "str", "bool", "tuple")},
+    ("__builtin__", "long"): int}
+
+
 def restricted(allowed):
     """An Unpickler class that resolves only the globals in `allowed` ({(module, name): replacement or
     None for the real one}) and torch dtypes; any other is an UnpicklingError naming it."""

@@ -243,3 +243,57 @@ def test_predict_test_on_a_bound_import(tmp_path):
     r = py("-m", "state.convert", f"--arc_run={fixture('emb_dec')}", f"--out={tmp_path / 'nb2'}",
            f"--data={tmp_path / 'prep'}")
     assert r.returncode == 2 and "input columns" in r.stderr and not (tmp_path / "nb2" / "meta.json").exists()
+
+
+# --- SE -------------------------------------------------------------------------------------------
+
+def _embed(tmp_path, se_dir, name):
+    out = tmp_path / f"{name}.npy"
+    r = subprocess.run([sys.executable, "embed.py", "transform", f"--ckpt={se_dir}", str(fixture_se() / "cells.h5ad"),
+                        f"--output={out}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return np.load(out)
+
+
+def fixture_se():
+    p = FIX / "se"
+    assert (p / "se_tiny.ckpt").is_file() and (p / "arc_emb.npy").is_file(), \
+        f"{p}: arc-state SE fixture missing; record it with dev/record_arc_fixtures.py"
+    return p
+
+
+def test_se_embeddings_match_state_emb_transform(tmp_path):
+    """An arc-state SE checkpoint in the published layout (model .ckpt + protein_embeddings.pt in one folder)
+    converted, then embed.py transform on the same raw-count cells: arc-state's `state emb transform` output
+    within 1e-4 (cell embedding and dataset embedding). Also from the checkpoint alone (its packed gene
+    vectors) and with --protein_embeddings=FILE."""
+    from state.convert import convert_se
+    arc = np.load(fixture_se() / "arc_emb.npy")
+    model, _ = convert_se(str(fixture_se()), str(tmp_path / "se_folder"))
+    assert model.cfg.pad_length == 41 and model.cfg.ds_token and model.cfg.d_out == 24 and model.V == 64
+    a = _embed(tmp_path, tmp_path / "se_folder", "folder")
+    print(f"SE max |diff| {np.abs(a - arc).max():.2e}")
+    assert a.shape == arc.shape == (32, 34) and np.abs(a - arc).max() <= 1e-4
+    assert np.abs(arc - arc.mean(0)).max() > 100 * 1e-4  # cells differ by far more than the tolerance
+    only = tmp_path / "ckpt_only"
+    only.mkdir()
+    shutil.copy(fixture_se() / "se_tiny.ckpt", only / "se_tiny.ckpt")
+    convert_se(str(only / "se_tiny.ckpt"), str(tmp_path / "se_packed"))
+    assert np.abs(_embed(tmp_path, tmp_path / "se_packed", "packed") - arc).max() <= 1e-4
+    convert_se(str(only), str(tmp_path / "se_given"), str(fixture_se() / "protein_embeddings.pt"))
+    assert np.abs(_embed(tmp_path, tmp_path / "se_given", "given") - arc).max() <= 1e-4
+
+
+@pytest.mark.parametrize("what", ["protein_embeddings", "ckpt"])
+def test_se_crafted_files_are_refused(tmp_path, monkeypatch, what):
+    from state.convert import convert_se
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "se"
+    shutil.copytree(fixture_se(), d)
+    if what == "protein_embeddings":
+        torch.save({"STAT1": torch.ones(16), "X": Payload()}, d / "protein_embeddings.pt")
+    else:
+        torch.save({"state_dict": {}, "cfg_yaml": "model: {}", "x": Payload()}, d / "se_tiny.ckpt")
+    with pytest.raises(UserError, match="refusing to unpickle"):
+        convert_se(str(d), str(tmp_path / "out"))
+    assert not (tmp_path / "PWNED_BY_ARC").exists() and not (tmp_path / "out").exists()
