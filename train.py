@@ -511,18 +511,14 @@ def val_loss(support=False):
     # runs the same number of forwards (FSDP all-gathers inside), the surplus weighted 0
     for i in range(rank, -(-val_batches // world) * world, world):
         b = to_dev(vs.batch(*divmod(i, vs.steps_per_epoch)))
-        with autocast:
-            pred = raw(b["ctrl"], b["pert"], batch=b["batch"] if cfg.n_batch else None, lens=b["lens"],
-                       ctx=b["context"])
-        e = raw.set_energy(pred, b["tgt"], b["lens"])  # (B,)
+        with autocast:  # the training loss's own parts, per set (st._loss)
+            _, parts = raw(**model_inputs(b), lens=b["lens"], reduction="none")
         v = b["valid"].float() * (i < val_batches)
-        tot[0] += (e * v).sum()
+        tot[0] += (parts["main"] * v).sum()
         tot[1] += v.sum()
-        tot[3] += (raw.set_mean_error(pred, b["tgt"], b["lens"]) * v).sum()
-        if cfg.n_genes:  # gene-decoder loss on the same sets (SPEC 4.3: val/decoder_loss)
-            with autocast:
-                xg = raw.decode(pred)
-            tot[2] += (raw.set_energy(xg, b["tgt_genes"], b["lens"]) * v).sum()
+        tot[3] += (parts["mean"] * v).sum()
+        if "decoder" in parts:  # gene-decoder loss on the same sets (SPEC 4.3: val/decoder_loss)
+            tot[2] += (parts["decoder"] * v).sum()
     model.train()
     if ddp:
         dist.all_reduce(tot)

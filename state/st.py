@@ -723,7 +723,8 @@ class StateTransition(nn.Module):
             return F.one_hot(pert.long(), self.cfg.n_pert).to(dtype)  # (B,P)
         return pert.to(dtype)  # (B,P) features given directly
 
-    def forward(self, ctrl, pert, batch=None, lens=None, tgt=None, tgt_genes=None, ctx=None, with_conf=False):
+    def forward(self, ctrl, pert, batch=None, lens=None, tgt=None, tgt_genes=None, ctx=None, with_conf=False,
+                reduction="mean"):
         """ctrl (B,S,Din), pert (B,) codes or (B,P) features, batch (B,S) int, lens (B,) valid cells,
         ctx (B,) context codes (anchored models). Without tgt: pred (B,S,Dout), or (pred, conf (B,) or None)
         with with_conf=True. With tgt (B,S,Dout) [and tgt_genes (B,S,G)]: (loss, parts)."""
@@ -756,7 +757,7 @@ class StateTransition(nn.Module):
             y = F.relu(y)
         if tgt is None:
             return (y, conf) if with_conf else y
-        return self._loss(y, conf, tgt, lens, tgt_genes)
+        return self._loss(y, conf, tgt, lens, tgt_genes, reduction)
 
     def decode(self, y):
         """Gene-decoder output (B,S,G) from latent predictions; None without a decoder."""
@@ -781,20 +782,24 @@ class StateTransition(nn.Module):
             n = lens.clamp_min(1).float()[:, None]  # (B,1)
             return (((x - y) * m).sum(1) / n).pow(2).mean(-1)
 
-    def _loss(self, y, conf, tgt, lens, tgt_genes):
+    def _loss(self, y, conf, tgt, lens, tgt_genes, reduction="mean"):
+        """The one loss, for training and validation: (loss, parts). reduction="mean": scalars averaged
+        over the sets (NaN sets skipped); "none": per set (B,), the set-mean error included even at weight
+        0 (validation reports it)."""
         e = self.set_energy(y, tgt, lens)  # (B,)
-        parts = {"main": e.nanmean()}
-        loss = parts["main"]
-        if self.cfg.mean_weight:
-            parts["mean"] = self.set_mean_error(y, tgt, lens).nanmean()
+        parts, loss = {"main": e}, e
+        if self.cfg.mean_weight or reduction == "none":
+            parts["mean"] = self.set_mean_error(y, tgt, lens)
             loss = loss + self.cfg.mean_weight * parts["mean"]
         if self.decoder is not None and tgt_genes is not None:
-            parts["decoder"] = self.set_energy(self.decoder(y), tgt_genes, lens).nanmean()
+            parts["decoder"] = self.set_energy(self.decoder(y), tgt_genes, lens)
             loss = loss + self.cfg.decoder_weight * parts["decoder"]
         if conf is not None:
-            parts["conf"] = F.mse_loss(conf.float(), 10.0 * e.detach())
+            parts["conf"] = (conf.float() - 10.0 * e.detach()).pow(2)
             loss = loss + self.cfg.confidence_weight * parts["conf"]
-        return loss, parts
+        if reduction == "none":
+            return loss, parts
+        return loss.nanmean(), {k: v.nanmean() for k, v in parts.items()}
 
     def loss(self, ctrl, pert, tgt, batch=None, lens=None, tgt_genes=None, ctx=None):
         return self.forward(ctrl, pert, batch=batch, lens=lens, tgt=tgt, tgt_genes=tgt_genes, ctx=ctx)
