@@ -57,6 +57,12 @@ def message(command, e):
     """The one line for exception e, or None when it is not the user's (a bug: keep the traceback)."""
     if isinstance(e, UserError):
         msg = " ".join(str(e).split("\n"))
+    elif isinstance(e, BrokenPipeError):  # stdout's reader left (`| head`): say so once, on stderr
+        try:  # and point stdout at /dev/null, or the interpreter's last flush fails again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        msg = "the output pipe was closed (its reader, e.g. `head`, stopped reading); stopped there"
     elif isinstance(e, OSError) and e.errno in FIX:
         where = f"{e.filename}: " if e.filename else ""
         msg = f"{where}{e.strerror or os.strerror(e.errno)}; {FIX[e.errno]}"

@@ -38,6 +38,7 @@ Tasks (choose recipes on the `choose` ones; the `check` ones are kept for indepe
   pap_unseen  Papalexi, IFNGR2/JAK2/STAT1 held out in every replicate (unseen; trained with
             --pert_features=pca --missing_pert_features=zero --anchor=context_mean, TASK_FLAGS); two
             more held out of training whole for the guard (--guard_perts=2)
+  pap_unseen_draw  the same with 3 of the 9 perturbations with features drawn at random (seed 0)
 With --ensemble each task also gets the seed ensemble (predict.py test --run=s0,s1,s2), scored once.
 Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
 """
@@ -97,6 +98,10 @@ TASKS = {  # name -> (dataset, split options, role)
     # other 6 with features are held out of training too, for the guard to score unseen ones on
     "pap_unseen": ("pap", ["--task", "unseen", "--pert_features", "pca", "--test_perts", "IFNGR2,JAK2,STAT1",
                            "--guard_perts", "2"], "unseen"),
+    # the same with the held-out perturbations drawn (seeded) among the 9 with features, not chosen as
+    # the strongest: pap_unseen's three are the IFN-gamma pathway hits that dominate the context mean
+    "pap_unseen_draw": ("pap", ["--task", "unseen", "--pert_features", "pca", "--test_frac", "0.34",
+                                "--guard_perts", "2"], "unseen"),
 }
 METRICS = ["pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "de_direction_match",
            "pearson_edistance", "spread", "shift"]

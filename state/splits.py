@@ -607,6 +607,8 @@ def main(argv=None):
     m.add_argument("--val_frac", type=float, default=0.1); m.add_argument("--seed", type=int, default=0)
     m.add_argument("--pert_features", help="safetensors/npz file of perturbation features, or pca (unseen task)")
     m.add_argument("--test_perts", help="comma-separated held-out perturbations (unseen / combo tasks)")
+    m.add_argument("--test_frac", type=float, default=0.2, help="unseen task without --test_perts: the fraction "
+                   "of the perturbations with features held out (a seeded draw)")
     m.add_argument("--combo_sep", default="+", help="separator of combination labels (combo task)")
     m.add_argument("--guard_perts", help="unseen / combo: perturbations held out of training whole, on which "
                    "train.py --guard chooses the correction's strength: comma-separated names, or a count")
@@ -632,7 +634,8 @@ def main(argv=None):
                 feats = read_vectors(a.pert_features)[0]
             sp = a.support_perts.split(",") if a.support_perts else None
             s = make_split(data, a.task, a.context, a.support, sp, a.val_frac, a.seed, features=feats,
-                           test_perts=a.test_perts.split(",") if a.test_perts else None, combo_sep=a.combo_sep,
+                           test_perts=a.test_perts.split(",") if a.test_perts else None, test_frac=a.test_frac,
+                           combo_sep=a.combo_sep,
                            guard_perts=None if not a.guard_perts else int(a.guard_perts)
                            if a.guard_perts.isdigit() else a.guard_perts.split(","))
         elif a.cmd == "toml":

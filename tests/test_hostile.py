@@ -500,3 +500,22 @@ def test_eval_and_report_write_every_file_or_none(synth, trained, tmp_path, monk
     one_line(r, "is a folder")
     assert not any(".tmp" in f for f in os.listdir(tmp_path.parent))
     one_line(run_script("-m", "state.demo", "--bogus", ok=False), "unrecognized arguments")
+
+
+# --- output pipe closed by its reader (`| head`): one line, no traceback, nothing half-written --------
+
+@pytest.mark.parametrize("cmd", [["-m", "state.splits", "make", "--data={data}", "--task=zeroshot",
+                                  "--context=ctxA", "--out={out}"],
+                                 ["train.py", "--data={data}", "--split={split}", "--preset=tiny", "--max_steps=3",
+                                  "--out={out}"]])
+def test_closed_stdout_is_one_line(synth, tmp_path, cmd):
+    out = tmp_path / "o"
+    args = [a.format(out=out, split=synth / "split.json", data=synth / "prep") for a in cmd]
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    p.stdout.close()  # the reader leaves before the first line
+    err = p.stderr.read().decode()
+    assert p.wait() == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "output pipe was closed" in lines[0] and "Traceback" not in err, err
+    assert not out.exists()  # the split file was not written; the run folder was removed
