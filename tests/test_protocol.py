@@ -153,17 +153,21 @@ def test_ensemble_is_the_mean_of_its_members():
     assert not np.allclose(pa[0], pb[0])
 
 
-def test_ensemble_mixture_takes_each_cell_from_one_member():
-    """The default ensemble (issue Science III): cell j of window i is member (i + j) mod M's prediction,
-    so every member contributes whole cells (its spread and DE structure kept), about equally."""
+def three_members(mix):
+    """Three random tiny members, two windows: (each member alone, the ensemble with `mix`)."""
     import predict
     torch.manual_seed(0)
     cfg = STConfig.from_name("tiny", n_in=11, n_pert=3)
     ms = [StateTransition(cfg).eval() for _ in range(3)]
     ctrl = np.random.default_rng(0).random((30, 11)).astype(np.float32)
     wins = [(np.arange(16), 1, None, 0), (np.arange(16, 23), 2, None, 0)]
-    alone = [predict.predict_windows([m], ctrl, wins, "cpu") for m in ms]
-    mixed = predict.predict_windows(ms, ctrl, wins, "cpu")
+    return [predict.predict_windows([m], ctrl, wins, "cpu") for m in ms], predict.predict_windows(ms, ctrl, wins, "cpu", mix=mix)
+
+
+def test_ensemble_mixture_takes_each_cell_from_one_member():
+    """The default ensemble (issue Science III): cell j of window i is member (i + j) mod M's prediction,
+    so every member contributes whole cells (its spread and DE structure kept), about equally."""
+    alone, mixed = three_members("mixture")
     for i, z in enumerate(mixed):
         for j in range(len(z)):
             np.testing.assert_allclose(z[j], alone[(i + j) % 3][i][j], atol=1e-6)
@@ -172,21 +176,13 @@ def test_ensemble_mixture_takes_each_cell_from_one_member():
 def test_ensemble_shift_averages_set_means_keeps_one_members_residuals():
     """--ensemble=shift: cell j = its mixture member's cell j - that member's set mean + the members' mean
     set mean (the spread is one member's, the shift the members' average)."""
-    import predict
-    torch.manual_seed(0)
-    cfg = STConfig.from_name("tiny", n_in=11, n_pert=3)
-    ms = [StateTransition(cfg).eval() for _ in range(3)]
-    ctrl = np.random.default_rng(0).random((30, 11)).astype(np.float32)
-    wins = [(np.arange(16), 1, None, 0), (np.arange(16, 23), 2, None, 0)]
-    alone = [predict.predict_windows([m], ctrl, wins, "cpu") for m in ms]
-    mixed = predict.predict_windows(ms, ctrl, wins, "cpu")
-    sh = predict.predict_windows(ms, ctrl, wins, "cpu", mix="shift")
+    alone, sh = three_members("shift")
     for i, z in enumerate(sh):
         mu = np.mean([a[i].mean(0) for a in alone], 0)
         for j in range(len(z)):
             m = alone[(i + j) % 3][i]
             np.testing.assert_allclose(z[j], m[j] - m.mean(0) + mu, atol=1e-5)
-        assert not np.allclose(z, mixed[i], atol=1e-4)
+        assert not np.allclose(z, [alone[(i + j) % 3][i][j] for j in range(len(z))], atol=1e-4)
 
 
 def fake_results(st, bl, ceil, n_perts=5, n_de=3.0):
