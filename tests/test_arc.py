@@ -297,3 +297,18 @@ def test_se_crafted_files_are_refused(tmp_path, monkeypatch, what):
     with pytest.raises(UserError, match="refusing to unpickle"):
         convert_se(str(d), str(tmp_path / "out"))
     assert not (tmp_path / "PWNED_BY_ARC").exists() and not (tmp_path / "out").exists()
+
+
+def test_scripts_help_and_gpu_check_dry_run():
+    """The issue's scripts answer --help (exit 0); bench/gpu_check.sh --dry_run lists its steps on a CPU."""
+    for cmd in ([sys.executable, "bench/bench_infer.py", "--help"], [sys.executable, "dev/record_arc_fixtures.py", "--help"],
+                ["bash", "bench/gpu_check.sh", "--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and len(r.stdout) > 100, (cmd, r.stderr[-500:])
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry_run"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "6 steps" in r.stdout
+    for step in ("[tests]", "[attention]", "[energy]", "[train]", "[fsdp]", "[import]", "--preset=default", "--resume"):
+        assert step in r.stdout, step
+    r = subprocess.run([sys.executable, "bench/bench_infer.py", "--arc_python=/nonexistent/python"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
