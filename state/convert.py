@@ -72,17 +72,17 @@ LLAMA_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 # reading an arc-state run
 
 
-def _config_yaml(path):
-    """The scalar settings of arc-state's config.yaml (OmegaConf's output: nested `key: value` blocks) as
+def _config_yaml(text):
+    """The scalar settings of an arc-state config (OmegaConf's YAML: nested `key: value` blocks) as
     {'data.kwargs.pert_col': 'target_gene', ...}; lists and mappings written inline are kept as text."""
     out, stack = {}, []
-    for line in open(path, encoding="utf-8"):
+    for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith(("#", "- ")):
             continue
         m = re.match(r"^( *)([^:#]+):(?: (.*))?$", line.rstrip("\n"))
         if not m:
             continue
-        ind, key, val = len(m.group(1)), m.group(2).strip(), (m.group(3) or "").strip()
+        ind, key, val = len(m.group(1)), m.group(2).strip().strip("'\""), (m.group(3) or "").strip()
         while stack and stack[-1][0] >= ind:
             stack.pop()
         if val == "":
@@ -148,7 +148,7 @@ def read_arc_run(arc, checkpoint=""):
     pert = onehot("pert_onehot_map", True)
     return dict(arc=arc, ckpt=ck, hp=hp, sd=obj["state_dict"], var_dims=var_dims, pert=pert,
                 batch=onehot("batch_onehot_map", bool(hp.get("batch_encoder"))),
-                ctype=onehot("cell_type_onehot_map", False), yaml=_config_yaml(os.path.join(arc, "config.yaml")),
+                ctype=onehot("cell_type_onehot_map", False), yaml=_config_yaml(open(os.path.join(arc, "config.yaml"), encoding="utf-8").read()),
                 step=int(obj.get("global_step") or 0))
 
 
@@ -432,12 +432,8 @@ def read_arc_se(path, protein_embeddings=""):
     obj = unpickle.torch_load(ck, {**unpickle.PLAIN, **unpickle.CONFIGS}, "an arc-state SE checkpoint")
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         raise UserError(f"{ck}: not a Lightning checkpoint (no state_dict)")
-    if "cfg_yaml" in obj:  # written by recent arc-state: a YAML text
-        import tempfile
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as t:
-            t.write(obj["cfg_yaml"])
-            t.flush()
-            cfg = _config_yaml(t.name)
+    if isinstance(obj.get("cfg_yaml"), str):  # written by recent arc-state: a YAML text
+        cfg = _config_yaml(obj["cfg_yaml"])
     else:  # older checkpoints: the omegaconf tree in hyper_parameters, read as plain data
         cfg = _flat(unpickle.plain((obj.get("hyper_parameters") or {}).get("cfg")))
     if not cfg:
