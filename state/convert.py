@@ -8,6 +8,7 @@ simulate/test read it like a run of train.py; an SE checkpoint as a nanostate SE
 
     python -m state.convert --arc_se=SE_FOLDER_OR_CKPT --out=NANO_SE_DIR [--protein_embeddings=FILE]
     python embed.py transform --ckpt=NANO_SE_DIR cells.h5ad --output=cells_emb.h5ad
+    python -m state.convert --to_arc=NANO_RUN_DIR --out=ARC_DIR     # the other way: state tx infer --model-dir=ARC_DIR
 
 --data=PREPARED binds the import to a folder of `python -m state.data prepare` (prepared from the run's input,
 e.g. --key=obsm/X_hvg): perturbation and batch codes in that folder's order, its checksum recorded, so
@@ -524,13 +525,130 @@ def convert_se(path, out, protein_embeddings=""):
     return model, meta
 
 
+# -----------------------------------------------------------------------------
+# the other way: a nanostate ST run -> an arc-state run folder (`state tx infer --model-dir` loads it)
+
+
+def export_arc(run, out):
+    """Write `out` as `state tx train` would have: config.yaml, var_dims.pkl, the one-hot maps and
+    checkpoints/final.ckpt (a Lightning checkpoint of state_dict + hyper_parameters) holding this run's
+    weights under arc-state's names. Runs arc-state cannot compute are refused, naming the setting."""
+    import pickle
+
+    from state import ckpt
+    from state.errors import staged_folder
+    from state.st import STConfig
+    meta = ckpt.read_run(run, f"--to_arc={run}")
+    c = STConfig.from_dict(meta["st"])
+    sd = ckpt.load_weights(os.path.join(run, "model.safetensors"), COMMAND)
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
+    dec = c.n_genes > 0
+    for bad, why in ((c.anchor != "none", f"anchor={c.anchor}: a baseline shift table arc-state has no place for"),
+                     (c.mixer != "attention", f"mixer={c.mixer}: arc-state's backbone always attends"),
+                     (c.mlp_norm != "none", "mlp_norm=layernorm: arc-state's MLPs have no norms"),
+                     (c.residual == "paper", "residual=paper: arc-state adds f_cell(ctrl) only"),
+                     (c.gene_space and dec, "a gene decoder on gene input: arc-state never decodes there"),
+                     (not c.gene_space and not dec and not c.relu_embedding,
+                      "an embedding output without ReLU: arc-state ReLUs an embedding model without a decoder")):
+        if bad:
+            raise UserError(f"--to_arc={run}: {why}; this run cannot be written as an arc-state run")
+    key = meta.get("key") or "X"
+    embed_key = None if key == "X" else key.removeprefix("obsm/")
+    space = "gene" if (c.gene_space or dec) else "embedding"
+    out_sd, H = {}, c.hidden
+    one = {"f_pert": c.n_enc == 1, "f_cell": c.basal_proj and c.n_enc == 1, "f_out": c.n_dec == 1}
+    for name, dst in (("f_pert", "pert_encoder"), ("f_cell", "basal_encoder"), ("f_out", "project_out")):
+        for k in [k for k in sd if k.startswith(name + ".")]:
+            tail = k[len(name):]
+            out_sd[dst + (".0" + tail if one[name] else tail)] = sd[k]
+    bb = "transformer_backbone."
+    for i in range(c.n_layers):
+        p, q = f"{bb}layers.{i}.", f"blocks.{i}."
+        for x, w in zip("qkv", sd[q + "attn.wqkv.weight"].chunk(3)):
+            out_sd[p + f"self_attn.{x}_proj.weight"] = w.contiguous()
+        out_sd[p + "self_attn.o_proj.weight"] = sd[q + "attn.wo.weight"]
+        gate, up = sd[q + "mlp.w13.weight"].chunk(2)
+        out_sd[p + "mlp.gate_proj.weight"], out_sd[p + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+        out_sd[p + "mlp.down_proj.weight"] = sd[q + "mlp.w2.weight"]
+        out_sd[p + "input_layernorm.weight"] = sd[q + "norm1.weight"]
+        out_sd[p + "post_attention_layernorm.weight"] = sd[q + "norm2.weight"]
+    out_sd[bb + "norm.weight"] = sd["norm.weight"]
+    out_sd[bb + "embed_tokens.weight"] = torch.zeros(8, H)  # arc-state's zeroed, never-read token table
+    if c.n_batch:
+        out_sd["batch_encoder.weight"] = sd["f_batch.weight"]
+    if c.confidence_token:
+        out_sd["confidence_token.confidence_token"] = sd["conf_token"]
+        for k in [k for k in sd if k.startswith("conf_head.net.")]:
+            out_sd["confidence_token.confidence_projection." + k.split(".", 2)[2]] = sd[k]
+    for k in [k for k in sd if k.startswith("decoder.")]:
+        out_sd["gene_decoder.decoder." + k.split(".", 1)[1]] = sd[k]
+    table = sd.get("pert_table")
+    table = torch.eye(c.n_pert) if table is None else table
+    names = list(meta["pert_names"])
+    genes = list(meta.get("genes_out") or []) if dec else list(meta["genes"])
+    backbone = dict(bidirectional_attention=True, max_position_embeddings=c.set_size, hidden_size=H,
+                    intermediate_size=c.ff, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                    num_key_value_heads=c.n_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps, use_cache=False,
+                    attention_dropout=0.0, hidden_dropout=0.0, vocab_size=8, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2, tie_word_embeddings=False, n_positions=c.set_size)
+    dcfg = dict(latent_dim=c.n_out, gene_dim=c.n_genes, hidden_dims=list(c.decoder_hidden), dropout=c.mlp_dropout,
+                residual_decoder=False) if dec else None
+    batch_names = list(meta.get("batch_names") or []) or ["batch"]
+    hp = dict(input_dim=c.n_in, hidden_dim=H, output_dim=c.n_out, pert_dim=c.n_pert,
+              batch_dim=c.n_batch or len(batch_names), dropout=c.mlp_dropout, lr=1e-4, loss_fn="mse",
+              control_pert=meta["control"], embed_key=embed_key, output_space=space, gene_names=genes, batch_size=16,
+              gene_dim=c.n_genes if dec else c.n_in, hvg_dim=c.n_genes if dec else c.n_in, decoder_cfg=dcfg,
+              cell_set_len=c.set_size, blur=0.05, loss="energy", confidence_token=c.confidence_token,
+              n_encoder_layers=c.n_enc, n_decoder_layers=c.n_dec, activation=c.activation,
+              predict_residual=c.residual == "reference", distributional_loss="energy",
+              transformer_backbone_key="llama", transformer_backbone_kwargs=backbone,
+              use_basal_projection=c.basal_proj, batch_encoder=c.n_batch > 0, gene_decoder_bool=dec,
+              basal_mapping_strategy="random", mask_attn=False, lora={"enable": False}, decoder_weight=c.decoder_weight)
+    ctx_names = list(meta.get("context_names") or []) or ["all"]
+    onehot = lambda ns: {n: torch.eye(len(ns))[i] for i, n in enumerate(ns)}
+    yaml = "\n".join(["data:", "  name: PerturbationDataModule", "  kwargs:",
+                      f"    embed_key: {embed_key if embed_key else 'null'}", f"    output_space: {space}",
+                      f"    pert_col: {json.dumps(meta.get('pert_col') or 'gene')}",
+                      f"    control_pert: {json.dumps(meta['control'])}",
+                      f"    cell_type_key: {json.dumps(meta.get('context_col') or 'cell_type')}",
+                      f"    batch_col: {json.dumps(meta.get('batch_col') or 'gem_group')}",
+                      "    basal_mapping_strategy: random", "model:", "  name: state", "  kwargs:",
+                      f"    cell_set_len: {c.set_size}", f"    hidden_dim: {H}", "training:", "  batch_size: 16",
+                      f"name: {os.path.basename(os.path.abspath(out))}", ""])
+    var_dims = dict(input_dim=c.n_in, gene_dim=hp["gene_dim"], hvg_dim=hp["hvg_dim"], output_dim=c.n_out,
+                    pert_dim=c.n_pert, gene_names=genes, batch_dim=len(batch_names), pert_names=names)
+    with staged_folder(out) as d:
+        os.makedirs(os.path.join(d, "checkpoints"))
+        torch.save({"epoch": 0, "global_step": int(meta.get("step") or 0), "pytorch-lightning_version": "2.6.6",
+                    "state_dict": {k: v.contiguous() for k, v in out_sd.items()}, "hyper_parameters": hp,
+                    "hparams_name": "kwargs"}, os.path.join(d, "checkpoints", "final.ckpt"))
+        torch.save({n: table[i].clone() for i, n in enumerate(names)}, os.path.join(d, "pert_onehot_map.pt"))
+        torch.save(onehot(batch_names), os.path.join(d, "batch_onehot_map.torch"))
+        torch.save(onehot(ctx_names), os.path.join(d, "cell_type_onehot_map.torch"))
+        with open(os.path.join(d, "var_dims.pkl"), "wb") as f:
+            pickle.dump(var_dims, f)
+        ckpt.write_text(os.path.join(d, "config.yaml"), yaml)
+    return hp
+
+
 def main(argv):
     from state.config import configure
-    cfg = {"arc_run": "", "arc_se": "", "out": "", "checkpoint": "", "data": "", "protein_embeddings": ""}
+    cfg = {"arc_run": "", "arc_se": "", "to_arc": "", "out": "", "checkpoint": "", "data": "", "protein_embeddings": ""}
     configure(argv, cfg)
-    if bool(cfg["arc_run"]) == bool(cfg["arc_se"]) or not cfg["out"]:
-        raise UserError("give --arc_run=ARC_DIR (ST) or --arc_se=SE_CKPT_OR_FOLDER (SE), and --out=DIR (see --help)")
-    output_folder(cfg["out"], [cfg["arc_run"] or cfg["arc_se"]], COMMAND)
+    if sum(bool(cfg[k]) for k in ("arc_run", "arc_se", "to_arc")) != 1 or not cfg["out"]:
+        raise UserError("give one of --arc_run=ARC_DIR (ST), --arc_se=SE_CKPT_OR_FOLDER (SE), --to_arc=NANO_RUN "
+                        "(export), and --out=DIR (see --help)")
+    src = cfg["arc_run"] or cfg["arc_se"] or cfg["to_arc"]
+    output_folder(cfg["out"], [src], COMMAND)
+    if cfg["to_arc"]:
+        if os.path.exists(os.path.join(cfg["out"], "checkpoints", "final.ckpt")):
+            raise UserError(f"--out={cfg['out']}: holds an arc-state run already; choose another folder")
+        hp = export_arc(cfg["to_arc"], cfg["out"])
+        print(f"{cfg['to_arc']} -> {cfg['out']} (arc-state run folder: {hp['output_space']} output, embed_key "
+              f"{hp['embed_key']}); run it with: state tx infer --model-dir {cfg['out']} --adata IN.h5ad "
+              f"--pert-col {json.load(open(os.path.join(cfg['to_arc'], 'meta.json'))).get('pert_col')}"
+              + (f" --embed-key {hp['embed_key']}" if hp["embed_key"] else " (its .X columns in the run's gene order)"))
+        return 0
     if cfg["arc_se"]:
         if os.path.exists(os.path.join(cfg["out"], "meta.json")):
             raise UserError(f"--out={cfg['out']}: holds a run already; choose another folder")

@@ -312,3 +312,33 @@ def test_scripts_help_and_gpu_check_dry_run():
     r = subprocess.run([sys.executable, "bench/bench_infer.py", "--arc_python=/nonexistent/python"], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["hvg_sm", "emb_dec", "emb_conf_batch", "hvg_nores"])
+def test_export_to_arc_round_trip(converted, name, tmp_path):
+    """--to_arc writes an arc-state run folder (config.yaml, var_dims.pkl, maps, checkpoints/final.ckpt) that
+    the importer reads back to the same weights, vocabulary, batches and config. (That `state tx infer` loads
+    such a folder and predicts what predict.py simulate does was checked with arc-state: dev/LOG.md.)"""
+    from state.convert import export_arc
+    d, model, meta, _ = converted[name]
+    export_arc(str(d), str(tmp_path / "arc"))
+    assert {p.name for p in (tmp_path / "arc").iterdir()} >= {"config.yaml", "var_dims.pkl", "pert_onehot_map.pt",
+                                                             "batch_onehot_map.torch", "checkpoints"}
+    back, _ = convert(str(tmp_path / "arc"), str(tmp_path / "back"))
+    a, b = load_file(str(d / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for k in ("pert_names", "batch_names", "control", "key", "genes", "genes_out", "st"):
+        assert back[k] == meta[k], k
+
+
+def test_export_refuses_what_arc_state_cannot_compute(converted, tmp_path):
+    from state.convert import export_arc
+    d = tmp_path / "run"
+    shutil.copytree(converted["hvg_sm"][0], d, symlinks=True)
+    meta = json.load(open(d / "meta.json"))
+    meta["st"]["residual"] = "paper"
+    os.remove(d / "meta.json")  # a link into ckpt/: write a plain file in its place
+    json.dump(meta, open(d / "meta.json", "w"))
+    with pytest.raises(UserError, match="residual=paper"):
+        export_arc(str(d), str(tmp_path / "arc"))
+    assert not (tmp_path / "arc").exists()
