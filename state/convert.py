@@ -149,7 +149,8 @@ def read_arc_run(arc, checkpoint=""):
     pert = onehot("pert_onehot_map", True)
     return dict(arc=arc, ckpt=ck, hp=hp, sd=obj["state_dict"], var_dims=var_dims, pert=pert,
                 batch=onehot("batch_onehot_map", bool(hp.get("batch_encoder"))),
-                ctype=onehot("cell_type_onehot_map", False), yaml=_config_yaml(open(os.path.join(arc, "config.yaml"), encoding="utf-8").read()),
+                ctype=onehot("cell_type_onehot_map", False),
+                yaml=_config_yaml(open(os.path.join(arc, "config.yaml"), encoding="utf-8").read()),
                 step=int(obj.get("global_step") or 0))
 
 
@@ -177,7 +178,8 @@ def st_config(r):
             refuse(f"transformer_backbone_kwargs.{k}={bk[k]!r}", f"the backbone has {k}={v!r}")
     H = int(bk.get("hidden_size", hp.get("hidden_dim", 0)))
     if H != int(hp.get("hidden_dim", H)):
-        refuse(f"transformer_backbone_kwargs.hidden_size={H}", f"differs from model.kwargs.hidden_dim={hp.get('hidden_dim')}")
+        refuse(f"transformer_backbone_kwargs.hidden_size={H}",
+               f"differs from model.kwargs.hidden_dim={hp.get('hidden_dim')}")
     nh = int(bk.get("num_attention_heads", 32))
     if int(bk.get("num_key_value_heads") or nh) != nh:
         refuse(f"transformer_backbone_kwargs.num_key_value_heads={bk['num_key_value_heads']}",
@@ -213,11 +215,12 @@ def st_config(r):
         lin = sorted((int(k.split(".")[2]), v.shape) for k, v in r["sd"].items()
                      if re.fullmatch(r"gene_decoder\.decoder\.\d+\.weight", k) and v.dim() == 2)
         dec_w, G = tuple(s[0] for _, s in lin[:-1]), lin[-1][1][0]
+    # unset backbone fields take HF LlamaConfig's defaults (32 layers, 32 heads, SwiGLU 11008), as arc-state's does
     cfg = STConfig(
         n_in=int(vd["input_dim"]), n_out=int(vd["output_dim"]), n_pert=int(vd["pert_dim"]),
         n_batch=int(vd["batch_dim"]) if hp.get("batch_encoder") and vd.get("batch_dim") else 0,
         n_genes=G, set_size=int(hp.get("cell_set_len", 256)), hidden=H, n_layers=int(bk.get("num_hidden_layers", 32)),
-        n_heads=nh, head_dim=int(bk.get("head_dim") or H // nh), ff=int(bk.get("intermediate_size", 4 * H)),
+        n_heads=nh, head_dim=int(bk.get("head_dim") or H // nh), ff=int(bk.get("intermediate_size", 11008)),
         norm_eps=float(bk.get("rms_norm_eps", 1e-6)), n_enc=int(hp.get("n_encoder_layers", 2)),
         n_dec=int(hp.get("n_decoder_layers", 2)), basal_proj=bool(hp.get("use_basal_projection", True)),
         mlp_dropout=float(hp.get("dropout", 0.1)), residual="reference" if hp.get("predict_residual", True) else "none",
@@ -306,7 +309,8 @@ def bind(sd, meta, cfg, data):
     from state.data import Prepared
     D = Prepared(data)
     if list(D.genes) != list(meta["genes"]):
-        bad = next((i for i, (a, b) in enumerate(zip(D.genes, meta["genes"])) if a != b), min(len(D.genes), len(meta["genes"])))
+        bad = next((i for i, (a, b) in enumerate(zip(D.genes, meta["genes"])) if a != b),
+                   min(len(D.genes), len(meta["genes"])))
         raise UserError(f"--data={data}: its {len(D.genes)} input columns are not the run's {len(meta['genes'])} in order "
                         f"(first difference at column {bad}); prepare it with the run's input (--key={meta['key']})")
     have = {n: i for i, n in enumerate(meta["pert_names"])}
@@ -509,7 +513,8 @@ def se_model(ck, obj, cfg, pe):
     try:
         model.load_state_dict(out)
     except RuntimeError as e:
-        raise UserError(f"{ck}: its tensors do not fit the SE its config describes ({' '.join(str(e).split())[:300]})") from None
+        raise UserError(f"{ck}: its tensors do not fit the SE its config describes "
+                        f"({' '.join(str(e).split())[:300]})") from None
     return model.eval()
 
 
