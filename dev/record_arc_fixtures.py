@@ -8,21 +8,23 @@ never be installed into the project's venv), from the repository root:
     python3 -m venv /work/arcvenv && /work/arcvenv/bin/pip install torch==2.13.0 && /work/arcvenv/bin/pip install arc-state
     /work/arcvenv/bin/python dev/record_arc_fixtures.py --data=../shared/data --out=tests/fixtures/arc
 
-What it does, all on CPU in a few minutes:
+What it does, all on CPU in about two minutes:
   1. cuts a small slice of the Papalexi ECCITE-seq file (real cells: 6 knockouts + non-targeting, 48
      genes) into an .h5ad with obsm['X_hvg'] (log1p genes) and obsm['X_emb'] (a 16-d PCA of them: an
      embedding input), and a cell-load TOML;
-  2. trains real arc-state ST runs with its own CLI (`state tx train`, a few steps, tiny widths): HVG
-     input; embedding input with the gene decoder; embedding input without it (plus the confidence token
-     and the batch encoder); one per arc-state ST variant the converter maps;
+  2. trains real arc-state ST runs with its own CLI (`state tx train`, 40 steps, tiny widths): HVG input
+     (state_sm layout); embedding input with the gene decoder; embedding only (confidence token, batch
+     encoder, relu); predict_residual=false (its untrained HVG decoder is what the converter drops);
   3. loads each run's checkpoint with arc-state's own class and records its forward outputs
-     (predict_step, as `state tx infer` calls it) on fixed control sets and perturbations: the inputs
-     and outputs go to <run>/arc_outputs.safetensors;
-  4. runs `state tx infer` on a file whose every cell type has ONE control cell (so arc-state's control
-     draws are forced and predict.py simulate can be compared end to end);
-  5. SE: trains a tiny `state emb fit` model and records `state emb transform` on a few cells.
-The optimizer state is dropped from the copied .ckpt files (fixtures stay small); the full checkpoints
-stay in --work for checking that the converter reads them too.
+     (predict_step with padded=False, exactly as `state tx infer` calls it) on fixed control sets and
+     every perturbation: inputs and outputs go to <run>/arc_outputs.safetensors;
+  4. runs `state tx infer` on a file whose one cell type has ONE control cell (arc-state's control draws are
+     then forced, so predict.py simulate can be compared end to end): infer_in.h5ad -> infer_out.h5ad;
+  5. SE: a tiny StateEmbeddingModel saved as `state emb fit` saves it (fit itself needs CUDA) in the
+     published layout, and `state emb transform`'s embeddings of real cells (record_se).
+The checkpoints keep everything arc-state writes (optimizer state included); only LlamaConfig's zeroed,
+never-read token table is 8 rows instead of 32,000, which keeps each run ~0.4 MB. Copied per run: what
+`state tx infer` and the converter read (not data_module.torch, a pickled object, nor last.ckpt).
 """
 
 import argparse
