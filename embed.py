@@ -3,7 +3,7 @@ SE (State Embedding): pre-train on prepared folders, then write obsm['X_state'] 
 
 Pre-training (fit) reads prepared folders (python -m state.data prepare FILE DIR; one folder per gene
 panel: each keeps its genes, mapped by upper-case symbol into one vocabulary), through the training
-data path of train.py: one global cursor over a seeded permutation of all cells (state.data.CellSampler),
+data path of train.py: one global cursor over a seeded permutation of all cells (state.sampler.CellSampler),
 loader processes, FSDP2 (default) or DDP under torchrun, and the checkpoint of train.py: a sharded DCP
 checkpoint of weights + optimizer (`dcp/`) that resumes at another world size:
     CPU:      python embed.py fit --data=data/a,data/b --out=runs/se_tiny --preset=tiny --max_steps=300
@@ -45,8 +45,9 @@ import torch
 from state import ckpt
 from state.config import configure
 from state.errors import UserError, die, need_space, output_file, run, stale_tmp
-from state.dist import (StepSampler, compute_cleanup, compute_init, load_sharded, mfu,
-                        print0, set_rng_state, set_sync, shard, stage_checkpoint)
+from state.dist import (compute_cleanup, compute_init, load_sharded, mfu, print0, set_rng_state, set_sync,
+                        shard, stage_checkpoint)
+from state.sampler import StepSampler
 from state.h5ad import H5AD
 from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, is_raw, load_gene_vectors,
                       load_model, norm_gene, pca_gene_vectors, save_model)
@@ -73,7 +74,7 @@ FIT = dict(
     min_lr_frac=0.3,          # cosine floor as a fraction of lr
     clip=0.8,
     dtype="auto",             # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
-    workers=-1,               # loader processes (state.dist.StepSampler); -1 = 2 on cuda, 0 on cpu
+    workers=-1,               # loader processes (state.sampler.StepSampler); -1 = 2 on cuda, 0 on cpu
     val_cells=256,            # held-out cells per folder for the validation loss
     eval_every=200,
     save_every=500,
@@ -182,7 +183,8 @@ def fit(argv):
     resume = C["resume"]
 
     # --- data: prepared folders (rows as prepared: log1p-normalised expression), vocabulary, vectors
-    from state.data import CellSampler, Prepared
+    from state.data import Prepared
+    from state.sampler import CellSampler
     datas = [Prepared(p) for p in folders]
     for d in datas:
         if d.index["recipe"]["key"].startswith("obsm/"):
@@ -243,7 +245,7 @@ def fit(argv):
     else:
         ds_names = [os.path.basename(os.path.normpath(p)) for p in folders]
         labels = [lambda r, f=f: np.full(len(r), f, np.int64) for f in range(len(datas))]
-    # cells: one global sequence (state.data.CellSampler) cut by rank (StepSampler), held-out val cells
+    # cells: one global sequence (state.sampler.CellSampler) cut by rank (StepSampler), held-out val cells
     workers = C["workers"] if C["workers"] >= 0 else (2 if device.type == "cuda" else 0)
     try:
         cells = CellSampler(datas, [m.to_vocab for m in maps], V, C["batch_size"], C["seed"], C["val_cells"])
@@ -485,9 +487,9 @@ def transform(argv):
         bs = C["batch_size"]
         with H5AD(inp) as h, torch.no_grad(), autocast(dev, C["dtype"]):
             mat = h.matrix(C["key"])
-            ts, kind = None, "any"  # raw counts -> the fit's normalisation (state.data.recipe_scaling)
+            ts, kind = None, "any"  # raw counts -> the fit's normalisation (state.scale.recipe_scaling)
             if meta.get("recipe"):  # runs fit on prepared folders record their recipe
-                from state.data import check_rows, classify, normalize_log1p, recipe_scaling, sample_rows
+                from state.scale import check_rows, classify, normalize_log1p, recipe_scaling, sample_rows
                 smp = sample_rows(mat, 10_000, 0)
                 try:
                     ts = recipe_scaling(smp, meta["recipe"], f"{inp}: '{C['key']}'", "the SE run")

@@ -11,7 +11,7 @@ Evaluate / compare with baselines (forwarded to state.eval.main / state.baseline
 
 Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, fed with n
 controls of the same context drawn as evenly as possible (test: the baselines' draws from the context's
-training controls, state.baselines.control_draws; simulate: state.data.draw_controls, seeded); windows are
+training controls, state.baselines.control_draws; simulate: state.sampler.draw_controls, seeded); windows are
 batched by length (no padding) in blocks of --max_cells cells, and a screen is written block by block,
 so its size is bounded by the disk, not the memory. Screen inputs may be raw counts or log1p values in
 any gene order: the run's recipe (meta.json) normalises counts to its target_sum and log1p's them.
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from state import ckpt
 from state.config import configure
-from state.data import draw_controls
+from state.sampler import draw_controls
 from state.errors import UserError, die, need_space, output_file, run, stale_tmp
 from state.eval import group_spread
 from state.h5ad import H5AD, Cat, Stream, write_h5ad
@@ -337,14 +337,14 @@ def cmd_test(argv):
 
 def apply_recipe(x, meta, path, key, gene_space, obs_names, names=None, allow_missing=0.0):
     """Control rows x (N, G_file) of a user's file, columns `names` -> the run's input scale, or a one-line
-    error naming what was found and what the run expects. Every row is checked (state.data.check_rows),
+    error naming what was found and what the run expects. Every row is checked (state.scale.check_rows),
     not a sample. Gene-valued runs: raw counts are normalised to the run's target_sum with each cell's
     library size summed over the genes the recipe names (recipe['libsize_genes']: None = the run's own
     genes, a list = those genes, e.g. all genes of the file prepare read before keeping HVGs; runs that
     predate the key: the file's genes), then log1p'd; log1p values normalised to another target sum are
     rescaled exactly to the run's (log1p(expm1(x) * ts / ts_file)); log1p values at the run's sum are
     taken as they are. Embedding runs take the embedding (same SE checkpoint) as it is."""
-    from state.data import check_rows, classify, recipe_scaling
+    from state.scale import check_rows, classify, recipe_scaling
     r = meta.get("recipe") or {}
     where = f"predict.py simulate: {path}: '{key}'"
 
@@ -507,7 +507,7 @@ def cmd_simulate(argv):
         obs_names = np.asarray(f.obs_names, dtype=object)[keep]
         Xin = f.matrix(cfg["key"]).rows(keep)  # (N, G_file)
         if cfg["key"].startswith("obsm/"):  # columns named as prepare names them (genes of X_hvg, X_state_0 ..)
-            from state.data import obsm_names
+            from state.prepare import obsm_names
             names = list(obsm_names(f, cfg["key"][5:], Xin.shape[1]))
         if dec:  # the controls' genes (decoder output space), mapped by name below
             gnames, Gin = list(f.var_names()), f.matrix(cfg["genes_key"]).rows(keep)

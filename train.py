@@ -50,10 +50,10 @@ from state import ckpt
 from state.config import configure
 from state.errors import die
 from state.errors import guard as cli_guard
-from state.data import Prepared, SetSampler
-from state.dist import (StepSampler, all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16, mfu,
-                        load_sharded, load_state, print0, quiet_exit, set_rng_state, set_sync, shard,
-                        stage_checkpoint)
+from state.data import Prepared
+from state.dist import (all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16, mfu, load_sharded,
+                        load_state, print0, quiet_exit, set_rng_state, set_sync, shard, stage_checkpoint)
+from state.sampler import SetSampler, StepSampler
 from state.splits import Split
 from state.st import (ALIASES, TRAIN_DEFAULTS, STConfig, StateTransition, combo_table, load_pert_features,
                       parts_of)

@@ -1,6 +1,6 @@
 """
 Loader benchmark: cells/s and peak RSS for building training batches (B sets x S cells x G genes, with
-matched controls) from a prepared memmap (state.data.SetSampler) vs reading the same rows from the
+matched controls) from a prepared memmap (state.sampler.SetSampler) vs reading the same rows from the
 original gzip-compressed .h5ad with h5py (state.h5ad.Matrix.rows).
 
     python bench/bench_loader.py --dir /tmp/nsbench                       # 200k cells x 2000 genes
@@ -49,7 +49,8 @@ def anon_mb():
 
 
 def run(a):
-    from state.data import Prepared, SetSampler
+    from state.data import Prepared
+    from state.sampler import SetSampler
     d = Prepared(Path(a.dir) / "prep")
     s = SetSampler(d, np.arange(d.n_cells), a.set_size, a.sets, seed=0)
     cells = a.sets * a.set_size
@@ -91,7 +92,7 @@ def main():
     a = ap.parse_args(dashes(None))
     if a.mode != "all":
         return run(a)
-    from state.data import prepare
+    from state.prepare import prepare
     from state.synth import make_synthetic
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)

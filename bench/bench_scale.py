@@ -110,7 +110,8 @@ child or print(f"CPU: {cpu_name()} | torch {torch.__version__} | {time.strftime(
 # -----------------------------------------------------------------------------
 # scale section
 if scale:
-    from state.data import Prepared, SetSampler
+    from state.data import Prepared
+    from state.sampler import SetSampler
     from state.splits import Split
     rows = []
     for n in [int(float(x)) for x in sizes.split(",")]:
@@ -181,8 +182,8 @@ if scale:
 # -----------------------------------------------------------------------------
 # loader section
 if loader:
-    from state.data import Prepared, SetSampler
-    from state.dist import StepSampler
+    from state.data import Prepared
+    from state.sampler import SetSampler, StepSampler
     h5, prep = g2000()
     D = Prepared(prep)
     D.rows(np.arange(0, D.n_cells, 1))  # page cache warm: the loader is measured on memory, not disk

@@ -70,7 +70,7 @@ def flop_model(G, n_pert):
 
 
 def make_data(work, name, G):
-    from state.data import prepare
+    from state.prepare import prepare
     from state.h5ad import H5AD, write_h5ad
     src = work / f"{name}.h5ad"
     if name == "gbm500":
@@ -103,7 +103,7 @@ def make_data(work, name, G):
 
 
 def bench_ours(D, device, dtype, steps, warmup, repeats):
-    from state.data import SetSampler
+    from state.sampler import SetSampler
     dev = torch.device(device)
     cfg = STConfig(n_in=D.n_genes, n_pert=len(D.pert_names), **MODEL)
     torch.manual_seed(0)

@@ -116,7 +116,7 @@ def real_pair(data, split):
 def control_draws(data, split, seed=0):
     """The one control pool of every method: for each perturbed test cell (split.test order), a control
     cell of its own context, drawn per (context, perturbation) group, groups in sorted order, as evenly as
-    possible (state.data.draw_controls) from the TRAINING controls of that context with one generator
+    possible (state.sampler.draw_controls) from the TRAINING controls of that context with one generator
     seeded `seed`. predict.py test and every baseline start from these same cells, so paired differences
     compare like with like."""
     return _controls_for(data, split, np.random.default_rng(seed))
@@ -124,7 +124,7 @@ def control_draws(data, split, seed=0):
 
 def _controls_for(data, split, rng):
     """control_draws with a given generator (the baselines pass a fresh default_rng(seed))."""
-    from state.data import draw_controls
+    from state.sampler import draw_controls
     tr = split.train[data.pert[split.train] == data.control_code]
     out = np.empty(len(split.test), np.int64)
     for c in np.unique(data.context[split.test]):

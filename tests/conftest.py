@@ -93,7 +93,7 @@ def run_script(*args, ok=True, threads=2, env=None):
 
 def make_synth_prepared(d):
     """A small synthetic dataset prepared in d/prep with a few-shot split in d/split.json (train/dist tests)."""
-    from state.data import prepare
+    from state.prepare import prepare
     from state.splits import make_split
     from state.synth import make_synthetic
     make_synthetic(d / "s.h5ad", n_cells=1200, n_genes=40, n_perts=6, n_contexts=3, seed=0)

@@ -77,7 +77,7 @@ def _h5ad(path, n=80, g=20, seed=0):
 
 
 def test_embed_killed_after_any_checkpoint_write_resumes_exactly(tmp_path):
-    from state.data import prepare
+    from state.prepare import prepare
     prepare(_h5ad(tmp_path / "a.h5ad"), tmp_path / "pa", pert_col="")
     common = ["embed.py", "fit", f"--data={tmp_path / 'pa'}", "--batch_size=8", "--max_steps=4", "--save_every=2",
               "--pca_dim=6", "--val_cells=4", "--eval_every=100", "--log_every=100", "--d_model=16", "--ff=32",

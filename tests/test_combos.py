@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from state.baselines import additive, perturbation_mean, real_pair, shift_table
-from state.data import prepare
+from state.prepare import prepare
 from state.h5ad import write_h5ad
 from state.splits import make_split
 from state.st import combo_table, parts_of

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from state.data import Prepared, SetSampler, detect_scale, hvg_seurat, main, prepare
+from state.data import Prepared, main
+from state.prepare import prepare
+from state.sampler import SetSampler
+from state.scale import detect_scale, hvg_seurat
 from state.h5ad import H5AD, H5ADError, write_h5ad
 from state.synth import make_synthetic
 
@@ -374,7 +377,7 @@ def test_sampler_determinism_epochs_resume(syn):
 def test_sampler_sharding(syn):
     """StepSampler cuts one world-size-independent sequence: W ranks x k micro-batches per step see the
     same sets as one process x W*k, without overlap within an epoch."""
-    from state.dist import StepSampler
+    from state.sampler import StepSampler
     _, d, _ = syn
     mk = lambda: SetSampler(d, np.arange(d.n_cells), 8, 5, seed=1)
     spe = mk().steps_per_epoch
@@ -395,7 +398,7 @@ def test_sampler_sharding(syn):
 def test_loader_processes_change_nothing(syn, workers):
     """Loader processes deliver the same batches in the same order as building them in the step, across
     epochs, a resume and grad accumulation (buffer ring reused many times over)."""
-    from state.dist import StepSampler
+    from state.sampler import StepSampler
     _, d, _ = syn
     mk = lambda w: StepSampler(SetSampler(d, np.arange(d.n_cells), 8, 5, seed=2), 0, 1, 2, workers=w, prefetch=2)
     plain, par = mk(0), mk(workers)
@@ -587,7 +590,7 @@ def test_every_row_is_checked_not_a_sample(tmp_path):
     rng = np.random.default_rng(0)
     n, g = 12_000, 4
     X = rng.poisson(3, (n, g)).astype(np.float32)
-    from state.data import sample_rows as _sample
+    from state.scale import sample_rows as _sample
 
     class M:  # the detector's view of the matrix: which rows does it sample?
         shape = (n, g)
@@ -621,7 +624,7 @@ def test_every_row_is_checked_not_a_sample(tmp_path):
 
 
 def test_draw_controls_is_even():
-    from state.data import draw_controls
+    from state.sampler import draw_controls
     rng = np.random.default_rng(0)
     pool = np.arange(100, 137)
     for n in (5, 37, 80, 200):

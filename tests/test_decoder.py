@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from state.data import prepare
+from state.prepare import prepare
 from state.h5ad import H5AD
 from state.splits import make_split
 from state.synth import make_synthetic

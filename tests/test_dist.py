@@ -103,7 +103,7 @@ def test_resume_at_another_world_size(runs, first, then):
 def test_step_sampler_shards_without_overlap():
     """Rank blocks of a step are disjoint, their union is the world=1 step, and a cursor saved at one
     world size resumes at another."""
-    from state.dist import StepSampler
+    from state.sampler import StepSampler
 
     class Fake:  # a SetSampler stand-in: batch (epoch, step) -> the set ids it holds
         seed, S, B, steps_per_epoch = 0, 16, 4, 5
@@ -132,7 +132,7 @@ def test_embed_fit_under_torchrun_resumes_at_another_world_size(tmp_path):
     at step 2 and resumed from the sharded DCP checkpoint by 1 process with twice the accumulation (the same
     global batch, from the global cursor) end with the weights of 1 process run straight through."""
     from safetensors.torch import load_file
-    from state.data import prepare
+    from state.prepare import prepare
     from state.synth import make_synthetic
     make_synthetic(tmp_path / "a.h5ad", n_cells=300, n_genes=30, n_perts=2, n_contexts=2, seed=5, counts=True)
     prepare(tmp_path / "a.h5ad", tmp_path / "pa", pert_col="")

@@ -262,7 +262,7 @@ def test_ridge_closed_form_tends_to_dense_least_squares():
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    from state.data import prepare
+    from state.prepare import prepare
     from state.splits import make_split
     from state.synth import make_synthetic
     d = tmp_path_factory.mktemp("synth")

@@ -406,7 +406,7 @@ def test_outputs_never_name_a_prepared_or_run_folders_own_files(synth, trained, 
 
 def test_reprepare_keeps_the_users_files(synth, tmp_path):
     """Re-preparing a folder swapped it whole and deleted the split.json the README puts there."""
-    from state.data import prepare
+    from state.prepare import prepare
     data = tmp_path / "prep"
     shutil.copytree(synth / "prep", data)
     shutil.copy(synth / "split.json", data / "split.json")

@@ -11,8 +11,10 @@ import h5py
 import numpy as np
 import pytest
 
-import state.data as sd
-from state.data import Prepared, main, prepare, recipe_scaling
+import state.prepare as sd
+from state.data import Prepared, main
+from state.prepare import prepare
+from state.scale import recipe_scaling
 from state.errors import UserError
 from state.h5ad import H5AD, H5ADError, write_h5ad
 from state.synth import make_synthetic

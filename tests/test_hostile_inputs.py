@@ -18,7 +18,7 @@ from state.st import (STConfig, StateTransition, check_combo_labels, combo_table
 
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
-    from state.data import prepare
+    from state.prepare import prepare
     from state.synth import make_synthetic
     d = tmp_path_factory.mktemp("hostile")
     make_synthetic(d / "s.h5ad", n_cells=600, n_genes=20, n_perts=6, n_contexts=2, seed=3)
@@ -261,7 +261,7 @@ def test_combination_labels_refused(tmp_path):
 
 
 def test_combo_split_refuses_malformed_labels(tmp_path):
-    from state.data import prepare
+    from state.prepare import prepare
     from state.h5ad import write_h5ad
     rng = np.random.default_rng(0)
     labels = ["ctrl", "A", "B", "A+B", "A+A"]

@@ -15,7 +15,7 @@ pl = pytest.importorskip("polars", reason="polars comes with cell-eval")
 
 from state import baselines as B  # noqa: E402
 from state import eval as E  # noqa: E402
-from state.data import prepare  # noqa: E402
+from state.prepare import prepare  # noqa: E402
 from state.splits import make_split  # noqa: E402
 
 TASKS = {

@@ -220,7 +220,7 @@ def test_protocol_statistics():
 
 
 def test_split_half_ceiling_on_real_data(gbm_path, tmp_path):
-    from state.data import prepare
+    from state.prepare import prepare
     from state.splits import make_split
     data = prepare([str(gbm_path)], tmp_path / "gbm", pert_col="perturbation", control="control",
                    context_col="cell_type", keep={"cell_type": ["T98G", "U87MG"]})

@@ -202,7 +202,7 @@ def test_fit_resume_and_transform(tmp_path, capsys):
     genes = [f"Gene{i}" for i in range(25)]
     a = _h5ad(str(tmp_path / "a.h5ad"), X[:60], genes)
     b = _h5ad(str(tmp_path / "b.h5ad"), X[60:, 5:], [g.lower() for g in genes[5:]])  # other case, subset
-    from state.data import prepare
+    from state.prepare import prepare
     prepare(a, tmp_path / "pa", pert_col="")  # no perturbations; counts normalised + log1p'd, recorded
     prepare(b, tmp_path / "pb", pert_col="")
     with pytest.raises(SystemExit, match="is a file: prepare it first"):

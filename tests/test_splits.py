@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from state.data import SetSampler, prepare
+from state.prepare import prepare
+from state.sampler import SetSampler
 from state.splits import Split, main, make_split, read_toml
 from state.synth import make_synthetic
 

@@ -321,7 +321,8 @@ def test_configurator():
 
 
 def test_training_lowers_loss_on_real_data(gbm_path, tmp_path):
-    from state.data import SetSampler, prepare
+    from state.prepare import prepare
+    from state.sampler import SetSampler
     D = prepare([str(gbm_path)], tmp_path / "gbm", pert_col="perturbation", control="control",
                 context_col="cell_type", keep={"cell_type": ["A172", "T98G", "U87MG"]})
     torch.manual_seed(0)

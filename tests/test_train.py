@@ -305,7 +305,7 @@ def test_simulate_applies_the_runs_recipe_to_raw_counts(tmp_path):
     """A run records its input recipe; simulate normalises raw counts to the run's target_sum and
     log1p's them (any gene order), giving the same screen as log1p input; other scales are refused
     with what was found and what the run expects."""
-    from state.data import prepare
+    from state.prepare import prepare
     from state.h5ad import H5AD, write_h5ad
     from state.splits import make_split
     from state.synth import make_synthetic
