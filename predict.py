@@ -37,6 +37,7 @@ from state.sampler import draw_controls
 from state.errors import UserError, die, need_space, output_file, run, stale_tmp
 from state.eval import group_spread
 from state.h5ad import H5AD, Cat, Stream, write_h5ad
+from state.perts import check_combo_labels, multi_hot, parts_of
 from state.st import STConfig, StateTransition
 
 # -----------------------------------------------------------------------------
@@ -414,7 +415,6 @@ def extend_combos(models, meta, vocab, labels):
     multi-hot rows of `labels` (combo_reduce as in training) to every model's perturbation table and
     give them codes in `vocab`. One-hot runs only (the parts' feature vectors are not stored); an
     anchored run has no baseline shift for a new label; a part the run never saw is an error."""
-    from state.st import check_combo_labels, parts_of
     sep, parts = meta["combos"], meta["combo_parts"]
     col = {q: i for i, q in enumerate(parts)}
     # well-formed labels ('A+A', '+A', 'control+A' refused) with no more parts than any label it trained on
@@ -434,12 +434,10 @@ def extend_combos(models, meta, vocab, labels):
         die(f"predict.py simulate: {labels[:5]} are not in the run's vocabulary and the run is anchored "
                  f"(--anchor={models[0].cfg.anchor}): a new label has no baseline shift; use a run without "
                  "--anchor to screen new combinations")
-    rows = torch.zeros(len(labels), len(parts))
-    for i, lab in enumerate(labels):
-        for q in parts_of(lab, sep):
-            rows[i, col[q]] += 1.0
-        if meta.get("combo_reduce") == "mean":
-            rows[i] /= len(parts_of(lab, sep))
+    split = [parts_of(lab, sep) for lab in labels]
+    rows = multi_hot(split, parts)
+    if meta.get("combo_reduce") == "mean":
+        rows = rows / torch.tensor([len(ps) for ps in split], dtype=torch.float32)[:, None]
     for m in models:
         m.pert_table = torch.cat([m.pert_table, rows.to(m.pert_table)])
     for i, lab in enumerate(labels):

@@ -52,11 +52,11 @@ from state.errors import die
 from state.errors import guard as cli_guard
 from state.data import Prepared
 from state.dist import (all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16, mfu, load_sharded,
-                        load_state, print0, quiet_exit, set_rng_state, set_sync, shard, stage_checkpoint)
+                        print0, quiet_exit, set_rng_state, set_sync, shard, stage_checkpoint)
 from state.sampler import SetSampler, StepSampler
 from state.splits import Split
-from state.st import (ALIASES, TRAIN_DEFAULTS, STConfig, StateTransition, combo_table, load_pert_features,
-                      parts_of)
+from state.perts import combo_table, load_pert_features, parts_of, pca_pert_features
+from state.st import ALIASES, TRAIN_DEFAULTS, STConfig, StateTransition
 
 # -----------------------------------------------------------------------------
 # config (every global here can be overridden with --key=value)
@@ -199,7 +199,6 @@ key = recipe.get("key", "X")
 gene_space = not (str(key).startswith("obsm/") and not str(key).endswith("X_hvg"))
 pert_table, combo_parts, feats, feat_from = None, None, pert_features or None, None
 if pert_features == "pca":  # features without a download, for perturbations that name a measured gene
-    from state.st import pca_pert_features
     need = sorted({p for n in D.pert_names for p in parts_of(n, combos)} - {D.control}) if combos else \
         [n for n in D.pert_names if n != D.control]
     feats, lacking = pca_pert_features(D, sp.train, need)
@@ -212,7 +211,7 @@ if pert_features == "pca":  # features without a download, for perturbations tha
                  f"({lacking[:10]}): give a features file (--pert_features=FILE, e.g. ESM2 gene vectors) or "
                  "--missing_pert_features=zero for zero vectors")
 try:
-    if combos:  # combinations from their parts (state/st.py combo_table)
+    if combos:  # combinations from their parts (state/perts.py combo_table)
         pert_table, combo_parts = combo_table(list(D.pert_names), D.control, combos, combo_reduce,
                                               features=feats, missing=missing_pert_features)
     elif pert_features:
@@ -316,10 +315,9 @@ if ddp:
 model = StateTransition(cfg, pert_table=pert_table, anchor_table=anchor_table).to(dev)
 raw = model
 init_note = None
-if init_from and not resume:  # transfer (state.st.init_from): before sharding, on the full model
-    from state.st import init_from as _init_from
+if init_from and not resume:  # transfer (state.ckpt.init_from): before sharding, on the full model
     try:
-        init_note = _init_from(raw, init_from, list(D.pert_names), list(D.genes), combo_parts,
+        init_note = ckpt.init_from(raw, init_from, list(D.pert_names), list(D.genes), combo_parts,
                                [x for x in reinit.split(",") if x], init_skip, say=print0)
     except (ValueError, FileNotFoundError) as e:
         die(f"train.py: {e}")

@@ -36,12 +36,15 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 from state.config import dashes
-from state.errors import Parser, UserError
+from state.data import Prepared, Rows
+from state.errors import Parser, UserError, output_folder, staged_folder
 from state.eval import BEST, evaluate, score
 from state.h5ad import H5AD, write_h5ad
+from state.perts import gene_pca, parts_of
+from state.sampler import draw_controls
+from state.splits import Split
 
 NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift", "additive", "crispr_shift",
          "celleval_baseline"]
@@ -58,7 +61,6 @@ def group_means(data, rows, shard=False):
     torchrun: each rank reads every world-th segment and the sums are all-reduced (same result on all)."""
     import torch.distributed as dist
 
-    from state.data import Rows
     segs, gi = (rows if isinstance(rows, Rows) else Rows.of(rows)).cut(data)
     S, T = data.sums, data.group_table
     r, w = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
@@ -124,7 +126,6 @@ def control_draws(data, split, seed=0):
 
 def _controls_for(data, split, rng):
     """control_draws with a given generator (the baselines pass a fresh default_rng(seed))."""
-    from state.sampler import draw_controls
     tr = split.train[data.pert[split.train] == data.control_code]
     out = np.empty(len(split.test), np.int64)
     for c in np.unique(data.context[split.test]):
@@ -208,21 +209,6 @@ def ridge2(G, Y, P, lam):
     """W = (G^T G + lam I)^-1 G^T Y P (P^T P + lam I)^-1 (SPEC 11; Y already centred by b)."""
     A = np.linalg.solve(G.T @ G + lam * np.eye(G.shape[1]), G.T @ Y)  # (d_g, K)
     return np.linalg.solve(P.T @ P + lam * np.eye(P.shape[1]), (A @ P).T).T  # (d_g, d_p)
-
-
-def gene_pca(data, rows, d=10, n_max=20000, seed=0):
-    """Top-d principal axes of the training cells (G, d): gene embeddings."""
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(rows, min(len(rows), n_max), replace=False))
-    X = data.rows(rows).astype(np.float64)
-    X -= X.mean(0)
-    d = min(d, *X.shape)
-    if X.shape[1] <= 4096:  # exact: eigenvectors of the G x G scatter matrix
-        w, V = np.linalg.eigh(X.T @ X)
-        return V[:, ::-1][:, :d]
-    torch.manual_seed(seed)  # many genes: randomized PCA, no G x G matrix
-    _, _, V = torch.pca_lowrank(torch.from_numpy(X), q=min(d + 10, *X.shape), center=False, niter=6)
-    return V[:, :d].numpy()
 
 
 def linear(data, split, seed=0, d=10, lams=(0.01, 0.1, 1.0, 10.0, 100.0)):
@@ -316,7 +302,6 @@ def shift_table(data, rows, kind="two_way", return_choice=False, sep="+"):
     if not isinstance(rows, dict):  # read the rows once for every table below
         rows = group_means(data, rows)
     if kind == "additive":
-        from state.st import parts_of
         T = shift_table(data, rows, "two_way")
         D, H = _delta_grid(data, rows)[:2]
         code = {n: i for i, n in enumerate(data.pert_names)}
@@ -558,7 +543,6 @@ def report(data, split, preds=None, out=None, profile="full", seed=0):
         with H5AD(q) as f:
             if list(f.var_names()) != list(data.genes):
                 raise UserError(f"state.baselines report: --pred {q}: its genes differ from the prepared data's")
-    from state.errors import output_folder, staged_folder
     output_folder(out, [], "state.baselines report")
     with staged_folder(out) as d:  # every file or none: a failure half-way leaves --out as it was
         return _report(data, split, preds, d, profile, seed)
@@ -628,14 +612,11 @@ def main(argv=None):
     w.add_argument("--out", required=True)
     a = ap.parse_args(dashes(argv))
     if a.cmd == "report" and not a.out:
-        from state.errors import UserError
         if not a.pred:
             raise UserError("state.baselines report: --out=FOLDER is required without --pred (the baselines' "
                             "files are written there)")
         first = a.pred[0].rpartition("=")[2] if "=" in a.pred[0] and not os.path.exists(a.pred[0]) else a.pred[0]
         a.out = os.path.join(os.path.dirname(os.path.abspath(first)), "baselines")
-    from state.data import Prepared
-    from state.splits import Split
     data = Prepared(a.data)
     split = Split.load(a.split).validate(data)
     if a.cmd == "write":

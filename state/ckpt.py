@@ -17,11 +17,18 @@ when the process ends, however it ends); a second writer is refused at once, nam
 `repair(out)` puts back the layout of a run folder copied with its links dereferenced (`cp -rL`).
 
 NANOSTATE_FAULT=k (tests only): SIGKILL this process right after the k-th file operation of its saves.
+
+`init_from(model, run, ...)` (train.py --init_from) reads a finished run folder's weights into a new model
+for fine-tuning, re-initialising the parts the new data changes.
 """
 
 import os
 import shutil
 import signal
+
+import torch
+
+from state.errors import UserError, die, on_error
 
 LINKS = ("model.safetensors", "meta.json", "state.pt", "ema.safetensors")
 LOCK = ".lock"
@@ -54,7 +61,6 @@ def lock(out, command="train.py"):
     call created is removed again if the process then ends on a user's error with nothing in it."""
     import fcntl
 
-    from state.errors import UserError, on_error
     made = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     path = os.path.realpath(os.path.join(out, LOCK))
@@ -174,8 +180,6 @@ def read(ck, command, need=None, what=None):
     the folder."""
     import json
 
-    from state.dist import load_state
-    from state.errors import UserError
     for f in ("meta.json", "state.pt"):
         if not os.path.isfile(os.path.join(ck, f)):
             raise UserError(f"{command}: {ck}: {f} is missing: the run folder is incomplete (copied in part?); "
@@ -205,7 +209,6 @@ def read_run(run, who):
     named as such. Anything else is a UserError starting with `who` (e.g. "--run=DIR")."""
     import json
 
-    from state.errors import UserError
     what = "a run folder of train.py (model.safetensors + meta.json)"
     if not os.path.isdir(run):
         raise UserError(f"{who}: {'is a file' if os.path.exists(run) else 'not found'}; give {what}")
@@ -235,7 +238,6 @@ def load_weights(path, command=""):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from state.errors import UserError
     pre = f"{command}: " if command else ""
     try:
         sd = load_file(path)
@@ -249,6 +251,16 @@ def load_weights(path, command=""):
             raise UserError(f"{pre}{path}: tensor '{k}' has NaN/Inf values; these weights cannot predict: "
                             "use an earlier checkpoint or train again")
     return sd
+
+
+def load_state(path):
+    """A state.pt (optimizer, sampler, RNG) loaded with weights_only=True: a file that needs any other
+    class to unpickle is refused, naming the file (it cannot run code here)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        die(f"{path}: not a plain state file (tensors, numbers, strings only); refusing to "
+                         f"unpickle it ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
 
 
 def write(path, fn):
@@ -280,3 +292,79 @@ def commit(out, step):
         if (f.startswith("ckpt-") or f.startswith("dcp-")) and f != name:
             shutil.rmtree(os.path.join(out, f), ignore_errors=True)
     _done()
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning: another run's weights into a new model
+
+def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=False, say=print):
+    """Load a trained run's weights into `model` for fine-tuning: every tensor whose name and shape match,
+    except the parts re-initialised: the perturbation encoder (f_pert) when the perturbation vocabulary
+    (or combination parts) or the feature width differ from the run's, or 'pert' in `reinit`; the gene
+    side (f_cell's input layer, f_out's output layer, the gene decoder) when the gene list differs, or
+    'decoder' in `reinit`. Buffers (pert_table, anchor_table) always come from this run's data. A tensor
+    whose shape differs outside those parts is an error naming it (skip=True: left at its init). Prints a
+    table of loaded / re-initialised / skipped tensors; returns a note for meta.json."""
+    bad = [r for r in reinit if r not in ("pert", "decoder")]
+    if bad:
+        raise UserError(f"--reinit {bad}: choose from pert, decoder")
+    run = str(run)
+    meta = read_run(run, f"--init_from={run}")
+    src = load_weights(os.path.join(run, "model.safetensors"), f"--init_from={run}")
+    why = {}
+    if "pert" in reinit:
+        why["pert"] = "asked"
+    elif meta.get("pert_names") != pert_names or meta.get("combo_parts") != combo_parts:
+        why["pert"] = "another perturbation vocabulary"
+    if "decoder" in reinit:
+        why["decoder"] = "asked"
+    elif list(meta.get("genes", [])) != list(genes):
+        why["decoder"] = "another gene list"
+    first = lambda mod: next(n for n, _ in mod.named_parameters())
+    gene_side = {f"f_cell.{first(model.f_cell)}", f"f_cell.{first(model.f_cell)}".replace("weight", "bias")}
+    last = [n for n, _ in model.f_out.named_parameters()][-2:]
+    gene_side |= {f"f_out.{n}" for n in last}
+    part = lambda n: "pert" if n.startswith("f_pert.") else \
+        ("decoder" if n.startswith("decoder.") or n in gene_side else None)
+    own = model.state_dict()
+    rows, load = [], {}
+    for n, v in own.items():
+        if n in ("pert_table", "anchor_table"):
+            rows.append((n, "this run's data", tuple(v.shape)))
+        elif part(n) in why:
+            rows.append((n, f"re-initialised ({why[part(n)]})", tuple(v.shape)))
+        elif n not in src:
+            rows.append((n, "not in the source run: initialised", tuple(v.shape)))
+        elif tuple(src[n].shape) != tuple(v.shape):
+            if not skip:
+                raise UserError(f"--init_from={run}: tensor '{n}' is {tuple(src[n].shape)} there and "
+                                 f"{tuple(v.shape)} here (another hidden size or preset?); --init_skip=True "
+                                 "leaves mismatched tensors at their initialisation")
+            rows.append((n, f"skipped: shape {tuple(src[n].shape)} in the source", tuple(v.shape)))
+        else:
+            load[n] = src[n]
+            rows.append((n, "loaded", tuple(v.shape)))
+    if not load:
+        raise UserError(f"--init_from={run}: loads nothing: none of its {len(src)} tensors matches a tensor of this "
+                        f"model by name and shape (its tensors: {sorted(src)[:3]} ..., this model's: {sorted(own)[:3]} ...); "
+                        "--init_from would train from scratch. Give a run of the same model (preset, hidden "
+                        "size), or drop --init_from to train from scratch")
+    model.load_state_dict(load, strict=False)
+    params = dict(model.named_parameters())
+    n_all = sum(p.numel() for p in params.values())
+    n_got = sum(params[n].numel() for n in load if n in params)
+    n_t = sum(1 for n in own if n in params)
+    k_t = sum(1 for n in load if n in params)
+    frac = n_got / max(n_all, 1)
+    if frac < 0.5:
+        say(f"WARNING: init_from {run}: loaded {k_t} of {n_t} tensors ({100 * frac:.1f}% of parameters): most of "
+            "the model starts from its initialisation (see the table below)")
+    kinds = {}
+    for _, k, _ in rows:
+        kinds[k.split(" (")[0].split(":")[0]] = kinds.get(k.split(" (")[0].split(":")[0], 0) + 1
+    say(f"init_from {run}: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
+    for n, k, shp in rows:
+        if k != "loaded":
+            say(f"  {n:<40s} {str(shp):<16s} {k}")
+    return dict(run=os.path.abspath(run), reinit=why, loaded=sum(k == "loaded" for _, k, _ in rows),
+                rows=len(rows), loaded_params=n_got, params=n_all)

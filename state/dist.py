@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from state import ckpt
+
 
 def print0(*a, **k):
     if int(os.environ.get("RANK", 0)) == 0:
@@ -70,17 +72,6 @@ def set_rng_state(r, device=None):
     random.setstate((py[0], tuple(py[1]), py[2]))
     if device is not None and device.type == "cuda" and r.get("cuda") is not None:
         torch.cuda.set_rng_state(r["cuda"], device)
-
-
-def load_state(path):
-    """A state.pt (optimizer, sampler, RNG) loaded with weights_only=True: a file that needs any other
-    class to unpickle is refused, naming the file (it cannot run code here)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends
-        from state.errors import die
-        die(f"{path}: not a plain state file (tensors, numbers, strings only); refusing to "
-                         f"unpickle it ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
 
 
 def compute_cleanup():
@@ -163,7 +154,6 @@ def stage_checkpoint(out, step, model, opt, device):
     gathers the consolidated fp32 weights, and every rank's RNG state is gathered. -> (staging folder,
     CPU state dict ({} off rank 0), [RNG state of each rank]). Rank 0 then writes its files into the
     folder and calls ckpt.commit (train.py, embed.py)."""
-    from state import ckpt
     master = not dist.is_initialized() or dist.get_rank() == 0
     if master:
         ckpt.begin(out, step)

@@ -45,6 +45,11 @@ class UserError(ValueError):
     A ValueError, so library callers that catch ValueError keep working."""
 
 
+class UnknownName(UserError, KeyError):
+    """A name that is not in a table (a preset): a UserError, and a KeyError for callers that catch that."""
+    __str__ = ValueError.__str__
+
+
 class Refused(SystemExit):
     """SystemExit with status 2 whose str() is the one-line message (already printed)."""
 

@@ -31,7 +31,7 @@ import numpy as np
 from state.config import dashes
 from state.data import Prepared, Rows, hkey
 from state.errors import Parser, UserError
-from state.st import check_combo_labels, parts_of
+from state.perts import check_combo_labels, parts_of, read_vectors, target_gene
 
 
 FORMAT = 2  # 1: row indices listed in the file
@@ -625,12 +625,10 @@ def main(argv=None):
         if a.cmd == "make":
             feats = None
             if a.pert_features == "pca":  # train.py --pert_features=pca: perturbations naming a measured gene
-                from state.st import target_gene
                 feats = {p: None for p in data.pert_names if target_gene(p) in set(data.genes)}
                 print(f"[splits] --pert-features pca: {len(feats)} of {len(data.pert_names) - 1} perturbations name "
                       "a measured gene (the others cannot be encoded)")
             elif a.pert_features:  # checked entry by entry, as train.py reads it
-                from state.st import read_vectors
                 feats = read_vectors(a.pert_features)[0]
             sp = a.support_perts.split(",") if a.support_perts else None
             s = make_split(data, a.task, a.context, a.support, sp, a.val_frac, a.seed, features=feats,

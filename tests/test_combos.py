@@ -8,7 +8,7 @@ from state.baselines import additive, perturbation_mean, real_pair, shift_table
 from state.prepare import prepare
 from state.h5ad import write_h5ad
 from state.splits import make_split
-from state.st import combo_table, parts_of
+from state.perts import combo_table, parts_of
 
 
 def test_combo_table_onehot_and_features(tmp_path):

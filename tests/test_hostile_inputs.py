@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from state.ckpt import init_from
 from state.errors import UserError
+from state.perts import check_combo_labels, combo_table, load_pert_features, pca_pert_features
 from state.splits import Split, make_split, read_toml
-from state.st import (STConfig, StateTransition, check_combo_labels, combo_table, init_from, load_pert_features,
-                      pca_pert_features)
+from state.st import STConfig, StateTransition
 
 
 @pytest.fixture(scope="module")

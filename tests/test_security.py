@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from state.dist import load_state, rng_state, set_rng_state
+from state.ckpt import load_state
+from state.dist import rng_state, set_rng_state
 
 
 class Payload:

@@ -118,7 +118,7 @@ def test_guard_perts_held_out_of_training_whole(syn, tmp_path):
 def test_pca_features_from_measured_target_genes(tmp_path):
     """--pert_features=pca: a perturbation named after a measured gene gets that gene's loadings on the
     training cells' principal axes; the others are reported, and train.py refuses them unless zero."""
-    from state.st import pca_pert_features, target_gene
+    from state.perts import pca_pert_features, target_gene
     d = tmp_path
     make_synthetic(d / "s.h5ad", n_cells=600, n_genes=30, n_perts=5, n_contexts=2, seed=2)
     data = prepare(d / "s.h5ad", d / "p")

@@ -10,8 +10,9 @@ import torch
 
 import kernels
 from state.config import configure
+from state.perts import load_pert_features
 from state.st import (Attention, Block, ConfidenceHead, RMSNorm, STConfig, StateTransition, SwiGLU,
-                      build_mlp, gene_decoder, load_pert_features)
+                      build_mlp, gene_decoder)
 
 
 @pytest.fixture(autouse=True)
