@@ -432,7 +432,8 @@ if resume:
     meta, state = ckpt.read(ck, "train.py", "st", "an ST run of train.py")
     if meta["data_checksum"] != D.checksum or meta["split_hash"] != split_hash:
         die("train.py: --resume with a different dataset or split than the run was trained on")
-    if meta["st"] != cfg.to_dict():
+    # fields added since the run was written take their defaults (what the run computed without them)
+    if STConfig.from_dict(meta["st"]).to_dict() != cfg.to_dict():
         die("train.py: --resume with a different model config than the run's meta.json")
     # settings that fix the data order or the model are refused; the others are applied and said
     old = meta.get("train", {})

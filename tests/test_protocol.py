@@ -185,6 +185,20 @@ def test_ensemble_shift_averages_set_means_keeps_one_members_residuals():
         assert not np.allclose(z, [alone[(i + j) % 3][i][j] for j in range(len(z))], atol=1e-4)
 
 
+def test_predict_bf16_autocast_is_close_to_fp32():
+    """predict.py --dtype=bfloat16: the same predictions within bf16 rounding, not the fp32 ones."""
+    import predict
+    torch.manual_seed(0)
+    m = StateTransition(STConfig.from_name("tiny", n_in=11, n_pert=3)).eval()
+    ctrl = np.random.default_rng(0).random((30, 11)).astype(np.float32)
+    wins = [(np.arange(16), 1, None, 0), (np.arange(16, 23), 2, None, 0)]
+    a = predict.predict_windows([m], ctrl, wins, "cpu")
+    b = predict.predict_windows([m], ctrl, wins, "cpu", dtype="bfloat16")
+    for x, y in zip(a, b):
+        assert y.dtype == np.float32 and not np.array_equal(x, y)
+        np.testing.assert_allclose(y, x, atol=5e-2, rtol=5e-2)
+
+
 def fake_results(st, bl, ceil, n_perts=5, n_de=3.0):
     """A protocol result for one task: st = [per-seed dicts], bl = [per-seed {baseline: dict}]."""
     fill = lambda d, v=0.5: {m: d.get(m, v) for m in X.METRICS} | {"de_nsig_counts_real": n_de}

@@ -30,6 +30,7 @@ def losses(out):
     return [json.loads(l) for l in open(Path(out) / "log.jsonl")]
 
 
+@pytest.mark.slow
 def test_train_resume_predict(synth, tmp_path):
     d = synth
     full, part = tmp_path / "full", tmp_path / "part"
@@ -131,6 +132,7 @@ def test_train_resume_predict(synth, tmp_path):
     assert r.returncode != 0 and "not in the run's vocabulary" in r.stderr
 
 
+@pytest.mark.slow
 def test_anchor_cosine_ema_resume_and_ensemble(synth, tmp_path):
     """The protocol's options together: anchored output, warmup + cosine, weight EMA, selection on the
     support perturbations' val loss. Resume is exact (raw weights from dcp, EMA from ema.safetensors,
@@ -171,6 +173,7 @@ def test_anchor_cosine_ema_resume_and_ensemble(synth, tmp_path):
         assert np.isfinite(p.matrix("X").block(0, p.n_obs)).all()
 
 
+@pytest.mark.slow
 def test_guard_scores_unseen_perturbations_held_out_whole(synth, tmp_path):
     """--guard on an unseen split with guard_perts: alpha is chosen on the cells of perturbations that
     never trained (the split's guard perturbations), from the grid, by the lowest loss; recorded in
@@ -205,9 +208,28 @@ def test_guard_scores_unseen_perturbations_held_out_whole(synth, tmp_path):
     assert np.allclose(xs[""], xs["0" if g["alpha"] == 0 else "1"]) or g["alpha"] == 0.5
     r = run(*pt, f"--out={tmp_path / 'bad'}", "--alpha=2", ok=False)
     assert r.returncode == 2 and "--alpha='2'" in r.stderr and not (tmp_path / "bad").exists()
+    r = run(*pt, f"--out={tmp_path / 'bad'}", "--dtype=fp8", ok=False)
+    assert r.returncode == 2 and "--dtype='fp8'" in r.stderr and not (tmp_path / "bad").exists()
     a[2], a[4] = f"--split={tmp_path / 'n.json'}", f"--out={tmp_path / 'n'}"
     r = run(*a)
     assert "no guard perturbations" in r.stdout
+
+
+@pytest.mark.slow
+def test_resume_a_run_written_before_newer_model_fields(synth, tmp_path):
+    """A run whose meta.json predates STConfig fields added since (their defaults are what it computed)
+    resumes; a real change of a model field is still refused."""
+    out = tmp_path / "old"
+    run(*args(synth, out, 4))
+    for f in out.rglob("meta.json"):
+        m = json.load(open(f))
+        for k in ("mean_weight", "activation"):
+            m["st"].pop(k, None)
+        json.dump(m, open(f, "w"))
+    run(*args(synth, out, 6, "--resume"))
+    assert max(x["step"] for x in losses(out) if "loss" in x) == 6
+    r = run(*args(synth, out, 8, "--resume", "--mean_weight=1"), ok=False)
+    assert r.returncode == 2 and "different model config" in r.stderr
 
 
 def test_bad_settings_nonfinite_loss_and_resume_changes(synth, tmp_path):
@@ -246,6 +268,7 @@ def test_bad_settings_nonfinite_loss_and_resume_changes(synth, tmp_path):
     assert r.returncode != 0 and "cannot change batch_size" in r.stderr
 
 
+@pytest.mark.slow
 def test_predict_refuses_wrong_split_and_bad_controls(synth, tmp_path):
     d = synth
     runp = tmp_path / "r"
@@ -278,6 +301,7 @@ def test_predict_refuses_wrong_split_and_bad_controls(synth, tmp_path):
     assert (tmp_path / "s.h5ad").exists()
 
 
+@pytest.mark.slow
 def test_init_from_fine_tunes_with_a_table_and_named_errors(synth, tmp_path):
     """--init_from loads every matching tensor (printing what was loaded, re-initialised, skipped),
     --freeze_steps keeps the blocks as loaded, --reinit=pert redraws the perturbation encoder, and a
@@ -301,6 +325,7 @@ def test_init_from_fine_tunes_with_a_table_and_named_errors(synth, tmp_path):
     assert "skipped: shape" in r.stdout
 
 
+@pytest.mark.slow
 def test_simulate_applies_the_runs_recipe_to_raw_counts(tmp_path):
     """A run records its input recipe; simulate normalises raw counts to the run's target_sum and
     log1p's them (any gene order), giving the same screen as log1p input; other scales are refused
