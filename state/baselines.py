@@ -31,9 +31,10 @@ cell-eval's `baseline` command and is built from the TEST data (labelled so):
 Control cells are copied through as real cells (is_predicted False) in every pred.
 """
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -46,8 +47,6 @@ from state.perts import gene_pca, parts_of
 from state.sampler import draw_controls
 from state.splits import Split
 
-NAMES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift", "additive", "crispr_shift",
-         "celleval_baseline"]
 
 # -----------------------------------------------------------------------------------------------
 # training statistics
@@ -466,9 +465,44 @@ def celleval_baseline(data, split, seed=0):
     return _assemble(data, split, np.broadcast_to(mu, (n, X.shape[1])), None)
 
 
-BASELINES = dict(perturbation_mean=perturbation_mean, context_mean=context_mean, linear=linear,
-                 two_way=two_way, auto_shift=auto_shift, additive=additive, crispr_shift=crispr_shift,
-                 celleval_baseline=celleval_baseline)
+# -----------------------------------------------------------------------------
+# the registry: every baseline declared once; the report, `write --which`, the protocol's names and
+# table labels (state/experiment.py) and the anchors ST can start from (STConfig.anchor) are read from it
+
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline; called as its function: BASELINES[name](data, split, seed) -> (X, obs)."""
+    name: str                # --which, NAME_pred.h5ad, the keys of result files: never renamed
+    fn: Callable
+    short: str               # its label in the protocol's tables
+    anchor: str = None       # the shift_table kind ST anchors on to start from it (--anchor=KIND)
+    task: str = None         # built only for splits of this task type (combo, unseen); None: every split
+    from_test: bool = False  # built from the TEST data (cell-eval's baseline): reported, never in the protocol
+
+    def __call__(self, data, split, seed=0):
+        return self.fn(data, split, seed=seed)
+
+    def joins(self, split):
+        """Is it built for `split`? A combination split is one with a combo separator; crispr_shift is
+        for unseen perturbations only (for seen ones it is the context mean plus a guess the data can
+        replace), and without combinations additive is two_way."""
+        if self.task == "combo":
+            return bool(getattr(split, "combo_sep", None))
+        return self.task is None or getattr(split, "task", None) == self.task
+
+
+BASELINES = {b.name: b for b in (
+    Baseline("perturbation_mean", perturbation_mean, "pert-mean", anchor="pert_mean"),
+    Baseline("context_mean", context_mean, "ctx-mean", anchor="context_mean"),
+    Baseline("linear", linear, "linear"),
+    Baseline("two_way", two_way, "two-way", anchor="two_way"),
+    Baseline("auto_shift", auto_shift, "auto", anchor="auto"),
+    Baseline("additive", additive, "additive", anchor="additive", task="combo"),
+    Baseline("crispr_shift", crispr_shift, "crispr", anchor="crispr", task="unseen"),
+    Baseline("celleval_baseline", celleval_baseline, "celleval", from_test=True),
+)}
+# what ST's output can be anchored on (STConfig.anchor, train.py --anchor): nothing, or a baseline's shift
+ANCHORS = ("none",) + tuple(b.anchor for b in BASELINES.values() if b.anchor)
 
 
 def write_pred(path, pair, data, source):
@@ -555,15 +589,12 @@ def _report(data, split, preds, out, profile, seed):
     write_pred(realp, real, data, "real")
     ctxc = data.context_col or "context"
     results, notes = {}, []
-    for name, fn in BASELINES.items():
-        if name == "additive" and not getattr(split, "combo_sep", None):
-            continue  # without combinations it is two_way
-        if name == "crispr_shift" and getattr(split, "task", None) != "unseen":
-            continue  # for seen perturbations it is the context mean plus a guess the data can replace
-        pair = fn(data, split, seed=seed)
+    for name, b in BASELINES.items():
+        if not b.joins(split):
+            continue
+        pair = b(data, split, seed=seed)
         pp = os.path.join(out, f"{name}_pred.h5ad")
-        write_pred(pp, pair, data, name + (" (built from test data)" if name == "celleval_baseline"
-                                           else ""))
+        write_pred(pp, pair, data, name + (" (built from test data)" if b.from_test else ""))
         _, agg = evaluate(pp, realp, data.pert_col, data.control, ctxc, profile,
                           out=os.path.join(out, name))
         results[name] = agg
@@ -607,7 +638,7 @@ def main(argv=None):
     w = sub.add_parser("write")
     w.add_argument("--data", required=True)
     w.add_argument("--split", required=True)
-    w.add_argument("--which", choices=NAMES, required=True)
+    w.add_argument("--which", choices=list(BASELINES), required=True)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--out", required=True)
     a = ap.parse_args(dashes(argv))

@@ -54,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from state import baselines
 from state.config import dashes
 from state.errors import Parser, UserError
 
@@ -109,15 +110,20 @@ LOWER = {"mse", "mae"}  # lower is better; spread/shift are diagnostics (best 1)
 DIAG = {"spread", "shift"}
 DE = {"overlap_at_N", "de_direction_match"}
 ONE_PERT = {"discrimination_score_l1", "pearson_edistance"}
-BASELINES = ["perturbation_mean", "context_mean", "linear", "two_way", "auto_shift"]
-SHORT = {"perturbation_mean": "pert-mean", "context_mean": "ctx-mean", "linear": "linear", "two_way": "two-way",
-         "auto_shift": "auto", "additive": "additive", "crispr_shift": "crispr"}
+# from the baselines' registry (state/baselines.py): those built from training cells, their table labels,
+# the ones scored on every task, and the baseline each --anchor kind starts ST from
+PROTOCOL = {n: b for n, b in baselines.BASELINES.items() if not b.from_test}
+SHORT = {n: b.short for n, b in PROTOCOL.items()}
+BASELINES = [n for n, b in PROTOCOL.items() if b.task is None]
+ANCHOR_BASELINE = {b.anchor: n for n, b in PROTOCOL.items() if b.anchor}
 
 
 def names_for(task):
-    """The baselines of a task: the additive one joins on combination tasks (elsewhere it is two_way)."""
-    return BASELINES + (["additive"] if "combo" in TASKS[task][1] else []) + \
-        (["crispr_shift"] if "unseen" in TASKS[task][1] else [])
+    """The baselines of a task: every-task ones, and those of its task type (the additive one joins on
+    combination tasks, where elsewhere it is two_way; crispr_shift on unseen perturbations)."""
+    opts = TASKS[task][1]
+    kind = opts[opts.index("--task") + 1]
+    return [n for n, b in PROTOCOL.items() if b.task in (None, kind)]
 
 
 def sh(cmd, log=None):
@@ -204,12 +210,11 @@ def ceiling(data, split, halvings=2, seed=0):
 
 def baseline_scores(data, split, seed, have=None, names=BASELINES):
     """{baseline: scores}; only the baselines missing from `have` are computed."""
-    from state import baselines as bl
-    real = (*bl.real_pair(data, split), list(data.genes))
+    real = (*baselines.real_pair(data, split), list(data.genes))
     out = dict(have or {})
     for n in names:
         if n not in out:
-            out[n] = mean_scores((*bl.BASELINES[n](data, split, seed=seed), list(data.genes)), real, data)
+            out[n] = mean_scores((*baselines.BASELINES[n](data, split, seed=seed), list(data.genes)), real, data)
     return out
 
 
@@ -407,10 +412,6 @@ def targets(rows):
                 f"{ma['st'][0] / ma['bl'][ma['best']][0]:.2f}x"))
     res.append(("spread >= 0.7", rows["spread"]["st"][0] >= 0.7, f"{rows['spread']['st'][0]:.2f}"))
     return res
-
-
-ANCHOR_BASELINE = {"auto": "auto_shift", "two_way": "two_way", "pert_mean": "perturbation_mean",
-                   "context_mean": "context_mean", "additive": "additive", "crispr": "crispr_shift"}
 
 
 def anchor_block(t, r):

@@ -35,9 +35,136 @@ from state.perts import check_combo_labels, parts_of, read_vectors, target_gene
 
 
 FORMAT = 2  # 1: row indices listed in the file
-TASKS = ("fewshot", "zeroshot", "unseen", "combo")
 REMAKE = ("re-make it with `python -m state.splits make --data=DIR ...` (or `python -m state.splits toml ...`) "
           "rather than editing it by hand")
+# -----------------------------------------------------------------------------
+# split tasks: one builder each, in TASKS (a new task is one function and one entry there)
+
+@dataclass
+class Held:
+    """What a task holds out. groups: the test (context, perturbation) name pairs; context: the held-out
+    context (None: whole perturbations in every context that has them); support: its perturbations that
+    train; guard_from: candidates for guard perturbations (held out of training whole; None: the task
+    scores its guard on the support) and guard_what, what they are; combo_sep: the labels' separator
+    (combination tasks)."""
+    groups: list
+    context: str = None
+    support: list = field(default_factory=list)
+    guard_from: list = None
+    guard_what: str = None
+    combo_sep: str = None
+
+
+def _perts_of(data, k):
+    """Perturbation names with cells in context code k (from the group table)."""
+    gt = data.group_table
+    return sorted({data.pert_names[p] for p in np.unique(gt[(gt[:, 0] == k) & (gt[:, 1] != data.control_code), 1])})
+
+
+def _ctx(data, context):
+    if context is None:
+        if len(data.context_names) == 1:
+            return 0
+        raise UserError(f"which context to hold out? pass context= one of {data.context_names}")
+    if context not in data.context_names:
+        raise UserError(f"context '{context}' not in the data's column '{data.context_col}'; "
+                         f"contexts: {data.context_names}")
+    return data.context_names.index(context)
+
+
+def _named(names, allowed, msg):
+    """sorted(names), or ValueError(msg(the names not in `allowed`))."""
+    bad = [p for p in names if p not in allowed]
+    if bad:
+        raise UserError(msg(bad))
+    return sorted(names)
+
+
+def _in_every_context(data, held):
+    """Test groups for perturbations held out whole: every context that has them."""
+    gt = data.group_table
+    hc = [data.pert_names.index(p) for p in held]
+    return sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
+
+
+def _context_task(data, rng, context=None, support=0.3, support_perts=None, zero=False, **_):
+    """fewshot: one context held out but for its support perturbations (support_perts, or a seeded
+    `support` fraction of its perturbations); zeroshot (zero=True): all of them."""
+    k = _ctx(data, context)
+    perts = _perts_of(data, k)
+    if not perts:
+        raise UserError(f"context '{data.context_names[k]}' has no perturbed cells to test")
+    if zero:
+        sup = []
+    elif support_perts is not None:
+        sup = _named(support_perts, perts, lambda bad: f"support perturbation(s) {bad} have no cells in "
+                     f"context '{data.context_names[k]}'; its perturbations: {perts}")
+    else:
+        n = int(round(support * len(perts)))
+        sup = sorted(np.array(perts)[np.sort(rng.permutation(len(perts))[:n])].tolist()) if n else []
+    held = [p for p in perts if p not in sup]
+    if not held:
+        raise UserError(f"empty split: every perturbation of '{data.context_names[k]}' is in the support set")
+    cname = data.context_names[k]
+    return Held([(cname, p) for p in held], cname, sup)
+
+
+def _fewshot(data, rng, **o):
+    return _context_task(data, rng, **o)
+
+
+def _zeroshot(data, rng, **o):
+    return _context_task(data, rng, **o, zero=True)
+
+
+def _unseen(data, rng, features=None, test_perts=None, test_frac=0.2, **_):
+    """Whole perturbations held out in every context (test_perts, or a seeded test_frac of those with
+    features): an unseen perturbation is predicted from its features alone."""
+    if features is None:
+        raise UserError("the unseen-perturbation task needs perturbation features (e.g. gene embeddings): "
+                         "with one-hot encodings a perturbation never seen in training has no embedding. "
+                         "Pass features= / --pert-features")
+    perts = [p for p in data.pert_names if p != data.control]
+    if test_perts is not None:
+        held = _named(test_perts, perts,
+                      lambda bad: f"test perturbation(s) {bad} not in the data's '{data.pert_col}' labels")
+    else:  # among the perturbations that have features: an unseen one is only predictable from them
+        have = [p for p in perts if p in features]
+        held = sorted(np.array(have)[rng.permutation(len(have))[:max(1, int(round(test_frac * len(have))))]].tolist())
+    missing = [p for p in held if p not in features]
+    if missing:
+        raise UserError(f"no features for test perturbation(s) {sorted(set(missing))[:10]}: an unseen "
+                         "perturbation is predicted from its features alone")
+    cand = sorted(set(p for p in perts if p in features) - set(held))
+    return Held(_in_every_context(data, held), guard_from=cand, guard_what="perturbations with features")
+
+
+def _combo(data, rng, test_perts=None, combo_sep="+", **_):
+    """Combinations held out in every context (test_perts, or every one whose parts are all measured
+    singles); singles and the other combinations train, so a test combination comes from its parts."""
+    labels = [p for p in data.pert_names if p != data.control]
+    check_combo_labels(labels, combo_sep, data.control, where=f"{data.dir}: '{data.pert_col}' labels")
+    combos = [p for p in labels if len(parts_of(p, combo_sep)) > 1]
+    if not combos:
+        raise UserError(f"task combo: no label of '{data.pert_col}' holds the separator '{combo_sep}' "
+                         f"(labels include {labels[:10]}); pass --combo-sep")
+    if test_perts is not None:
+        held = _named(test_perts, combos, lambda bad: f"test combination(s) {bad} are not combination "
+                      f"labels of the data (combinations: {combos[:20]})")
+    else:
+        singles = set(labels) - set(combos)
+        held = [p for p in combos if all(q in singles for q in parts_of(p, combo_sep))]
+        if not held:
+            raise UserError("task combo: no combination has all its parts measured as singles; "
+                             "name the test combinations (test_perts=)")
+    return Held(_in_every_context(data, held), guard_from=sorted(set(combos) - set(held)),
+                guard_what="combinations", combo_sep=combo_sep)
+
+
+# task name (the split file's "task", --task) -> its builder
+TASKS = {"fewshot": _fewshot, "zeroshot": _zeroshot, "unseen": _unseen, "combo": _combo}
+
+
 # the fields of a split file: name -> (required, what it must be)
 FIELDS = {"format": (True, f"the integer {FORMAT}"), "task": (True, f"one of {', '.join(TASKS)}"),
           "context": (True, "the held-out context's name (a string), or null"),
@@ -368,38 +495,12 @@ class Split:
         return path
 
 
-def _perts_of(data, k):
-    """Perturbation names with cells in context code k (from the group table)."""
-    gt = data.group_table
-    return sorted({data.pert_names[p] for p in np.unique(gt[(gt[:, 0] == k) & (gt[:, 1] != data.control_code), 1])})
-
-
-def _ctx(data, context):
-    if context is None:
-        if len(data.context_names) == 1:
-            return 0
-        raise UserError(f"which context to hold out? pass context= one of {data.context_names}")
-    if context not in data.context_names:
-        raise UserError(f"context '{context}' not in the data's column '{data.context_col}'; "
-                         f"contexts: {data.context_names}")
-    return data.context_names.index(context)
-
-
-def _named(names, allowed, msg):
-    """sorted(names), or ValueError(msg(the names not in `allowed`))."""
-    bad = [p for p in names if p not in allowed]
-    if bad:
-        raise UserError(msg(bad))
-    return sorted(names)
-
-
 def make_split(data, task="fewshot", context=None, support=0.3, support_perts=None, val_frac=0.1, seed=0,
                features=None, test_perts=None, test_frac=0.2, combo_sep="+", guard_perts=None):
-    """Build and validate a Split (see module docstring). `features`, `test_perts`, `test_frac` (additive)
-    serve the unseen-perturbation task: it holds out whole perturbations across all contexts.
-    task="combo": the test groups are combinations (labels with `combo_sep`), `test_perts` or by default
-    every combination whose parts are all measured singles; everything else trains (singles, the other
-    combinations), so a test combination is predicted from its parts.
+    """Build and validate a Split (see module docstring; each task's builder in TASKS says what it holds
+    out). `features`, `test_perts`, `test_frac` serve the unseen-perturbation task: it holds out whole
+    perturbations across all contexts. task="combo": the test groups are combinations (labels with
+    `combo_sep`), `test_perts` or by default every combination whose parts are all measured singles.
     guard_perts (unseen / combo): perturbations held out of training whole, the data on which the guard
     (train.py --guard) chooses the correction's strength for perturbations the model never saw: a list of
     names, or a count drawn (seeded) from the candidates (unseen: perturbations with features; combo:
@@ -411,66 +512,17 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
         raise UserError(f"val_frac={val_frac}: the fraction of each training group moved to val must be in [0, 1)")
     if not 0 < test_frac <= 1:
         raise UserError(f"test_frac={test_frac} must be in (0, 1]")
+    if task not in TASKS:
+        raise UserError(f"task '{task}' not one of {', '.join(TASKS)}")
     rng = np.random.default_rng(seed)
-    gt = data.group_table
-    if task in ("fewshot", "zeroshot"):
-        k = _ctx(data, context)
-        perts = _perts_of(data, k)
-        if not perts:
-            raise UserError(f"context '{data.context_names[k]}' has no perturbed cells to test")
-        if task == "zeroshot":
-            sup = []
-        elif support_perts is not None:
-            sup = _named(support_perts, perts, lambda bad: f"support perturbation(s) {bad} have no cells in "
-                         f"context '{data.context_names[k]}'; its perturbations: {perts}")
-        else:
-            n = int(round(support * len(perts)))
-            sup = sorted(np.array(perts)[np.sort(rng.permutation(len(perts))[:n])].tolist()) if n else []
-        held = [p for p in perts if p not in sup]
-        if not held:
-            raise UserError(f"empty split: every perturbation of '{data.context_names[k]}' is in the support set")
-        cname = data.context_names[k]
-        groups = [(cname, p) for p in held]
-    elif task == "unseen":
-        if features is None:
-            raise UserError("the unseen-perturbation task needs perturbation features (e.g. gene embeddings): "
-                             "with one-hot encodings a perturbation never seen in training has no embedding. "
-                             "Pass features= / --pert-features")
-        perts = [p for p in data.pert_names if p != data.control]
-        if test_perts is not None:
-            held = _named(test_perts, perts,
-                          lambda bad: f"test perturbation(s) {bad} not in the data's '{data.pert_col}' labels")
-        else:  # among the perturbations that have features: an unseen one is only predictable from them
-            have = [p for p in perts if p in features]
-            held = sorted(np.array(have)[rng.permutation(len(have))[:max(1, int(round(test_frac * len(have))))]].tolist())
-        missing = [p for p in held if p not in features]
-        if missing:
-            raise UserError(f"no features for test perturbation(s) {sorted(set(missing))[:10]}: an unseen "
-                             "perturbation is predicted from its features alone")
-    elif task == "combo":
-        labels = [p for p in data.pert_names if p != data.control]
-        check_combo_labels(labels, combo_sep, data.control, where=f"{data.dir}: '{data.pert_col}' labels")
-        combos = [p for p in labels if len(parts_of(p, combo_sep)) > 1]
-        if not combos:
-            raise UserError(f"task combo: no label of '{data.pert_col}' holds the separator '{combo_sep}' "
-                             f"(labels include {labels[:10]}); pass --combo-sep")
-        if test_perts is not None:
-            held = _named(test_perts, combos, lambda bad: f"test combination(s) {bad} are not combination "
-                          f"labels of the data (combinations: {combos[:20]})")
-        else:
-            singles = set(labels) - set(combos)
-            held = [p for p in combos if all(q in singles for q in parts_of(p, combo_sep))]
-            if not held:
-                raise UserError("task combo: no combination has all its parts measured as singles; "
-                                 "name the test combinations (test_perts=)")
-    else:
-        raise UserError(f"task '{task}' not one of fewshot, zeroshot, unseen, combo")
+    h = TASKS[task](data, rng, context=context, support=support, support_perts=support_perts, features=features,
+                    test_perts=test_perts, test_frac=test_frac, combo_sep=combo_sep)
     gp = []
     if guard_perts is not None:
-        if task not in ("unseen", "combo"):
+        if h.guard_from is None:
             raise UserError(f"guard_perts: task {task} scores the guard on its support perturbations; guard "
                             "perturbations (held out of training whole) serve the unseen and combo tasks")
-        cand = sorted(set(combos if task == "combo" else [p for p in perts if p in features]) - set(held))
+        cand = h.guard_from
         if isinstance(guard_perts, (int, np.integer)) and not isinstance(guard_perts, bool):
             if not 1 <= guard_perts < len(cand):
                 raise UserError(f"guard_perts={guard_perts}: draw between 1 and {len(cand) - 1} of the "
@@ -478,14 +530,8 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
             gp = sorted(np.array(cand)[rng.permutation(len(cand))[:guard_perts]].tolist())
         else:
             gp = _named(guard_perts, cand, lambda bad: f"guard perturbation(s) {bad} are not candidates: "
-                        f"{'combinations' if task == 'combo' else 'perturbations with features'} that are not "
-                        f"test perturbations ({cand[:20]})")
-    if task in ("unseen", "combo"):  # whole perturbations held out in every context that has them
-        hc = [data.pert_names.index(p) for p in held]
-        cname, sup = None, []
-        groups = sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
-    return Split(task, cname, groups, sup, val_frac, seed, data.checksum,
-                 combo_sep if task == "combo" else None, gp).validate(data)
+                        f"{h.guard_what} that are not test perturbations ({cand[:20]})")
+    return Split(task, h.context, h.groups, h.support, val_frac, seed, data.checksum, h.combo_sep, gp).validate(data)
 
 
 TOML_TABLES = ("datasets", "training", "zeroshot", "fewshot")

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from state.baselines import ANCHORS
 from state.errors import UnknownName, UserError
 
 # -----------------------------------------------------------------------------
@@ -113,9 +114,8 @@ class STConfig:
         if self.n_out == 0:
             self.n_out = self.n_in
         self.decoder_hidden = tuple(self.decoder_hidden)
-        if self.anchor not in ("none", "pert_mean", "context_mean", "two_way", "auto", "additive", "crispr"):
-            raise UserError(f"anchor '{self.anchor}' not one of none, pert_mean, context_mean, two_way, auto, "
-                             "additive, crispr")
+        if self.anchor not in ANCHORS:
+            raise UserError(f"anchor '{self.anchor}' not one of {', '.join(ANCHORS)}")
         if self.mixer not in ("attention", "mean", "none"):
             raise UserError(f"mixer '{self.mixer}' not one of attention, mean, none")
         if self.anchor != "none" and self.n_out != self.n_in:
