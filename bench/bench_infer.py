@@ -17,7 +17,8 @@ arc-state runs only as a subprocess of its own venv (--arc_python; its top-level
      beforehand: arc-state's predict_step one window per call (as `state tx infer` calls it), nanostate's
      forward one window per call, and batched as predict.py does (--max_cells per call); on a CPU with
      bf16 units (AMX/avx512_bf16) also nanostate's batched forward under bf16 autocast, with its max |diff|
-     to fp32 (predict.py itself computes in fp32: the figures above are the parity-tested path).
+     to fp32 (predict.py computes in fp32 by default, the parity-tested path; with bf16 units the end to
+     end row is also run with `predict.py --dtype=bfloat16`).
 Prints the CPU (model, AVX-512, threads), each figure and the ratios side by side.
 """
 
@@ -222,6 +223,14 @@ def main():
         f"--perts={','.join(labels + ['non-targeting'])}", f"--n_cells={m}", f"--out={W / 'nano_out.h5ad'}"], cwd=ROOT)
     t_nano = time.perf_counter() - t0
     rows.append(("end to end (whole command)", n_total / t_arc, n_total / t_nano))
+    from state.dist import cpu_has_bf16
+    if cpu_has_bf16():  # predict.py --dtype=bfloat16: the same command with the forward under bf16 autocast
+        t0 = time.perf_counter()
+        sh([sys.executable, "predict.py", "simulate", f"--run={nano}", f"--adata={W / 'cells.h5ad'}",
+            f"--perts={','.join(labels + ['non-targeting'])}", f"--n_cells={m}", f"--out={W / 'nano_bf16.h5ad'}",
+            "--dtype=bfloat16"], cwd=ROOT)
+        rows.append(("end to end, predict.py --dtype=bfloat16 (arc-state in fp32)", n_total / t_arc,
+                     n_total / (time.perf_counter() - t0)))
     # forward only
     X, win, pert = windows(m, S, labels)
     r = json.loads(sh([arc_python, "-c", ARC_FORWARD, str(run), str(W / "windows.npz"), str(threads),
