@@ -44,6 +44,7 @@ def weights(out):
 OPS = 8
 
 
+@pytest.mark.slow
 def test_train_killed_after_any_checkpoint_write_resumes_exactly(synth, tmp_path):
     d = synth
     full = tmp_path / "full"
@@ -76,6 +77,7 @@ def _h5ad(path, n=80, g=20, seed=0):
     return str(path)
 
 
+@pytest.mark.slow
 def test_embed_killed_after_any_checkpoint_write_resumes_exactly(tmp_path):
     from state.prepare import prepare
     prepare(_h5ad(tmp_path / "a.h5ad"), tmp_path / "pa", pert_col="")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from state.baselines import additive, perturbation_mean, real_pair, shift_table
-from state.prepare import prepare
 from state.h5ad import write_h5ad
-from state.splits import make_split
 from state.perts import combo_table, parts_of
+from state.prepare import prepare
+from state.splits import make_split
 
 
 def test_combo_table_onehot_and_features(tmp_path):
@@ -81,6 +81,7 @@ def test_combo_split_reorder_check_and_additive_baseline(tmp_path):
         make_split(r, "combo", test_perts=["A"])
 
 
+@pytest.mark.slow
 def test_norman_doubles_train_and_predict(tmp_path):
     """The Norman19 K562 part of the shared file: the 5 doubles with both singles measured are the
     default test set; a run with --combos=+ encodes them multi-hot, trains, and predicts them."""

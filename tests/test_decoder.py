@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from state.prepare import prepare
 from state.h5ad import H5AD
+from state.prepare import prepare
 from state.splits import make_split
 from state.synth import make_synthetic
 
@@ -35,6 +36,7 @@ def read(path):
                 h.uns("nanostate"), np.asarray(h.column("is_predicted")).astype(bool))
 
 
+@pytest.mark.slow
 def test_embedding_with_gene_decoder_end_to_end(tmp_path):
     import h5py
     p = tmp_path / "s.h5ad"

@@ -53,6 +53,7 @@ def runs(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_two_procs_equal_one_proc_with_twice_the_accumulation(runs):
     d = runs
     l1, v1 = log(d / "one")
@@ -81,6 +82,7 @@ def test_two_procs_equal_one_proc_with_twice_the_accumulation(runs):
     assert model(x, torch.tensor([1, 2])).shape == x.shape
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(2, 0), (0, 2)])
 def test_resume_at_another_world_size(runs, first, then):
     """Stopped at step 3 (checkpoint) under one world size, resumed to 6 under another: the losses
@@ -127,6 +129,7 @@ def test_step_sampler_shards_without_overlap():
         StepSampler(bad, 0, 1, 4).load_state_dict(sd)
 
 
+@pytest.mark.slow
 def test_embed_fit_under_torchrun_resumes_at_another_world_size(tmp_path):
     """SE pre-training on the same data path and checkpoint as train.py: 2 processes (FSDP2, gloo) stopped
     at step 2 and resumed from the sharded DCP checkpoint by 1 process with twice the accumulation (the same
@@ -164,6 +167,7 @@ def test_embed_fit_under_torchrun_resumes_at_another_world_size(tmp_path):
     assert gap < 1e-4, gap
 
 
+@pytest.mark.slow
 def test_group_means_sharded_over_ranks_equal_one_process(tmp_path):
     """The anchor table's group means under torchrun: each rank reads every world-th segment, the sums
     are all-reduced, and every rank gets what one process computes alone."""

@@ -65,6 +65,7 @@ def log(out):
 
 # --- 1. nothing unpickled: DCP's .metadata and its non-tensor items ---------------------------------
 
+@pytest.mark.slow
 def test_crafted_dcp_metadata_is_refused_on_resume(synth, trained, tmp_path):
     run = tmp_path / "r"
     shutil.copytree(trained, run, symlinks=True)
@@ -101,6 +102,7 @@ def test_crafted_dcp_item_is_refused(tmp_path, monkeypatch):
 
 # --- 3. a dead loader process stops the run with its name ------------------------------------------
 
+@pytest.mark.slow
 def test_killed_loader_process_stops_the_run(synth, tmp_path):
     """What the OOM killer does: SIGKILL a real loader process mid-run. The run must end within seconds
     with one line naming the process (it blocked forever in a queue read before)."""
@@ -126,6 +128,7 @@ def test_killed_loader_process_stops_the_run(synth, tmp_path):
 
 # --- 5. run folders: copies, torn logs, failed saves, a second writer ------------------------------
 
+@pytest.mark.slow
 def test_dereferenced_copy_torn_log_and_stale_staging_resume_exactly(synth, trained, tmp_path):
     straight = tmp_path / "straight"
     run_script(*train_args(synth, straight, 12))
@@ -146,6 +149,7 @@ def test_dereferenced_copy_torn_log_and_stale_staging_resume_exactly(synth, trai
     assert os.path.islink(run / "ckpt") and not (run / "ckpt-12.tmp").exists()
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_naming_the_holder(synth, trained, tmp_path):
     from state import ckpt
     run = tmp_path / "r"
@@ -165,6 +169,7 @@ def test_second_writer_is_refused_naming_the_holder(synth, trained, tmp_path):
     assert ckpt.empty(tmp_path / "nothing") and not ckpt.empty(run)
 
 
+@pytest.mark.slow
 def test_failed_save_leaves_the_committed_checkpoint(synth, trained, tmp_path, monkeypatch):
     """A full disk in the middle of a save: the committed checkpoint stays as it was, the staging folder
     goes, and the next resume continues from the committed step."""
@@ -218,6 +223,7 @@ def controls_file(synth, path, counts=True, extra_genes=0, dup=None, late_fracti
     return path
 
 
+@pytest.mark.slow
 def test_simulate_never_writes_over_its_inputs(synth, trained, tmp_path):
     src = controls_file(synth, tmp_path / "ctrl.h5ad")
     before = src.read_bytes()
@@ -291,6 +297,7 @@ def test_reports_write_only_where_told(synth, tmp_path, monkeypatch):
 
 # --- 7. simulate from raw counts: the recipe's library size, every row checked ---------------------
 
+@pytest.mark.slow
 def test_simulate_counts_libsize_duplicates_and_every_row(synth, trained, tmp_path):
     pert = json.load(open(trained / "meta.json"))["pert_names"][1]
 
@@ -318,6 +325,7 @@ def test_simulate_counts_libsize_duplicates_and_every_row(synth, trained, tmp_pa
     assert not (tmp_path / "y.h5ad").exists()
 
 
+@pytest.mark.slow
 def test_simulate_log1p_at_another_target_sum_is_rescaled(synth, trained, tmp_path):
     """Log1p values normalised to 1e6 given to a run whose data were at 1e4: rescaled exactly (they only
     warned before, and every expression level was off by log(100))."""
@@ -342,6 +350,7 @@ def test_simulate_log1p_at_another_target_sum_is_rescaled(synth, trained, tmp_pa
 
 # --- 8. ensembles: every member compared, the right one named --------------------------------------
 
+@pytest.mark.slow
 def test_ensemble_members_compared_by_name(synth, trained, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(trained, other, symlinks=True)
@@ -361,6 +370,7 @@ def test_ensemble_members_compared_by_name(synth, trained, tmp_path):
 
 # --- 11. every script and module: --help exits 0; a mistake is one line --------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", [["train.py"], ["predict.py"], ["embed.py"], ["-m", "state.data"],
                                  ["-m", "state.splits"], ["-m", "state.baselines"], ["-m", "state.eval"],
                                  ["-m", "state.experiment"], ["-m", "state.synth"], ["-m", "state.demo"],
@@ -371,6 +381,7 @@ def test_help_everywhere(cmd):
     assert r.returncode == 0 and len(r.stdout) > 100 and "Traceback" not in r.stderr, (cmd, r.stderr[-1000:])
 
 
+@pytest.mark.slow
 def test_mistakes_are_one_line(synth, trained, tmp_path):
     d = synth
     one_line(run_script(*train_args(d, tmp_path / "x", 4, "--bogus=1"), ok=False), "unknown config key --bogus")
@@ -388,6 +399,7 @@ def test_mistakes_are_one_line(synth, trained, tmp_path):
 
 # --- round 2 (a hostile tester's 90 cases against the fixes above): the classes it found ------------
 
+@pytest.mark.slow
 def test_outputs_never_name_a_prepared_or_run_folders_own_files(synth, trained, tmp_path):
     """`splits make --out=DATA/index.json` replaced the data's index with a split (exit 0)."""
     data = tmp_path / "prep"
@@ -430,6 +442,7 @@ def test_codes_out_of_their_group_are_refused_at_open(synth, tmp_path):
         Prepared(data)
 
 
+@pytest.mark.slow
 def test_damaged_or_nan_weights_are_refused(synth, trained, tmp_path):
     from safetensors.torch import load_file, save_file
     run = tmp_path / "r"
@@ -447,6 +460,7 @@ def test_damaged_or_nan_weights_are_refused(synth, trained, tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", ["--mlp_dropout=2", "--n_heads=3", "--hidden=0", "--set_size=0", "--head_dim=-4",
                                  "--anchor=bogus", "--mixer=bogus", "--mapping=bogus", "--lr=1e400"])
 def test_bad_settings_are_one_line_and_leave_no_folder(synth, tmp_path, opt):
@@ -455,6 +469,7 @@ def test_bad_settings_are_one_line_and_leave_no_folder(synth, tmp_path, opt):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_diverging_run_and_resume_below_the_checkpoint(synth, trained, tmp_path):
     r = run_script(*train_args(synth, tmp_path / "x", 6, "--lr=1e30", "--grad_clip=0"), ok=False)
     one_line(r, "not finite")
@@ -464,6 +479,7 @@ def test_diverging_run_and_resume_below_the_checkpoint(synth, trained, tmp_path)
     one_line(run_script(*train_args(synth, run, 4, "--resume"), ok=False), "below the checkpoint's step 8")
 
 
+@pytest.mark.slow
 def test_full_disk_in_the_sharded_save(synth, tmp_path):
     """ENOSPC inside DCP's writer (wrapped by DCP in its own exception): one line, the staging folder
     removed, and a run that never committed leaves no folder."""
@@ -477,6 +493,7 @@ def test_full_disk_in_the_sharded_save(synth, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_eval_and_report_write_every_file_or_none(synth, trained, tmp_path, monkeypatch):
     from state import eval as E
     d = synth
@@ -504,6 +521,7 @@ def test_eval_and_report_write_every_file_or_none(synth, trained, tmp_path, monk
 
 # --- output pipe closed by its reader (`| head`): one line, no traceback, nothing half-written --------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", [["-m", "state.splits", "make", "--data={data}", "--task=zeroshot",
                                   "--context=ctxA", "--out={out}"],
                                  ["train.py", "--data={data}", "--split={split}", "--preset=tiny", "--max_steps=3",

@@ -13,10 +13,10 @@ import pytest
 
 import state.prepare as sd
 from state.data import Prepared, main
-from state.prepare import prepare
-from state.scale import recipe_scaling
 from state.errors import UserError
 from state.h5ad import H5AD, H5ADError, write_h5ad
+from state.prepare import prepare
+from state.scale import recipe_scaling
 from state.synth import make_synthetic
 
 RERUN = r"re-run prepare \(python -m state.data prepare\)"

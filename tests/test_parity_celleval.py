@@ -46,6 +46,7 @@ def _close(a, b, name, atol=1e-6):
     np.testing.assert_allclose(a[ok], b[ok], rtol=0, atol=atol, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(TASKS))
 def test_parity_with_celleval(task, request, tmp_path):
     fixture, pkw, skw, base = TASKS[task]

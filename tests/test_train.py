@@ -232,6 +232,7 @@ def test_resume_a_run_written_before_newer_model_fields(synth, tmp_path):
     assert r.returncode == 2 and "different model config" in r.stderr
 
 
+@pytest.mark.slow
 def test_bad_settings_nonfinite_loss_and_resume_changes(synth, tmp_path):
     """Out-of-range settings are named errors; a NaN in the data stops training with the step named and
     no checkpoint written; a resume applies and says changed settings, and refuses data-order ones."""
