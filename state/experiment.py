@@ -277,16 +277,20 @@ ENSEMBLES = {"ensemble": "mixture", "ensemble_shift": "shift"}  # folder -> pred
 
 
 def ensemble_job(task, seeds, out, cache, shared, name="ensemble"):
-    """The seeds' runs as one ensemble (predict.py --ensemble=ENSEMBLES[name]), scored like a single run."""
+    """The seeds' runs as one ensemble (predict.py --ensemble=ENSEMBLES[name]), scored at every seed's
+    control draws (--seed=s), so that each score pairs with the member trained and scored with seed s:
+    one draw alone moves pearson_delta and DE overlap by about a seed sd on Papalexi (dev/LOG.md, session
+    6). -> the mean of each metric, and the per-seed scores."""
     d, sp = task_data(task, cache, shared)
     ens = os.path.join(out, task, name)
     score_f = os.path.join(ens, "scores.json")
     if os.path.exists(score_f):
         return json.load(open(score_f))
     runs = ",".join(os.path.join(out, task, f"s{s}") for s in seeds)
-    s = predict_and_score(runs, d, sp, ens, seeds[0], os.path.join(out, task, f"{name}.log"),
-                          f"--ensemble={ENSEMBLES[name]}")
-    return cached(score_f, lambda: s)
+    per = [predict_and_score(runs, d, sp, os.path.join(ens, f"d{s}"), s, os.path.join(out, task, f"{name}.log"),
+                             f"--ensemble={ENSEMBLES[name]}") for s in seeds]
+    mean = {m: float(np.nanmean([p[m] for p in per])) for m in per[0]}
+    return cached(score_f, lambda: dict(mean, per_seed=per))
 
 
 def run(tasks, seeds, out, cache, shared, recipe, jobs=2, ensemble=False):
@@ -381,6 +385,9 @@ def analyse(res):
                 cal = float(sign * np.nanmean(d) / gap) if gap > 1e-9 else None
             rows[m] = dict(st=(float(np.nanmean(st)), float(np.nanstd(st, ddof=1)) if K > 1 else 0.0),
                            **{n: None if not r.get(n) else float(r[n][m]) for n in ENSEMBLES},
+                           # ensemble - member, paired on seed s's control draws (older results: None)
+                           **{n + "_diff": float(np.nanmean([p[m] for p in r[n]["per_seed"]] - st))
+                              for n in ENSEMBLES if r.get(n) and len(r[n].get("per_seed", [])) == K},
                            bl={n: (float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if K > 1 else 0.0)
                                for n, v in bl.items()},
                            best=best, ceil=float(c),
@@ -453,13 +460,14 @@ def table(out, cache):
         K, BASELINES = rows["mae"]["K"], list(rows["mae"]["bl"])
         lines += [f"## {t} ({TASKS[t][2]}; {K} seeds)", "",
                   "| metric | " + " | ".join(SHORT[n] for n in BASELINES) +
-                  " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated | ens. mixture | ens. shift |",
+                  " | ceiling | ST mean +- sd | ST - best (sd) | wins | calibrated | ens. mixture (- members) | ens. shift (- members) |",
                   "|---|" + "---|" * (len(BASELINES) + 7)]
         for m, r in rows.items():
             b = " | ".join((f"**{r['bl'][n][0]:.4f}**" if n == r["best"] else f"{r['bl'][n][0]:.4f}")
                            for n in BASELINES)
             st = f"{r['st'][0]:.4f} +- {r['st'][1]:.4f}"
-            en = " | ".join("" if r.get(n) is None else f"{r[n]:.4f}" for n in ENSEMBLES)
+            en = " | ".join("" if r.get(n) is None else f"{r[n]:.4f}" + (
+                f" ({r[n + '_diff']:+.4f})" if n + "_diff" in r else "") for n in ENSEMBLES)
             if r["flag"]:
                 lines.append(f"| {m} | {b} | {r['ceil']:.4f} | {st} | uninformative: {r['flag']} | | | {en} |")
                 continue

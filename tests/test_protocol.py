@@ -231,6 +231,13 @@ def test_protocol_statistics():
     assert A["pearson_delta"]["flag"] is None
     tg = dict((n, ok) for n, ok, _ in X.targets(A))
     assert tg["disc_l1 >= best"] is None and tg["overlap or pdelta: paired win > sd"] is True
+    # ensembles: scored at every seed's draws, paired with the member of that seed
+    res = fake_results(st, bl, {})
+    per = [dict(x, pearson_delta=x["pearson_delta"] + 0.01) for x in res["t"]["st"]]
+    res["t"]["ensemble"] = dict(per[0], pearson_delta=0.61, per_seed=per)
+    e = X.analyse(res)["t"]["pearson_delta"]
+    assert e["ensemble"] == pytest.approx(0.61) and e["ensemble_diff"] == pytest.approx(0.01)
+    assert e["ensemble_shift"] is None and "ensemble_shift_diff" not in e
 
 
 def test_split_half_ceiling_on_real_data(gbm_path, tmp_path):
