@@ -184,15 +184,14 @@ def nano_forward(nano, X, win, pert):
                 ts.append(time.perf_counter() - t0)
             out[name] = sorted(ts)[len(ts) // 2]
         from state.dist import cpu_has_bf16
-        if cpu_has_bf16():  # AMX / avx512_bf16: what a bf16 autocast forward would give (not predict.py's fp32)
+        if cpu_has_bf16():  # AMX / avx512_bf16: the forward of predict.py --dtype=bfloat16
             ref = predict_windows([model], X, ws, "cpu", max_cells)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                lo = predict_windows([model], X, ws, "cpu", max_cells)
-                ts = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    predict_windows([model], X, ws, "cpu", max_cells)
-                    ts.append(time.perf_counter() - t0)
+            lo = predict_windows([model], X, ws, "cpu", max_cells, dtype="bfloat16")  # predict.py --dtype=bfloat16
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                predict_windows([model], X, ws, "cpu", max_cells, dtype="bfloat16")
+                ts.append(time.perf_counter() - t0)
             err = max(float(np.abs(a - b).max()) for a, b in zip(ref, lo))
             out[f"batched, bf16 autocast (max |diff| to fp32 {err:.2g})"] = sorted(ts)[len(ts) // 2]
     return out
