@@ -52,6 +52,10 @@ RUNS = {
     "emb_conf_batch": ("X_emb", "embedding", ["model=state", "model.kwargs.confidence_token=true",
                                              "model.kwargs.batch_encoder=true", "++model.kwargs.activation=relu",
                                              "model.kwargs.n_encoder_layers=3", "model.kwargs.n_decoder_layers=2"]),
+    # arc-state's default data config: output_space=all (HVG input: the residual added after project_out, then
+    # its down/up block)
+    "hvg_all": ("X_hvg", "all", ["model=state", "model.kwargs.n_encoder_layers=2",
+                                 "model.kwargs.n_decoder_layers=2", "++model.kwargs.decoder_hidden_dims=[32,24]"]),
     # predict_residual off, 1-layer encoders on HVG input
     "hvg_nores": ("X_hvg", "gene", ["model=state", "model.kwargs.predict_residual=false",
                                    "model.kwargs.n_encoder_layers=1", "model.kwargs.n_decoder_layers=1",

@@ -30,6 +30,8 @@ with its name:
     n_encoder_layers / n_decoder_layers        n_enc / n_dec
     use_basal_projection, activation           basal_proj, activation
     predict_residual True / False              residual="reference" / "none"
+    output_space all (HVG input, same genes)   residual="output" + down_up (its final down/up block), or
+                                                 residual="none" without predict_residual
     batch_encoder (+ batch_dim)                n_batch (batch names from batch_onehot_map, by index)
     confidence_token                           confidence_token (appended there, prepended here: no
                                                  positions, so the same outputs)
@@ -49,7 +51,7 @@ rda or counts off, another cls_token_idx, tensors without a place.
 
 Refused (named): a GPT2 backbone, a causal LLaMA, grouped-query attention, biased attention/MLP, another
 MLP activation in the backbone, mask_attn, an active use_batch_token, LoRA, the VCI counts decoder, the
-residual gene decoder, output_space=all (arc's DownUp head). A gene decoder that arc-state built but never
+residual gene decoder, output_space=all on an embedding input or onto other genes. A gene decoder that arc-state built but never
 trained (HVG input: ArcInstitute/state#247) is dropped, and said so. Everything else in the config is
 training-only (loss, optimiser, logging) and read by no forward.
 """
@@ -196,10 +198,12 @@ def st_config(r):
     if hp.get("finetune_vci_decoder"):
         refuse("model.kwargs.finetune_vci_decoder=True", "the VCI counts decoder")
     space, key = hp.get("output_space", "gene"), hp.get("embed_key")
-    if space == "all":
-        refuse("data.kwargs.output_space=all", "arc's all-genes head (project_out + basal, then a Linear-GELU-"
-               "Linear down/up block)")
-    if space not in ("gene", "embedding"):
+    if space == "all" and key not in (None, "X_hvg"):
+        refuse(f"data.kwargs.output_space=all with embed_key={key}", "an embedding input predicting all genes")
+    if space == "all" and int(vd["input_dim"]) != int(vd["output_dim"]):
+        refuse("data.kwargs.output_space=all", f"an all-genes head from {vd['input_dim']} inputs to "
+               f"{vd['output_dim']} outputs (nanostate maps it when they are the same genes)")
+    if space not in ("gene", "embedding", "all"):
         refuse(f"data.kwargs.output_space={space!r}", "not gene or embedding")
     has_dec = any(k.startswith("gene_decoder.") for k in r["sd"])
     if has_dec and (hp.get("residual_decoder") or (hp.get("decoder_cfg") or {}).get("residual_decoder")):
@@ -223,7 +227,10 @@ def st_config(r):
         n_heads=nh, head_dim=int(bk.get("head_dim") or H // nh), ff=int(bk.get("intermediate_size", 11008)),
         norm_eps=float(bk.get("rms_norm_eps", 1e-6)), n_enc=int(hp.get("n_encoder_layers", 2)),
         n_dec=int(hp.get("n_decoder_layers", 2)), basal_proj=bool(hp.get("use_basal_projection", True)),
-        mlp_dropout=float(hp.get("dropout", 0.1)), residual="reference" if hp.get("predict_residual", True) else "none",
+        mlp_dropout=float(hp.get("dropout", 0.1)),
+        # output_space=all: arc-state adds the control cell after project_out, then its down/up block
+        residual=("output" if space == "all" else "reference") if hp.get("predict_residual", True) else "none",
+        down_up=space == "all" and bool(hp.get("predict_residual", True)),
         activation=act, gene_space=gene_space, relu_embedding=not gene_space and not trained_dec,
         confidence_token=bool(hp.get("confidence_token")), decoder_hidden=dec_w or (1024, 1024, 512),
         decoder_weight=float(hp.get("decoder_weight", 1.0)), confidence_weight=float(hp.get("confidence_weight", 0.01)))
@@ -262,6 +269,11 @@ def st_weights(r, cfg, trained_dec):
         out["conf_token"] = take("confidence_token.confidence_token")
         for k in [k for k in sd if k.startswith("confidence_token.confidence_projection.")]:
             out["conf_head.net." + k.split(".", 2)[2]] = take(k)
+    for k in [k for k in sd if k.startswith("final_down_then_up.")]:  # output_space=all
+        if cfg.down_up:
+            out["down_up." + k.split(".", 1)[1]] = take(k)
+        else:
+            used.add(k)  # built by arc-state but not used without predict_residual
     for k in [k for k in sd if k.startswith("gene_decoder.")]:
         if trained_dec:
             out["decoder." + k.split(".", 2)[2]] = take(k)
@@ -552,6 +564,8 @@ def export_arc(run, out):
                      (c.mixer != "attention", f"mixer={c.mixer}: arc-state's backbone always attends"),
                      (c.mlp_norm != "none", "mlp_norm=layernorm: arc-state's MLPs have no norms"),
                      (c.residual == "paper", "residual=paper: arc-state adds f_cell(ctrl) only"),
+                     (c.residual == "output" or c.down_up, "residual=output / down_up: arc-state's output_space=all "
+                      "head (not written back yet)"),
                      (c.gene_space and dec, "a gene decoder on gene input: arc-state never decodes there"),
                      (not c.gene_space and not dec and not c.relu_embedding,
                       "an embedding output without ReLU: arc-state ReLUs an embedding model without a decoder")):

@@ -64,7 +64,9 @@ class STConfig:
     mlp_dropout: float = 0.1    # dropout inside the MLPs (reference 0.1; paper 0.0)
     mlp_norm: str = "none"      # "none" (reference) | "layernorm" (paper encoders)
     residual: str = "reference"  # "reference": z + f_cell(ctrl); "paper": z + full token sum h; "none":
-                                # z alone (arc-state predict_residual=False)
+                                # z alone (arc-state predict_residual=False); "output": f_out(z) + ctrl
+                                # (arc-state's residual with output_space=all)
+    down_up: bool = False       # arc-state output_space=all: Linear(Dout, Dout/8)-GELU-Linear on the output
     activation: str = "gelu"    # activation inside the f_pert/f_cell/f_out MLPs (arc-state `activation`:
                                 # gelu | relu | leakyrelu | elu | selu)
     gene_space: bool = True     # outputs are expression values: ReLU them (SPEC 3.3)
@@ -99,7 +101,7 @@ class STConfig:
             ("confidence_weight", self.confidence_weight >= 0, ">= 0"), ("mean_weight", self.mean_weight >= 0, ">= 0"),
             ("decoder_hidden", all(h >= 1 for h in self.decoder_hidden), "widths >= 1"),
             ("mlp_norm", self.mlp_norm in ("none", "layernorm"), "none or layernorm"),
-            ("residual", self.residual in ("reference", "paper", "none"), "reference, paper or none"),
+            ("residual", self.residual in ("reference", "paper", "none", "output"), "reference, paper, none or output"),
             ("activation", self.activation in ACTIVATIONS, " | ".join(ACTIVATIONS)))
             if not ok or (isinstance(getattr(self, k), float) and not math.isfinite(getattr(self, k)))]
         if self.head_dim == 0 and self.n_heads >= 1 and self.hidden % self.n_heads:
@@ -118,8 +120,8 @@ class STConfig:
             raise UserError(f"anchor '{self.anchor}' not one of {', '.join(ANCHORS)}")
         if self.mixer not in ("attention", "mean", "none"):
             raise UserError(f"mixer '{self.mixer}' not one of attention, mean, none")
-        if self.anchor != "none" and self.n_out != self.n_in:
-            raise UserError("an anchored output adds to the control cell: needs n_out == n_in")
+        if (self.anchor != "none" or self.residual == "output") and self.n_out != self.n_in:
+            raise UserError("an anchored output or residual=output adds to the control cell: needs n_out == n_in")
 
     @classmethod
     def from_name(cls, name, **kw):
@@ -320,6 +322,8 @@ class StateTransition(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(H, c.norm_eps)  # final norm: part of the backbone output
         self.f_out = build_mlp(H, c.n_out, H, c.n_dec, c.mlp_dropout, act=c.activation)
+        self.down_up = nn.Sequential(nn.Linear(c.n_out, c.n_out // 8), nn.GELU(),
+                                     nn.Linear(c.n_out // 8, c.n_out)) if c.down_up else None
         self.relu = c.gene_space or c.relu_embedding
         # rule: never build a decoder without a training target (n_genes is only set with one)
         self.decoder = gene_decoder(c.n_out, c.decoder_hidden, c.n_genes, c.mlp_dropout) if c.n_genes else None
@@ -399,9 +403,13 @@ class StateTransition(nn.Module):
         conf = None
         if self.conf_token is not None:
             conf, z, h = self.conf_head(z[:, 0]).squeeze(-1), z[:, 1:], h[:, 1:]  # (B,), (B,S,H)
-        if c.residual != "none":  # residual in hidden space
+        if c.residual in ("reference", "paper"):  # residual in hidden space
             z = z + (cell if c.residual == "reference" else h)
         y = self.f_out(z)  # (B,S,Dout)
+        if c.residual == "output":  # residual in output space (arc-state output_space=all)
+            y = y + ctrl
+        if self.down_up is not None:
+            y = self.down_up(y)
         if self.anchor_table is not None:  # a correction on top of the baseline's prediction
             if ctx is None or pert.dtype not in (torch.int64, torch.int32):
                 raise ValueError("an anchored model needs context codes (ctx=) and perturbation codes")

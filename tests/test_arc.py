@@ -23,7 +23,7 @@ from state.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "arc"
-RUNS = ("hvg_sm", "emb_dec", "emb_conf_batch", "hvg_nores")
+RUNS = ("hvg_sm", "emb_dec", "emb_conf_batch", "hvg_nores", "hvg_all")
 TOL = 1e-5
 
 
@@ -80,7 +80,7 @@ def test_forward_matches_arc_state(converted, name):
         assert rec["conf"].min() > 0  # the confidence head's final ReLU is not simply clipping everything
 
 
-def test_mapping_of_each_variant(converted):
+def test_mapping_of_each_variant(converted, tmp_path):
     """What each arc-state variant became: decoder kept only where arc-state trained it, ReLU where it
     applies one, residual, batch encoder, confidence token, activation, 1-layer MLPs."""
     c = {n: converted[n][1].cfg for n in RUNS}
@@ -96,6 +96,11 @@ def test_mapping_of_each_variant(converted):
     assert c["hvg_nores"].residual == "none" and c["hvg_nores"].n_enc == 1 and c["hvg_nores"].n_dec == 1
     assert converted["hvg_nores"][1].decoder is None and any("never trained" in n for n in converted["hvg_nores"][3])
     assert m["hvg_sm"]["control"] == "non-targeting" and m["hvg_sm"]["pert_col"] == "target_gene"
+    # arc-state's default output_space=all: the residual after project_out, then its down/up block
+    assert c["hvg_all"].residual == "output" and c["hvg_all"].down_up and converted["hvg_all"][1].down_up is not None
+    from state.convert import export_arc
+    with pytest.raises(UserError, match="down_up"):
+        export_arc(str(converted["hvg_all"][0]), str(tmp_path / "arc_all"))
 
 
 @pytest.mark.parametrize("name", ["hvg_sm", "emb_dec"])
@@ -179,7 +184,7 @@ def _edit_hp(d, **kw):
 @pytest.mark.parametrize("edit,field", [
     (dict(mask_attn=True), "mask_attn"),
     (dict(transformer_backbone_key="GPT2"), "transformer_backbone_key"),
-    (dict(output_space="all"), "output_space=all"),
+    (dict(output_space="all", embed_key="X_emb"), "output_space=all with embed_key=X_emb"),
     ({"transformer_backbone_kwargs.num_key_value_heads": 2}, "num_key_value_heads"),
     ({"transformer_backbone_kwargs.bidirectional_attention": False}, "bidirectional_attention"),
     ({"lora.enable": True}, "lora.enable"),
