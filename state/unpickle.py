@@ -4,15 +4,15 @@ Reading pickles that a user hands us without running anything they contain.
 A pickle names the functions it calls to rebuild its objects ("globals": `os.system` as easily as
 `collections.OrderedDict`). Every reader of a user's pickle here goes through `restricted(allowed)`: an
 Unpickler that resolves only the globals on its list and refuses any other by name, before anything is
-called. Used by DCP checkpoint indexes (state/dist.py) and arc-state runs (state/convert.py: Lightning
-`.ckpt` files through torch.load's `pickle_module`, `var_dims.pkl`).
+called. Used by DCP checkpoint indexes (state/dist.py) and arc-state's `var_dims.pkl` (state/convert.py);
+torch.save files (Lightning `.ckpt`, `.pt` maps) load with torch.load(weights_only=True) and the same lists
+as its safe globals.
 
     Unpickler = restricted({("collections", "OrderedDict"): None})   # None: the real global
     obj = load(path, ALLOWED, "an arc-state checkpoint")              # UserError naming the global
 """
 
 import pickle
-import types
 
 import numpy as np
 import torch
@@ -106,12 +106,6 @@ def restricted(allowed):
     return Unpickler
 
 
-def module(allowed):
-    """A stand-in for the pickle module (torch.load's `pickle_module`) that unpickles with restricted()."""
-    U = restricted(allowed)
-    return types.SimpleNamespace(__name__="state.unpickle", Unpickler=U, load=lambda f, **kw: U(f, **kw).load())
-
-
 def _np_globals():
     """What torch.load(weights_only=True) needs beyond tensors to read numpy string/number scalars (the
     np.str_ names of arc-state's one-hot maps): the checked scalar and dtype builders above and numpy's
@@ -135,7 +129,9 @@ def weights_load(path, what="it"):
 
 
 def _refuse(path, what, e):
-    msg = (str(e).splitlines() or [""])[0][:200]
+    import re
+    g = re.search(r"GLOBAL ([\w.]*\w)", str(e))  # torch's weights-only unpickler names the global there
+    msg = f"global '{g.group(1)}' is not allowed" if g else (str(e).splitlines() or [""])[0][:200]
     return UserError(f"{path}: not plain data ({type(e).__name__}: {msg}); refusing to unpickle {what} that "
                      "needs anything but tensors, numbers, strings and containers (it could run code)")
 
@@ -149,9 +145,27 @@ def load(path, allowed=PLAIN, what="it"):
             raise _refuse(path, what, e) from None
 
 
+def _safe_globals(allowed):
+    """`allowed` as torch.load(weights_only=True)'s safe globals: (object, "module.name") pairs, stand-ins
+    under the names they replace; globals of a package that is not installed are left out (refused)."""
+    import importlib
+    out = []
+    for (mod, name), rep in allowed.items():
+        if rep is None:
+            try:
+                rep = getattr(importlib.import_module("builtins" if mod == "__builtin__" else mod), name)
+            except (ImportError, AttributeError):
+                continue
+        out.append((rep, f"{mod}.{name}"))
+    return out + _np_globals()
+
+
 def torch_load(path, allowed=PLAIN, what="it"):
-    """A torch.save file (zip or legacy, e.g. a Lightning .ckpt) with every pickle in it restricted."""
+    """A torch.save file (zip or legacy, e.g. a Lightning .ckpt) through torch's own weights-only
+    unpickler, with only the globals in `allowed` (stand-ins for another package's config classes)."""
+    from torch.serialization import safe_globals
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module(allowed))
+        with safe_globals(_safe_globals(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise _refuse(path, what, e) from None
