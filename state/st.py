@@ -120,6 +120,8 @@ class STConfig:
             raise UserError(f"anchor '{self.anchor}' not one of {', '.join(ANCHORS)}")
         if self.mixer not in ("attention", "mean", "none"):
             raise UserError(f"mixer '{self.mixer}' not one of attention, mean, none")
+        if self.anchor != "none" and self.residual == "output":
+            raise UserError("residual=output adds the control cell, and so does an anchored output: choose one")
         if (self.anchor != "none" or self.residual == "output") and self.n_out != self.n_in:
             raise UserError("an anchored output or residual=output adds to the control cell: needs n_out == n_in")
 

@@ -240,6 +240,8 @@ def test_pseudobulk_term_is_the_set_mean_error():
     torch.testing.assert_close(l1, l0 + 5.0 * p1["mean"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="mean_weight"):
         tiny(mean_weight=-1.0)
+    with pytest.raises(ValueError, match="choose one"):  # the control cell would be added twice
+        tiny(residual="output", anchor="two_way", n_out=37)
 
 
 def test_loss_in_fp32_under_autocast():
