@@ -82,6 +82,8 @@ guard = ""               # anchored runs with support cells: the correction's st
                          # of the final weights; alpha = 0 is the anchor itself. Recorded in meta.json
 guard_by = "energy"      # the guard's support loss: energy (the training loss: the cells' distribution) |
                          # mean (the squared error of the set means: the shift pearson_delta and MAE score)
+guard_rule = "best"      # best (the lowest support loss) | 1se (the weakest correction within one standard
+                         # error of the best: the correction must earn its strength beyond set noise)
 weight_decay = 0.0       # reference ignores its weight_decay key: none
 grad_clip = 10.0         # global grad-norm clip (reference 10); 0 disables
 seed = 42                # data order, controls, init
@@ -243,6 +245,8 @@ if select not in ("last", "support"):
     die(f"train.py: --select must be last or support (got {select!r})")
 if guard_by not in ("energy", "mean"):
     die(f"train.py: --guard_by must be energy or mean (got {guard_by!r})")
+if guard_rule not in ("best", "1se"):
+    die(f"train.py: --guard_rule must be best or 1se (got {guard_rule!r})")
 held = sorted({D.context_names.index(c) for c, _ in sp.test_groups})  # held-out context codes
 # the data that resembles the test, for support selection and the guard: the held-out context's support
 # perturbations (few-shot), or perturbations held out of training whole (the split's guard_perts: unseen,
@@ -506,6 +510,7 @@ def val_loss(support=False):
                     control_sets=control_sets and not support, mapping=mapping)
     model.eval()
     tot = torch.zeros(4, device=dev)
+    per_set = torch.zeros(3, val_batches, B, device=dev)  # (energy, set-mean error, valid) of each set
     # the same val_batches batches at any world size: rank r takes batches r, r+W, ...; every rank
     # runs the same number of forwards (FSDP all-gathers inside), the surplus weighted 0
     for i in range(rank, -(-val_batches // world) * world, world):
@@ -518,15 +523,20 @@ def val_loss(support=False):
         tot[3] += (parts["mean"] * v).sum()
         if "decoder" in parts:  # gene-decoder loss on the same sets (SPEC 4.3: val/decoder_loss)
             tot[2] += (parts["decoder"] * v).sum()
+        if i < val_batches:
+            per_set[:, i] = torch.stack([parts["main"].float() * v, parts["mean"].float() * v, v])
     model.train()
     if ddp:
         dist.all_reduce(tot)
+        dist.all_reduce(per_set)  # each batch was filled by one rank
+    ok = per_set[2].flatten() > 0
+    val_parts["sets"] = {"energy": per_set[0].flatten()[ok].double().cpu(), "mean": per_set[1].flatten()[ok].double().cpu()}
     val_parts["dec"] = (tot[2] / tot[1].clamp_min(1)).item() if cfg.n_genes else None
     val_parts["mean"] = (tot[3] / tot[1].clamp_min(1)).item()
     return (tot[0] / tot[1].clamp_min(1)).item()
 
 
-val_parts = {"dec": None, "mean": None}  # the decoder part and the set-mean error of the last validation
+val_parts = {"dec": None, "mean": None, "sets": None}  # the last validation's decoder part, set-mean error, per-set losses
 guard_note = None  # --guard: the chosen alpha and the support loss at each strength
 
 
@@ -558,20 +568,33 @@ def choose_alpha():
     use = best["w"] if best["w"] is not None else ema_p
     if use is not None:
         torch._foreach_copy_(params, [w.to(p.device, p.dtype) for p, w in zip(params, use)])
-    losses, means = {}, {}
+    losses, means, sets = {}, {}, {}
     for a in grid:
         raw.corr_scale[held] = a
         losses[a] = val_loss(support=True)
         means[a] = val_parts["mean"]
-    by = {n: min(grid, key=lambda k: (d[k], -k)) for n, d in (("energy", losses), ("mean", means))}
-    a = by[guard_by]
+        sets[a] = val_parts["sets"]  # the same sets (same cells, same controls) at every alpha: paired
+    by = {}
+    for n, d in (("energy", losses), ("mean", means)):
+        by[n] = best_a = min(grid, key=lambda k: (d[k], -k))
+        # the one-standard-error rule (as in CART / glmnet's lambda.1se): the weakest correction whose
+        # loss is within one standard error (of the per-set paired difference) of the best one's
+        by[n + "+1se"] = next(k for k in grid if k >= best_a or paired_within_se(sets[k][n], sets[best_a][n]))
+    a = by[guard_by + ("+1se" if guard_rule == "1se" else "")]
     raw.corr_scale[held] = a
     torch._foreach_copy_(params, saved)
     print0("guard: support val loss (energy / set-mean error) by correction strength " +
            ", ".join(f"{k:g}: {losses[k]:.4f} / {means[k]:.5f}" for k in grid) +
-           f" -> alpha {a:g} for {sp.context} (by {guard_by}; energy {by['energy']:g}, mean {by['mean']:g})")
-    return {"alpha": a, "by": guard_by, "alpha_by": by, "losses": {f"{k:g}": v for k, v in losses.items()},
-            "mean_losses": {f"{k:g}": v for k, v in means.items()}}
+           f" -> alpha {a:g} for {sp.context} (by {guard_by}, rule {guard_rule}; " +
+           ", ".join(f"{k} {v:g}" for k, v in by.items()) + ")")
+    return {"alpha": a, "by": guard_by, "rule": guard_rule, "alpha_by": by,
+            "losses": {f"{k:g}": v for k, v in losses.items()}, "mean_losses": {f"{k:g}": v for k, v in means.items()}}
+
+
+def paired_within_se(x, y):
+    """Is mean(x - y) <= one standard error of it (x, y: the same sets' losses under two settings)?"""
+    d = x - y
+    return len(d) > 1 and float(d.mean()) <= float(d.std()) / len(d) ** 0.5
 
 
 if len(val_rows) == 0:

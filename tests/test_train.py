@@ -195,7 +195,10 @@ def test_guard_scores_unseen_perturbations_held_out_whole(synth, tmp_path):
     assert sorted(losses) == [0, 0.5, 1] and all(np.isfinite(list(losses.values())))
     assert len(set(losses.values())) == 3 and g["alpha"] == min(losses, key=losses.get)
     means = {float(k): v for k, v in g["mean_losses"].items()}  # the set-mean error, recorded beside it
-    assert g["alpha_by"] == {"energy": g["alpha"], "mean": min(means, key=means.get)}
+    by = g["alpha_by"]
+    assert (by["energy"], by["mean"]) == (g["alpha"], min(means, key=means.get)) and g["rule"] == "best"
+    # the one-SE rule keeps the best alpha or a weaker one of the grid
+    assert by["energy+1se"] <= by["energy"] and by["mean+1se"] <= by["mean"] and by["energy+1se"] in losses
     # predict.py --alpha: the same weights at another strength (0 = the anchor alone); refused outside [0, 1]
     pt = ["predict.py", "test", f"--run={tmp_path / 'g'}", f"--data={synth / 'prep'}", f"--split={tmp_path / 'u.json'}"]
     from state.h5ad import H5AD
@@ -210,6 +213,11 @@ def test_guard_scores_unseen_perturbations_held_out_whole(synth, tmp_path):
     assert r.returncode == 2 and "--alpha='2'" in r.stderr and not (tmp_path / "bad").exists()
     r = run(*pt, f"--out={tmp_path / 'bad'}", "--dtype=fp8", ok=False)
     assert r.returncode == 2 and "--dtype='fp8'" in r.stderr and not (tmp_path / "bad").exists()
+    r = run(*a[:4], f"--out={tmp_path / 'g1'}", *a[5:], "--guard_rule=1se")  # the same run, the 1se rule applied
+    g1 = json.load(open(tmp_path / "g1" / "meta.json"))["guard"]
+    assert g1["rule"] == "1se" and g1["alpha"] == g1["alpha_by"]["energy+1se"] and g1["alpha_by"] == by
+    r = run(*a[:4], f"--out={tmp_path / 'bad'}", *a[5:], "--guard_rule=min", ok=False)
+    assert r.returncode == 2 and "--guard_rule must be best or 1se" in r.stderr and not (tmp_path / "bad").exists()
     a[2], a[4] = f"--split={tmp_path / 'n.json'}", f"--out={tmp_path / 'n'}"
     r = run(*a)
     assert "no guard perturbations" in r.stdout
