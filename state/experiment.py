@@ -445,6 +445,18 @@ def anchor_block(t, r):
             u = np.array([x["unguarded"].get(m, np.nan) for x in st], float)
             row += f" | {np.nanmean(u):.4f} | {np.nanmean(s - u):+.4f} ({sd(s - u):.4f})"
         lines.append(row + " |")
+    rules = list(st[0].get("guard_by") or {})
+    if rules:  # the alpha each guard criterion/rule would choose, the same weights, paired with ST
+        lines += ["", "| guard rule | alpha per seed | " + " | ".join(f"{m} (- ST, sd)" for m in
+                  ("pearson_delta", "mae", "overlap_at_N")) + " |", "|---|---|---|---|---|"]
+        for n in rules:
+            g = [x["guard_by"][n] for x in st]
+            cells = []
+            for m in ("pearson_delta", "mae", "overlap_at_N"):
+                v = np.array([y.get(m, np.nan) for y in g], float)
+                d = v - np.array([x.get(m, np.nan) for x in st], float)
+                cells.append(f"{np.nanmean(v):.4f} ({np.nanmean(d):+.4f}, {sd(d):.4f})")
+            lines.append(f"| {n} | {[y['alpha'] for y in g]} | " + " | ".join(cells) + " |")
     real = np.nanmean([b[kind].get("de_nsig_counts_real", np.nan) for b in bl])
     lines.append(f"\nreal DE genes per perturbation: {real:.1f}; kept step per seed: "
                  f"{[x.get('best_step') for x in st]}" + (f"; alpha per seed: {[x.get('alpha') for x in st]}"
