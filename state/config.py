@@ -1,9 +1,11 @@
 """
 Flat `--key=value` overrides for the scripts (nanoGPT's configurator, made strict).
 
-    python train.py config/st_tiny.py --lr=3e-4 --hidden=128
+    python train.py config/st_cpu.py --lr=3e-4 --hidden=256
 
-- A bare argument ending in `.py` is executed as a config file into the same namespaces.
+- A bare argument ending in `.py` is executed as a config file into the same namespaces (its names that
+  no namespace holds are left out). The recipes in config/ at the repo root are such files; the library
+  reads them too (`recipe`).
 - `--key=value`: the value is parsed with `ast.literal_eval` (falling back to the raw string), the
   key must exist in one of the namespaces, and the type must match the default's type (an int is
   accepted where a float is expected; `--flag` alone means True for a bool).
@@ -11,8 +13,13 @@ Flat `--key=value` overrides for the scripts (nanoGPT's configurator, made stric
 """
 
 import ast
+import os
 
 from state.errors import UserError
+
+# the recipes (config/*.py) sit beside the package in the checkout, which an editable install
+# (`pip install -e .`, as the README installs) imports the package from
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
 
 def _coerce(key, val, default):
@@ -44,19 +51,33 @@ def configure(argv, *namespaces):
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 raise UserError(f"unexpected argument {arg!r} (use --key=value or a config .py file)")
-            g = {}
-            with open(arg) as f:
-                exec(f.read(), g)
-            for k, v in g.items():
-                if k.startswith("_") or k not in {kk for ns in namespaces for kk in ns}:
-                    continue
-                _set(namespaces, k, v, seen)
+            for k, v in read(arg).items():
+                if k in {kk for ns in namespaces for kk in ns}:
+                    _set(namespaces, k, v, seen)
             continue
         key, eq, val = arg[2:].partition("=")
         if not eq:
             val = True
         _set(namespaces, key, val, seen)
     return seen
+
+
+def read(path):
+    """The names a config file sets (those not starting with _), in the file's order."""
+    g = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), g)
+    return {k: v for k, v in g.items() if not k.startswith("_")}
+
+
+def recipe(name):
+    """config/<name>.py of the repo, read: the recipe a script runs as a file (`python train.py
+    config/st_cpu.py`) and the library reads by name (state/st.py's cpu preset, state/experiment.py's tasks)."""
+    path = os.path.join(CONFIG_DIR, f"{name}.py")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found; the recipes in config/ are read from the checkout beside the "
+                        "state package: install it with `pip install -e .`")
+    return read(path)
 
 
 def _set(namespaces, key, val, seen):

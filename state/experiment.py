@@ -24,21 +24,10 @@ control draws), and prints per task and metric:
 The target check at the end is issue 11's: discrimination_l1 mean >= best baseline, a paired win larger
 than its sd on overlap_at_N or pearson_delta, MAE within 10% of the best baseline, spread >= 0.7.
 
-Tasks (choose recipes on the `choose` ones; the `check` ones are kept for independent confirmation):
-  pap_rep1  Papalexi few-shot, rep_1 held out, 30% of its KOs train          choose
-  pap_rep2  Papalexi few-shot, rep_2 held out, 30% of its KOs train          choose
-  kang_cd14 Kang zero-shot, IFN-beta in CD14+ Monocytes held out               choose
-  gbm_u87   GBM few-shot, U87MG held out, MAP2K3/MAP2K6/MAP3K21 train        choose
-  gbm_t98   GBM few-shot, T98G held out, MAP2K3/MAP2K6/MAP3K21 train         choose
-  gbm_a172  GBM few-shot, A172 held out, same support                        check
-  pap_rep3  Papalexi few-shot, rep_3 held out, 30% of its KOs train          check
-  kang_b, kang_cd4, kang_cd8, kang_fcgr3a: Kang zero-shot, each other cell type held out (zero-shot magnitude)
-  norman_combo  Norman19 K562 CRISPRa, the doubles whose singles were measured held out (combo; the
-            additive baseline joins; trained with --combos=+ --anchor=additive, TASK_FLAGS)
-  pap_unseen  Papalexi, IFNGR2/JAK2/STAT1 held out in every replicate (unseen; trained with
-            --pert_features=pca --missing_pert_features=zero --anchor=context_mean, TASK_FLAGS); two
-            more held out of training whole for the guard (--guard_perts=2)
-  pap_unseen_draw  the same with 3 of the 9 perturbations with features drawn at random (seed 0)
+Tasks: config/protocol.py, one line each (the dataset, the split options, the role: choose recipes on the
+`choose` ones, the `check` ones are kept for independent confirmation; --tasks=all adds zero-shot magnitude,
+unseen combinations and unseen perturbations), and the train.py flags each task type adds to the recipe
+(TASK_FLAGS: combinations start from the additive model, unseen perturbations from the context mean).
 With --ensemble each task also gets the seed ensemble (predict.py test --run=s0,s1,s2), scored once.
 Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
 """
@@ -55,55 +44,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from state import baselines
-from state.config import dashes
+from state.config import dashes, recipe
 from state.errors import Parser, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
-DATASETS = {  # name -> (file, prepare options)
-    "pap": ("papalexi2021_thp1_eccite_sceptre.h5ad",
-            ["--pert_col", "target_gene", "--control", "non-targeting", "--context_col", "bio_rep"]),
-    "gbm": ("perturbench_devel_norman19_mcfaline23.h5ad",
-            ["--pert_col", "perturbation", "--control", "control", "--context_col", "cell_type",
-             "--keep", "cell_type=A172,T98G,U87MG"]),
-    "kang": ("kang2018_ifnb_pbmc_muscat_counts.h5ad",
-             ["--pert_col", "perturbation", "--control", "control", "--context_col", "cell_type"]),
-    "norman": ("perturbench_devel_norman19_mcfaline23.h5ad",
-               ["--pert_col", "perturbation", "--control", "control", "--context_col", "cell_type",
-                "--keep", "cell_type=k562"]),
-}
-GBM_SUPPORT = "MAP2K3,MAP2K6,MAP3K21"
-# what a task type needs from train.py beyond the recipe (appended to it; the recipe may override them):
-# combinations read their parts and start from the additive model, unseen perturbations need features
-# and start from the context mean (the measured anchors of each type: dev/LOG.md, "Science III")
-TASK_FLAGS = {"combo": "--combos=+ --anchor=additive",
-              "unseen": "--pert_features=pca --missing_pert_features=zero --anchor=context_mean"}
-TASKS = {  # name -> (dataset, split options, role)
-    "pap_rep1": ("pap", ["--task", "fewshot", "--context", "rep_1", "--support", "0.3"], "choose"),
-    "pap_rep2": ("pap", ["--task", "fewshot", "--context", "rep_2", "--support", "0.3"], "choose"),
-    "kang_cd14": ("kang", ["--task", "zeroshot", "--context", "CD14+ Monocytes"], "choose"),
-    "gbm_u87": ("gbm", ["--task", "fewshot", "--context", "U87MG", "--support_perts", GBM_SUPPORT], "choose"),
-    "gbm_t98": ("gbm", ["--task", "fewshot", "--context", "T98G", "--support_perts", GBM_SUPPORT], "choose"),
-    "gbm_a172": ("gbm", ["--task", "fewshot", "--context", "A172", "--support_perts", GBM_SUPPORT], "check"),
-    "pap_rep3": ("pap", ["--task", "fewshot", "--context", "rep_3", "--support", "0.3"], "check"),
-    # zero-shot magnitude: every other Kang cell type held out in turn
-    "kang_b": ("kang", ["--task", "zeroshot", "--context", "B cells"], "zeroshot"),
-    "kang_cd4": ("kang", ["--task", "zeroshot", "--context", "CD4 T cells"], "zeroshot"),
-    "kang_cd8": ("kang", ["--task", "zeroshot", "--context", "CD8 T cells"], "zeroshot"),
-    "kang_fcgr3a": ("kang", ["--task", "zeroshot", "--context", "FCGR3A+ Monocytes"], "zeroshot"),
-    # unseen combinations: Norman19 K562 doubles whose two singles were measured (train with --combos=+)
-    "norman_combo": ("norman", ["--task", "combo", "--combo_sep", "+"], "combo"),
-    # unseen perturbations from features: 3 Papalexi targets that are measured genes held out in every
-    # replicate (train with --pert_features=pca --missing_pert_features=zero: 16 have no gene); 2 of the
-    # other 6 with features are held out of training too, for the guard to score unseen ones on
-    "pap_unseen": ("pap", ["--task", "unseen", "--pert_features", "pca", "--test_perts", "IFNGR2,JAK2,STAT1",
-                           "--guard_perts", "2"], "unseen"),
-    # the same with the held-out perturbations drawn (seeded) among the 9 with features, not chosen as
-    # the strongest: pap_unseen's three are the IFN-gamma pathway hits that dominate the context mean
-    "pap_unseen_draw": ("pap", ["--task", "unseen", "--pert_features", "pca", "--test_frac", "0.34",
-                                "--guard_perts", "2"], "unseen"),
-}
+# the protocol's tables are a file, config/protocol.py: the datasets, the tasks (name -> dataset, split
+# options, role) and the train.py flags each task type adds to the recipe
+_P = recipe("protocol")
+DATASETS, TASKS, TASK_FLAGS, GBM_SUPPORT = _P["DATASETS"], _P["TASKS"], _P["TASK_FLAGS"], _P["GBM_SUPPORT"]
 METRICS = ["pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "de_direction_match",
            "pearson_edistance", "spread", "shift"]
 LOWER = {"mse", "mae"}  # lower is better; spread/shift are diagnostics (best 1), never "won"

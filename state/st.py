@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import kernels
 from state.baselines import ANCHORS
+from state.config import recipe
 from state.errors import UnknownName, UserError
 
 # -----------------------------------------------------------------------------
@@ -158,11 +159,12 @@ PRESETS = {
                   n_dec=4, basal_proj=False, decoder_weight=0.1),
 }
 ALIASES = {"state": "default", "state_sm": "small", "state_lg": "paper", "paper_tahoe": "paper"}
-# the recommended CPU recipe, chosen with the multi-seed protocol over all its tasks (state/experiment.py,
-# README "Results"): the model fields, and the training settings train.py takes as defaults for it
-PRESETS["cpu"] = dict(PRESETS["tiny"], hidden=128, n_layers=4, set_size=32, anchor="auto")
-TRAIN_DEFAULTS = {"cpu": dict(lr=1e-3, control_sets=False, batch_size=16, max_steps=2000, schedule="cosine",
-                              warmup=100, ema=0.999, select="support", guard="0,0.25,0.5,0.75,1")}
+# the recommended CPU recipe is a file, config/st_cpu.py (`python train.py config/st_cpu.py` runs it as it
+# is): its STConfig fields are the cpu preset, the rest the training settings train.py takes as defaults
+# with --preset=cpu
+_cpu = {k: v for k, v in recipe("st_cpu").items() if k != "preset"}
+PRESETS["cpu"] = {k: v for k, v in _cpu.items() if k in {f.name for f in fields(STConfig)}}
+TRAIN_DEFAULTS = {"cpu": {k: v for k, v in _cpu.items() if k not in PRESETS["cpu"]}}
 
 
 # -----------------------------------------------------------------------------
