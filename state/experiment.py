@@ -32,7 +32,6 @@ With --ensemble each task also gets the seed ensemble (predict.py test --run=s0,
 Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
 """
 
-import argparse
 import json
 import os
 import shlex

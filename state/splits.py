@@ -18,19 +18,19 @@ context train; the held-out context's controls are also `test_ctrl`. `val` is a 
 every training group (controls included), never from test groups.
 """
 
-import argparse
 import json
 import os
 import sys
 import tomllib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from state.config import dashes
 from state.data import Prepared, Rows, hkey
-from state.errors import Parser, UserError
+from state.errors import Parser, UserError, message, output_file
 from state.perts import check_combo_labels, parts_of, read_vectors, target_gene
 
 
@@ -87,7 +87,7 @@ def _in_every_context(data, held):
     return sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
 
 
-def _context_task(data, rng, context=None, support=0.3, support_perts=None, zero=False, **_):
+def _held_context(data, rng, context=None, support=0.3, support_perts=None, zero=False, **_):
     """fewshot: one context held out but for its support perturbations (support_perts, or a seeded
     `support` fraction of its perturbations); zeroshot (zero=True): all of them."""
     k = _ctx(data, context)
@@ -107,14 +107,6 @@ def _context_task(data, rng, context=None, support=0.3, support_perts=None, zero
         raise UserError(f"empty split: every perturbation of '{data.context_names[k]}' is in the support set")
     cname = data.context_names[k]
     return Held([(cname, p) for p in held], cname, sup)
-
-
-def _fewshot(data, rng, **o):
-    return _context_task(data, rng, **o)
-
-
-def _zeroshot(data, rng, **o):
-    return _context_task(data, rng, **o, zero=True)
 
 
 def _unseen(data, rng, features=None, test_perts=None, test_frac=0.2, **_):
@@ -162,7 +154,8 @@ def _combo(data, rng, test_perts=None, combo_sep="+", **_):
 
 
 # task name (the split file's "task", --task) -> its builder
-TASKS = {"fewshot": _fewshot, "zeroshot": _zeroshot, "unseen": _unseen, "combo": _combo}
+TASKS = {"fewshot": _held_context, "zeroshot": partial(_held_context, zero=True), "unseen": _unseen,
+         "combo": _combo}
 
 
 # the fields of a split file: name -> (required, what it must be)
@@ -325,23 +318,18 @@ class Split:
             if (cix[cn], pix[pn]) in held:
                 raise self._err(f"test group ({cn}, {pn}) is listed twice")
             held.add((cix[cn], pix[pn]))
-        seen = set()
-        for q in self.support:
-            if q not in pix:
-                raise self._err(f"support perturbation '{q}' not in the data's '{data.pert_col}' labels")
-            if pix[q] == ctl:
-                raise self._err(f"support perturbation '{q}' is the control (controls always train)")
-            if q in seen:
-                raise self._err(f"support perturbation '{q}' is listed twice")
-            seen.add(q)
-        for q in self.guard_perts:
-            if q not in pix:
-                raise self._err(f"guard perturbation '{q}' not in the data's '{data.pert_col}' labels")
-            if pix[q] == ctl:
-                raise self._err(f"guard perturbation '{q}' is the control (controls always train)")
-            if q in self.support or q in {pn for _, pn in self.test_groups} or self.guard_perts.count(q) > 1:
-                raise self._err(f"guard perturbation '{q}' is also a support or test perturbation, or listed "
-                                "twice: guard perturbations are held out of training, apart from the test")
+        for what, names in (("support", self.support), ("guard", self.guard_perts)):
+            for i, q in enumerate(names):
+                if q not in pix:
+                    raise self._err(f"{what} perturbation '{q}' not in the data's '{data.pert_col}' labels")
+                if pix[q] == ctl:
+                    raise self._err(f"{what} perturbation '{q}' is the control (controls always train)")
+                if what == "support" and q in names[:i]:
+                    raise self._err(f"support perturbation '{q}' is listed twice")
+                if what == "guard" and (q in self.support or q in {pn for _, pn in self.test_groups}
+                                        or names.count(q) > 1):
+                    raise self._err(f"guard perturbation '{q}' is also a support or test perturbation, or listed "
+                                    "twice: guard perturbations are held out of training, apart from the test")
         if self.combo_sep:  # a test combination must not train under a reordered name (B+A for A+B)
             check_combo_labels([pn for _, pn in self.test_groups], self.combo_sep, data.control,
                                where=f"split file {self.path}" if self.path else "split")
@@ -688,7 +676,6 @@ def main(argv=None):
             s = Split.load(a.split).validate(data)
         print(s.report(data))
         if a.cmd != "report":  # never over an input, a prepared folder's or a run's own files
-            from state.errors import output_file
             ins = [getattr(a, k, None) for k in ("toml", "split", "pert_features")]
             output_file(a.out, ins, f"python -m state.splits {a.cmd}")
             if a.cmd == "make":
@@ -700,7 +687,6 @@ def main(argv=None):
                 s.write_toml(tp, data)
                 print(f"wrote {tp}")
     except (ValueError, OSError) as e:
-        from state.errors import message
         m = message(f"python -m state.splits {a.cmd}", e)
         if m is None and isinstance(e, OSError):
             raise
