@@ -87,7 +87,7 @@ def _in_every_context(data, held):
     return sorted({(data.context_names[c], data.pert_names[p]) for c, p in gt[np.isin(gt[:, 1], hc), :2].tolist()})
 
 
-def _held_context(data, rng, context=None, support=0.3, support_perts=None, zero=False, **_):
+def _context_task(data, rng, context=None, support=0.3, support_perts=None, zero=False, **_):
     """fewshot: one context held out but for its support perturbations (support_perts, or a seeded
     `support` fraction of its perturbations); zeroshot (zero=True): all of them."""
     k = _ctx(data, context)
@@ -154,7 +154,7 @@ def _combo(data, rng, test_perts=None, combo_sep="+", **_):
 
 
 # task name (the split file's "task", --task) -> its builder
-TASKS = {"fewshot": _held_context, "zeroshot": partial(_held_context, zero=True), "unseen": _unseen,
+TASKS = {"fewshot": _context_task, "zeroshot": partial(_context_task, zero=True), "unseen": _unseen,
          "combo": _combo}
 
 
