@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import MISSING, fields
 
@@ -45,12 +44,11 @@ import torch
 from state import ckpt
 from state.config import configure
 from state.errors import UserError, die, need_space, output_file, run, stale_tmp
-from state.dist import (compute_cleanup, compute_init, load_sharded, mfu, print0, set_rng_state, set_sync,
-                        shard, stage_checkpoint)
+from state.dist import compute_cleanup, compute_init, mfu, print0, set_sync, wrap
 from state.sampler import StepSampler
 from state.h5ad import H5AD
 from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, is_raw, load_gene_vectors,
-                      load_model, norm_gene, pca_gene_vectors, save_model)
+                      load_model, model_files, norm_gene, pca_gene_vectors)
 
 # ---------------------------------------------------------------------------------------------------
 # settings
@@ -129,6 +127,11 @@ def to_batch(b, labels, cls_of, masks, offs, device):
             torch.from_numpy(ds).to(device), cls_of[ft])
 
 
+def peak_lr(C):
+    """--lr, or the preset's: tiny 1e-3, the others 1e-5 as the reference."""
+    return C["lr"] if C["lr"] > 0 else (1e-3 if C["preset"] == "tiny" else 1e-5)
+
+
 def lr_at(step, T, lr, warmup, floor):
     """3% linear warmup from 0.33*lr, then cosine to floor*lr at step T (SPEC 7)."""
     w = max(1, math.ceil(warmup * T))
@@ -139,7 +142,8 @@ def lr_at(step, T, lr, warmup, floor):
 
 
 # ---------------------------------------------------------------------------------------------------
-# fit
+# fit: settings and run folder, data, model, resume, loop (train.py's sections; the run folder is
+# state/ckpt.py's)
 
 def fit(argv):
     C, mkw, pos = parse(argv, FIT, model=True)
@@ -151,36 +155,13 @@ def fit(argv):
     if C["parallel"] not in ("fsdp", "ddp"):
         die(f"embed.py fit: --parallel must be fsdp or ddp (got {C['parallel']!r})")
     ddp, rank, local_rank, world, device = compute_init(seed=C["seed"])
-    fsdp = ddp and C["parallel"] == "fsdp"
     if C["threads"] and device.type == "cpu":
         torch.set_num_threads(C["threads"])
-    master = rank == 0
-    out = C["out"]
-    if os.path.exists(out) and not os.path.isdir(out):
-        die(f"embed.py fit: --out={out} is a file; give a folder for the run")
-    if not ckpt.empty(out) and not C["resume"]:
-        die(f"embed.py fit: run directory {out} exists and is not empty; pass --resume to continue "
-            "it or choose another --out")
-    if C["resume"] and not os.path.isdir(out):
-        die(f"embed.py fit: --resume but {out} does not exist; check --out (or drop --resume to start a run)")
-    if master:  # one writer per run folder (a second is refused naming this pid); created here
-        ckpt.lock(out, "embed.py fit")
-        if C["resume"] and ckpt.repair(out):
-            print0(f"note: {out} was copied with its links dereferenced: its checkpoint links were put back")
-    if ddp:
-        import torch.distributed as dist
-        dist.barrier()
-    ck = ckpt.latest(out) if C["resume"] else None  # the last committed checkpoint (one step throughout)
-    if C["resume"] and ck is None:
-        if not (os.path.isdir(out) and ckpt.leftovers_only(out)):
-            die(f"embed.py fit: --resume but {out} holds no committed checkpoint")
-        print0(f"note: --resume: {out} holds no committed checkpoint: starting at step 0")
-        if master:
-            ckpt.clear(out)
-        C["resume"] = False
-    meta_old, st = ckpt.read(ck, "embed.py fit", "preset", "an SE run") if C["resume"] else (None, None)
+    master, out = rank == 0, C["out"]
+    ck = ckpt.open_run(out, C["resume"], "embed.py fit", master, ddp)  # the checkpoint to resume, or None
+    C["resume"] = resume = ck is not None
+    meta_old, st = ckpt.read(ck, "embed.py fit", "preset", "an SE run") if resume else (None, None)
     print0(f"fit config: {json.dumps(C)} model overrides: {mkw}")
-    resume = C["resume"]
 
     # --- data: prepared folders (rows as prepared: log1p-normalised expression), vocabulary, vectors
     from state.data import Prepared
@@ -190,30 +171,79 @@ def fit(argv):
         if d.index["recipe"]["key"].startswith("obsm/"):
             die(f"embed.py fit: {d.dir} holds an embedding ('{d.index['recipe']['key']}'); SE needs "
                              "gene expression (prepare the counts or log1p matrix)")
-    recipes = [d.index["recipe"] for d in datas]
     if resume:  # what fixes the data, its order or the model is refused; the rest is applied and said
-        old = meta_old["fit"]
-        mc = {{"d": "d_model", "out": "d_out"}.get(k, k): v for k, v in meta_old["config"].items() if k != "k"}
-        fixed = ("preset", "batch_size", "seed", "ds_col", "gene_emb", "pca_dim", "pca_cells", "val_cells")
-        bad = [f"{k} ({old[k]!r} -> {C[k]!r})" for k in fixed if k in old and old[k] != C[k]]
-        bad += [f"{k} ({mc.get(k)!r} -> {v!r})" for k, v in mkw.items() if mc.get(k) != v]
+        mc, w_old = meta_old["config"], len(ckpt.rngs(st))
+        also = [f"{k} ({mc.get(k)!r} -> {v!r})" for k, v in mkw.items() if mc.get(k) != v]
         if meta_old.get("data_checksums") != [d.checksum for d in datas]:
-            bad.append("data (the prepared folders or their checksums differ)")
-        w_old = len(st["rng"])
-        if w_old * old["grad_accum"] != world * C["grad_accum"]:  # world x accum may trade, not change
-            bad.append(f"global batch ({w_old} processes x {old['grad_accum']} micro-steps -> "
-                       f"{world} x {C['grad_accum']})")
-        if bad:
-            die(f"embed.py fit: --resume cannot change {', '.join(bad)}: they fix the data, its "
-                             "order or the model; start a new run instead")
-        changed = [k for k in C if k in old and old[k] != C[k] and k not in ("resume", "stop_at")]
-        if changed:
-            print0("note: resumed with changed settings (applied from this step on): "
-                   + ", ".join(f"{k} {old[k]!r} -> {C[k]!r}" for k in changed))
+            also.append("data (the prepared folders or their checksums differ)")
+        if w_old * meta_old["fit"]["grad_accum"] != world * C["grad_accum"]:  # world x accum may trade
+            also.append(f"global batch ({w_old} processes x {meta_old['fit']['grad_accum']} micro-steps -> "
+                        f"{world} x {C['grad_accum']})")
+        ckpt.check_resume(meta_old["fit"], C, ("preset", "batch_size", "seed", "ds_col", "gene_emb", "pca_dim",
+                          "pca_cells", "val_cells"), "embed.py fit", also, ignore=("resume", "stop_at"))
+    genes, maps, emb, src = gene_table(C, datas, meta_old, master)
+    ds_names, labels = dataset_labels(C, datas, folders)
+    # cells: one global sequence (state.sampler.CellSampler) cut by rank (StepSampler), held-out val cells
+    workers = C["workers"] if C["workers"] >= 0 else (2 if device.type == "cuda" else 0)
+    try:
+        cells = CellSampler(datas, [m.to_vocab for m in maps], len(genes), C["batch_size"], C["seed"],
+                            C["val_cells"])
+    except ValueError as err:
+        die(f"embed.py fit: {err} (x {world} processes)")
+    sampler = StepSampler(cells, rank, world, C["grad_accum"], workers=workers, pin=device.type == "cuda")
+    offs = np.cumsum([0] + [d.n_cells for d in datas])
+    print0(f"data: {len(datas)} prepared folders, {offs[-1]} cells ({int(cells.nv.sum())} held out), {len(genes)} "
+           f"genes in the vocabulary, {len(ds_names)} dataset labels | loader: {workers} worker process(es)")
+
+    # --- model (the same initial weights on every rank: FSDP2 does not broadcast them)
+    lr = peak_lr(C)
+    if resume:  # the frozen gene table from model.safetensors; weights and optimizer from dcp/ below
+        cfg = SEConfig(**meta_old["config"])
+        sd = ckpt.load_weights(os.path.join(ck, "model.safetensors"), "embed.py fit")
+        raw = StateEmbedding(cfg, sd["emb"], genes)
+        raw.load_state_dict(sd)
+    else:
+        cfg = SEConfig.from_name(C["preset"], n_datasets=len(ds_names), **mkw)
+        torch.manual_seed(C["seed"])
+        raw = StateEmbedding(cfg, emb, genes)
+        torch.manual_seed(C["seed"] + rank)  # per-rank dropout streams
+    raw.to(device)
+    print0(f"SE {C['preset']}: {raw.num_params() / 1e6:.2f}M params, L={cfg.pad_length + cfg.ds_token}, "
+           f"E={cfg.E}, lr {lr:g}" + (f" | {C['parallel']} x {world}" if ddp else ""))
+    model, opt = wrap(raw, ddp, C["parallel"], C["compile"], local_rank, lambda m: m.configure_optimizer(lr, C["wd"]))
+    masks = torch.from_numpy(np.stack([m.valid() for m in maps])).to(device)  # (F, V)
+    cls_of = torch.tensor([m.cls_gene() for m in maps], device=device)  # (F,)
+    step0 = 0
     if resume:
-        genes = meta_old["genes"]
-        emb = None  # restored from model.safetensors
-        src = meta_old["gene_emb"]
+        ckpt.restore(ck, raw, opt, C["wd"], "embed.py fit")  # weights + optimizer, resharded to this world
+        try:
+            sampler.load_state_dict(st["sampler"])  # one global cursor: any world size
+        except ValueError as err:
+            die(f"embed.py fit: --resume: {err}")
+        ckpt.restore_rng(st, rank, world, C["seed"], device)
+        step0 = st["step"]
+        print0(f"resumed from {out} at step {step0}")
+
+    # --- loop
+    recipes = [d.index["recipe"] for d in datas]
+    meta = dict(preset=C["preset"], fit=C, data=[os.path.abspath(p) for p in folders],
+                data_checksums=[d.checksum for d in datas], recipe=recipes[0], recipes=recipes, gene_emb=src,
+                datasets=ds_names, ds_col=C["ds_col"], world=world, parallel=C["parallel"] if ddp else None,
+                torch=torch.__version__)
+    val = [(f, v, maps[f].to_vocab(datas[f].rows(v))) for f in range(len(datas)) if len(v := cells.val_rows(f))]
+    batch_of = lambda b: to_batch(b, labels, cls_of, masks, offs, device)
+    loop(C, model, raw, opt, sampler, batch_of, val, meta, step0, world, rank, device)
+    sampler.close()
+    compute_cleanup()
+
+
+def gene_table(C, datas, meta_old, master):
+    """The gene vocabulary and its vectors: a resumed run's own (its table is in model.safetensors), a
+    --gene_emb file's, or the union of the folders' genes with the pca or onehot fallback. -> (genes,
+    GeneMap of each folder, (V, E) vectors or None on resume, their source for meta.json)."""
+    emb = None
+    if meta_old:
+        genes, src = meta_old["genes"], meta_old["gene_emb"]
     elif C["gene_emb"] in ("pca", "onehot"):
         genes = list(dict.fromkeys(norm_gene(g) for d in datas for g in d.genes))  # union, first-seen order
         src = {"kind": C["gene_emb"]}
@@ -223,148 +253,62 @@ def fit(argv):
         print0(f"gene vectors: {len(genes)} x {emb.shape[1]} from {C['gene_emb']}")
     maps = [GeneMap(d, genes, quiet=not master) for d in datas]
     V = len(genes)
-    if not resume and C["gene_emb"] == "onehot":
+    if not meta_old and C["gene_emb"] == "onehot":
         emb = torch.eye(V)
         print0(f"WARNING: gene_emb=onehot: a {V} x {V} identity table (reference fallback); no prior")
-    if not resume and C["gene_emb"] == "pca":
+    if not meta_old and C["gene_emb"] == "pca":
         t0 = time.time()
         emb = pca_gene_vectors(list(zip(datas, maps)), V, k=C["pca_dim"], max_cells=C["pca_cells"],
                                seed=C["seed"])
         print0(f"WARNING: gene_emb=pca: {emb.shape[1]} right singular vectors of the centred log1p "
                f"training matrix ({time.time() - t0:.1f}s). They carry no protein prior, cover only the "
                f"{V} training genes, and are not comparable with ESM2-based SE embeddings.")
+    return genes, maps, emb, src
 
-    # dataset labels: one per folder, or the prepared context/batch codes (one vocabulary across folders)
-    if C["ds_col"] in ("context", "batch"):
-        ds_names = sorted({n for d in datas for n in getattr(d, f"{C['ds_col']}_names")})
-        lut = {n: i for i, n in enumerate(ds_names)}
-        luts = [np.array([lut[n] for n in getattr(d, f"{C['ds_col']}_names")]) for d in datas]
-        labels = [lambda r, d=d, t=t: t[np.asarray(getattr(d, C["ds_col"])[r])] for d, t in zip(datas, luts)]
-    elif C["ds_col"]:
-        die(f"embed.py fit: --ds_col must be '', context or batch (got {C['ds_col']!r})")
-    else:
-        ds_names = [os.path.basename(os.path.normpath(p)) for p in folders]
-        labels = [lambda r, f=f: np.full(len(r), f, np.int64) for f in range(len(datas))]
-    # cells: one global sequence (state.sampler.CellSampler) cut by rank (StepSampler), held-out val cells
-    workers = C["workers"] if C["workers"] >= 0 else (2 if device.type == "cuda" else 0)
-    try:
-        cells = CellSampler(datas, [m.to_vocab for m in maps], V, C["batch_size"], C["seed"], C["val_cells"])
-    except ValueError as err:
-        die(f"embed.py fit: {err} (x {world} processes)")
-    sampler = StepSampler(cells, rank, world, C["grad_accum"], workers=workers, pin=device.type == "cuda")
-    offs = np.cumsum([0] + [d.n_cells for d in datas])
-    print0(f"data: {len(datas)} prepared folders, {offs[-1]} cells ({int(cells.nv.sum())} held out), {V} genes "
-           f"in the vocabulary, {len(ds_names)} dataset labels | loader: {workers} worker process(es)")
 
-    # --- model
-    lr = C["lr"] if C["lr"] > 0 else (1e-3 if C["preset"] == "tiny" else 1e-5)
-    if resume:
-        cfg = SEConfig(**mc)
-        sd = ckpt.load_weights(os.path.join(ck, "model.safetensors"), "embed.py fit")
-        model = StateEmbedding(cfg, sd["emb"], genes)
-        model.load_state_dict(sd)
-    else:
-        cfg = SEConfig.from_name(C["preset"], n_datasets=len(ds_names), **mkw)
-        torch.manual_seed(C["seed"])  # the same initial weights on every rank (FSDP2 does not broadcast them)
-        model = StateEmbedding(cfg, emb, genes)
-        torch.manual_seed(C["seed"] + rank)  # per-rank dropout streams
-    model.to(device)
-    raw = model
-    print0(f"SE {C['preset']}: {model.num_params() / 1e6:.2f}M params, L={cfg.pad_length + cfg.ds_token}, "
-           f"E={cfg.E}, lr {lr:g}" + (f" | {C['parallel']} x {world}" if ddp else ""))
-    if fsdp:  # as train.py: compile blocks, fully_shard each block and the root, optimizer on the shards
-        if C["compile"]:
-            for blk in raw.blocks:
-                blk.compile()
-        model = shard(raw, raw.blocks)
-        opt = raw.configure_optimizer(lr, C["wd"])
-    else:
-        opt = model.configure_optimizer(lr, C["wd"])
-        if C["compile"]:
-            model = torch.compile(model)
-        if ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    masks = torch.from_numpy(np.stack([m.valid() for m in maps])).to(device)  # (F, V)
-    cls_of = torch.tensor([m.cls_gene() for m in maps], device=device)  # (F,)
+def dataset_labels(C, datas, folders):
+    """One label per folder, or the prepared context/batch codes (one vocabulary across folders). ->
+    (label names, per folder a function of its rows giving their label codes)."""
+    col = C["ds_col"]
+    if col in ("context", "batch"):
+        names = sorted({n for d in datas for n in getattr(d, f"{col}_names")})
+        lut = {n: i for i, n in enumerate(names)}
+        luts = [np.array([lut[n] for n in getattr(d, f"{col}_names")]) for d in datas]
+        return names, [lambda r, d=d, t=t: t[np.asarray(getattr(d, col)[r])] for d, t in zip(datas, luts)]
+    if col:
+        die(f"embed.py fit: --ds_col must be '', context or batch (got {col!r})")
+    return ([os.path.basename(os.path.normpath(p)) for p in folders],
+            [lambda r, f=f: np.full(len(r), f, np.int64) for f in range(len(datas))])
 
-    step0 = 0
-    if resume:
-        if st["step"] != meta_old["step"]:
-            die(f"{out}: meta.json is at step {meta_old['step']} but state.pt at step {st['step']}; "
-                             "cannot resume exactly")
-        if st.get("dcp") and os.path.isdir(os.path.join(ck, st["dcp"])):
-            load_sharded(raw, opt, os.path.join(ck, st["dcp"]))  # weights + optimizer, resharded to this world
-        elif "opt" in st and not fsdp:  # a checkpoint written before dcp/ (replicated optimizer state)
-            opt.load_state_dict(st["opt"])
-        else:
-            die(f"embed.py fit: --resume needs the sharded checkpoint {ck}/dcp/")
-        opt.param_groups[0]["weight_decay"] = C["wd"]  # the loaded state carries the old value: this run's wins
-        try:
-            sampler.load_state_dict(st["sampler"])  # one global cursor: any world size
-        except ValueError as err:
-            die(f"embed.py fit: --resume: {err}")
-        if len(st["rng"]) == world:
-            set_rng_state(st["rng"][rank], device)
-        else:  # another world size: the same cells in the same order, fresh per-rank dropout streams
-            torch.manual_seed(C["seed"] + rank + 7919 * st["step"])
-            print0(f"note: resuming a world-{len(st['rng'])} run at world {world}: data order continues")
-        step0 = st["step"]
-        print0(f"resumed from {out} at step {step0}")
 
-    val_batch = [(f, v, maps[f].to_vocab(datas[f].rows(v))) for f in range(len(datas))
-                 if len(v := cells.val_rows(f))]
+def evaluate(model, raw, val, batch_of, C, device, step):
+    """Validation loss on the held-out cells (eval mode, draws seeded by the cell ids)."""
+    model.eval()
+    tot, n = {}, 0
+    with torch.no_grad(), autocast(device, C["dtype"]):
+        for f, v, x in val:
+            for a in range(0, len(v), C["batch_size"]):
+                n = len(v[a:a + C["batch_size"]])
+                b = batch_of({"x": torch.from_numpy(x[a:a + n]), "folder": torch.full((n,), f),
+                              "row": torch.from_numpy(v[a:a + n])})
+                if len(b[0]) < 2:
+                    continue
+                loss, parts = raw(b[0], b[1], b[2], 12345, b[3], b[4])
+                w = len(b[0])
+                for k, t in [("loss", loss)] + list(parts.items()):
+                    tot[k] = tot.get(k, 0.0) + t.float().item() * w  # sync point (eval only)
+                n += w
+    model.train()
+    if n:
+        print0(f"val step {step} | " + " | ".join(f"{k} {v / n:.4f}" for k, v in tot.items()))
+        return tot["loss"] / n
 
-    def evaluate(step):
-        """Validation loss on the held-out cells (eval mode, draws seeded by the cell ids)."""
-        model.eval()
-        tot, n = {}, 0
-        with torch.no_grad(), autocast(device, C["dtype"]):
-            for f, v, x in val_batch:
-                for a in range(0, len(v), C["batch_size"]):
-                    n = len(v[a:a + C["batch_size"]])
-                    b = to_batch({"x": torch.from_numpy(x[a:a + n]), "folder": torch.full((n,), f),
-                                  "row": torch.from_numpy(v[a:a + n])}, labels, cls_of, masks, offs, device)
-                    if len(b[0]) < 2:
-                        continue
-                    loss, parts = raw(b[0], b[1], b[2], 12345, b[3], b[4])
-                    w = len(b[0])
-                    for k, t in [("loss", loss)] + list(parts.items()):
-                        tot[k] = tot.get(k, 0.0) + t.float().item() * w  # sync point (eval only)
-                    n += w
-        model.train()
-        if n:
-            print0(f"val step {step} | " + " | ".join(f"{k} {v / n:.4f}" for k, v in tot.items()))
-            return tot["loss"] / n
 
-    def save(step, val_loss=None):
-        """Collective, as train.py's: dcp/ from every rank, then rank 0 writes the consolidated weights,
-        meta.json and state.pt (the global cursor before this step's batches, every rank's RNG) and
-        commits the step with one atomic switch."""
-        stg, sd, rngs = stage_checkpoint(out, step, raw, opt, device)
-        if master:
-            meta = dict(step=step, preset=C["preset"], fit=C, data=[os.path.abspath(p) for p in folders],
-                        data_checksums=[d.checksum for d in datas], recipe=recipes[0], recipes=recipes,
-                        gene_emb=src, datasets=ds_names, ds_col=C["ds_col"], val_loss=val_loss, world=world,
-                        parallel=C["parallel"] if ddp else None, torch=torch.__version__)
-            try:  # a failed write (full disk) leaves the committed checkpoint as it was, no staging folder
-                h = save_model(raw, stg, meta, sd)
-                ckpt._done()
-                st = dict(step=step, sampler=samp_state, rng=rngs, dcp="dcp", world=world)
-                ckpt.write(os.path.join(stg, "state.pt"), lambda p: torch.save(st, p))
-                ckpt.commit(out, step)
-            except OSError:
-                ckpt.abandon(out, step)
-                raise
-            print0(f"saved {out} at step {step} (se_hash {h})")
-        if ddp:
-            import torch.distributed as dist
-            dist.barrier()
-
-    # --- loop
-    flops = raw.estimate_flops(C["batch_size"])  # per micro-batch (fwd + bwd)
-    T = C["max_steps"]
-    B = C["batch_size"]
+def loop(C, model, raw, opt, sampler, batch_of, val, meta, step0, world, rank, device):
+    """Optimizer steps step0 .. max_steps: validation every eval_every, a checkpoint every save_every (the
+    sampler's cursor before the step's batches: a resume draws them again), at --stop_at and at the end."""
+    out, T, B, k = C["out"], C["max_steps"], C["batch_size"], C["grad_accum"]
+    flops = raw.estimate_flops(B)  # per micro-batch (fwd + bwd)
     model.train()
     t0, n_acc, w0, b0 = time.time(), 0, sampler.wait, (sampler.built, sampler.n_built)
     for step in range(step0, T + 1):
@@ -372,28 +316,31 @@ def fit(argv):
         last = step == T
         stop = step == C["stop_at"] and step > step0
         if (step % C["eval_every"] == 0 and step > step0) or last:
-            vl = evaluate(step)
+            vl = evaluate(model, raw, val, batch_of, C, device, step)
         if last or stop or (step % C["save_every"] == 0 and step > step0):
-            save(step, vl if last else None)
+            m = {"step": step, **meta, "val_loss": vl if last else None}
+            ckpt.save(out, step, raw, opt, device, {"sampler": samp_state}, lambda sd: model_files(raw, m, sd))
+            if rank == 0:
+                print0(f"saved {out} at step {step} (se_hash {file_hash(os.path.join(out, 'model.safetensors'))})")
         if last or stop:
             break
         if step > step0 and (step % C["eval_every"] == 0 or step % C["save_every"] == 0):
             # keep eval/save time out of the throughput figures
             t0, n_acc, w0, b0 = time.time(), 0, sampler.wait, (sampler.built, sampler.n_built)
-        lrs = lr_at(step, T, lr, C["warmup"], C["min_lr_frac"])
+        lrs = lr_at(step, T, peak_lr(C), C["warmup"], C["min_lr_frac"])
         for g in opt.param_groups:
             g["lr"] = lrs
         for micro, b in enumerate(sampler.next()):  # this rank's grad_accum micro-batches
-            x, valid, rows, ds, cg = to_batch(b, labels, cls_of, masks, offs, device)
-            set_sync(model, micro == C["grad_accum"] - 1)  # gradient reduce after the last micro-step only
+            x, valid, rows, ds, cg = batch_of(b)
+            set_sync(model, micro == k - 1)  # gradient reduce after the last micro-step only
             with autocast(device, C["dtype"]):
                 # draws seeded by the global micro-batch index: the same at any world size x accumulation
-                loss, parts = model(x, valid, rows, (step * world + rank) * C["grad_accum"] + micro, ds, cg)
-            (loss / C["grad_accum"]).backward()
+                loss, parts = model(x, valid, rows, (step * world + rank) * k + micro, ds, cg)
+            (loss / k).backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), C["clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        n_acc += B * C["grad_accum"] * world
+        n_acc += B * k * world
         if step == step0:
             gc.collect()
             gc.freeze()
@@ -402,7 +349,7 @@ def fit(argv):
             if hasattr(gn, "full_tensor"):
                 gn = gn.full_tensor()  # DTensor norm (FSDP2): a collective, every rank is here
             t1 = time.time()
-            dt = (t1 - t0) / max(1, n_acc / (B * C["grad_accum"] * world))
+            dt = (t1 - t0) / max(1, n_acc / (B * k * world))
             cps = n_acc / max(1e-9, t1 - t0)
             u = mfu(flops * cps / B, 1.0, device, world)  # FLOP/s of all ranks over all ranks' peak
             mfu_s = f" | mfu {100 * u:.1f}%" if u is not None else ""
@@ -415,8 +362,6 @@ def fit(argv):
                    f"(loader {cap:,.0f} cells/s) | cells/s {cps:,.0f}{mfu_s} | "
                    f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
             t0, n_acc, w0, b0 = time.time(), 0, sampler.wait, (sampler.built, sampler.n_built)
-    sampler.close()
-    compute_cleanup()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ metrics). Gene-space outputs are clipped to [0, 14] (log1p). CPU or one GPU (--d
 within ~1e-2 of float32, the default and the parity-tested path).
 """
 
-import json
 import os
 import sys
 import time
@@ -36,9 +35,9 @@ from tqdm import tqdm
 from state import ckpt
 from state.config import configure
 from state.sampler import draw_controls
-from state.errors import UserError, die, need_space, output_file, run, stale_tmp
+from state.errors import die, need_space, output_file, run, stale_tmp
 from state.eval import group_spread
-from state.h5ad import H5AD, Cat, Stream, write_h5ad
+from state.h5ad import H5AD, Cat, Stream, write_cells
 from state.perts import check_combo_labels, multi_hot, parts_of
 from state.st import STConfig, StateTransition
 
@@ -50,11 +49,9 @@ def load_run(run, device="cpu", alpha=None):
     """-> (model in eval mode, meta dict). The model is rebuilt from meta.json's config, with the guarded
     correction's strength per context the run recorded (train.py --guard), or `alpha` in every context
     (an ablation: 1 = the correction as trained, 0 = the anchor alone)."""
-    meta = ckpt.read_run(run, f"--run={run}")
-    cfg = STConfig.from_dict(meta["st"])
-    sd = ckpt.load_weights(os.path.join(run, "model.safetensors"), "predict.py")
-    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
-    model = StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table"))
+    meta, sd = ckpt.load_run(run, f"--run={run}")
+    model = StateTransition(STConfig.from_dict(meta["st"]), pert_table=sd.get("pert_table"),
+                            anchor_table=sd.get("anchor_table"))
     model.load_state_dict(sd)
     if model.corr_scale is not None and alpha is not None:
         model.corr_scale.fill_(alpha)
@@ -217,62 +214,19 @@ def cmd_test(argv):
         die(f"predict.py test: --out={cfg['out']} is a file; give a folder")
     for f in ("pred.h5ad", "real.h5ad"):
         output_file(os.path.join(cfg["out"], f), [cfg["split"]], "predict.py test")
-    from state.data import Prepared
-    from state.splits import Split
     models, meta = load_runs(cfg["run"], cfg["device"], alpha)
     model = models[0]
-    D, sp = Prepared(cfg["data"]), Split.load(cfg["split"])
-    try:  # the split must index this prepared data (checksum, rows, groups)
-        sp.validate(D)
-    except ValueError as e:
-        die(f"predict.py: split {cfg['split']} does not fit the data {cfg['data']}: {e}")
-    if meta.get("split_hash") and not cfg["allow_other_split"]:
-        import hashlib
-        h = hashlib.sha256(open(cfg["split"], "rb").read()).hexdigest()[:16]
-        if h != meta["split_hash"]:
-            die(f"predict.py: {cfg['split']} is not the split the run was trained on ({meta.get('split')}); "
-                     "its test groups may be training groups of the run. --allow_other_split=True to go on")
-    if list(D.genes) != list(meta["genes"]):
-        die("predict.py: the prepared data's genes differ from the run's (order included)")
-    if D.checksum != meta["data_checksum"] and not cfg["allow_other_data"]:
-        die(f"predict.py: {cfg['data']}: its checksum {D.checksum} is not the run's {meta['data_checksum']}: "
-            "the folder was re-prepared (other cells, groups or recipe) since the run trained; predict on "
-            "the data the run was trained on, or --allow_other_data=True to go on")
-    if list(D.pert_names) != list(meta["pert_names"]):
-        die("predict.py: the data's perturbation vocabulary differs from the run's")
+    D, sp = test_data(cfg, meta, model)
     # a run with a gene decoder (ST on an embedding): predictions and real cells in GENE space (the
     # decoder's genes, the stored gene matrix G.bin of the same cells); embeddings kept in obsm
     dec = model.decoder is not None
-    if dec and (D.G is None or list(D.gene_names_out) != list(meta.get("genes_out") or [])):
-        die("predict.py: the run has a gene decoder but the prepared data has no gene targets with "
-                 "the run's output genes (prepare with the run's --genes-key)")
     out_genes = list(meta["genes_out"]) if dec else list(D.genes)
     gene_rows = D.rows_genes if dec else D.rows
-    S, ctl = model.cfg.set_size, D.control_code
-    from state.baselines import control_draws
-    test = np.asarray(sp.test, dtype=np.int64)
-    assert not (D.pert[test] == ctl).any(), "a split's test part holds perturbed groups only"
-    tctrl = np.asarray(sp.test_ctrl, dtype=np.int64)
-    try:  # the baselines' draws: the same control cells start every method's predictions
-        draws = control_draws(D, sp, cfg["seed"])
-    except ValueError as e:
-        die(f"predict.py test: {e}")
-    # groups in the split's order: (context code, pert code) -> real rows
-    keys = sorted({(int(c), int(p)) for c, p in zip(D.context[test], D.pert[test])})
-    ctrl_rows_all = np.unique(tctrl)
-    pos = {int(r): i for i, r in enumerate(ctrl_rows_all)}
+    S = model.cfg.set_size
+    plan, ctrl_rows_all = test_plan(D, sp, S, cfg["seed"])
     ctrlX = D.rows(ctrl_rows_all)  # (Nc, G)
-    plan = []  # per test group: (context, pert, real rows, windows, drawn controls)
-    for c, p in keys:
-        m = (D.context[test] == c) & (D.pert[test] == p)
-        rows, drawn, a, wins = test[m], draws[m], 0, []
-        for n in make_windows(len(rows), S):
-            draw, a = drawn[a:a + n], a + n
-            wins.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw], c))
-        plan.append((c, p, rows, wins, drawn))
     clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
-    pc, cc = D.pert_col, D.context_col or "context"
-    ctrl_rows = np.sort(tctrl)
+    ctrl_rows = np.sort(np.asarray(sp.test_ctrl, dtype=np.int64))
     Xc, cctx = gene_rows(ctrl_rows), D.context[ctrl_rows]  # the held-out controls (in both files)
     n_pred = sum(len(g[2]) for g in plan)
     # obs columns as categorical codes (no string per cell): predicted cells then the real controls
@@ -281,7 +235,7 @@ def cmd_test(argv):
     ucn, cinv = np.unique(D.names(ctrl_rows_all), return_inverse=True)  # control barcodes as categories
     at = {int(r): i for i, r in enumerate(ctrl_rows_all)}
     cb = np.array([cinv[at[int(r)]] for g in plan for r in g[4]] + [cinv[at[int(r)]] for r in ctrl_rows], np.int64)
-    obs = {pc: Cat(gp, D.pert_names), cc: Cat(gc, D.context_names)}
+    obs = {D.pert_col: Cat(gp, D.pert_names), (D.context_col or "context"): Cat(gc, D.context_names)}
     isp = np.concatenate([np.ones(n_pred, bool), np.zeros(len(ctrl_rows), bool)])
     spread_rows, timing = [], [0.0, 0]
 
@@ -314,24 +268,24 @@ def cmd_test(argv):
             yield {"X": gene_rows(rows), "obs_names": D.names(rows), **({"obsm/X_state": D.rows(rows)} if dec else {})}
         yield {"X": Xc, "obs_names": D.names(ctrl_rows), **({"obsm/X_state": D.rows(ctrl_rows)} if dec else {})}
 
-    uns = {"nanostate": {"pert_col": pc, "control": D.control, "context_col": cc,
-                         "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
-                         "seed": cfg["seed"], "ensemble": cfg["ensemble"] if "," in cfg["run"] else None, "dtype": cfg["dtype"], "clip": "0,14" if clip else "none",
-                         "space": "gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding"),
-                         "key": meta.get("key", "X"), "genes_key": meta.get("genes_key") if dec else None}}
+    labels = (D.pert_col, D.control, D.context_col or "context")
+    space = "gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding")
+    info = {"seed": cfg["seed"], "ensemble": cfg["ensemble"] if "," in cfg["run"] else None, "dtype": cfg["dtype"],
+            "clip": "0,14" if clip else "none", "space": space, "key": meta.get("key", "X"),
+            "genes_key": meta.get("genes_key") if dec else None}
     N, G = n_pred + len(ctrl_rows), len(out_genes)
     need_space(os.path.join(cfg["out"], "pred.h5ad"), 2 * (4 * N * (G + (D.n_genes if dec else 0)) + 64 * N),
                "predict.py test")
     os.makedirs(cfg["out"], exist_ok=True)
-    write_h5ad(os.path.join(cfg["out"], "pred.h5ad"),
-               Stream(N, {"X": G, **({"obsm/X_state_pred": D.n_genes} if dec else {})}, pred_blocks(), "predict"),
-               None, out_genes, uns=uns, obs={**obs, "is_predicted": isp, "ctrl_cell_barcode": Cat(cb, ucn)})
-    write_h5ad(os.path.join(cfg["out"], "real.h5ad"),
-               Stream(N, {"X": G, **({"obsm/X_state": D.n_genes} if dec else {})}, real_blocks()),
-               None, out_genes, obs={**obs, "is_predicted": np.zeros(N, bool)},
-               uns={"nanostate": {**uns["nanostate"], "source": "real", "clip": "none",
-                                  "space": "gene" if dec else uns["nanostate"]["space"]}})
-    print(f"predicted {n_pred:,} cells in {len(keys)} test groups ({timing[1]} sets, S {S}) in "
+    write_cells(os.path.join(cfg["out"], "pred.h5ad"),
+                Stream(N, {"X": G, **({"obsm/X_state_pred": D.n_genes} if dec else {})}, pred_blocks(), "predict"),
+                out_genes, {**obs, "is_predicted": isp, "ctrl_cell_barcode": Cat(cb, ucn)}, labels,
+                sources(cfg["run"]), **info)
+    write_cells(os.path.join(cfg["out"], "real.h5ad"),
+                Stream(N, {"X": G, **({"obsm/X_state": D.n_genes} if dec else {})}, real_blocks()),
+                out_genes, {**obs, "is_predicted": np.zeros(N, bool)}, labels, "real",
+                **{**info, "clip": "none", "space": "gene" if dec else space})
+    print(f"predicted {n_pred:,} cells in {len(plan)} test groups ({timing[1]} sets, S {S}) in "
           f"{timing[0]:.1f}s -> {cfg['out']}/pred.h5ad, real.h5ad ({len(ctrl_rows):,} real controls in both; "
           "written group by group)"
           + (f"; gene space: {len(out_genes)} decoded genes ('{meta.get('genes_key')}'), embedding "
@@ -342,6 +296,64 @@ def cmd_test(argv):
         with open(os.path.join(cfg["out"], "spread.txt"), "w") as f:
             f.write(text + "\n")
     return cfg["out"]
+
+
+def sources(runs):
+    """uns['nanostate']['source'] of a prediction: the run folders, absolute, comma-separated."""
+    return ",".join(os.path.abspath(r) for r in runs.split(","))
+
+
+def test_data(cfg, meta, model):
+    """The prepared data and split of `predict.py test`, checked against the run: -> (Prepared, Split)."""
+    from state.data import Prepared
+    from state.splits import Split
+    D, sp = Prepared(cfg["data"]), Split.load(cfg["split"])
+    try:  # the split must index this prepared data (checksum, rows, groups)
+        sp.validate(D)
+    except ValueError as e:
+        die(f"predict.py: split {cfg['split']} does not fit the data {cfg['data']}: {e}")
+    if meta.get("split_hash") and not cfg["allow_other_split"]:
+        import hashlib
+        h = hashlib.sha256(open(cfg["split"], "rb").read()).hexdigest()[:16]
+        if h != meta["split_hash"]:
+            die(f"predict.py: {cfg['split']} is not the split the run was trained on ({meta.get('split')}); "
+                     "its test groups may be training groups of the run. --allow_other_split=True to go on")
+    if list(D.genes) != list(meta["genes"]):
+        die("predict.py: the prepared data's genes differ from the run's (order included)")
+    if D.checksum != meta["data_checksum"] and not cfg["allow_other_data"]:
+        die(f"predict.py: {cfg['data']}: its checksum {D.checksum} is not the run's {meta['data_checksum']}: "
+            "the folder was re-prepared (other cells, groups or recipe) since the run trained; predict on "
+            "the data the run was trained on, or --allow_other_data=True to go on")
+    if list(D.pert_names) != list(meta["pert_names"]):
+        die("predict.py: the data's perturbation vocabulary differs from the run's")
+    if model.decoder is not None and (D.G is None or list(D.gene_names_out) != list(meta.get("genes_out") or [])):
+        die("predict.py: the run has a gene decoder but the prepared data has no gene targets with "
+                 "the run's output genes (prepare with the run's --genes-key)")
+    return D, sp
+
+
+def test_plan(D, sp, S, seed):
+    """Per test group, in sorted (context, perturbation) order: (context, perturbation, real rows, windows of
+    at most S of the baselines' control draws, the drawn controls), and the control rows the windows index."""
+    from state.baselines import control_draws
+    test = np.asarray(sp.test, dtype=np.int64)
+    assert not (D.pert[test] == D.control_code).any(), "a split's test part holds perturbed groups only"
+    try:  # the baselines' draws: the same control cells start every method's predictions
+        draws = control_draws(D, sp, seed)
+    except ValueError as e:
+        die(f"predict.py test: {e}")
+    keys = sorted({(int(c), int(p)) for c, p in zip(D.context[test], D.pert[test])})
+    ctrl_rows = np.unique(np.asarray(sp.test_ctrl, dtype=np.int64))
+    pos = {int(r): i for i, r in enumerate(ctrl_rows)}
+    plan = []
+    for c, p in keys:
+        m = (D.context[test] == c) & (D.pert[test] == p)
+        rows, drawn, a, wins = test[m], draws[m], 0, []
+        for n in make_windows(len(rows), S):
+            draw, a = drawn[a:a + n], a + n
+            wins.append((np.array([pos[int(r)] for r in draw]), p, D.batch[draw], c))
+        plan.append((c, p, rows, wins, drawn))
+    return plan, ctrl_rows
 
 # -----------------------------------------------------------------------------
 # simulate: a virtual screen from control cells
@@ -456,30 +468,10 @@ def extend_combos(models, meta, vocab, labels):
     print(f"new combinations from their singles: {labels[:10]}{' ...' if len(labels) > 10 else ''}")
 
 
-def cmd_simulate(argv):
-    cfg = {"run": "", "adata": "", "perts": "", "out": "", "n_cells": 0, "seed": 0, "device": "cpu",
-           "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
-           "allow_missing_genes": 0.0, "max_cells": 8192, "all_controls": False, "ensemble": "mixture",
-           "dtype": "float32"}
-    configure(argv, cfg)
-    check_options(cfg, "predict.py simulate")
-    if not cfg["adata"] or not cfg["run"]:
-        die("predict.py simulate: --run=RUN_DIR and --adata=CONTROLS.h5ad are required")
-    out = cfg["out"] or os.path.join(cfg["run"].split(",")[0], "predictions",
-                                     os.path.basename(cfg["adata"]).rsplit(".", 1)[0] + "_pred.h5ad")
-    runs_files = [os.path.join(r, f) for r in cfg["run"].split(",") if r for f in ("meta.json", "model.safetensors")]
-    out = output_file(out, [cfg["adata"], cfg["perts"], *runs_files], "predict.py simulate")
-    stale_tmp(out)  # temp files of killed screens at this path
-    models, meta = load_runs(cfg["run"], cfg["device"])
-    model = models[0]
-    dec = model.decoder is not None
-    # the input matrix: --key, else the run's key when it is an embedding (obsm/X_state), else X; with a
-    # gene decoder the real controls are written in gene space from --genes_key (default: the run's)
-    cfg["key"] = cfg["key"] or (meta.get("key") if str(meta.get("key", "")).startswith("obsm/") else "X")
-    cfg["genes_key"] = cfg["genes_key"] or (meta.get("genes_key") or "X")
-    S, genes = model.cfg.set_size, list(meta["genes"])
+def screen_perts(perts, models, meta):
+    """--perts (A,B or a file of one label a line) -> (the labels, the run's vocabulary {label: code}); a
+    run trained on combinations gives new combinations of its singles codes (extend_combos)."""
     vocab = {n: i for i, n in enumerate(meta["pert_names"])}
-    perts = cfg["perts"]
     if os.path.exists(perts):
         perts = [l.strip().split("\t")[0] for l in open(perts) if l.strip()]
     else:
@@ -493,6 +485,15 @@ def cmd_simulate(argv):
     if bad:
         die(f"predict.py simulate: {len(bad)} perturbations are not in the run's vocabulary "
                  f"({len(vocab)} names): {bad[:20]}")
+    return perts, vocab
+
+
+def read_controls(cfg, meta, model):
+    """The control cells of --adata on the run's input scale (apply_recipe) and in its gene order (missing
+    genes zero-filled up to --allow_missing_genes): -> (X (N, the run's genes), the real controls in the
+    output space (the decoder's genes from --genes_key, else X), the output genes, each cell's context,
+    batch code and name)."""
+    genes, dec = list(meta["genes"]), model.decoder is not None
     with H5AD(cfg["adata"]) as f:
         names = list(f.var_names())
         cols = f.columns()
@@ -550,6 +551,33 @@ def cmd_simulate(argv):
         if float(Xout.max(initial=0)) > 30 and np.allclose(Xout[:1000], np.round(Xout[:1000])):
             die(f"predict.py simulate: '{cfg['genes_key']}' looks like raw counts; the real controls must "
                      "be log1p values on the decoder's scale (--genes_key=...)")
+    return X, Xout, out_genes, ctx, bt, obs_names
+
+
+def cmd_simulate(argv):
+    cfg = {"run": "", "adata": "", "perts": "", "out": "", "n_cells": 0, "seed": 0, "device": "cpu",
+           "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
+           "allow_missing_genes": 0.0, "max_cells": 8192, "all_controls": False, "ensemble": "mixture",
+           "dtype": "float32"}
+    configure(argv, cfg)
+    check_options(cfg, "predict.py simulate")
+    if not cfg["adata"] or not cfg["run"]:
+        die("predict.py simulate: --run=RUN_DIR and --adata=CONTROLS.h5ad are required")
+    out = cfg["out"] or os.path.join(cfg["run"].split(",")[0], "predictions",
+                                     os.path.basename(cfg["adata"]).rsplit(".", 1)[0] + "_pred.h5ad")
+    runs_files = [os.path.join(r, f) for r in cfg["run"].split(",") if r for f in ("meta.json", "model.safetensors")]
+    out = output_file(out, [cfg["adata"], cfg["perts"], *runs_files], "predict.py simulate")
+    stale_tmp(out)  # temp files of killed screens at this path
+    models, meta = load_runs(cfg["run"], cfg["device"])
+    model = models[0]
+    dec = model.decoder is not None
+    # the input matrix: --key, else the run's key when it is an embedding (obsm/X_state), else X; with a
+    # gene decoder the real controls are written in gene space from --genes_key (default: the run's)
+    cfg["key"] = cfg["key"] or (meta.get("key") if str(meta.get("key", "")).startswith("obsm/") else "X")
+    cfg["genes_key"] = cfg["genes_key"] or (meta.get("genes_key") or "X")
+    S = model.cfg.set_size
+    perts, vocab = screen_perts(cfg["perts"], models, meta)
+    X, Xout, out_genes, ctx, bt, obs_names = read_controls(cfg, meta, model)
     rng = np.random.default_rng(cfg["seed"])
     windows, info = [], []
     cvocab = {n: i for i, n in enumerate(meta.get("context_names", []))}
@@ -597,14 +625,12 @@ def cmd_simulate(argv):
     cols = {"X": len(out_genes), "obs_names": 0, **({"obsm/X_state_pred": X.shape[1]} if dec else {})}
     need_space(out, 4 * (n_pred + len(X)) * sum(cols.values()) + 64 * (n_pred + len(X)), "predict.py simulate")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    write_h5ad(out, Stream(n_pred + len(X), cols, blocks(), progress="simulate"), None, out_genes, obs=obs,
-               uns={"nanostate": {"pert_col": pc, "control": meta["control"], "context_col": cc,
-                                  "source": ",".join(os.path.abspath(r) for r in cfg["run"].split(",")),
-                                  "seed": cfg["seed"], "ensemble": cfg["ensemble"] if "," in cfg["run"] else None, "dtype": cfg["dtype"], "controls": os.path.abspath(cfg["adata"]),
-                                  "clip": "0,14" if clip else "none",
-                                  "space": "gene (decoded)" if dec else
-                                  ("gene" if model.cfg.gene_space else "embedding"), "key": cfg["key"],
-                                  "genes_key": cfg["genes_key"] if dec else None}})
+    write_cells(out, Stream(n_pred + len(X), cols, blocks(), progress="simulate"), out_genes, obs,
+                (pc, meta["control"], cc), sources(cfg["run"]), seed=cfg["seed"],
+                ensemble=cfg["ensemble"] if "," in cfg["run"] else None, dtype=cfg["dtype"],
+                controls=os.path.abspath(cfg["adata"]), clip="0,14" if clip else "none",
+                space="gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding"),
+                key=cfg["key"], genes_key=cfg["genes_key"] if dec else None)
     print(f"simulated {n_pred:,} cells ({len(perts)} perturbations x {len(set(ctx))} contexts) + "
           f"{len(X):,} real controls -> {out}")
     return out

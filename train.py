@@ -51,8 +51,8 @@ from state.config import configure
 from state.errors import die
 from state.errors import guard as cli_guard
 from state.data import Prepared
-from state.dist import (all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16, mfu, load_sharded,
-                        print0, quiet_exit, set_rng_state, set_sync, shard, stage_checkpoint)
+from state.dist import (all_reduce_sum, compute_cleanup, compute_init, cpu_has_bf16, mfu, print0, quiet_exit,
+                        set_sync, wrap)
 from state.sampler import SetSampler, StepSampler
 from state.splits import Split
 from state.perts import combo_table, load_pert_features, parts_of, pca_pert_features
@@ -168,26 +168,8 @@ def file_sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
 
 
-if os.path.exists(out) and not os.path.isdir(out):
-    die(f"train.py: --out={out} is a file; give a folder for the run")
-if not ckpt.empty(out) and not resume:
-    die(f"train.py: run directory {out} exists and is not empty; pass --resume to continue it "
-        "or choose another --out")
-if resume and not os.path.isdir(out):
-    die(f"train.py: --resume but {out} does not exist; check --out (or drop --resume to start a run)")
-if master:  # one writer per run folder (a second is refused naming this pid); created here
-    ckpt.lock(out)
-    if resume and ckpt.repair(out):
-        print0(f"note: {out} was copied with its links dereferenced: its checkpoint links were put back")
-if ddp:
-    dist.barrier()
-if resume and ckpt.latest(out) is None:
-    if not (os.path.isdir(out) and ckpt.leftovers_only(out)):
-        die(f"train.py: --resume but {out} holds no committed checkpoint")
-    print0(f"note: --resume: {out} holds no committed checkpoint (killed before its first one): starting at step 0")
-    if master:
-        ckpt.clear(out)
-    resume = False
+ck = ckpt.open_run(out, resume, "train.py", master, ddp)  # the checkpoint to resume, or None: from step 0
+resume = ck is not None
 
 # -----------------------------------------------------------------------------
 # data
@@ -326,22 +308,10 @@ if init_from and not resume:  # transfer (state.ckpt.init_from): before sharding
     except (ValueError, FileNotFoundError) as e:
         die(f"train.py: {e}")
 n_params, n_mm = raw.num_params(), raw.num_params(matmul_only=True)
-if ddp and parallel == "fsdp":
-    # FSDP2 (SPEC 13): compile blocks first (torchtitan order), then fully_shard each block and the
-    # root; params become DTensors sharded on dim 0 (bf16 compute copies + fp32 reduce on GPU, fp32
-    # on CPU). The optimizer is built on the sharded params: its state is sharded too.
-    if compile:
-        for blk in raw.blocks:
-            blk.compile()
-    model = shard(raw, raw.blocks)
-    opt = raw.configure_optimizer(lr=lr, weight_decay=weight_decay, device_type=dev.type)
-else:
-    opt = model.configure_optimizer(lr=lr, weight_decay=weight_decay, device_type=dev.type)
-    if compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if dev.type == "cuda" else None)
+# FSDP2 (SPEC 13; params become DTensors sharded on dim 0: bf16 compute copies + fp32 reduce on GPU, fp32
+# on CPU; the optimizer state is sharded too) or DDP under torchrun (state/dist.py wrap)
+model, opt = wrap(raw, ddp, parallel, compile, local_rank,
+                  lambda m: m.configure_optimizer(lr=lr, weight_decay=weight_decay, device_type=dev.type))
 if ddp:
     torch.manual_seed(seed + rank)  # per-rank dropout streams
 # weight EMA (fp32, on the device): what predict.py gets; the raw weights keep training
@@ -378,94 +348,61 @@ def git_sha():
 
 
 def save_checkpoint(step, val_loss):
-    """Collective: every rank calls it. One commit (state/ckpt.py): into a staging folder go `dcp/`
-    (torch.distributed.checkpoint: model + optimizer sharded per rank, reloadable at any world size),
-    then from rank 0 `state.pt` (step, global sampler cursor, every rank's RNG; the optimizer too in
-    single-process runs), `ema.safetensors`, the consolidated fp32 `model.safetensors` (the weights
-    predict.py uses) and `meta.json`; then the folder is committed with one atomic switch."""
+    """Collective: every rank calls it. One commit (state/ckpt.py save): `dcp/` (model + optimizer,
+    sharded) and `state.pt` (step, the global sampler cursor, every rank's RNG), then `ema.safetensors`,
+    the consolidated fp32 `model.safetensors` (the weights predict.py uses: the EMA or selected ones) and
+    `meta.json`."""
     from safetensors.torch import save_file
-    d, sd, rngs = stage_checkpoint(out, step, raw, opt, dev)  # collective: dcp/, weights on rank 0, RNGs
-    emasd = None
-    if ema_p is not None and sd:  # the weights predict.py loads are the EMA ones (or the selected ones)
-        emasd = {**sd, **{n: e.detach().cpu().contiguous() for n, e in zip(ema_names, ema_p)}}
-        sd = emasd
-    if best["w"] is not None and sd:
-        sd = {**sd, **dict(zip(ema_names, best["w"]))}
-    if not master:
-        dist.barrier()
-        return
-    state = {"step": step, "sampler": samp_state, "rng": rngs[0], "rng_ranks": rngs, "dcp": "dcp",
-             "world": world, "grad_accum": grad_accum}
-    if not ddp:
-        state["optimizer"] = opt.state_dict()
-    meta = {"step": step, "val_loss": val_loss, "st": cfg.to_dict(), "train": train_cfg, "ema": bool(ema),
-            "select": select, "best_step": best["step"], "best_support_loss": best["loss"],
-            "support_curve": curve, "ema_bias_corrected": True, "guard": guard_note,
-            "corr_scale": raw.corr_scale.tolist() if raw.corr_scale is not None else None,
-            "genes": list(D.genes), "key": key, "recipe": recipe, "gene_space": cfg.gene_space,
-            "genes_out": list(D.gene_names_out) if cfg.n_genes else None,  # decoder output genes
-            "genes_key": D.genes_key if cfg.n_genes else None,
-            "pert_names": list(D.pert_names), "context_names": list(D.context_names),
-            "batch_names": list(D.batch_names), "pert_col": D.pert_col, "context_col": D.context_col,
-            "batch_col": D.batch_col, "control": D.control, "data": os.path.abspath(data),
-            "data_checksum": D.checksum, "split": os.path.abspath(split), "split_hash": split_hash,
-            "init_from": init_note,
-            "pert_features": pert_features or None, "combos": combos or None, "combo_reduce": combo_reduce,
-            "combo_parts": combo_parts,
-            "pert_features_hash": file_sha(pert_features) if pert_features and pert_features != "pca" else None,
-            "pert_features_from": feat_from,
-            "world": world, "grad_accum": grad_accum, "parallel": parallel if ddp else None,
-            "global_batch": B * world * grad_accum, "git": git_sha(), "torch": torch.__version__}
-    try:  # a failed write (full disk) leaves the committed checkpoint as it was and no staging folder
-        ckpt.write(os.path.join(d, "state.pt"), lambda p: torch.save(state, p))
-        if emasd is not None:
-            ckpt.write(os.path.join(d, "ema.safetensors"), lambda p: save_file(emasd, p, {"step": str(step)}))
-        ckpt.write(os.path.join(d, "model.safetensors"), lambda p: save_file(sd, p, {"step": str(step)}))
-        ckpt.write(os.path.join(d, "meta.json"), lambda p: ckpt.write_text(p, json.dumps(meta, indent=1)))
-        ckpt.commit(out, step)
-    except OSError:
-        ckpt.abandon(out, step)
-        raise
-    if ddp:
-        dist.barrier()
+
+    def files(sd):  # rank 0, with the consolidated weights
+        meta = {"step": step, "val_loss": val_loss, "st": cfg.to_dict(), "train": train_cfg, "ema": bool(ema),
+                "select": select, "best_step": best["step"], "best_support_loss": best["loss"],
+                "support_curve": curve, "ema_bias_corrected": True, "guard": guard_note,
+                "corr_scale": raw.corr_scale.tolist() if raw.corr_scale is not None else None,
+                "genes": list(D.genes), "key": key, "recipe": recipe, "gene_space": cfg.gene_space,
+                "genes_out": list(D.gene_names_out) if cfg.n_genes else None,  # decoder output genes
+                "genes_key": D.genes_key if cfg.n_genes else None,
+                "pert_names": list(D.pert_names), "context_names": list(D.context_names),
+                "batch_names": list(D.batch_names), "pert_col": D.pert_col, "context_col": D.context_col,
+                "batch_col": D.batch_col, "control": D.control, "data": os.path.abspath(data),
+                "data_checksum": D.checksum, "split": os.path.abspath(split), "split_hash": split_hash,
+                "init_from": init_note, "pert_features": pert_features or None, "combos": combos or None, "combo_reduce": combo_reduce,
+                "combo_parts": combo_parts,
+                "pert_features_hash": file_sha(pert_features) if pert_features and pert_features != "pca" else None,
+                "pert_features_from": feat_from,
+                "world": world, "grad_accum": grad_accum, "parallel": parallel if ddp else None,
+                "global_batch": B * world * grad_accum, "git": git_sha(), "torch": torch.__version__}
+        f = {}
+        if ema_p is not None:  # the weights predict.py loads are the EMA ones (or the selected ones)
+            sd = {**sd, **{n: e.detach().cpu().contiguous() for n, e in zip(ema_names, ema_p)}}
+            f["ema.safetensors"] = lambda p, w=sd: save_file(w, p, {"step": str(step)})
+        if best["w"] is not None:
+            sd = {**sd, **dict(zip(ema_names, best["w"]))}
+        f["model.safetensors"] = lambda p: save_file(sd, p, {"step": str(step)})
+        f["meta.json"] = lambda p: ckpt.write_text(p, json.dumps(meta, indent=1))
+        return f
+    ckpt.save(out, step, raw, opt, dev, {"sampler": samp_state, "grad_accum": grad_accum}, files)
 
 
 start = 0
 if resume:
-    ck = ckpt.latest(out)  # the last committed checkpoint: all its files are of one step
     meta, state = ckpt.read(ck, "train.py", "st", "an ST run of train.py")
     if meta["data_checksum"] != D.checksum or meta["split_hash"] != split_hash:
         die("train.py: --resume with a different dataset or split than the run was trained on")
     # fields added since the run was written take their defaults (what the run computed without them)
     if STConfig.from_dict(meta["st"]).to_dict() != cfg.to_dict():
         die("train.py: --resume with a different model config than the run's meta.json")
-    # settings that fix the data order or the model are refused; the others are applied and said
-    old = meta.get("train", {})
-    fixed = ("batch_size", "seed", "mapping", "control_sets", "batch_encoder", "pert_features", "decoder", "combos",
-             "combo_reduce")
-    bad = [k for k in fixed if k in old and old[k] != train_cfg[k]]
-    if meta.get("global_batch", B * world * grad_accum) != B * world * grad_accum:  # world x accum may trade
-        bad.append("global_batch")
-        train_cfg["global_batch"], old["global_batch"] = B * world * grad_accum, meta["global_batch"]
-    if bad:
-        die(f"train.py: --resume cannot change {', '.join(f'{k} ({old[k]!r} -> {train_cfg[k]!r})' for k in bad)}: "
-                 "they fix the data order or the model; start a new run instead")
-    changed = [k for k in train_cfg if k in old and old[k] != train_cfg[k] and k not in ("resume", "out")]
-    if changed:
-        print0("note: resumed with changed settings (applied from this step on): " +
-               ", ".join(f"{k} {old[k]!r} -> {train_cfg[k]!r}" for k in changed))
+    # settings that fix the data order or the model are refused (world x accum may trade at one global
+    # batch); the others are applied and said
+    gb = B * world * grad_accum
+    ckpt.check_resume(meta.get("train", {}), train_cfg, ("batch_size", "seed", "mapping", "control_sets",
+                      "batch_encoder", "pert_features", "decoder", "combos", "combo_reduce"), "train.py",
+                      also=[f"global_batch ({meta['global_batch']!r} -> {gb!r})"] if meta.get("global_batch", gb) != gb
+                      else [], ignore=("resume", "out"))
     if bool(meta.get("ema")) != bool(ema) or meta.get("select", "last") != select:
         die(f"train.py: --resume with --ema={ema} --select={select} but the run was trained with "
                  f"ema={meta.get('ema')} select={meta.get('select', 'last')}")
-    if state.get("dcp") and os.path.isdir(os.path.join(ck, state["dcp"])):
-        load_sharded(raw, opt, os.path.join(ck, state["dcp"]))  # any world size: DCP reshards
-    elif ddp or ema:
-        die(f"train.py: --resume{' with --ema' if ema else ''} needs a sharded checkpoint ({ck}/dcp/)")
-    else:
-        raw.load_state_dict(ckpt.load_weights(os.path.join(ck, "model.safetensors"), "train.py"))
-        opt.load_state_dict(state["optimizer"])
-    for g in opt.param_groups:  # the optimizer state carries the old values: this run's settings win
-        g["weight_decay"] = weight_decay
+    ckpt.restore(ck, raw, opt, weight_decay, "train.py")  # any world size: DCP reshards
     if ema_p is not None:
         esd = ckpt.load_weights(os.path.join(ck, "ema.safetensors"), "train.py")
         for n, e in zip(ema_names, ema_p):
@@ -475,13 +412,7 @@ if resume:
         best.update(loss=meta["best_support_loss"], step=meta["best_step"], w=[msd[n] for n in ema_names])
         curve.extend(tuple(x) for x in meta.get("support_curve") or [])
     sampler.load_state_dict(state["sampler"])
-    rngs = state.get("rng_ranks") or [state["rng"]]
-    r = rngs[rank] if len(rngs) == world else rngs[0]
-    set_rng_state(r, dev)
-    if len(rngs) != world:  # another world size: same data order, fresh per-rank dropout streams
-        torch.manual_seed(seed + rank + 7919 * state["step"])
-        print0(f"note: resuming a world-{len(rngs)} run at world {world}: data order continues, "
-               "dropout RNG reseeded per rank")
+    ckpt.restore_rng(state, rank, world, seed, dev)
     start = state["step"]
     if start > max_steps:
         die(f"train.py: --max_steps={max_steps} is below the checkpoint's step {start} in {out}; give "

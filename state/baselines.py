@@ -42,7 +42,7 @@ from state.config import dashes
 from state.data import Prepared, Rows
 from state.errors import Parser, UserError, output_folder, staged_folder
 from state.eval import BEST, evaluate, score
-from state.h5ad import H5AD, write_h5ad
+from state.h5ad import H5AD, write_cells
 from state.perts import gene_pca, parts_of
 from state.sampler import draw_controls
 from state.splits import Split
@@ -506,10 +506,10 @@ ANCHORS = ("none",) + tuple(b.anchor for b in BASELINES.values() if b.anchor)
 
 
 def write_pred(path, pair, data, source):
+    """A method's (X, obs) pair, or real_pair's, as a pred/real file (state.h5ad.write_cells)."""
     X, obs = pair
-    write_h5ad(path, X, [f"cell{i}" for i in range(len(X))], list(data.genes), obs=obs,
-               uns={"nanostate": {"pert_col": data.pert_col, "control": data.control,
-                                  "context_col": data.context_col or "context", "source": source}})
+    write_cells(path, X, data.genes, obs, (data.pert_col, data.control, data.context_col or "context"), source,
+                [f"cell{i}" for i in range(len(X))])
 
 
 # -----------------------------------------------------------------------------------------------

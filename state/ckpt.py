@@ -1,16 +1,25 @@
 """
-One checkpoint is one commit (train.py and embed.py).
+What a run folder is (train.py and embed.py write one, predict.py and embed.py transform read one): the
+one module that opens, saves, resumes and loads it.
 
-Everything of a step is written into `<out>/ckpt-<step>.tmp/`, that folder is renamed to `ckpt-<step>/`,
-and the symlink `<out>/ckpt` is switched to it with one atomic rename: that switch is the commit. A process
-killed at any point leaves `ckpt` naming a complete checkpoint (the previous one until the switch), so
-`--resume` always reads one consistent step. `<out>/model.safetensors`, `meta.json`, `state.pt` and
-`ema.safetensors` are fixed symlinks into `ckpt/`, so readers (predict.py, embed.py transform) need not
-know the layout. Older checkpoint folders are removed after the switch.
+One checkpoint is one commit. Everything of a step is written into `<out>/ckpt-<step>.tmp/`, that folder
+is renamed to `ckpt-<step>/`, and the symlink `<out>/ckpt` is switched to it with one atomic rename: that
+switch is the commit. A process killed at any point leaves `ckpt` naming a complete checkpoint (the
+previous one until the switch), so `--resume` always reads one consistent step. `<out>/model.safetensors`,
+`meta.json`, `state.pt` and `ema.safetensors` are fixed symlinks into `ckpt/`, so readers (predict.py,
+embed.py transform) need not know the layout. Older checkpoint folders are removed after the switch.
 
-    d = begin(out, step)          # fresh staging folder (rank 0; then a barrier under torchrun)
-    write(f"{d}/x", fn)           # fn(path) writes the file
-    commit(out, step)             # rename + switch + links + clean-up
+A checkpoint holds `dcp/` (torch.distributed.checkpoint: weights + optimizer sharded per rank, reloadable
+at any world size), `state.pt` (step, the sampler's global cursor, every rank's RNG: plain data only),
+the consolidated fp32 `model.safetensors` (the weights inference uses), `meta.json` (what the script
+records: train.py's `meta`, state/se.py's `model_files`) and, with an EMA, `ema.safetensors`.
+
+    ck = open_run(out, resume, "train.py", master, ddp)   # checks, lock, repair; the checkpoint to resume
+    meta, state = read(ck, "train.py", "st", "an ST run of train.py")
+    changed = check_resume(meta["train"], cfg, fixed, "train.py")   # refused or said
+    restore(ck, model, opt, weight_decay, "train.py"); restore_rng(state, rank, world, seed, dev)
+    save(out, step, model, opt, dev, {"sampler": ...}, lambda sd: {"model.safetensors": fn, ...})
+    meta, sd = load_run(run, "--run=DIR", "st")          # a finished run, for inference
 
 One writer per run folder: `lock(out)` holds an exclusive lock on `<out>/.lock` (released by the kernel
 when the process ends, however it ends); a second writer is refused at once, naming the holder's pid.
@@ -27,7 +36,9 @@ import shutil
 import signal
 
 import torch
+import torch.distributed as dist
 
+from state.dist import full_state_dict, load_sharded, print0, rng_state, save_sharded, set_rng_state
 from state.errors import UserError, die, on_error
 
 LINKS = ("model.safetensors", "meta.json", "state.pt", "ema.safetensors")
@@ -46,8 +57,8 @@ def _done():
 
 
 def latest(out):
-    """The folder of the last committed checkpoint, or None. A run written before this layout (files
-    directly in `out`) is its own checkpoint folder."""
+    """The folder of the last committed checkpoint, or None. Files directly in `out` (a run written before
+    this layout) are read as its checkpoint, so such a folder is named for what it is (read)."""
     link = os.path.join(out, "ckpt")
     if os.path.islink(link):
         return os.path.join(out, os.readlink(link))
@@ -203,17 +214,19 @@ def read(ck, command, need=None, what=None):
     return meta, state
 
 
-def read_run(run, who):
-    """meta.json of a finished train.py run folder, checked (predict.py's --run, train.py's --init_from):
-    a folder holding model.safetensors and a readable meta.json object with an 'st' config; an SE run is
-    named as such. Anything else is a UserError starting with `who` (e.g. "--run=DIR")."""
+def read_run(run, who, kind="st"):
+    """meta.json of a finished run folder, checked: a folder holding model.safetensors and a readable
+    meta.json object, of a train.py run with an 'st' config (kind "st": predict.py's --run, train.py's
+    --init_from; an SE run is named as such) or of an embed.py run (kind "se": embed.py transform's --ckpt).
+    Anything else is a UserError starting with `who` (e.g. "--run=DIR")."""
     import json
 
-    what = "a run folder of train.py (model.safetensors + meta.json)"
+    script = "train.py" if kind == "st" else "embed.py"
+    what = f"a run folder of {script} (model.safetensors + meta.json)"
     if not os.path.isdir(run):
         raise UserError(f"{who}: {'is a file' if os.path.exists(run) else 'not found'}; give {what}")
     if not os.path.isfile(os.path.join(run, "model.safetensors")):
-        raise UserError(f"{who}: no model.safetensors (not a finished train.py run, or copied in part); give {what}")
+        raise UserError(f"{who}: no model.safetensors (not a finished {script} run, or copied in part); give {what}")
     try:
         with open(os.path.join(run, "meta.json")) as f:
             meta = json.load(f)
@@ -221,6 +234,10 @@ def read_run(run, who):
         raise UserError(f"{who}: cannot read its meta.json ({getattr(e, 'strerror', None) or e}); give {what}") from None
     if not isinstance(meta, dict):
         raise UserError(f"{who}: its meta.json is not an object; give {what}")
+    if kind == "se":
+        if meta.get("kind") != "nanostate-se":
+            raise UserError(f"{who}: not an SE run of embed.py (meta.json kind={meta.get('kind')!r}); give {what}")
+        return meta
     if meta.get("kind") == "nanostate-se" or ("st" not in meta and ("se_hash" in meta or "fit" in meta
                                                                      or "preset" in meta)):
         raise UserError(f"{who}: is an SE run (embed.py), not an ST run: its weights embed cells (embed.py "
@@ -229,6 +246,12 @@ def read_run(run, who):
     if "st" not in meta:
         raise UserError(f"{who}: its meta.json has no 'st' config: not an ST run of train.py; give {what}")
     return meta
+
+
+def load_run(run, who, kind="st"):
+    """A finished run folder for inference: -> (meta.json, its checked weights) (read_run, load_weights)."""
+    meta = read_run(run, who, kind)
+    return meta, load_weights(os.path.join(run, "model.safetensors"), who)
 
 
 def load_weights(path, command=""):
@@ -285,13 +308,142 @@ def commit(out, step):
     for f in LINKS:  # stable links into the committed checkpoint
         p = os.path.join(out, f)
         if os.path.exists(os.path.join(final, f)) and not os.path.islink(p):
-            if os.path.lexists(p):
-                os.remove(p)  # a file of the old flat layout
             os.symlink(os.path.join("ckpt", f), p)
     for f in os.listdir(out):  # older checkpoints and stale staging folders
         if (f.startswith("ckpt-") or f.startswith("dcp-")) and f != name:
             shutil.rmtree(os.path.join(out, f), ignore_errors=True)
     _done()
+
+
+# -----------------------------------------------------------------------------
+# a run of train.py or embed.py: open its folder, save a step, resume
+
+
+def open_run(out, resume, command, master, ddp):
+    """The run folder `out` for writing (every rank calls it): a new run needs it missing or empty, --resume
+    needs it to exist; rank 0 locks it (one writer) and puts back the links of a dereferenced copy. -> the
+    last committed checkpoint folder to resume, or None: a new run, or a --resume of a run killed before its
+    first commit (its leftovers are cleared and it starts at step 0)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        die(f"{command}: --out={out} is a file; give a folder for the run")
+    if not empty(out) and not resume:
+        die(f"{command}: run directory {out} exists and is not empty; pass --resume to continue it "
+            "or choose another --out")
+    if resume and not os.path.isdir(out):
+        die(f"{command}: --resume but {out} does not exist; check --out (or drop --resume to start a run)")
+    if master:  # one writer per run folder (a second is refused naming this pid); created here
+        lock(out, command)
+        if resume and repair(out):
+            print0(f"note: {out} was copied with its links dereferenced: its checkpoint links were put back")
+    if ddp:
+        dist.barrier()
+    ck = latest(out) if resume else None
+    if resume and ck is None:
+        if not (os.path.isdir(out) and leftovers_only(out)):
+            die(f"{command}: --resume but {out} holds no committed checkpoint")
+        print0(f"note: --resume: {out} holds no committed checkpoint (killed before its first one): starting at step 0")
+        if master:
+            clear(out)
+    return ck
+
+
+def check_resume(old, new, fixed, command, also=(), ignore=("resume",)):
+    """Settings of a --resume against the run's own (`old`, from meta.json): a change of one in `fixed`, or
+    any refusal the script adds in `also` (strings), ends the run naming them; the other changes are
+    applied from this step on and said. -> the changed names."""
+    bad = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in fixed if k in old and old[k] != new[k]] + list(also)
+    if bad:
+        die(f"{command}: --resume cannot change {', '.join(bad)}: they fix the data, its order or the model; "
+            "start a new run instead")
+    changed = [k for k in new if k in old and old[k] != new[k] and k not in ignore]
+    if changed:
+        print0("note: resumed with changed settings (applied from this step on): " +
+               ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed))
+    return changed
+
+
+def restore(ck, model, opt, weight_decay, command):
+    """Weights and optimizer from the checkpoint's `dcp/`, resharded to this world size; the weight decay
+    of the optimizer's first group (the decayed one) is this run's, not the one its state carries."""
+    path = os.path.join(ck, "dcp")
+    if not os.path.isdir(path):
+        die(f"{command}: --resume needs the sharded checkpoint {path}/ (copied in part?); copy the whole "
+            "run folder, or start a new run")
+    load_sharded(model, opt, path)
+    opt.param_groups[0]["weight_decay"] = weight_decay
+
+
+def rngs(state):
+    """The RNG state of every rank of the run that saved `state` (its world size is their number)."""
+    return state.get("rng_ranks") or state["rng"]  # embed.py wrote them under "rng" until 2026-12
+
+
+def restore_rng(state, rank, world, seed, device):
+    """This rank's RNG as saved. At another world size the data order still continues (one global cursor)
+    and each rank gets a fresh dropout stream from (seed, rank, step)."""
+    r = rngs(state)
+    if len(r) == world:
+        set_rng_state(r[rank], device)
+    else:
+        torch.manual_seed(seed + rank + 7919 * state["step"])
+        print0(f"note: resuming a world-{len(r)} run at world {world}: data order continues, "
+               "dropout RNG reseeded per rank")
+
+
+def stage(out, step, model, opt, device):
+    """The collective part of a save, on every rank: rank 0 opens the staging folder, all ranks write
+    `dcp/`, rank 0 gathers the consolidated fp32 weights, and every rank's RNG state is gathered.
+    -> (staging folder, CPU state dict ({} off rank 0), [RNG state of each rank])."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if master:
+        begin(out, step)
+    if dist.is_initialized():
+        dist.barrier()
+    d = staging(out, step)
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        save_sharded(model, opt, os.path.join(d, "dcp"))
+    except (CheckpointException, OSError) as e:  # a full disk: the committed checkpoint stays as it was
+        if master:
+            abandon(out, step)
+        fails = getattr(e, "failures", {}).values() if isinstance(e, CheckpointException) else [e]
+        for f in fails:
+            inner = f[0] if isinstance(f, tuple) else f
+            if isinstance(inner, OSError):
+                raise OSError(inner.errno, inner.strerror, d) from None
+            if isinstance(inner, RuntimeError) and "unexpected pos" in str(inner):  # torch's writer on ENOSPC
+                import errno
+                raise OSError(errno.ENOSPC, "a write stopped short (disk full?)", d) from None
+        raise
+    if master:
+        _done()
+    sd = {k: v.detach().cpu().contiguous() for k, v in full_state_dict(model).items()}
+    ranks = [rng_state(device)]
+    if dist.is_initialized():
+        mine, ranks = ranks[0], [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    return d, sd, ranks
+
+
+def save(out, step, model, opt, device, state, files):
+    """One checkpoint; collective: every rank calls it. All ranks write `dcp/` (stage); rank 0 then writes
+    `state.pt` (`state`, e.g. the sampler's cursor, with the step and every rank's RNG) and the files
+    `files(sd)` returns ({name: fn(path)}, in that order; sd: the consolidated fp32 weights) and commits
+    the step with one atomic switch. A failed write (full disk) removes the staging folder and leaves the
+    committed checkpoint as it was."""
+    d, sd, ranks = stage(out, step, model, opt, device)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        state = {**state, "step": step, "rng_ranks": ranks, "dcp": "dcp", "world": len(ranks)}
+        try:
+            write(os.path.join(d, "state.pt"), lambda p: torch.save(state, p))
+            for name, fn in files(sd).items():
+                write(os.path.join(d, name), fn)
+            commit(out, step)
+        except OSError:
+            abandon(out, step)
+            raise
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # -----------------------------------------------------------------------------
@@ -309,8 +461,7 @@ def init_from(model, run, pert_names, genes, combo_parts=None, reinit=(), skip=F
     if bad:
         raise UserError(f"--reinit {bad}: choose from pert, decoder")
     run = str(run)
-    meta = read_run(run, f"--init_from={run}")
-    src = load_weights(os.path.join(run, "model.safetensors"), f"--init_from={run}")
+    meta, src = load_run(run, f"--init_from={run}")
     why = {}
     if "pert" in reinit:
         why["pert"] = "asked"

@@ -3,7 +3,8 @@ Distributed helpers: one code path for a single process, one GPU, or many under 
 
 - `compute_init()` reads the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE), picks NCCL on CUDA
   and gloo on CPU, seeds per rank, and returns (ddp, rank, local_rank, world, device).
-- `shard(model, blocks)` wraps a model with FSDP2 (`fully_shard` on each block, then the root), bf16
+- `wrap(raw, ...)`: the training model and optimizer (FSDP2, DDP or plain, compiled on request);
+  `shard(model, blocks)` wraps a model with FSDP2 (`fully_shard` on each block, then the root), bf16
   params and fp32 gradient reduction on GPU. FSDP averages gradients over ranks; the training loop
   divides each micro-loss by the global number of sets and multiplies by the world size, so the
   gradient is the global mean (1 process x 4 micro-steps equals 2 processes x 2 micro-steps).
@@ -11,7 +12,7 @@ Distributed helpers: one code path for a single process, one GPU, or many under 
   gloo lacks, and CPU tests run on gloo.)
 - `save_sharded` / `load_sharded`: torch.distributed.checkpoint (DCP) of model + optimizer, which
   reloads at another world size; `full_state_dict` gathers an fp32 consolidated copy on rank 0 (a
-  collective: every rank must call it).
+  collective: every rank must call it). A checkpoint's layout and commit are state/ckpt.py's.
 """
 
 import os
@@ -22,8 +23,6 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from state import ckpt
 
 
 def print0(*a, **k):
@@ -120,6 +119,24 @@ def shard(model, blocks, bf16=None):
     return model
 
 
+def wrap(raw, ddp, parallel, compile, local_rank, make_opt):
+    """The model a training step calls, and its optimizer (make_opt(module)): under torchrun FSDP2 (the
+    blocks compiled first, torchtitan's order; then fully_shard each block and the root; the optimizer on
+    the sharded params, so its state is sharded too) or DDP; else the raw model, compiled on request."""
+    if ddp and parallel == "fsdp":
+        if compile:
+            for blk in raw.blocks:
+                blk.compile()
+        return shard(raw, raw.blocks), make_opt(raw)
+    opt = make_opt(raw)
+    model = torch.compile(raw) if compile else raw
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        cuda = next(raw.parameters()).device.type == "cuda"
+        model = DDP(model, device_ids=[local_rank] if cuda else None)
+    return model, opt
+
+
 def set_sync(model, sync):
     """Gradient sync only on the last micro-step of an accumulation (FSDP2 and DDP alike)."""
     if hasattr(model, "set_requires_gradient_sync"):
@@ -146,43 +163,6 @@ def save_sharded(model, opt, path):
     with warnings.catch_warnings():  # single process: DCP warns that it assumes one process, which is right
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
-
-
-def stage_checkpoint(out, step, model, opt, device):
-    """The collective part of one checkpoint (state/ckpt.py), on every rank: rank 0 opens the staging
-    folder, all ranks write `dcp/` (model + optimizer, sharded; reloads at any world size), rank 0
-    gathers the consolidated fp32 weights, and every rank's RNG state is gathered. -> (staging folder,
-    CPU state dict ({} off rank 0), [RNG state of each rank]). Rank 0 then writes its files into the
-    folder and calls ckpt.commit (train.py, embed.py)."""
-    master = not dist.is_initialized() or dist.get_rank() == 0
-    if master:
-        ckpt.begin(out, step)
-    if dist.is_initialized():
-        dist.barrier()
-    d = ckpt.staging(out, step)
-    from torch.distributed.checkpoint.api import CheckpointException
-    try:
-        save_sharded(model, opt, os.path.join(d, "dcp"))
-    except (CheckpointException, OSError) as e:  # a full disk: the committed checkpoint stays as it was
-        if master:
-            ckpt.abandon(out, step)
-        fails = getattr(e, "failures", {}).values() if isinstance(e, CheckpointException) else [e]
-        for f in fails:
-            inner = f[0] if isinstance(f, tuple) else f
-            if isinstance(inner, OSError):
-                raise OSError(inner.errno, inner.strerror, d) from None
-            if isinstance(inner, RuntimeError) and "unexpected pos" in str(inner):  # torch's writer on ENOSPC
-                import errno
-                raise OSError(errno.ENOSPC, "a write stopped short (disk full?)", d) from None
-        raise
-    if master:
-        ckpt._done()
-    sd = {k: v.detach().cpu().contiguous() for k, v in full_state_dict(model).items()}
-    rngs = [rng_state(device)]
-    if dist.is_initialized():
-        mine, rngs = rngs[0], [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, mine)
-    return d, sd, rngs
 
 
 # What DCP's `.metadata` pickle may name: its own metadata classes, tensor sizes, dtypes and layouts,

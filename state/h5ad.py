@@ -7,7 +7,8 @@ index. Rows are read in blocks, so nothing is ever densified whole.
 
 What is written: a file that anndata >= 0.8 and scanpy read (encoding-type / encoding-version
 attributes as in the anndata on-disk format), with a dense or CSR `X`, string obs columns as
-categoricals, `var` with its index, `obsm` arrays and a nested `uns` dict.
+categoricals, `var` with its index, `obsm` arrays and a nested `uns` dict; `write_cells` writes the
+pred/real files the evaluator compares.
 """
 
 import os
@@ -565,6 +566,17 @@ def write_h5ad(path, X, obs_names, var_names, obs=None, var=None, obsm=None, uns
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_cells(path, X, genes, obs, labels, source, obs_names=None, **info):
+    """A pred or real file of the evaluator's contract (predict.py test and simulate, the baselines):
+    cells x `genes` (X: an array, or a Stream whose "obs_names" blocks name the cells), the obs columns
+    (the perturbation and context labels, is_predicted, ctrl_cell_barcode) and uns['nanostate']: the
+    label columns and the control label (`labels`: (pert_col, control, context_col); state.eval reads them
+    from there), where the cells come from (`source`) and how they were predicted (`info`)."""
+    pert_col, control, context_col = labels
+    write_h5ad(path, X, obs_names, list(genes), obs=obs, uns={"nanostate": {
+        "pert_col": pert_col, "control": control, "context_col": context_col, "source": source, **info}})
 
 
 def _write_file(f, n, g, X, stream, obs_names, var_names, obs, var, obsm, uns, layers):

@@ -19,7 +19,7 @@ class MissingFeatures(UnknownName):
     """Perturbations without a feature vector: a UserError, and a KeyError for callers that catch that."""
 
 
-VECTOR_FORMATS = (".pt", ".safetensors", ".npz", ".tsv", ".txt")
+VECTOR_FORMATS = (".pt", ".pth", ".torch", ".safetensors", ".npz", ".tsv", ".txt")
 
 
 def _vector(path, name, v):
@@ -98,7 +98,7 @@ def read_vectors(path):
         if os.path.getsize(path) == 0:
             raise UserError(f"{path}: the file is empty (0 bytes); give a {{name: vector}} file")
         try:
-            if path.endswith(".pt"):
+            if path.endswith((".pt", ".pth", ".torch")):
                 d = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
             elif path.endswith(".safetensors"):
                 from safetensors.torch import load_file
@@ -112,8 +112,11 @@ def read_vectors(path):
             raise
         except Exception as e:  # truncated, not that format, pickled objects: the file, not our code
             msg = " ".join(str(e).split())[:200]
+            pickled = "GLOBAL" in str(e)  # torch.load(weights_only=True) met a class or function
             raise UserError(f"{path}: cannot read it as a {os.path.splitext(path)[1]} file of vectors "
-                            f"({type(e).__name__}: {msg}); save a {{name: vector}} mapping of tensors") from None
+                            f"({type(e).__name__}: {msg}); "
+                            + ("it names a class or function, not only tensors and plain containers: refusing to unpickle it; "
+                               if pickled else "") + "save a {name: vector} mapping of tensors") from None
     if not isinstance(d, dict):
         what = f"a {tuple(d.shape)} tensor/array" if hasattr(d, "shape") else f"a {type(d).__name__}"
         raise UserError(f"{path}: holds {what}, not a {{name: vector}} mapping; save a dict of one vector per "

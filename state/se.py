@@ -104,51 +104,17 @@ def norm_gene(s):
 
 
 def load_gene_vectors(path):
-    """A {gene: vector} file (.safetensors, .pt, .npz) -> (names (upper-case, file order), (V, E) f32).
-
-    Row order = the file's insertion order (the reference's checkpoints depend on it)."""
-    path = str(path)
-    if not os.path.exists(path):
+    """A {gene: vector} file (state.perts.read_vectors: .safetensors, .pt, .npz, .tsv, every entry checked)
+    -> (names (upper-case, file order; of symbols alike but for case the first), (V, E) float32). Row order
+    = the file's insertion order (the reference's checkpoints depend on it)."""
+    from state.perts import read_vectors
+    if not os.path.exists(str(path)):
         raise FileNotFoundError(f"gene embedding file {path} not found (give a {{gene: vector}} "
                                 ".safetensors/.pt/.npz file, or gene_emb=pca / onehot)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        d = load_file(path)
-    elif path.endswith(".npz"):
-        with np.load(path) as z:
-            d = {k: torch.from_numpy(z[k]) for k in z.files}
-    elif path.endswith((".pt", ".pth", ".torch")):
-        try:  # never unpickle arbitrary objects from a user's file: tensors and plain containers only
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{path}: not a plain {{gene: tensor}} file; refusing to unpickle it "
-                             f"({type(e).__name__}); save it with torch tensors, or as .safetensors/.npz") from None
-    else:
-        raise UserError(f"{path}: unknown gene embedding format (use .safetensors, .pt or .npz)")
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: expected a {{gene: vector}} dict, got {type(d).__name__}")
-    if len(d) == 0:
-        raise UserError(f"{path}: the gene embedding file is empty (no gene vectors)")
-    names, vecs, seen = [], [], set()
-    for k, v in d.items():
-        if not isinstance(k, str) or not k.strip():
-            raise UserError(f"{path}: entry {k!r} is not a gene name (a non-empty string); key the vectors by gene")
-        v = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).float().reshape(-1)
-        g = norm_gene(k)
-        if g in seen:
-            continue  # duplicate symbol after upper-casing: keep the first
-        seen.add(g)
-        names.append(g)
-        vecs.append(v)
-    widths = {v.numel() for v in vecs}
-    if 0 in widths:
-        raise UserError(f"{path}: gene vectors of width 0 (e.g. '{names[[v.numel() for v in vecs].index(0)]}')")
-    if len(widths) != 1:
-        raise UserError(f"{path}: gene vectors have different widths {sorted(widths)[:5]}")
-    W = torch.stack(vecs)
-    if not torch.isfinite(W).all():
-        raise UserError(f"{path}: gene vectors contain NaN/inf")
-    return names, W
+    d = {}
+    for k, v in read_vectors(path)[0].items():
+        d.setdefault(norm_gene(k), v)
+    return list(d), torch.stack(list(d.values()))
 
 
 def file_hash(path, n=16):
@@ -544,50 +510,39 @@ class StateEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # checkpoints: model.safetensors (weights + the frozen gene table) + meta.json (config, vocabulary)
 
-def _atomic(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_model(model, out_dir, meta=None, sd=None):
-    """Write out_dir/model.safetensors and out_dir/meta.json atomically; returns the weights hash
-    (sha256 of model.safetensors, 16 hex), which transform records in uns['nanostate_se']. `sd`: the
-    weights to write (a consolidated state dict of a sharded model); default the model's own."""
+def model_files(model, meta=None, sd=None):
+    """The files of an SE model folder, {name: fn(path)} to write in order (state.ckpt.save writes them
+    into a checkpoint): model.safetensors (`sd`, the weights of a sharded model consolidated, default the
+    model's own), then meta.json: `meta` with the kind, the config, the genes and se_hash (sha256 of the
+    model.safetensors beside it, 16 hex; transform records it in uns['nanostate_se'])."""
     import json
 
     from safetensors.torch import save_file
-    os.makedirs(out_dir, exist_ok=True)
+
+    from state.ckpt import write_text
     m = getattr(model, "module", model)
     m = getattr(m, "_orig_mod", m)
     sd = {k: v.detach().float().cpu().contiguous() for k, v in (m.state_dict() if sd is None else sd).items()}
-    p = os.path.join(out_dir, "model.safetensors")
-    _atomic(p, lambda t: save_file(sd, t))
-    h = file_hash(p)
-    meta = dict(meta or {})
-    meta.update(kind="nanostate-se", se_hash=h, config=m.cfg.to_dict(), genes=m.genes)
-    _atomic(os.path.join(out_dir, "meta.json"), lambda t: open(t, "w").write(json.dumps(meta, indent=1)))
-    return h
+    meta = {**(meta or {}), "kind": "nanostate-se", "config": m.cfg.to_dict(), "genes": m.genes}
+    h = lambda p: file_hash(os.path.join(os.path.dirname(p), "model.safetensors"))
+    return {"model.safetensors": lambda p: save_file(sd, p),
+            "meta.json": lambda p: write_text(p, json.dumps({**meta, "se_hash": h(p)}, indent=1))}
+
+
+def save_model(model, out_dir, meta=None, sd=None):
+    """Write an SE model folder (model_files) into out_dir, outside a run (state/convert.py); -> se_hash."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, fn in model_files(model, meta, sd).items():
+        fn(os.path.join(out_dir, name))
+    return file_hash(os.path.join(out_dir, "model.safetensors"))
 
 
 def load_model(ckpt, device="cpu"):
-    """-> (StateEmbedding in eval mode with dropout 0, meta). `ckpt`: a run directory."""
-    import json
-
-    mp = os.path.join(ckpt, "meta.json")
-    wp = os.path.join(ckpt, "model.safetensors")
-    for p in (mp, wp):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"SE checkpoint {ckpt}: missing {os.path.basename(p)}")
-    meta = json.load(open(mp))
-    if meta.get("kind") != "nanostate-se":
-        raise UserError(f"{ckpt}: not an SE checkpoint (meta.json kind={meta.get('kind')!r})")
-    from state.ckpt import load_weights
-    sd = load_weights(wp)
-    legacy = {"d": "d_model", "out": "d_out"}  # field names of the first checkpoints
-    c = {legacy.get(k, k): v for k, v in meta["config"].items() if k != "k"}
-    c["dropout"] = 0.0  # inference: no dropout (the reference forgot this in SDPA)
+    """-> (StateEmbedding in eval mode with dropout 0, meta) of an SE run folder (state.ckpt.load_run)."""
+    from state.ckpt import load_run
+    meta, sd = load_run(ckpt, f"--ckpt={ckpt}", "se")
+    c = {**meta["config"], "dropout": 0.0}  # inference: no dropout (the reference forgot this in SDPA)
     model = StateEmbedding(SEConfig(**c), sd["emb"], meta.get("genes"))
     model.load_state_dict(sd)
-    meta["se_hash"] = file_hash(wp)  # the file as it is now
+    meta["se_hash"] = file_hash(os.path.join(ckpt, "model.safetensors"))  # the file as it is now
     return model.to(device).eval(), meta
