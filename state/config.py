@@ -3,8 +3,8 @@ Flat `--key=value` overrides for the scripts (nanoGPT's configurator, made stric
 
     python train.py config/st_cpu.py --lr=3e-4 --hidden=256
 
-- A bare argument ending in `.py` is executed as a config file into the same namespaces (its names that
-  no namespace holds are left out). The recipes in config/ at the repo root are such files; the library
+- A bare argument ending in `.py` is executed as a config file into the same namespaces (a name that no
+  namespace holds is refused, as an unknown --key is; imported modules and functions are left out). The recipes in config/ at the repo root are such files; the library
   reads them too (`recipe`).
 - `--key=value`: the value is parsed with `ast.literal_eval` (falling back to the raw string), the
   key must exist in one of the namespaces, and the type must match the default's type (an int is
@@ -51,9 +51,14 @@ def configure(argv, *namespaces):
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 raise UserError(f"unexpected argument {arg!r} (use --key=value or a config .py file)")
-            for k, v in read(arg).items():
-                if k in {kk for ns in namespaces for kk in ns}:
-                    _set(namespaces, k, v, seen)
+            known = {kk for ns in namespaces for kk in ns}
+            items = {k: v for k, v in read(arg).items() if not callable(v) and not hasattr(v, "__spec__")}
+            bad = [k for k in items if k not in known]  # a misspelt name must not be dropped in silence
+            if bad:
+                raise UserError(f"{arg}: sets {', '.join(bad)}, which {'is' if len(bad) == 1 else 'are'} not "
+                                f"a setting here; known: {', '.join(sorted(known))}")
+            for k, v in items.items():
+                _set(namespaces, k, v, seen)
             continue
         key, eq, val = arg[2:].partition("=")
         if not eq:

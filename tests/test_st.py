@@ -3,6 +3,7 @@ one-set-at-a-time outputs, the energy loss convention (0.5 * E_V), presets, pert
 configurator, and a few steps of training lowering the loss on real data. Budget: ~30 s on 2 cores."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -317,6 +318,24 @@ def test_configurator():
         configure(["--steps=0.5"], ns)
     with pytest.raises(ValueError, match="expected a bool"):
         configure(["--flag=3"], ns)
+
+
+def test_config_file_names_are_checked(tmp_path):
+    """A config file sets known names (imports and helpers aside); a misspelt name is refused, not dropped;
+    --key=value after the file wins; config/st_cpu.py is the cpu preset."""
+    ns = {"lr": 1e-4, "steps": 10}
+    f = tmp_path / "c.py"
+    f.write_text("import math\ndef twice(x):\n    return 2 * x\nlr = twice(1e-3)\nsteps = int(math.sqrt(400))\n")
+    configure([str(f), "--steps=7"], ns)
+    assert ns == {"lr": 2e-3, "steps": 7}
+    f.write_text("lr = 1e-3\nstep = 5\n")
+    with pytest.raises(ValueError, match="sets step, which is not a setting here"):
+        configure([str(f)], ns)
+    from state.config import CONFIG_DIR, read
+    from state.st import PRESETS, TRAIN_DEFAULTS
+    cpu = read(os.path.join(CONFIG_DIR, "st_cpu.py"))
+    assert {k: v for k, v in cpu.items() if k != "preset"} == {**TRAIN_DEFAULTS["cpu"], **{
+        k: PRESETS["cpu"][k] for k in cpu if k in PRESETS["cpu"]}}
 
 
 # -----------------------------------------------------------------------------
