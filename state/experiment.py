@@ -1,9 +1,9 @@
 """
 The multi-seed protocol: does ST beat the simple baselines by more than seed noise, on several tasks?
 
-    python -m state.experiment run --recipe="--preset=cpu" --seeds=0,1,2 --out=runs/exp/cpu
+    python -m state.experiment run --recipe="--preset=cpu" --seeds=0,1,2 --out=runs/exp/all   # every task type
+    python -m state.experiment run --tasks=choose --recipe="--preset=cpu" --out=runs/exp/cpu  # the choose tasks
     python -m state.experiment run --tasks=pap_rep1,kang_cd14 --recipe="--preset=tiny --lr=1e-3" --out=..
-    python -m state.experiment run --tasks=all --recipe="--preset=cpu" --out=runs/exp/all   # every task type
     python -m state.experiment table runs/exp/cpu            # reprint the table from saved scores
     python -m state.experiment compare runs/exp/a runs/exp/b  # recipes side by side (key metrics)
 
@@ -25,8 +25,8 @@ The target check at the end is issue 11's: discrimination_l1 mean >= best baseli
 than its sd on overlap_at_N or pearson_delta, MAE within 10% of the best baseline, spread >= 0.7.
 
 Tasks: config/protocol.py, one line each (the dataset, the split options, the role: choose recipes on the
-`choose` ones, the `check` ones are kept for independent confirmation; --tasks=all adds zero-shot magnitude,
-unseen combinations and unseen perturbations), and the train.py flags each task type adds to the recipe
+`choose` ones, the `check` ones are kept for independent confirmation; the default, --tasks=all, adds
+zero-shot magnitude, unseen combinations and unseen perturbations; a role name picks its tasks), and the train.py flags each task type adds to the recipe
 (TASK_FLAGS: combinations start from the additive model, unseen perturbations from the context mean).
 With --ensemble each task also gets the seed ensemble (predict.py test --run=s0,s1,s2), scored once.
 Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
@@ -240,6 +240,20 @@ def ensemble_job(task, seeds, out, cache, shared, name="ensemble"):
                              f"--ensemble={ENSEMBLES[name]}") for s in seeds]
     mean = {m: float(np.nanmean([p[m] for p in per])) for m in per[0]}
     return cached(score_f, lambda: dict(mean, per_seed=per))
+
+
+def pick_tasks(spec):
+    """--tasks: names of config/protocol.py's tasks or roles (a role stands for its tasks; all = every
+    task), comma-separated, in order, each once."""
+    roles = {v[2] for v in TASKS.values()}
+    tasks = [t for x in spec.split(",") if x.strip() for t in (
+        list(TASKS) if x.strip() == "all" else [t for t, v in TASKS.items() if v[2] == x.strip()]
+        if x.strip() in roles else [x.strip()])]
+    bad = [x for x in tasks if x not in TASKS]
+    if bad or not tasks:
+        raise UserError(f"python -m state.experiment run: --tasks={spec!r}: unknown task(s) {bad}; give tasks "
+                        f"{list(TASKS)} or roles {sorted(roles | {'all'})}")
+    return list(dict.fromkeys(tasks))
 
 
 def run(tasks, seeds, out, cache, shared, recipe, jobs=2, ensemble=False):
@@ -481,7 +495,8 @@ def main(argv=None):
     ap = Parser(prog="python -m state.experiment", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--tasks", default=",".join(t for t, v in TASKS.items() if v[2] == "choose"))
+    r.add_argument("--tasks", default="all", help="task names or roles, comma-separated: all (every task "
+                   "type, the default), choose, check, zeroshot, combo, unseen, or a task of config/protocol.py")
     r.add_argument("--seeds", default="0,1,2")
     r.add_argument("--recipe", default="", help="train.py overrides, e.g. '--preset=cpu --max_steps=2000'")
     r.add_argument("--out", required=True)
@@ -498,10 +513,7 @@ def main(argv=None):
     c.add_argument("--metrics", default="pearson_delta,mae,discrimination_score_l1,overlap_at_N,spread")
     a = ap.parse_args(dashes(argv))
     if a.cmd == "run":
-        tasks = list(TASKS) if a.tasks == "all" else [x for x in a.tasks.split(",") if x]
-        bad = [x for x in tasks if x not in TASKS]
-        if bad:
-            raise UserError(f"python -m state.experiment run: unknown task(s) {bad}; tasks: {list(TASKS)}")
+        tasks = pick_tasks(a.tasks)
         try:
             seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
         except ValueError:

@@ -255,3 +255,15 @@ def test_split_half_ceiling_on_real_data(gbm_path, tmp_path):
     assert c["pearson_delta"] < perfect["pearson_delta"]
     b = X.baseline_scores(data, split, seed=0)
     assert set(b) == set(X.BASELINES) and b["context_mean"]["spread"] < 1e-5  # a constant prediction
+
+
+def test_pick_tasks_by_name_and_role():
+    """--tasks: the default (all) covers every task type; a role stands for its tasks; unknown is refused."""
+    from state.errors import UserError
+    every = X.pick_tasks("all")
+    assert every == list(X.TASKS) and {X.TASKS[t][2] for t in every} >= {"choose", "check", "zeroshot", "combo", "unseen"}
+    assert X.pick_tasks("unseen,pap_rep1,unseen") == ["pap_unseen", "pap_unseen_draw", "pap_rep1"]
+    assert X.pick_tasks("choose") == [t for t, v in X.TASKS.items() if v[2] == "choose"]
+    for bad in ("pap_rep9", "", " , "):
+        with pytest.raises(UserError, match="--tasks="):
+            X.pick_tasks(bad)
