@@ -112,11 +112,10 @@ def read_vectors(path):
             raise
         except Exception as e:  # truncated, not that format, pickled objects: the file, not our code
             msg = " ".join(str(e).split())[:200]
-            pickled = "GLOBAL" in str(e)  # torch.load(weights_only=True) met a class or function
+            why = ("it names a class or function, not only tensors and plain containers: refusing to unpickle it; "
+                   if "GLOBAL" in str(e) else "")  # what torch.load(weights_only=True) says of a class
             raise UserError(f"{path}: cannot read it as a {os.path.splitext(path)[1]} file of vectors "
-                            f"({type(e).__name__}: {msg}); "
-                            + ("it names a class or function, not only tensors and plain containers: refusing to unpickle it; "
-                               if pickled else "") + "save a {name: vector} mapping of tensors") from None
+                            f"({type(e).__name__}: {msg}); {why}save a {{name: vector}} mapping of tensors") from None
     if not isinstance(d, dict):
         what = f"a {tuple(d.shape)} tensor/array" if hasattr(d, "shape") else f"a {type(d).__name__}"
         raise UserError(f"{path}: holds {what}, not a {{name: vector}} mapping; save a dict of one vector per "
