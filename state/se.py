@@ -520,10 +520,8 @@ def model_files(model, meta=None, sd=None):
     from safetensors.torch import save_file
 
     from state.ckpt import write_text
-    m = getattr(model, "module", model)
-    m = getattr(m, "_orig_mod", m)
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in (m.state_dict() if sd is None else sd).items()}
-    meta = {**(meta or {}), "kind": "nanostate-se", "config": m.cfg.to_dict(), "genes": m.genes}
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in (model.state_dict() if sd is None else sd).items()}
+    meta = {**(meta or {}), "kind": "nanostate-se", "config": model.cfg.to_dict(), "genes": model.genes}
     h = lambda p: file_hash(os.path.join(os.path.dirname(p), "model.safetensors"))
     return {"model.safetensors": lambda p: save_file(sd, p),
             "meta.json": lambda p: write_text(p, json.dumps({**meta, "se_hash": h(p)}, indent=1))}
