@@ -518,7 +518,7 @@ def read_controls(cfg, meta, model):
         obs_names = np.asarray(f.obs_names, dtype=object)[keep]
         Xin = f.matrix(cfg["key"]).rows(keep)  # (N, G_file)
         if cfg["key"].startswith("obsm/"):  # columns named as prepare names them (genes of X_hvg, X_state_0 ..)
-            from state.prepare import obsm_names
+            from state.inputs import obsm_names
             names = list(obsm_names(f, cfg["key"][5:], Xin.shape[1]))
         if dec:  # the controls' genes (decoder output space), mapped by name below
             gnames, Gin = list(f.var_names()), f.matrix(cfg["genes_key"]).rows(keep)

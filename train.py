@@ -7,6 +7,7 @@ CPU (tiny, ~1-2 min):
 CPU, the recipe the multi-seed protocol chose (anchored on the auto baseline, cosine lr, EMA, support
 selection; 2,000 steps, ~2 min on one core for the shared real datasets):
     python train.py --data=DIR --split=split.json --preset=cpu --threads=1 --out=runs/cpu
+    python train.py config/st_cpu.py --data=DIR --split=split.json --threads=1 --out=runs/cpu   # the same, as a file
 1 GPU (bf16 autocast, fp32 master weights and loss):
     python train.py --data=DIR --split=split.json --preset=default --batch_size=16 --out=runs/st
 N GPUs (FSDP2 by default, --parallel=ddp for plain DDP; every rank takes its own block of the
@@ -65,7 +66,7 @@ split = ""               # split.json (python -m state.splits make ...)
 out = "runs/st"          # run directory; must not exist unless --resume
 resume = False           # continue the run in `out` from its last checkpoint
 preset = "tiny"          # STConfig preset: tiny | cpu | small | default | paper (cpu also sets the
-                         # training recipe it was chosen with: state/st.py TRAIN_DEFAULTS)
+                         # training recipe it was chosen with: config/st_cpu.py)
 max_steps = 1000         # optimizer steps in total (a resumed run continues to this)
 batch_size = 16          # sets per step per process (reference 16)
 lr = 1e-4                # Adam peak learning rate (reference 1e-4, constant)
@@ -127,7 +128,7 @@ cli_guard("train.py", __doc__, extra=lambda: "options (--key=value, defaults; ST
       f"{', '.join(st_over)}):\n" + "\n".join(f"  --{k}={v!r}" for k, v in train_cfg.items()))
 over = configure(sys.argv[1:], train_cfg, st_over)
 for k, v in TRAIN_DEFAULTS.get(ALIASES.get(train_cfg["preset"], train_cfg["preset"]), {}).items():
-    if k not in over:  # a preset's training recipe (state/st.py); explicit --key=value wins
+    if k not in over:  # a preset's training recipe (config/st_cpu.py); explicit --key=value wins
         train_cfg[k] = v
 globals().update(train_cfg)
 

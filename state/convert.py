@@ -555,10 +555,8 @@ def export_arc(run, out):
     from state import ckpt
     from state.errors import staged_folder
     from state.st import STConfig
-    meta = ckpt.read_run(run, f"--to_arc={run}")
+    meta, sd = ckpt.load_run(run, f"--to_arc={run}")
     c = STConfig.from_dict(meta["st"])
-    sd = ckpt.load_weights(os.path.join(run, "model.safetensors"), COMMAND)
-    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
     dec = c.n_genes > 0
     for bad, why in ((c.anchor != "none", f"anchor={c.anchor}: a baseline shift table arc-state has no place for"),
                      (c.mixer != "attention", f"mixer={c.mixer}: arc-state's backbone always attends"),

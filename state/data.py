@@ -36,8 +36,8 @@ transform): target_sum (normalise to it, then log1p; None: log1p input only), ta
 prepared genes in order; else the gene names it was summed over, e.g. all of the input file's genes).
 """
 
-# The data layer, one module per job: state/scale.py (what a matrix holds), state/prepare.py (writes a
-# prepared folder), this file (reads one: the contract train.py, predict.py and the splits open, and the
+# The data layer, one module per job: state/scale.py (what a matrix holds), state/inputs.py (reads and
+# checks a prepare's input files), state/prepare.py (writes a prepared folder), this file (reads one: the contract train.py, predict.py and the splits open, and the
 # `python -m state.data` command), state/sampler.py (cell sets and steps drawn from it).
 
 import glob

@@ -27,7 +27,6 @@ from state.inputs import (Recipe, blocks, expand, gene_plan, local_codes, obsm_n
                           plan_groups, scale_plan, select_hvg)
 from state.scale import say
 
-__all__ = ["prepare", "obsm_names"]  # obsm_names lives in state/inputs.py; predict.py imports it from here
 
 
 def md5(path, blk=1 << 23):

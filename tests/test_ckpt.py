@@ -87,7 +87,7 @@ def test_embed_killed_after_any_checkpoint_write_resumes_exactly(tmp_path):
               "--S=4", "--threads=1"]
     run([*common, f"--out={tmp_path / 'full'}"])
     h = hashlib.sha256(open(tmp_path / "full" / "model.safetensors", "rb").read()).hexdigest()
-    ops = 6  # dcp/, model+meta, state.pt, rename, switch, clean-up
+    ops = 7  # dcp/, state.pt, model, meta, rename, switch, clean-up
     for k in [1] + list(range(ops + 1, 2 * ops + 1)):
         out = tmp_path / f"k{k}"
         assert run([*common, f"--out={out}"], fault=k, ok=False).returncode != 0
