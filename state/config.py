@@ -58,7 +58,10 @@ def configure(argv, *namespaces):
                 raise UserError(f"{arg}: sets {', '.join(bad)}, which {'is' if len(bad) == 1 else 'are'} not "
                                 f"a setting here; known: {', '.join(sorted(known))}")
             for k, v in items.items():
-                _set(namespaces, k, v, seen)
+                try:
+                    _set(namespaces, k, v, seen)
+                except UserError as e:  # a wrong type set by the file: name the file, not only the key
+                    raise UserError(f"{arg}: {e}") from None
             continue
         key, eq, val = arg[2:].partition("=")
         if not eq:
@@ -70,8 +73,17 @@ def configure(argv, *namespaces):
 def read(path):
     """The names a config file sets (those not starting with _), in the file's order."""
     g = {}
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), g)
+    with open(path, "rb") as f:  # bytes: a file that is not UTF-8 is compile()'s SyntaxError below
+        src = f.read()
+    try:  # a config file is the user's: its syntax error or failing line is one line naming it, not a traceback
+        exec(compile(src, path, "exec"), g)
+    except SyntaxError as e:
+        raise UserError(f"{path}{f':{e.lineno}' if e.lineno else ''}: not valid Python ({e.msg}); fix the config file") from None
+    except Exception as e:
+        import traceback
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise UserError(f"{path}:{line}: running the config file failed ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]}); fix the config file") from None
     return {k: v for k, v in g.items() if not k.startswith("_")}
 
 

@@ -371,3 +371,21 @@ def test_training_lowers_loss_on_real_data(gbm_path, tmp_path):
         opt.zero_grad()
     after = eval_loss()
     assert after < 0.7 * before, (before, after)
+
+
+def test_config_file_that_fails_is_one_line(tmp_path):
+    """A config file with a syntax error, a line that raises, bytes that are not UTF-8 or a wrong type is the
+    user's mistake: a UserError naming the file (and its line), not a traceback."""
+    from state.errors import UserError
+    ns = {"lr": 1e-4, "steps": 10}
+    f = tmp_path / "c.py"
+    for text, want in ((b"lr = = 1\n", r"c.py:1: not valid Python"),
+                       (b"import os\nlr = 1/0\n", r"c.py:2: running the config file failed \(ZeroDivisionError"),
+                       (b"from state.nothere import x\n", r"c.py:1: running the config file failed"),
+                       (b"lr = 1e-3 \xff\xfe\n", r"c.py:1: not valid Python"),
+                       (b"lr = 1e-3\x00\n", r"c.py: not valid Python"),
+                       (b"lr = 'abc'\n", r"c.py: --lr: expected float")):
+        f.write_bytes(text)
+        with pytest.raises(UserError, match=want):
+            configure([str(f)], ns)
+    assert ns == {"lr": 1e-4, "steps": 10}
