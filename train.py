@@ -208,7 +208,7 @@ if combos:
     how = f"{combo_reduce} of the parts' feature vectors" if pert_features else \
         f"multi-hot over {len(combo_parts)} singles ({combo_reduce})"
     print0(f"combinations: {n_combo} of {len(D.pert_names)} labels have several parts ('{combos}'): {how}")
-cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over},
+cfg = STConfig.from_name(preset, **{k: st_over[k] for k in over if k in st_over and k != "gene_space"},
                          n_in=D.n_genes, n_pert=(pert_table.shape[1] if pert_table is not None
                                                  else len(D.pert_names)), n_ctx=len(D.context_names),
                          n_batch=len(D.batch_names) if batch_encoder else 0,
@@ -388,7 +388,7 @@ def save_checkpoint(step, val_loss):
 start = 0
 if resume:
     meta, state = ckpt.read(ck, "train.py", "st", "an ST run of train.py")
-    if meta["data_checksum"] != D.checksum or meta["split_hash"] != split_hash:
+    if meta["data_checksum"] != D.checksum or meta.get("split_hash") != split_hash:
         die("train.py: --resume with a different dataset or split than the run was trained on")
     # fields added since the run was written take their defaults (what the run computed without them)
     if STConfig.from_dict(meta["st"]).to_dict() != cfg.to_dict():

@@ -381,3 +381,13 @@ def test_counts_to_an_embedding_run_is_refused():
         apply_recipe(counts, meta, "c.h5ad", "X", gene_space=False, obs_names=[f"c{i}" for i in range(50)])
     emb = np.random.default_rng(1).normal(size=(50, 8)).astype(np.float32)  # signed: fine for an embedding
     assert apply_recipe(emb, meta, "e.h5ad", "obsm/X_state", gene_space=False, obs_names=None) is emb
+
+
+@pytest.mark.slow
+def test_gene_space_override_is_a_setting_like_any(synth, tmp_path):
+    """--gene_space=False (or a config file setting it) trains and is recorded; it was passed twice to
+    STConfig.from_name (a TypeError traceback)."""
+    out = tmp_path / "g"
+    r = run(*args(synth, out, 2, "--gene_space=False"), ok=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(out / "meta.json"))["st"]["gene_space"] is False
