@@ -39,7 +39,6 @@ from state.errors import die, need_space, output_file, run, stale_tmp
 from state.eval import group_spread
 from state.h5ad import H5AD, Cat, Stream, write_cells
 from state.perts import check_combo_labels, multi_hot, parts_of
-from state.st import STConfig, StateTransition
 
 # -----------------------------------------------------------------------------
 # loading a run
@@ -50,9 +49,7 @@ def load_run(run, device="cpu", alpha=None):
     correction's strength per context the run recorded (train.py --guard), or `alpha` in every context
     (an ablation: 1 = the correction as trained, 0 = the anchor alone)."""
     meta, sd = ckpt.load_run(run, f"--run={run}")
-    model = StateTransition(STConfig.from_dict(meta["st"]), pert_table=sd.get("pert_table"),
-                            anchor_table=sd.get("anchor_table"))
-    model.load_state_dict(sd)
+    model = ckpt.st_model(meta, sd, f"--run={run}")  # meta.json's config holding its weights, checked
     if model.corr_scale is not None and alpha is not None:
         model.corr_scale.fill_(alpha)
     elif meta.get("corr_scale") is not None:  # the guarded correction's strength per context (--guard)

@@ -204,6 +204,8 @@ def read(ck, command, need=None, what=None):
     if need and meta.get(need) is None:
         raise UserError(f"{command}: {os.path.dirname(ck)} is not {what} (its meta.json has no '{need}'); "
                         "check --out")
+    if need == "st":
+        check_st_meta(meta, f"{command}: {ck}")
     state = load_state(os.path.join(ck, "state.pt"))
     if not isinstance(state, dict) or state.get("step") != meta["step"]:
         raise UserError(f"{command}: {ck}: meta.json is at step {meta['step']} but state.pt at step "
@@ -245,6 +247,7 @@ def read_run(run, who, kind="st"):
                         "obsm/X_state); give a train.py run folder")
     if "st" not in meta:
         raise UserError(f"{who}: its meta.json has no 'st' config: not an ST run of train.py; give {what}")
+    check_st_meta(meta, who)
     return meta
 
 
@@ -252,6 +255,88 @@ def load_run(run, who, kind="st"):
     """A finished run folder for inference: -> (meta.json, its checked weights) (read_run, load_weights)."""
     meta = read_run(run, who, kind)
     return meta, load_weights(os.path.join(run, "model.safetensors"), who)
+
+
+# an ST run's meta.json as its readers use it (predict.py, train.py --resume, init_from, convert --to_arc):
+# name -> the types it may hold (None: a run may record none). The first six every train.py run (and a
+# converted arc-state run) writes; the others are checked when present (older runs lack some).
+ST_META = {"st": (dict,), "genes": (list,), "pert_names": (list,), "control": (str,), "data_checksum": (str, None),
+           "pert_col": (str, None), "context_names": (list,), "batch_names": (list,), "genes_out": (list, None),
+           "corr_scale": (list, None), "split_hash": (str, None), "context_col": (str, None), "batch_col": (str, None),
+           "genes_key": (str, None), "key": (str,), "combos": (str, None), "combo_parts": (list, None),
+           "recipe": (dict, None), "gene_space": (bool,), "pert_features": (str, None), "combo_reduce": (str,),
+           "train": (dict,), "global_batch": (int,), "ema": (bool,), "select": (str,), "best_step": (int, None),
+           "best_support_loss": (float, int, None), "support_curve": (list, None)}
+ST_REQUIRED = ("st", "genes", "pert_names", "control", "data_checksum", "pert_col")
+NAMES = ("genes", "pert_names", "context_names", "batch_names", "genes_out", "combo_parts")  # lists of str
+
+
+def check_st_meta(meta, where):
+    """An ST run's meta.json (a dict) holds what its readers use, of the types they use (ST_META), and a model
+    config (`st`) whose fields have their types and values in range: else a UserError starting with
+    `where` (an edited or damaged meta.json is one line, not a traceback in a reader)."""
+    from dataclasses import fields
+
+    from state.st import STConfig
+
+    fix = "the file was edited or damaged: copy the run folder again, or train again"
+    lack = [k for k in ST_REQUIRED if k not in meta]
+    if lack:
+        raise UserError(f"{where}: meta.json has no {', '.join(map(repr, lack))}; {fix}")
+    for k, types in ST_META.items():
+        v = meta.get(k)
+        if k in meta and not (v is None and None in types) and not any(
+                t is not None and isinstance(v, t) and not (t is int and isinstance(v, bool)) for t in types):
+            raise UserError(f"{where}: meta.json's {k!r} is {type(v).__name__} ({str(v)[:40]!r}), not "
+                            f"{' or '.join('null' if t is None else t.__name__ for t in types)}; {fix}")
+        if k in NAMES and isinstance(v, list) and not all(isinstance(x, str) for x in v):
+            raise UserError(f"{where}: meta.json's {k!r} holds something other than names (strings); {fix}")
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    if not all(num(x) for x in meta.get("corr_scale") or []):
+        raise UserError(f"{where}: meta.json's 'corr_scale' holds something other than numbers; {fix}")
+    if not all(isinstance(x, list) and len(x) == 2 and all(map(num, x)) for x in meta.get("support_curve") or []):
+        raise UserError(f"{where}: meta.json's 'support_curve' holds something other than [step, loss] pairs; {fix}")
+    for f in fields(STConfig):
+        if f.name in meta["st"]:
+            v, d = meta["st"][f.name], f.default
+            ok = (isinstance(v, bool) if isinstance(d, bool) else isinstance(v, (list, tuple)) if isinstance(d, tuple)
+                  else (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(d, float)
+                  else (isinstance(v, int) and not isinstance(v, bool)) if isinstance(d, int)
+                  else isinstance(v, str) if isinstance(d, str) else True)
+            if not ok:
+                raise UserError(f"{where}: meta.json's model config has {f.name}={v!r}, not a "
+                                f"{type(d).__name__}; {fix}")
+    try:
+        return STConfig.from_dict(meta["st"])
+    except UserError as e:
+        raise UserError(f"{where}: meta.json's model config: {e}; {fix}") from None
+
+
+def st_model(meta, sd, who):
+    """The StateTransition an ST run's meta.json (checked) describes, holding its weights `sd`: weights that do
+    not fit that config (meta.json edited, or files of two runs mixed) are a UserError naming a tensor."""
+    from state.st import StateTransition
+
+    cfg = check_st_meta(meta, who)
+    model = StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table"))
+    own = model.state_dict()
+    extra, lack = sorted(set(sd) - set(own)), sorted(set(own) - set(sd))
+    shape = [n for n in own if n in sd and tuple(own[n].shape) != tuple(sd[n].shape)]
+    if extra or lack or shape:
+        n = (shape or lack or extra)[0]
+        what = (f"is {tuple(sd[n].shape)} in model.safetensors but {tuple(own[n].shape)} in the model meta.json "
+                f"describes" if shape else "is missing from model.safetensors" if lack else
+                "in model.safetensors is no tensor of the model meta.json describes")
+        raise UserError(f"{who}: tensor '{n}' {what} ({len(shape)} other shapes, {len(lack)} missing, {len(extra)} "
+                        "unknown): meta.json and the weights are not of one run (edited, or files of two runs "
+                        "mixed); copy the run folder again, or train again")
+    model.load_state_dict(sd)
+    cs = meta.get("corr_scale")
+    if cs is not None and (model.corr_scale is None or len(cs) != model.corr_scale.numel()):
+        raise UserError(f"{who}: meta.json's 'corr_scale' ({len(cs)} values) does not fit the model "
+                        f"({'no guarded correction' if model.corr_scale is None else model.corr_scale.numel()}); "
+                        "the file was edited or damaged: copy the run folder again, or train again")
+    return model
 
 
 def load_weights(path, command=""):
