@@ -47,7 +47,7 @@ from state.errors import UserError, die, need_space, output_file, run, stale_tmp
 from state.dist import compute_cleanup, compute_init, mfu, print0, set_sync, wrap
 from state.sampler import StepSampler
 from state.h5ad import H5AD
-from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, is_raw, load_gene_vectors,
+from state.se import (GeneMap, SEConfig, StateEmbedding, file_hash, is_raw, load_gene_vectors, se_table,
                       load_model, model_files, norm_gene, pca_gene_vectors)
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,6 +172,7 @@ def fit(argv):
             die(f"embed.py fit: {d.dir} holds an embedding ('{d.index['recipe']['key']}'); SE needs "
                              "gene expression (prepare the counts or log1p matrix)")
     if resume:  # what fixes the data, its order or the model is refused; the rest is applied and said
+        ckpt.check_steps(st["step"], C["max_steps"], out, "embed.py fit")
         mc, w_old = meta_old["config"], len(ckpt.rngs(st))
         also = [f"{k} ({mc.get(k)!r} -> {v!r})" for k, v in mkw.items() if mc.get(k) != v]
         if meta_old.get("data_checksums") != [d.checksum for d in datas]:
@@ -180,7 +181,7 @@ def fit(argv):
             also.append(f"global batch ({w_old} processes x {meta_old['fit']['grad_accum']} micro-steps -> "
                         f"{world} x {C['grad_accum']})")
         ckpt.check_resume(meta_old["fit"], C, ("preset", "batch_size", "seed", "ds_col", "gene_emb", "pca_dim",
-                          "pca_cells", "val_cells"), "embed.py fit", also, ignore=("resume", "stop_at"))
+                          "pca_cells", "val_cells"), "embed.py fit", also, ignore=("resume", "stop_at", "out"))
     genes, maps, emb, src = gene_table(C, datas, meta_old, master)
     ds_names, labels = dataset_labels(C, datas, folders)
     # cells: one global sequence (state.sampler.CellSampler) cut by rank (StepSampler), held-out val cells
@@ -198,10 +199,10 @@ def fit(argv):
     # --- model (the same initial weights on every rank: FSDP2 does not broadcast them)
     lr = peak_lr(C)
     if resume:  # the frozen gene table from model.safetensors; weights and optimizer from dcp/ below
-        cfg = SEConfig(**meta_old["config"])
+        cfg = ckpt.check_se_meta(meta_old, f"embed.py fit: {ck}")
         sd = ckpt.load_weights(os.path.join(ck, "model.safetensors"), "embed.py fit")
-        raw = StateEmbedding(cfg, sd["emb"], genes)
-        raw.load_state_dict(sd)
+        raw = ckpt.fit_weights(StateEmbedding(cfg, se_table(sd, meta_old, f"embed.py fit: {ck}"), genes), sd,
+                               f"embed.py fit: {ck}")
     else:
         cfg = SEConfig.from_name(C["preset"], n_datasets=len(ds_names), **mkw)
         torch.manual_seed(C["seed"])

@@ -393,16 +393,20 @@ if resume:
     # fields added since the run was written take their defaults (what the run computed without them)
     if STConfig.from_dict(meta["st"]).to_dict() != cfg.to_dict():
         die("train.py: --resume with a different model config than the run's meta.json")
+    ckpt.check_steps(state["step"], max_steps, out, "train.py")
+    if bool(meta.get("ema")) != bool(ema) or meta.get("select", "last") != select:
+        die(f"train.py: --resume with --ema={ema} --select={select} but the run was trained with "
+                 f"ema={meta.get('ema')} select={meta.get('select', 'last')}")
     # settings that fix the data order or the model are refused (world x accum may trade at one global
     # batch); the others are applied and said
     gb = B * world * grad_accum
     ckpt.check_resume(meta.get("train", {}), train_cfg, ("batch_size", "seed", "mapping", "control_sets",
                       "batch_encoder", "pert_features", "decoder", "combos", "combo_reduce"), "train.py",
                       also=[f"global_batch ({meta['global_batch']!r} -> {gb!r})"] if meta.get("global_batch", gb) != gb
-                      else [], ignore=("resume", "out"))
-    if bool(meta.get("ema")) != bool(ema) or meta.get("select", "last") != select:
-        die(f"train.py: --resume with --ema={ema} --select={select} but the run was trained with "
-                 f"ema={meta.get('ema')} select={meta.get('select', 'last')}")
+                      else [], ignore=("resume", "out", "init_from", "reinit", "init_skip"))
+    if any(train_cfg[k] != meta.get("train", {}).get(k, train_cfg[k]) for k in ("init_from", "reinit", "init_skip")):
+        print0("note: --init_from/--reinit/--init_skip act at step 0 only: a resumed run continues from its own "
+               "checkpoint, so they are ignored")
     ckpt.restore(ck, raw, opt, weight_decay, "train.py")  # any world size: DCP reshards
     if ema_p is not None:
         esd = ckpt.load_weights(os.path.join(ck, "ema.safetensors"), "train.py")
@@ -415,9 +419,6 @@ if resume:
     sampler.load_state_dict(state["sampler"])
     ckpt.restore_rng(state, rank, world, seed, dev)
     start = state["step"]
-    if start > max_steps:
-        die(f"train.py: --max_steps={max_steps} is below the checkpoint's step {start} in {out}; give "
-            f"--max_steps >= {start} (a run cannot go back: start a new one, or --init_from={out})")
     if master:
         ckpt.trim_log(os.path.join(out, "log.jsonl"), start)
     print0(f"resumed {out} at step {start}")

@@ -206,6 +206,8 @@ def read(ck, command, need=None, what=None):
                         "check --out")
     if need == "st":
         check_st_meta(meta, f"{command}: {ck}")
+    elif need == "preset":
+        check_se_meta(meta, f"{command}: {ck}")
     state = load_state(os.path.join(ck, "state.pt"))
     if not isinstance(state, dict) or state.get("step") != meta["step"]:
         raise UserError(f"{command}: {ck}: meta.json is at step {meta['step']} but state.pt at step "
@@ -239,6 +241,7 @@ def read_run(run, who, kind="st"):
     if kind == "se":
         if meta.get("kind") != "nanostate-se":
             raise UserError(f"{who}: not an SE run of embed.py (meta.json kind={meta.get('kind')!r}); give {what}")
+        check_se_meta(meta, who)
         return meta
     if meta.get("kind") == "nanostate-se" or ("st" not in meta and ("se_hash" in meta or "fit" in meta
                                                                      or "preset" in meta)):
@@ -275,8 +278,6 @@ def check_st_meta(meta, where):
     """An ST run's meta.json (a dict) holds what its readers use, of the types they use (ST_META), and a model
     config (`st`) whose fields have their types and values in range: else a UserError starting with
     `where` (an edited or damaged meta.json is one line, not a traceback in a reader)."""
-    from dataclasses import fields
-
     from state.st import STConfig
 
     fix = "the file was edited or damaged: copy the run folder again, or train again"
@@ -296,29 +297,36 @@ def check_st_meta(meta, where):
         raise UserError(f"{where}: meta.json's 'corr_scale' holds something other than numbers; {fix}")
     if not all(isinstance(x, list) and len(x) == 2 and all(map(num, x)) for x in meta.get("support_curve") or []):
         raise UserError(f"{where}: meta.json's 'support_curve' holds something other than [step, loss] pairs; {fix}")
-    for f in fields(STConfig):
-        if f.name in meta["st"]:
-            v, d = meta["st"][f.name], f.default
-            ok = (isinstance(v, bool) if isinstance(d, bool) else isinstance(v, (list, tuple)) if isinstance(d, tuple)
-                  else (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(d, float)
-                  else (isinstance(v, int) and not isinstance(v, bool)) if isinstance(d, int)
-                  else isinstance(v, str) if isinstance(d, str) else True)
+    return config_of(STConfig, meta["st"], where)
+
+
+def config_of(cls, d, where):
+    """The model config dataclass `cls` from meta.json's dict `d` (keys it does not know are left out, missing
+    ones take their defaults: older runs), each value of its default's type and in range, else a UserError
+    starting with `where`."""
+    from dataclasses import fields
+
+    fix = "the file was edited or damaged: copy the run folder again, or train again"
+    for f in fields(cls):
+        if f.name in d:
+            v, dv = d[f.name], f.default
+            ok = (isinstance(v, bool) if isinstance(dv, bool) else isinstance(v, (list, tuple)) if isinstance(dv, tuple)
+                  else (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(dv, float)
+                  else (isinstance(v, int) and not isinstance(v, bool)) if isinstance(dv, int)
+                  else isinstance(v, str) if isinstance(dv, str) else True)
             if not ok:
                 raise UserError(f"{where}: meta.json's model config has {f.name}={v!r}, not a "
-                                f"{type(d).__name__}; {fix}")
+                                f"{type(dv).__name__}; {fix}")
+    names = {f.name for f in fields(cls)}
     try:
-        return STConfig.from_dict(meta["st"])
+        return cls(**{k: v for k, v in d.items() if k in names})
     except UserError as e:
         raise UserError(f"{where}: meta.json's model config: {e}; {fix}") from None
 
 
-def st_model(meta, sd, who):
-    """The StateTransition an ST run's meta.json (checked) describes, holding its weights `sd`: weights that do
-    not fit that config (meta.json edited, or files of two runs mixed) are a UserError naming a tensor."""
-    from state.st import StateTransition
-
-    cfg = check_st_meta(meta, who)
-    model = StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table"))
+def fit_weights(model, sd, who):
+    """model.load_state_dict(sd), after checking that the run's weights `sd` are the tensors of the model its
+    meta.json describes: else a UserError naming one (meta.json edited, or files of two runs mixed)."""
     own = model.state_dict()
     extra, lack = sorted(set(sd) - set(own)), sorted(set(own) - set(sd))
     shape = [n for n in own if n in sd and tuple(own[n].shape) != tuple(sd[n].shape)]
@@ -331,6 +339,35 @@ def st_model(meta, sd, who):
                         "unknown): meta.json and the weights are not of one run (edited, or files of two runs "
                         "mixed); copy the run folder again, or train again")
     model.load_state_dict(sd)
+    return model
+
+
+def check_se_meta(meta, where):
+    """An SE run's meta.json (a dict; kind nanostate-se or embed.py's "preset"): its model config (`config`) and
+    gene names (`genes`) of the types its readers use -> the SEConfig; else a UserError starting with `where`."""
+    from state.se import SEConfig
+
+    fix = "the file was edited or damaged: copy the run folder again, or train again"
+    for k, t in (("config", dict), ("genes", list)):
+        if not isinstance(meta.get(k), t):
+            raise UserError(f"{where}: meta.json's {k!r} is {type(meta.get(k)).__name__}, not {t.__name__}"
+                            f"{' (missing)' if k not in meta else ''}; {fix}")
+    if not all(isinstance(g, str) for g in meta["genes"]):
+        raise UserError(f"{where}: meta.json's 'genes' holds something other than names (strings); {fix}")
+    for k in ("recipe", "fit", "gene_emb"):
+        if meta.get(k) is not None and not isinstance(meta[k], dict):
+            raise UserError(f"{where}: meta.json's {k!r} is {type(meta[k]).__name__}, not an object; {fix}")
+    return config_of(SEConfig, meta["config"], where)
+
+
+def st_model(meta, sd, who):
+    """The StateTransition an ST run's meta.json (checked) describes, holding its weights `sd`: weights that do
+    not fit that config (meta.json edited, or files of two runs mixed) are a UserError naming a tensor."""
+    from state.st import StateTransition
+
+    cfg = check_st_meta(meta, who)
+    model = fit_weights(StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table")),
+                        sd, who)
     cs = meta.get("corr_scale")
     if cs is not None and (model.corr_scale is None or len(cs) != model.corr_scale.numel()):
         raise UserError(f"{who}: meta.json's 'corr_scale' ({len(cs)} values) does not fit the model "
@@ -445,6 +482,15 @@ def check_resume(old, new, fixed, command, also=(), ignore=("resume",)):
         print0("note: resumed with changed settings (applied from this step on): " +
                ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed))
     return changed
+
+
+def check_steps(start, max_steps, out, command):
+    """A resumed run continues to --max_steps: one below the checkpoint's step cannot be reached (the run would
+    end at once, doing nothing while saying it applied the change)."""
+    if start > max_steps:
+        die(f"{command}: --max_steps={max_steps} is below the checkpoint's step {start} in {out}; give "
+            f"--max_steps >= {start} (a run cannot go back: start a new one"
+            + (f", or --init_from={out})" if command == "train.py" else ")"))
 
 
 def restore(ck, model, opt, weight_decay, command):

@@ -64,10 +64,20 @@ class SEConfig:
     E: int = 0                # gene-vector width (set from the gene table)
 
     def __post_init__(self):
-        assert self.d_model % self.n_head == 0, f"d_model={self.d_model} not divisible by n_head={self.n_head}"
-        assert self.norm in ("post", "pre"), self.norm
-        assert self.cls_count in ("ref", "zero"), self.cls_count
-        assert self.pad_length >= 2
+        bad = [f"{k}={getattr(self, k)!r} (needs {rule})" for k, ok, rule in (
+            ("d_model", self.d_model >= 1, ">= 1"), ("n_head", self.n_head >= 1, ">= 1"),
+            ("n_layer", self.n_layer >= 0, ">= 0"), ("ff", self.ff >= 1, ">= 1"), ("d_out", self.d_out >= 1, ">= 1"),
+            ("n_ds", self.n_ds >= 1, ">= 1"), ("n_bins", self.n_bins >= 1, ">= 1"),
+            ("count_hidden", self.count_hidden >= 1, ">= 1"), ("n_datasets", self.n_datasets >= 1, ">= 1"),
+            ("pad_length", self.pad_length >= 2, ">= 2"), ("dropout", 0 <= self.dropout < 1, "0 <= p < 1"),
+            ("norm", self.norm in ("post", "pre"), "post or pre"), ("cls_count", self.cls_count in ("ref", "zero"),
+                                                                    "ref or zero"),
+            ("P", self.P >= 0, ">= 0"), ("N", self.N >= 0, ">= 0"), ("S", self.S >= 0, ">= 0"))
+            if not ok]
+        if not bad and self.d_model % self.n_head:
+            bad.append(f"d_model={self.d_model} with n_head={self.n_head} (d_model must divide by n_head)")
+        if bad:
+            raise UserError(f"SE model settings out of range: {'; '.join(bad)}")
         self.k = self.pad_length - 1  # genes per sentence
 
     @classmethod
@@ -535,12 +545,23 @@ def save_model(model, out_dir, meta=None, sd=None):
     return file_hash(os.path.join(out_dir, "model.safetensors"))
 
 
+def se_table(sd, meta, who):
+    """The frozen gene table of an SE run's weights, one row per name of meta.json's 'genes' (else a UserError:
+    the names would index other rows, a silent wrong embedding)."""
+    emb = sd.get("emb")
+    if emb is None or emb.dim() != 2 or emb.shape[0] != len(meta["genes"]):
+        raise UserError(f"{who}: model.safetensors' gene table 'emb' is {None if emb is None else tuple(emb.shape)} "
+                        f"for the {len(meta['genes'])} genes meta.json names: meta.json and the weights are not of "
+                        "one run (edited, or files of two runs mixed); copy the run folder again, or train again")
+    return emb
+
+
 def load_model(ckpt, device="cpu"):
     """-> (StateEmbedding in eval mode with dropout 0, meta) of an SE run folder (state.ckpt.load_run)."""
-    from state.ckpt import load_run
+    from state.ckpt import check_se_meta, fit_weights, load_run
     meta, sd = load_run(ckpt, f"--ckpt={ckpt}", "se")
-    c = {**meta["config"], "dropout": 0.0}  # inference: no dropout (the reference forgot this in SDPA)
-    model = StateEmbedding(SEConfig(**c), sd["emb"], meta.get("genes"))
-    model.load_state_dict(sd)
+    c = check_se_meta(meta, f"--ckpt={ckpt}")
+    c.dropout = 0.0  # inference: no dropout (the reference forgot this in SDPA)
+    model = fit_weights(StateEmbedding(c, se_table(sd, meta, f"--ckpt={ckpt}"), meta["genes"]), sd, f"--ckpt={ckpt}")
     meta["se_hash"] = file_hash(os.path.join(ckpt, "model.safetensors"))  # the file as it is now
     return model.to(device).eval(), meta

@@ -294,3 +294,50 @@ def test_losses_are_unsquared_norms():
     _, y = task_genes(to_log1p(x), valid, 6, 6, 5, rows, 3)
     assert torch.allclose(parts["gene"], y.norm(dim=1).mean())  # per cell over its 17 task genes
     assert torch.allclose(parts["cell"], y[:, -5:].norm(dim=0).mean())  # per shared gene over cells
+
+
+def test_se_run_edited_or_moved_and_bad_settings_are_one_line(tmp_path, capsys):
+    """SE settings out of range are a UserError (were asserts); an SE run whose meta.json was edited (wrong
+    types, a key missing, a config or gene list its weights do not fit) is refused by transform and by fit
+    --resume, naming what; --resume below the run's step is refused (it ended doing nothing); a moved run
+    folder does not report its --out as a changed setting."""
+    import shutil
+
+    import embed
+    from state.errors import UserError
+    for kw in (dict(d_model=15), dict(norm="x"), dict(pad_length=1), dict(dropout=1.5), dict(n_layer=-1)):
+        with pytest.raises(UserError, match="SE model settings out of range"):
+            SEConfig(**{**MICRO, **kw})
+    a = _h5ad(str(tmp_path / "a.h5ad"), _counts(60, 20, seed=1), [f"Gene{i}" for i in range(20)])
+    from state.prepare import prepare
+    prepare(a, tmp_path / "pa", pert_col="")
+    common = [f"--data={tmp_path / 'pa'}", "--batch_size=8", "--max_steps=3", "--pca_dim=6", "--val_cells=4",
+              "--eval_every=100", "--save_every=100", "--log_every=100", "--d_model=16", "--ff=32", "--n_head=2",
+              "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4", "--S=4"]
+    embed.main(["fit", *common, f"--out={tmp_path}/r1"])
+    with pytest.raises(SystemExit, match="--max_steps=2 is below the checkpoint's step 3"):
+        embed.main(["fit", *common, f"--out={tmp_path}/r1", "--resume", "--max_steps=2"])
+    shutil.copytree(tmp_path / "r1", tmp_path / "moved", symlinks=True)
+    capsys.readouterr()
+    embed.main(["fit", *common, f"--out={tmp_path}/moved", "--resume", "--max_steps=4"])
+    assert "changed settings (applied from this step on): max_steps 3 -> 4" in capsys.readouterr().out
+    edits = [("config", lambda m: m.update(config="x"), "'config' is str"),
+             ("dstr", lambda m: m["config"].update(d_model="16"), "d_model='16', not a int"),
+             ("dother", lambda m: m["config"].update(d_model=32), "not of one run"),
+             ("nogenes", lambda m: m.pop("genes"), "'genes' is NoneType, not list (missing)"),
+             ("genes", lambda m: m.update(genes=m["genes"][:-1]), "gene table 'emb' is (20, 6) for the 19 genes"),
+             ("recipe", lambda m: m.update(recipe=3), "'recipe' is int"),
+             ("heads", lambda m: m["config"].update(n_head=3), "d_model must divide by n_head")]
+    for name, edit, want in edits:
+        r = tmp_path / name
+        shutil.copytree(tmp_path / "r1", r, symlinks=True)
+        p = os.path.realpath(r / "meta.json")
+        m = json.load(open(p))
+        edit(m)
+        json.dump(m, open(p, "w"))
+        with pytest.raises((SystemExit, UserError), match=want.replace("(", r"\(").replace(")", r"\)")):
+            embed.main(["transform", f"--ckpt={r}", a, f"--output={tmp_path / 'o.h5ad'}"])
+        assert not (tmp_path / "o.h5ad").exists()
+        if name != "dother":  # a resume compares --d_model with the run's config first
+            with pytest.raises((SystemExit, UserError), match=want.replace("(", r"\(").replace(")", r"\)")):
+                embed.main(["fit", *common, f"--out={r}", "--resume", "--max_steps=4"])

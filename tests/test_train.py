@@ -391,3 +391,17 @@ def test_gene_space_override_is_a_setting_like_any(synth, tmp_path):
     r = run(*args(synth, out, 2, "--gene_space=False"), ok=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.load(open(out / "meta.json"))["st"]["gene_space"] is False
+
+
+@pytest.mark.slow
+def test_resume_refusals_come_before_the_applied_note(synth, tmp_path):
+    """A --resume refused (--max_steps below the run's step, another --ema) does not first say its changes were
+    applied; --init_from on a resume is said to be ignored (it acts at step 0 only), not 'applied'."""
+    out = tmp_path / "r"
+    run(*args(synth, out, 4))
+    for extra, want in (("--max_steps=2", "is below the checkpoint's step 4"), ("--ema=0.5", "--ema=0.5")):
+        r = run(*args(synth, out, 4, "--resume", extra, "--lr=0.01"), ok=False)
+        assert r.returncode == 2 and want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "applied from this step on" not in r.stdout, r.stdout[-1000:]
+    r = run(*args(synth, out, 5, "--resume", f"--init_from={out}"))
+    assert "are ignored" in r.stdout and "init_from ''" not in r.stdout
