@@ -263,9 +263,12 @@ def run(tasks, seeds, out, cache, shared, recipe, jobs=2, ensemble=False):
     os.makedirs(cache, exist_ok=True)
     cfg_f = os.path.join(out, "protocol.json")
     cfg = {"recipe": recipe, "tasks": tasks, "seeds": seeds}
-    if os.path.exists(cfg_f) and json.load(open(cfg_f))["recipe"] != recipe:
-        raise UserError(f"{out} holds a protocol run with another recipe ({json.load(open(cfg_f))['recipe']!r}); "
-                 "use another --out")
+    if os.path.exists(cfg_f):
+        old = json.load(open(cfg_f))
+        if old["recipe"] != recipe:
+            raise UserError(f"{out} holds a protocol run with another recipe ({old['recipe']!r}); use another --out")
+        # more tasks or seeds into the same folder: the table keeps the earlier ones
+        cfg.update(tasks=list(dict.fromkeys(old["tasks"] + tasks)), seeds=list(dict.fromkeys(old["seeds"] + seeds)))
     json.dump(cfg, open(cfg_f, "w"), indent=1)
     for t in tasks:  # data, splits, ceilings and baselines first (cheap, cached)
         d, sp = task_data(t, cache, shared)
@@ -303,10 +306,11 @@ def collect(out, cache):
     cfg = json.load(open(os.path.join(out, "protocol.json")))
     res = {}
     for t in cfg["tasks"]:
+        seeds = [s for s in cfg["seeds"] if os.path.exists(os.path.join(out, t, f"s{s}", "scores.json"))]
         st = [dict(json.load(open(os.path.join(out, t, f"s{s}", "scores.json"))),
                    anchor=json.load(open(os.path.join(out, t, f"s{s}", "meta.json")))["st"].get("anchor", "none"))
-              for s in cfg["seeds"] if os.path.exists(os.path.join(out, t, f"s{s}", "scores.json"))]
-        bl = [json.load(open(os.path.join(cache, f"{t}_baselines_s{s}.json"))) for s in cfg["seeds"]]
+              for s in seeds]
+        bl = [json.load(open(os.path.join(cache, f"{t}_baselines_s{s}.json"))) for s in seeds]  # paired with st
         ens = {n: os.path.join(out, t, n, "scores.json") for n in ENSEMBLES}
         groups = json.load(open(os.path.join(cache, f"{t}.json")))["test_groups"]
         res[t] = dict(st=st, bl=bl, ceil=json.load(open(os.path.join(cache, f"{t}_ceiling.json"))),

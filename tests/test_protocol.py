@@ -3,6 +3,8 @@ baseline-anchored ST (starts exactly at the baseline), the mixer ablations, seed
 and the multi-seed protocol's statistics (paired differences, wins, ceilings, calibrated scores,
 uninformative metrics) including a split-half ceiling on real data."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -267,3 +269,21 @@ def test_pick_tasks_by_name_and_role():
     for bad in ("pap_rep9", "", " , "):
         with pytest.raises(UserError, match="--tasks="):
             X.pick_tasks(bad)
+
+
+def test_collect_pairs_baselines_with_the_seeds_that_ran(tmp_path):
+    """A task whose seed 0 has no ST scores yet: its seed-1 ST scores pair with seed 1's baselines (not
+    seed 0's, as the first-K slice had it)."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cache.mkdir()
+    t = "pap_rep1"
+    (out / t / "s1").mkdir(parents=True)
+    json.dump({"recipe": "--preset=tiny", "tasks": [t], "seeds": [0, 1]}, open(out / "protocol.json", "w"))
+    json.dump({"mae": 0.5}, open(out / t / "s1" / "scores.json", "w"))
+    json.dump({"st": {"anchor": "auto"}}, open(out / t / "s1" / "meta.json", "w"))
+    for s in (0, 1):
+        json.dump({"context_mean": {"mae": 0.1 * (s + 1)}}, open(cache / f"{t}_baselines_s{s}.json", "w"))
+    json.dump({"mae": 0.0}, open(cache / f"{t}_ceiling.json", "w"))
+    json.dump({"test_groups": [["rep_1", "A"]]}, open(cache / f"{t}.json", "w"))
+    cfg, res = X.collect(str(out), str(cache))
+    assert [x["mae"] for x in res[t]["st"]] == [0.5] and res[t]["bl"] == [{"context_mean": {"mae": 0.2}}]
