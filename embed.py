@@ -406,7 +406,7 @@ def transform(argv):
     if not o and not (os.stat(inp).st_mode & 0o222):  # root ignores permissions: honour the marking
         die(f"{inp} is marked read-only; not writing into it. Use --output=OUT.h5ad "
             "(a copy plus obsm/X_state) or --output=OUT.npy")
-    target = output_file(o, [inp, C["ckpt"]], "embed.py transform") if o else inp
+    target = output_file(o, [inp, C["ckpt"]], "embed.py transform", "--output") if o else inp
     stale_tmp(target)  # temp files of killed transforms at this path
     # everything is written into a temp file beside the target and renamed over it at the end: a kill, a
     # full disk or an error leaves the user's file as it was (in place too: a copy is written, then

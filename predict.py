@@ -35,7 +35,7 @@ from tqdm import tqdm
 from state import ckpt
 from state.config import configure
 from state.sampler import draw_controls
-from state.errors import die, need_space, output_file, run, stale_tmp
+from state.errors import die, need_space, output_file, output_folder, run, stale_tmp
 from state.eval import group_spread
 from state.h5ad import H5AD, Cat, Stream, write_cells
 from state.perts import check_combo_labels, multi_hot, parts_of
@@ -207,8 +207,7 @@ def cmd_test(argv):
     alpha = check_alpha(cfg["alpha"], "predict.py test")
     if not cfg["out"]:
         die("predict.py test: --out=FOLDER is required (pred.h5ad and real.h5ad are written there)")
-    if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
-        die(f"predict.py test: --out={cfg['out']} is a file; give a folder")
+    output_folder(cfg["out"], [cfg["data"]], "predict.py test")  # not a file, the data or a prepared folder
     for f in ("pred.h5ad", "real.h5ad"):
         output_file(os.path.join(cfg["out"], f), [cfg["split"]], "predict.py test")
     models, meta = load_runs(cfg["run"], cfg["device"], alpha)

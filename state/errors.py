@@ -68,6 +68,9 @@ def message(command, e):
         except (OSError, ValueError):
             pass
         msg = "the output pipe was closed (its reader, e.g. `head`, stopped reading); stopped there"
+    elif (isinstance(e, OSError) and e.errno == errno.EEXIST and e.filename and os.path.lexists(e.filename)
+          and not os.path.isdir(e.filename)):  # os.makedirs(exist_ok=True) on a path whose part is a file
+        msg = f"{e.filename}: is a file where a folder is needed; {FIX[errno.ENOTDIR]}"
     elif isinstance(e, OSError) and e.errno in FIX:
         where = f"{e.filename}: " if e.filename else ""
         msg = f"{where}{e.strerror or os.strerror(e.errno)}; {FIX[e.errno]}"

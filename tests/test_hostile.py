@@ -537,3 +537,24 @@ def test_closed_stdout_is_one_line(synth, tmp_path, cmd):
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and "output pipe was closed" in lines[0] and "Traceback" not in err, err
     assert not out.exists()  # the split file was not written; the run folder was removed
+
+
+@pytest.mark.slow
+def test_outputs_under_a_file_or_into_a_prepared_folder(synth, trained, tmp_path):
+    """simulate --out=FILE/x.h5ad said 'File exists; it exists already' (os.makedirs on a file); predict.py
+    test --out=a prepared folder wrote pred.h5ad/real.h5ad into it (eval, baselines, convert refuse one)."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    real = tmp_path / "o" / "real.h5ad"
+    base = ["predict.py", "test", f"--run={trained}", f"--data={synth / 'prep'}", f"--split={synth / 'split.json'}"]
+    run_script(*base, f"--out={tmp_path / 'o'}")
+    pert = json.load(open(trained / "meta.json"))["pert_names"][1]
+    r = run_script("predict.py", "simulate", f"--run={trained}", f"--adata={real}", f"--perts={pert}",
+                   f"--out={f / 's.h5ad'}", ok=False)
+    one_line(r, "afile: is a file where a folder is needed")
+    data = tmp_path / "prep"
+    shutil.copytree(synth / "prep", data)
+    before = sorted(os.listdir(data))
+    one_line(run_script(*base, f"--out={data}", ok=False), "is a prepared folder")
+    one_line(run_script(*base, f"--out={synth / 'prep'}", ok=False), "is the input folder")
+    assert sorted(os.listdir(data)) == before and f.read_text() == "x"
