@@ -554,9 +554,8 @@ def export_arc(run, out):
 
     from state import ckpt
     from state.errors import staged_folder
-    from state.st import STConfig
     meta, sd = ckpt.load_run(run, f"--to_arc={run}")
-    c = STConfig.from_dict(meta["st"])
+    c = ckpt.st_model(meta, sd, f"--to_arc={run}").cfg  # meta.json's config, checked against its weights
     dec = c.n_genes > 0
     for bad, why in ((c.anchor != "none", f"anchor={c.anchor}: a baseline shift table arc-state has no place for"),
                      (c.mixer != "attention", f"mixer={c.mixer}: arc-state's backbone always attends"),

@@ -347,3 +347,22 @@ def test_export_refuses_what_arc_state_cannot_compute(converted, tmp_path):
     with pytest.raises(UserError, match="residual=paper"):
         export_arc(str(d), str(tmp_path / "arc"))
     assert not (tmp_path / "arc").exists()
+
+
+def test_export_refuses_a_meta_json_its_weights_do_not_fit(converted, tmp_path):
+    """--to_arc of a run whose meta.json was edited so its config no longer fits the weights: another hidden size
+    was written out as an arc-state run (exit 0, a config.yaml that cannot load the checkpoint), more layers a
+    KeyError traceback; both are one UserError naming a tensor, nothing written."""
+    from state.convert import export_arc
+    for k, want in (("hidden", "is .* in model.safetensors but"), ("n_layers", "is missing from")):
+        d = tmp_path / f"run_{k}"
+        shutil.copytree(converted["hvg_sm"][0], d, symlinks=True)
+        meta = json.load(open(d / "meta.json"))
+        meta["st"][k] *= 2
+        if k == "hidden":
+            meta["st"]["head_dim"] = 0  # hidden / n_heads
+        os.remove(d / "meta.json")
+        json.dump(meta, open(d / "meta.json", "w"))
+        with pytest.raises(UserError, match=f"tensor .* {want}"):
+            export_arc(str(d), str(tmp_path / f"arc_{k}"))
+        assert not (tmp_path / f"arc_{k}").exists()
