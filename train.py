@@ -391,8 +391,11 @@ if resume:
     if meta["data_checksum"] != D.checksum or meta.get("split_hash") != split_hash:
         die("train.py: --resume with a different dataset or split than the run was trained on")
     # fields added since the run was written take their defaults (what the run computed without them)
-    if STConfig.from_dict(meta["st"]).to_dict() != cfg.to_dict():
-        die("train.py: --resume with a different model config than the run's meta.json")
+    was = STConfig.from_dict(meta["st"]).to_dict()
+    if was != cfg.to_dict():
+        diff = [f"{k} ({was[k]!r} -> {v!r})" for k, v in cfg.to_dict().items() if was.get(k) != v]
+        die(f"train.py: --resume with a different model config than the run's meta.json: {', '.join(diff)}; "
+            "resume with the run's settings, or start a new run")
     ckpt.check_steps(state["step"], max_steps, out, "train.py")
     if bool(meta.get("ema")) != bool(ema) or meta.get("select", "last") != select:
         die(f"train.py: --resume with --ema={ema} --select={select} but the run was trained with "

@@ -123,9 +123,11 @@ def repair(out):
 
 
 def leftovers_only(out):
-    """True when `out` holds nothing but what a run killed before its first commit leaves (its log and
-    staging folders): --resume may then start from step 0 instead of refusing."""
-    return all(f in ("log.jsonl", "ckpt.tmp", LOCK) or (f.startswith("ckpt-") and f.endswith(".tmp"))
+    """True when `out` holds nothing but what a run killed before its first commit leaves (its log, staging
+    folders, and a checkpoint folder renamed from its staging name but never switched in: no `ckpt` link names
+    it): --resume may then start from step 0 instead of refusing."""
+    import re
+    return all(f in ("log.jsonl", "ckpt.tmp", LOCK) or re.fullmatch(r"ckpt-\d+(-b)?(\.tmp)?", f)
                for f in os.listdir(out))
 
 
@@ -446,6 +448,8 @@ def open_run(out, resume, command, master, ddp):
     needs it to exist; rank 0 locks it (one writer) and puts back the links of a dereferenced copy. -> the
     last committed checkpoint folder to resume, or None: a new run, or a --resume of a run killed before its
     first commit (its leftovers are cleared and it starts at step 0)."""
+    if not out:
+        die(f"{command}: --out is empty; give a folder for the run")
     if os.path.exists(out) and not os.path.isdir(out):
         die(f"{command}: --out={out} is a file; give a folder for the run")
     if not empty(out) and not resume:

@@ -148,3 +148,28 @@ def test_edited_meta_json_is_one_line_for_every_reader(synth, tmp_path):
     json.dump(m, open(os.path.realpath(src / "meta.json"), "w"))
     run(pred(src))
     assert (tmp_path / "pout" / "pred.h5ad").exists()
+
+
+@pytest.mark.slow
+def test_killed_between_rename_and_first_switch_starts_again(synth, tmp_path):
+    """A save killed after its staging folder was renamed to ckpt-<step> but before the `ckpt` link was first
+    switched to it leaves no commit: --resume refused ('holds no committed checkpoint') instead of starting
+    again from step 0 as for every other point before the first commit (train.py and embed.py fit)."""
+    d = synth
+    full, out = tmp_path / "full", tmp_path / "k"
+    run(train_args(d, full))
+    assert run(train_args(d, out), fault=OPS - 2, ok=False).returncode != 0  # after the rename of the first save
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-3", "log.jsonl"] or sorted(os.listdir(out)) == ["ckpt-3", "log.jsonl"]
+    r = run(train_args(d, out, "--resume"))
+    assert "starting at step 0" in r.stdout
+    assert losses(out) == losses(full)
+    from state.prepare import prepare
+    prepare(_h5ad(tmp_path / "a.h5ad"), tmp_path / "pa", pert_col="")
+    common = ["embed.py", "fit", f"--data={tmp_path / 'pa'}", "--batch_size=8", "--max_steps=2", "--save_every=2",
+              "--pca_dim=6", "--val_cells=4", "--eval_every=100", "--log_every=100", "--d_model=16", "--ff=32",
+              "--n_head=2", "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4",
+              "--S=4", "--threads=1", f"--out={tmp_path / 'se'}"]
+    assert run(common, fault=5, ok=False).returncode != 0  # dcp/, state.pt, model, meta, rename: killed
+    assert "ckpt-2" in os.listdir(tmp_path / "se") and "ckpt" not in os.listdir(tmp_path / "se")
+    assert "starting at step 0" in run([*common, "--resume"]).stdout
+    assert json.load(open(tmp_path / "se" / "meta.json"))["step"] == 2

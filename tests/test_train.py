@@ -405,3 +405,16 @@ def test_resume_refusals_come_before_the_applied_note(synth, tmp_path):
         assert "applied from this step on" not in r.stdout, r.stdout[-1000:]
     r = run(*args(synth, out, 5, "--resume", f"--init_from={out}"))
     assert "are ignored" in r.stdout and "init_from ''" not in r.stdout
+
+
+@pytest.mark.slow
+def test_resume_names_changed_model_fields_and_empty_out(synth, tmp_path):
+    """A --resume with another model config named no field ('a different model config'); --out= (empty) said
+    'No such file or directory' naming no option."""
+    out = tmp_path / "r"
+    run(*args(synth, out, 2))
+    r = run(*args(synth, out, 3, "--resume", "--hidden=32"), ok=False)
+    assert r.returncode == 2 and "hidden (64 -> 32)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for script in (args(synth, "", 2), ["embed.py", "fit", f"--data={synth / 'prep'}", "--out="]):
+        r = run(*script, ok=False)
+        assert r.returncode == 2 and "--out is empty" in r.stderr, r.stderr[-1000:]
