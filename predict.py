@@ -35,7 +35,7 @@ from tqdm import tqdm
 from state import ckpt
 from state.config import configure
 from state.sampler import draw_controls
-from state.errors import die, need_space, output_file, output_folder, run, stale_tmp
+from state.errors import die, need_space, output_file, output_folder, run, stale_tmp, staged_folder
 from state.eval import group_spread
 from state.h5ad import H5AD, Cat, Stream, write_cells
 from state.perts import check_combo_labels, multi_hot, parts_of
@@ -272,25 +272,26 @@ def cmd_test(argv):
     N, G = n_pred + len(ctrl_rows), len(out_genes)
     need_space(os.path.join(cfg["out"], "pred.h5ad"), 2 * (4 * N * (G + (D.n_genes if dec else 0)) + 64 * N),
                "predict.py test")
-    os.makedirs(cfg["out"], exist_ok=True)
-    write_cells(os.path.join(cfg["out"], "pred.h5ad"),
-                Stream(N, {"X": G, **({"obsm/X_state_pred": D.n_genes} if dec else {})}, pred_blocks(), "predict"),
-                out_genes, {**obs, "is_predicted": isp, "ctrl_cell_barcode": Cat(cb, ucn)}, labels,
-                sources(cfg["run"]), **info)
-    write_cells(os.path.join(cfg["out"], "real.h5ad"),
-                Stream(N, {"X": G, **({"obsm/X_state": D.n_genes} if dec else {})}, real_blocks()),
-                out_genes, {**obs, "is_predicted": np.zeros(N, bool)}, labels, "real",
-                **{**info, "clip": "none", "space": "gene" if dec else space})
+    with staged_folder(cfg["out"]) as d:  # the pair (and spread.txt) or none: a failure leaves --out as it was
+        write_cells(os.path.join(d, "pred.h5ad"),
+                    Stream(N, {"X": G, **({"obsm/X_state_pred": D.n_genes} if dec else {})}, pred_blocks(), "predict"),
+                    out_genes, {**obs, "is_predicted": isp, "ctrl_cell_barcode": Cat(cb, ucn)}, labels,
+                    sources(cfg["run"]), **info)
+        write_cells(os.path.join(d, "real.h5ad"),
+                    Stream(N, {"X": G, **({"obsm/X_state": D.n_genes} if dec else {})}, real_blocks()),
+                    out_genes, {**obs, "is_predicted": np.zeros(N, bool)}, labels, "real",
+                    **{**info, "clip": "none", "space": "gene" if dec else space})
+        text = spread_report(spread_rows)[0] if spread_rows else None
+        if text:
+            with open(os.path.join(d, "spread.txt"), "w") as f:
+                f.write(text + "\n")
     print(f"predicted {n_pred:,} cells in {len(plan)} test groups ({timing[1]} sets, S {S}) in "
           f"{timing[0]:.1f}s -> {cfg['out']}/pred.h5ad, real.h5ad ({len(ctrl_rows):,} real controls in both; "
           "written group by group)"
           + (f"; gene space: {len(out_genes)} decoded genes ('{meta.get('genes_key')}'), embedding "
              "predictions in obsm['X_state_pred']" if dec else ""))
-    if spread_rows:  # spread / shift report
-        text, _ = spread_report(spread_rows)
+    if text:  # spread / shift report
         print(text)
-        with open(os.path.join(cfg["out"], "spread.txt"), "w") as f:
-            f.write(text + "\n")
     return cfg["out"]
 
 

@@ -558,3 +558,24 @@ def test_outputs_under_a_file_or_into_a_prepared_folder(synth, trained, tmp_path
     one_line(run_script(*base, f"--out={data}", ok=False), "is a prepared folder")
     one_line(run_script(*base, f"--out={synth / 'prep'}", ok=False), "is the input folder")
     assert sorted(os.listdir(data)) == before and f.read_text() == "x"
+
+
+@pytest.mark.slow
+def test_predict_test_writes_the_pair_or_nothing(synth, trained, tmp_path):
+    """predict.py test wrote pred.h5ad, then real.h5ad: a failed second write (a full disk) left a new pred.h5ad
+    beside the previous real.h5ad in a reused --out, a pair of two runs. Now both (and spread.txt) or none."""
+    out = tmp_path / "o"
+    base = ["predict.py", "test", f"--run={trained}", f"--data={synth / 'prep'}", f"--split={synth / 'split.json'}",
+            f"--out={out}"]
+    run_script(*base)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    code = ("import errno, runpy, sys\nimport state.h5ad as h\nw = h.write_h5ad\n"
+            "def bad(path, *a, **k):\n    if path.endswith('real.h5ad'):\n"
+            "        raise OSError(errno.ENOSPC, 'No space left on device', path)\n    return w(path, *a, **k)\n"
+            f"h.write_h5ad = bad\nsys.argv = {base + ['--seed=1']!r}\n"
+            "runpy.run_path('predict.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    one_line(r, "No space left on device")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
