@@ -696,4 +696,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from state.errors import run
+    sys.exit(run("python -m state.splits", main, None, __doc__))

@@ -381,6 +381,16 @@ def test_help_everywhere(cmd):
     assert r.returncode == 0 and len(r.stdout) > 100 and "Traceback" not in r.stderr, (cmd, r.stderr[-1000:])
 
 
+@pytest.mark.parametrize("cmd", [["train.py"], ["predict.py", "test"], ["embed.py", "fit"], ["-m", "state.data"],
+                                 ["-m", "state.splits"], ["-m", "state.splits", "make"], ["-m", "state.baselines"],
+                                 ["-m", "state.eval"], ["-m", "state.experiment"], ["-m", "state.synth"],
+                                 ["-m", "state.demo"], ["-m", "state.convert"]])
+def test_command_line_mistakes_are_one_line(cmd):
+    """An unknown option (or a missing command or argument) to any script: one line, exit 2 (`python -m
+    state.splits make` without --data was an argparse traceback)."""
+    one_line(run_script(*cmd, "--no_such_option=1", ok=False))
+
+
 @pytest.mark.slow
 def test_mistakes_are_one_line(synth, trained, tmp_path):
     d = synth
