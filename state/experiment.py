@@ -27,7 +27,8 @@ than its sd on overlap_at_N or pearson_delta, MAE within 10% of the best baselin
 Tasks: config/protocol.py, one line each (the dataset, the split options, the role: choose recipes on the
 `choose` ones, the `check` ones are kept for independent confirmation; the default, --tasks=all, adds
 zero-shot magnitude, unseen combinations and unseen perturbations; a role name picks its tasks), and the train.py flags each task type adds to the recipe
-(TASK_FLAGS: combinations start from the additive model, unseen perturbations from the context mean).
+(TASK_FLAGS, by the split's type: few-shot adds the pseudobulk term, combinations start from the additive
+model, unseen perturbations from the context mean).
 With --ensemble each task also gets the seed ensemble (predict.py test --run=s0,s1,s2), scored once.
 Each ST run is single-threaded (--threads=1); --jobs runs that many at once.
 """
@@ -67,12 +68,16 @@ BASELINES = [n for n, b in PROTOCOL.items() if b.task is None]
 ANCHOR_BASELINE = {b.anchor: n for n, b in PROTOCOL.items() if b.anchor}
 
 
+def task_type(task):
+    """fewshot | zeroshot | combo | unseen: the split's --task."""
+    opts = TASKS[task][1]
+    return opts[opts.index("--task") + 1]
+
+
 def names_for(task):
     """The baselines of a task: every-task ones, and those of its task type (the additive one joins on
     combination tasks, where elsewhere it is two_way; crispr_shift on unseen perturbations)."""
-    opts = TASKS[task][1]
-    kind = opts[opts.index("--task") + 1]
-    return [n for n, b in PROTOCOL.items() if b.task in (None, kind)]
+    return [n for n, b in PROTOCOL.items() if b.task in (None, task_type(task))]
 
 
 def sh(cmd, log=None):
@@ -193,7 +198,7 @@ def st_job(task, seed, out, cache, shared, recipe):
     meta_f = os.path.join(run, "meta.json")
     meta = json.load(open(meta_f)) if os.path.exists(meta_f) else None
     if meta is None or meta["step"] < meta["train"]["max_steps"]:  # not trained, or stopped part-way
-        flags = TASK_FLAGS.get(TASKS[task][2], "")
+        flags = TASK_FLAGS.get(task_type(task), "")  # what the task type adds to the recipe
         sh([sys.executable, "train.py", f"--data={d}", f"--split={sp}", f"--out={run}", f"--seed={seed}",
             "--threads=1", "--log_every=100", *shlex.split(flags), *shlex.split(recipe)] + (["--resume"] if os.path.isdir(run) else []),
            log)

@@ -266,6 +266,9 @@ def test_pick_tasks_by_name_and_role():
     assert every == list(X.TASKS) and {X.TASKS[t][2] for t in every} >= {"choose", "check", "zeroshot", "combo", "unseen"}
     assert X.pick_tasks("unseen,pap_rep1,unseen") == ["pap_unseen", "pap_unseen_draw", "pap_rep1"]
     assert X.pick_tasks("choose") == [t for t, v in X.TASKS.items() if v[2] == "choose"]
+    # the flags a task type adds are keyed by the split's --task (few-shot: the pseudobulk term)
+    assert {X.task_type(t) for t in every} == {"fewshot", "zeroshot", "combo", "unseen"} >= set(X.TASK_FLAGS)
+    assert X.task_type("gbm_a172") == "fewshot" and "--mean_weight" in X.TASK_FLAGS["fewshot"]
     for bad in ("pap_rep9", "", " , "):
         with pytest.raises(UserError, match="--tasks="):
             X.pick_tasks(bad)
