@@ -219,8 +219,9 @@ def fit(argv):
         ckpt.restore(ck, raw, opt, C["wd"], "embed.py fit")  # weights + optimizer, resharded to this world
         try:
             sampler.load_state_dict(st["sampler"])  # one global cursor: any world size
-        except ValueError as err:
-            die(f"embed.py fit: --resume: {err}")
+        except (ValueError, KeyError, TypeError) as err:  # a state.pt edited or of other data
+            die(f"embed.py fit: --resume: {ck}/state.pt: its sampler cursor does not fit this run "
+                f"({type(err).__name__}: {err}); copy the run folder again, or start a new run")
         ckpt.restore_rng(st, rank, world, C["seed"], device)
         step0 = st["step"]
         print0(f"resumed from {out} at step {step0}")

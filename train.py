@@ -419,7 +419,11 @@ if resume:
         msd = ckpt.load_weights(os.path.join(ck, "model.safetensors"), "train.py")
         best.update(loss=meta["best_support_loss"], step=meta["best_step"], w=[msd[n] for n in ema_names])
         curve.extend(tuple(x) for x in meta.get("support_curve") or [])
-    sampler.load_state_dict(state["sampler"])
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except (ValueError, KeyError, TypeError) as e:  # a state.pt edited or of another data set
+        die(f"train.py: --resume: {ck}/state.pt: its sampler cursor does not fit this run ({type(e).__name__}: {e}); "
+            "copy the run folder again, or start a new run")
     ckpt.restore_rng(state, rank, world, seed, dev)
     start = state["step"]
     if master:

@@ -214,6 +214,11 @@ def read(ck, command, need=None, what=None):
     if not isinstance(state, dict) or state.get("step") != meta["step"]:
         raise UserError(f"{command}: {ck}: meta.json is at step {meta['step']} but state.pt at step "
                         f"{state.get('step') if isinstance(state, dict) else '?'}; cannot resume exactly")
+    r = state.get("rng_ranks") or state.get("rng")
+    if not isinstance(state.get("sampler"), dict) or not isinstance(r, list) or not r:
+        what = "sampler cursor" if not isinstance(state.get("sampler"), dict) else "RNG states"
+        raise UserError(f"{command}: {ck}/state.pt holds no {what}; it was edited or damaged: copy the run folder "
+                        "again, or start a new run")
     if state.get("dcp") not in (None, "dcp"):
         raise UserError(f"{command}: {ck}/state.pt names the sharded checkpoint {state['dcp']!r}; only 'dcp' "
                         "inside the checkpoint folder is read")

@@ -239,7 +239,14 @@ def load_dcp(sd, path):
             inner = f[0] if isinstance(f, tuple) else f  # (exception, traceback) per rank
             if isinstance(inner, UserError):
                 raise inner from None
-        raise
+        inner = next(iter(getattr(e, "failures", {}).values()), None)
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, OSError) and inner.errno is not None:
+            raise inner from None  # a full disk, no permission: said as the OS's refusal of that path
+        # a file of it truncated or damaged (EOFError, a short read), or of another model: the user's folder
+        raise UserError(f"{path}: the sharded checkpoint cannot be read ({type(inner).__name__}: "
+                        f"{(str(inner).splitlines() or [''])[0][:160]}); the run folder is damaged or copied in "
+                        "part: copy it again, or start a new run") from None
 
 
 def load_sharded(model, opt, path):

@@ -173,3 +173,45 @@ def test_killed_between_rename_and_first_switch_starts_again(synth, tmp_path):
     assert "ckpt-2" in os.listdir(tmp_path / "se") and "ckpt" not in os.listdir(tmp_path / "se")
     assert "starting at step 0" in run([*common, "--resume"]).stdout
     assert json.load(open(tmp_path / "se" / "meta.json"))["step"] == 2
+
+
+@pytest.mark.slow
+def test_damaged_state_pt_or_dcp_is_one_line_on_resume(synth, tmp_path):
+    """--resume of a checkpoint whose state.pt lacks the sampler cursor or the RNG states, holds a cursor of
+    other data, or whose dcp/ data is truncated or of another model: a KeyError/EOFError/size-mismatch
+    traceback before; one line naming the file now (train.py; embed.py reads through the same ckpt.read)."""
+    import shutil
+    d = synth
+    src = tmp_path / "src"
+    run(train_args(d, src))
+
+    def state(fn):
+        def edit(ck):
+            s = torch.load(ck / "state.pt", weights_only=True)
+            fn(s)
+            torch.save(s, ck / "state.pt")
+        return edit
+
+    def truncate(ck):
+        for f in (ck / "dcp").glob("*.distcp"):
+            os.truncate(f, 100)
+
+    cases = [("nosampler", state(lambda s: s.pop("sampler")), "state.pt holds no sampler cursor"),
+             ("norng", state(lambda s: s.pop("rng_ranks")), "state.pt holds no RNG states"),
+             ("badsampler", state(lambda s: s.update(sampler={"x": 1})), "its sampler cursor does not fit"),
+             ("truncated", truncate, "the sharded checkpoint cannot be read (EOFError")]
+    for name, edit, want in cases:
+        out = tmp_path / name
+        shutil.copytree(src, out, symlinks=True)
+        edit(Path(os.path.realpath(out / "ckpt")))
+        r = run(train_args(d, out, "--resume", "--max_steps=7"), ok=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and want in r.stderr, (name, r.stderr[-2000:])
+    other = tmp_path / "other"
+    run(train_args(d, other, "--hidden=32", "--max_steps=3"))
+    out = tmp_path / "mixed"
+    shutil.copytree(src, out, symlinks=True)
+    ck = Path(os.path.realpath(out / "ckpt"))
+    shutil.rmtree(ck / "dcp")
+    shutil.copytree(Path(os.path.realpath(other / "ckpt")) / "dcp", ck / "dcp")
+    r = run(train_args(d, out, "--resume", "--max_steps=7"), ok=False)
+    assert r.returncode == 2 and "the sharded checkpoint cannot be read" in r.stderr, r.stderr[-2000:]
