@@ -149,7 +149,7 @@ def trim_log(path, step):
         try:  # a line torn by a kill or a full disk is dropped, not a reason to refuse the resume
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):  # not JSON, not an object, a step that is no number
             continue
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)

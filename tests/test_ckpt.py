@@ -215,3 +215,13 @@ def test_damaged_state_pt_or_dcp_is_one_line_on_resume(synth, tmp_path):
     shutil.copytree(Path(os.path.realpath(other / "ckpt")) / "dcp", ck / "dcp")
     r = run(train_args(d, out, "--resume", "--max_steps=7"), ok=False)
     assert r.returncode == 2 and "the sharded checkpoint cannot be read" in r.stderr, r.stderr[-2000:]
+
+
+def test_trim_log_drops_any_line_it_cannot_read(tmp_path):
+    """A log line whose step is not a number ({"step": "x"}) was a TypeError traceback on --resume; torn,
+    binary and non-object lines are dropped like it, lines up to the step kept."""
+    from state.ckpt import trim_log
+    p = tmp_path / "log.jsonl"
+    p.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 3}\n\xff\xfe garbage\n[1, 2]\n{"step": "x"}\n{"step": 2}\n{"ste')
+    trim_log(str(p), 2)
+    assert [json.loads(l)["step"] for l in open(p)] == [1, 2]
