@@ -208,8 +208,15 @@ def read(ck, command, need=None, what=None):
                         "check --out")
     if need == "st":
         check_st_meta(meta, f"{command}: {ck}")
-    elif need == "preset":
+    elif need == "preset":  # an embed.py run to resume: what fit reads of its own settings too
         check_se_meta(meta, f"{command}: {ck}")
+        for k in ("fit", "gene_emb"):
+            if not isinstance(meta.get(k), dict):
+                raise UserError(f"{command}: {ck}/meta.json's {k!r} is {type(meta.get(k)).__name__}, not an object; "
+                                "the file was edited or damaged: copy the run folder again, or start a new run")
+        if not isinstance(meta["fit"].get("grad_accum"), int) or isinstance(meta["fit"].get("grad_accum"), bool):
+            raise UserError(f"{command}: {ck}/meta.json's fit settings have no grad_accum count; the file was edited "
+                            "or damaged: copy the run folder again, or start a new run")
     state = load_state(os.path.join(ck, "state.pt"))
     if not isinstance(state, dict) or state.get("step") != meta["step"]:
         raise UserError(f"{command}: {ck}: meta.json is at step {meta['step']} but state.pt at step "

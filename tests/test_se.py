@@ -341,3 +341,30 @@ def test_se_run_edited_or_moved_and_bad_settings_are_one_line(tmp_path, capsys):
         if name != "dother":  # a resume compares --d_model with the run's config first
             with pytest.raises((SystemExit, UserError), match=want.replace("(", r"\(").replace(")", r"\)")):
                 embed.main(["fit", *common, f"--out={r}", "--resume", "--max_steps=4"])
+
+
+def test_se_resume_of_a_meta_json_without_its_fit_settings(tmp_path):
+    """embed.py fit --resume of a run whose meta.json lost 'fit', 'gene_emb' or fit's grad_accum: KeyError
+    tracebacks before; one line naming meta.json now."""
+    import shutil
+
+    import embed
+    from state.errors import UserError
+    a = _h5ad(str(tmp_path / "a.h5ad"), _counts(60, 20, seed=1), [f"Gene{i}" for i in range(20)])
+    from state.prepare import prepare
+    prepare(a, tmp_path / "pa", pert_col="")
+    common = [f"--data={tmp_path / 'pa'}", "--batch_size=8", "--max_steps=2", "--pca_dim=6", "--val_cells=4",
+              "--eval_every=100", "--save_every=100", "--log_every=100", "--d_model=16", "--ff=32", "--n_head=2",
+              "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4", "--S=4"]
+    embed.main(["fit", *common, f"--out={tmp_path}/r1"])
+    for name, edit, want in (("fit", lambda m: m.pop("fit"), "'fit' is NoneType"),
+                             ("gene_emb", lambda m: m.pop("gene_emb"), "'gene_emb' is NoneType"),
+                             ("accum", lambda m: m["fit"].pop("grad_accum"), "no grad_accum count")):
+        r = tmp_path / name
+        shutil.copytree(tmp_path / "r1", r, symlinks=True)
+        p = os.path.realpath(r / "meta.json")
+        m = json.load(open(p))
+        edit(m)
+        json.dump(m, open(p, "w"))
+        with pytest.raises((SystemExit, UserError), match=want):
+            embed.main(["fit", *common, f"--out={r}", "--resume", "--max_steps=3"])
