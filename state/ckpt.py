@@ -207,7 +207,7 @@ def read(ck, command, need=None, what=None):
         raise UserError(f"{command}: {os.path.dirname(ck)} is not {what} (its meta.json has no '{need}'); "
                         "check --out")
     if need == "st":
-        check_st_meta(meta, f"{command}: {ck}")
+        check_st_meta(meta, f"{command}: {ck}", ("data_checksum",))
     elif need == "preset":  # an embed.py run to resume: what fit reads of its own settings too
         check_se_meta(meta, f"{command}: {ck}")
         for k in ("fit", "gene_emb"):
@@ -275,8 +275,8 @@ def load_run(run, who, kind="st"):
 
 
 # an ST run's meta.json as its readers use it (predict.py, train.py --resume, init_from, convert --to_arc):
-# name -> the types it may hold (None: a run may record none). The first six every train.py run (and a
-# converted arc-state run) writes; the others are checked when present (older runs lack some).
+# name -> the types it may hold (None: a run may record none), checked when present (older runs lack some);
+# ST_REQUIRED (and what a reader adds: `need`) must be there.
 ST_META = {"st": (dict,), "genes": (list,), "pert_names": (list,), "control": (str,), "data_checksum": (str, None),
            "pert_col": (str, None), "context_names": (list,), "batch_names": (list,), "genes_out": (list, None),
            "corr_scale": (list, None), "split_hash": (str, None), "context_col": (str, None), "batch_col": (str, None),
@@ -284,18 +284,18 @@ ST_META = {"st": (dict,), "genes": (list,), "pert_names": (list,), "control": (s
            "recipe": (dict, None), "gene_space": (bool,), "pert_features": (str, None), "combo_reduce": (str,),
            "train": (dict,), "global_batch": (int,), "ema": (bool,), "select": (str,), "best_step": (int, None),
            "best_support_loss": (float, int, None), "support_curve": (list, None)}
-ST_REQUIRED = ("st", "genes", "pert_names", "control", "data_checksum", "pert_col")
+ST_REQUIRED = ("st", "genes", "pert_names")  # what every reader uses; predict.py and --to_arc need more (st_model)
 NAMES = ("genes", "pert_names", "context_names", "batch_names", "genes_out", "combo_parts")  # lists of str
 
 
-def check_st_meta(meta, where):
+def check_st_meta(meta, where, need=ST_REQUIRED):
     """An ST run's meta.json (a dict) holds what its readers use, of the types they use (ST_META), and a model
     config (`st`) whose fields have their types and values in range: else a UserError starting with
     `where` (an edited or damaged meta.json is one line, not a traceback in a reader)."""
     from state.st import STConfig
 
     fix = "the file was edited or damaged: copy the run folder again, or train again"
-    lack = [k for k in ST_REQUIRED if k not in meta]
+    lack = [k for k in dict.fromkeys(ST_REQUIRED + tuple(need)) if k not in meta]
     if lack:
         raise UserError(f"{where}: meta.json has no {', '.join(map(repr, lack))}; {fix}")
     for k, types in ST_META.items():
@@ -379,7 +379,7 @@ def st_model(meta, sd, who):
     not fit that config (meta.json edited, or files of two runs mixed) are a UserError naming a tensor."""
     from state.st import StateTransition
 
-    cfg = check_st_meta(meta, who)
+    cfg = check_st_meta(meta, who, ("control", "pert_col", "data_checksum"))  # what predict.py reads of it
     model = fit_weights(StateTransition(cfg, pert_table=sd.get("pert_table"), anchor_table=sd.get("anchor_table")),
                         sd, who)
     cs = meta.get("corr_scale")
