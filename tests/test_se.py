@@ -308,13 +308,7 @@ def test_se_run_edited_or_moved_and_bad_settings_are_one_line(tmp_path, capsys):
     for kw in (dict(d_model=15), dict(norm="x"), dict(pad_length=1), dict(dropout=1.5), dict(n_layer=-1)):
         with pytest.raises(UserError, match="SE model settings out of range"):
             SEConfig(**{**MICRO, **kw})
-    a = _h5ad(str(tmp_path / "a.h5ad"), _counts(60, 20, seed=1), [f"Gene{i}" for i in range(20)])
-    from state.prepare import prepare
-    prepare(a, tmp_path / "pa", pert_col="")
-    common = [f"--data={tmp_path / 'pa'}", "--batch_size=8", "--max_steps=3", "--pca_dim=6", "--val_cells=4",
-              "--eval_every=100", "--save_every=100", "--log_every=100", "--d_model=16", "--ff=32", "--n_head=2",
-              "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4", "--S=4"]
-    embed.main(["fit", *common, f"--out={tmp_path}/r1"])
+    a, common = _micro_se_run(tmp_path, 3)
     with pytest.raises(SystemExit, match="--max_steps=2 is below the checkpoint's step 3"):
         embed.main(["fit", *common, f"--out={tmp_path}/r1", "--resume", "--max_steps=2"])
     shutil.copytree(tmp_path / "r1", tmp_path / "moved", symlinks=True)
@@ -350,13 +344,7 @@ def test_se_resume_of_a_meta_json_without_its_fit_settings(tmp_path):
 
     import embed
     from state.errors import UserError
-    a = _h5ad(str(tmp_path / "a.h5ad"), _counts(60, 20, seed=1), [f"Gene{i}" for i in range(20)])
-    from state.prepare import prepare
-    prepare(a, tmp_path / "pa", pert_col="")
-    common = [f"--data={tmp_path / 'pa'}", "--batch_size=8", "--max_steps=2", "--pca_dim=6", "--val_cells=4",
-              "--eval_every=100", "--save_every=100", "--log_every=100", "--d_model=16", "--ff=32", "--n_head=2",
-              "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4", "--S=4"]
-    embed.main(["fit", *common, f"--out={tmp_path}/r1"])
+    a, common = _micro_se_run(tmp_path, 2)
     for name, edit, want in (("fit", lambda m: m.pop("fit"), "'fit' is NoneType"),
                              ("gene_emb", lambda m: m.pop("gene_emb"), "'gene_emb' is NoneType"),
                              ("accum", lambda m: m["fit"].pop("grad_accum"), "no grad_accum count")):
@@ -368,3 +356,16 @@ def test_se_resume_of_a_meta_json_without_its_fit_settings(tmp_path):
         json.dump(m, open(p, "w"))
         with pytest.raises((SystemExit, UserError), match=want):
             embed.main(["fit", *common, f"--out={r}", "--resume", "--max_steps=3"])
+
+
+def _micro_se_run(tmp_path, steps):
+    """A tiny atlas file, prepared, and an embed.py fit run of it in tmp_path/r1: -> (h5ad path, fit options)."""
+    import embed
+    from state.prepare import prepare
+    a = _h5ad(str(tmp_path / "a.h5ad"), _counts(60, 20, seed=1), [f"Gene{i}" for i in range(20)])
+    prepare(a, tmp_path / "pa", pert_col="")
+    common = [f"--data={tmp_path / 'pa'}", "--batch_size=8", f"--max_steps={steps}", "--pca_dim=6", "--val_cells=4",
+              "--eval_every=100", "--save_every=100", "--log_every=100", "--d_model=16", "--ff=32", "--n_head=2",
+              "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4", "--S=4"]
+    embed.main(["fit", *common, f"--out={tmp_path}/r1"])
+    return a, common
