@@ -323,12 +323,7 @@ def test_se_run_edited_or_moved_and_bad_settings_are_one_line(tmp_path, capsys):
              ("recipe", lambda m: m.update(recipe=3), "'recipe' is int"),
              ("heads", lambda m: m["config"].update(n_head=3), "d_model must divide by n_head")]
     for name, edit, want in edits:
-        r = tmp_path / name
-        shutil.copytree(tmp_path / "r1", r, symlinks=True)
-        p = os.path.realpath(r / "meta.json")
-        m = json.load(open(p))
-        edit(m)
-        json.dump(m, open(p, "w"))
+        r = _edited_copy(tmp_path, name, edit)
         with pytest.raises((SystemExit, UserError), match=want.replace("(", r"\(").replace(")", r"\)")):
             embed.main(["transform", f"--ckpt={r}", a, f"--output={tmp_path / 'o.h5ad'}"])
         assert not (tmp_path / "o.h5ad").exists()
@@ -340,20 +335,13 @@ def test_se_run_edited_or_moved_and_bad_settings_are_one_line(tmp_path, capsys):
 def test_se_resume_of_a_meta_json_without_its_fit_settings(tmp_path):
     """embed.py fit --resume of a run whose meta.json lost 'fit', 'gene_emb' or fit's grad_accum: KeyError
     tracebacks before; one line naming meta.json now."""
-    import shutil
-
     import embed
     from state.errors import UserError
     a, common = _micro_se_run(tmp_path, 2)
     for name, edit, want in (("fit", lambda m: m.pop("fit"), "'fit' is NoneType"),
                              ("gene_emb", lambda m: m.pop("gene_emb"), "'gene_emb' is NoneType"),
                              ("accum", lambda m: m["fit"].pop("grad_accum"), "no grad_accum count")):
-        r = tmp_path / name
-        shutil.copytree(tmp_path / "r1", r, symlinks=True)
-        p = os.path.realpath(r / "meta.json")
-        m = json.load(open(p))
-        edit(m)
-        json.dump(m, open(p, "w"))
+        r = _edited_copy(tmp_path, name, edit)
         with pytest.raises((SystemExit, UserError), match=want):
             embed.main(["fit", *common, f"--out={r}", "--resume", "--max_steps=3"])
 
@@ -369,3 +357,15 @@ def _micro_se_run(tmp_path, steps):
               "--n_layer=1", "--d_out=12", "--pad_length=16", "--count_hidden=8", "--P=4", "--N=4", "--S=4"]
     embed.main(["fit", *common, f"--out={tmp_path}/r1"])
     return a, common
+
+
+def _edited_copy(tmp_path, name, edit):
+    """A copy of the run tmp_path/r1 as tmp_path/name whose meta.json went through edit(meta)."""
+    import shutil
+    r = tmp_path / name
+    shutil.copytree(tmp_path / "r1", r, symlinks=True)
+    p = os.path.realpath(r / "meta.json")
+    m = json.load(open(p))
+    edit(m)
+    json.dump(m, open(p, "w"))
+    return r
