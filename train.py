@@ -501,8 +501,9 @@ def support_loss(step):
 @torch.no_grad()
 def choose_alpha():
     """The guarded correction: with the weights predict.py will use (selected, EMA or last), the support
-    val loss (energy and set-mean error) of the held-out context at each alpha of the grid; the lowest by
-    --guard_by wins (alpha 0 = the anchor). Both are recorded, with the alpha each would choose."""
+    val loss (energy and set-mean error) of the held-out context at each alpha of the grid; --guard_by picks
+    the loss and --guard_rule the alpha (best: the lowest; 1se: the weakest within one standard error of it;
+    alpha 0 = the anchor). Every criterion x rule is recorded, with the alpha it would choose."""
     params = list(raw.parameters())
     saved = [p.detach().clone() for p in params]
     use = best["w"] if best["w"] is not None else ema_p
