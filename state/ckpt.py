@@ -284,6 +284,7 @@ ST_META = {"st": (dict,), "genes": (list,), "pert_names": (list,), "control": (s
            "recipe": (dict, None), "gene_space": (bool,), "pert_features": (str, None), "combo_reduce": (str,),
            "train": (dict,), "global_batch": (int,), "ema": (bool,), "select": (str,), "best_step": (int, None),
            "best_support_loss": (float, int, None), "support_curve": (list, None)}
+EDITED = "the file was edited or damaged: copy the run folder again, or train again"
 ST_REQUIRED = ("st", "genes", "pert_names")  # what every reader uses; predict.py and --to_arc need more (st_model)
 NAMES = ("genes", "pert_names", "context_names", "batch_names", "genes_out", "combo_parts")  # lists of str
 
@@ -294,23 +295,22 @@ def check_st_meta(meta, where, need=ST_REQUIRED):
     `where` (an edited or damaged meta.json is one line, not a traceback in a reader)."""
     from state.st import STConfig
 
-    fix = "the file was edited or damaged: copy the run folder again, or train again"
     lack = [k for k in dict.fromkeys(ST_REQUIRED + tuple(need)) if k not in meta]
     if lack:
-        raise UserError(f"{where}: meta.json has no {', '.join(map(repr, lack))}; {fix}")
+        raise UserError(f"{where}: meta.json has no {', '.join(map(repr, lack))}; {EDITED}")
     for k, types in ST_META.items():
         v = meta.get(k)
         if k in meta and not (v is None and None in types) and not any(
                 t is not None and isinstance(v, t) and not (t is int and isinstance(v, bool)) for t in types):
             raise UserError(f"{where}: meta.json's {k!r} is {type(v).__name__} ({str(v)[:40]!r}), not "
-                            f"{' or '.join('null' if t is None else t.__name__ for t in types)}; {fix}")
+                            f"{' or '.join('null' if t is None else t.__name__ for t in types)}; {EDITED}")
         if k in NAMES and isinstance(v, list) and not all(isinstance(x, str) for x in v):
-            raise UserError(f"{where}: meta.json's {k!r} holds something other than names (strings); {fix}")
+            raise UserError(f"{where}: meta.json's {k!r} holds something other than names (strings); {EDITED}")
     num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
     if not all(num(x) for x in meta.get("corr_scale") or []):
-        raise UserError(f"{where}: meta.json's 'corr_scale' holds something other than numbers; {fix}")
+        raise UserError(f"{where}: meta.json's 'corr_scale' holds something other than numbers; {EDITED}")
     if not all(isinstance(x, list) and len(x) == 2 and all(map(num, x)) for x in meta.get("support_curve") or []):
-        raise UserError(f"{where}: meta.json's 'support_curve' holds something other than [step, loss] pairs; {fix}")
+        raise UserError(f"{where}: meta.json's 'support_curve' holds something other than [step, loss] pairs; {EDITED}")
     return config_of(STConfig, meta["st"], where)
 
 
@@ -320,7 +320,6 @@ def config_of(cls, d, where):
     starting with `where`."""
     from dataclasses import fields
 
-    fix = "the file was edited or damaged: copy the run folder again, or train again"
     for f in fields(cls):
         if f.name in d:
             v, dv = d[f.name], f.default
@@ -330,12 +329,12 @@ def config_of(cls, d, where):
                   else isinstance(v, str) if isinstance(dv, str) else True)
             if not ok:
                 raise UserError(f"{where}: meta.json's model config has {f.name}={v!r}, not a "
-                                f"{type(dv).__name__}; {fix}")
+                                f"{type(dv).__name__}; {EDITED}")
     names = {f.name for f in fields(cls)}
     try:
         return cls(**{k: v for k, v in d.items() if k in names})
     except UserError as e:
-        raise UserError(f"{where}: meta.json's model config: {e}; {fix}") from None
+        raise UserError(f"{where}: meta.json's model config: {e}; {EDITED}") from None
 
 
 def fit_weights(model, sd, who):
@@ -361,16 +360,15 @@ def check_se_meta(meta, where):
     gene names (`genes`) of the types its readers use -> the SEConfig; else a UserError starting with `where`."""
     from state.se import SEConfig
 
-    fix = "the file was edited or damaged: copy the run folder again, or train again"
     for k, t in (("config", dict), ("genes", list)):
         if not isinstance(meta.get(k), t):
             raise UserError(f"{where}: meta.json's {k!r} is {type(meta.get(k)).__name__}, not {t.__name__}"
-                            f"{' (missing)' if k not in meta else ''}; {fix}")
+                            f"{' (missing)' if k not in meta else ''}; {EDITED}")
     if not all(isinstance(g, str) for g in meta["genes"]):
-        raise UserError(f"{where}: meta.json's 'genes' holds something other than names (strings); {fix}")
+        raise UserError(f"{where}: meta.json's 'genes' holds something other than names (strings); {EDITED}")
     for k in ("recipe", "fit", "gene_emb"):
         if meta.get(k) is not None and not isinstance(meta[k], dict):
-            raise UserError(f"{where}: meta.json's {k!r} is {type(meta[k]).__name__}, not an object; {fix}")
+            raise UserError(f"{where}: meta.json's {k!r} is {type(meta[k]).__name__}, not an object; {EDITED}")
     return config_of(SEConfig, meta["config"], where)
 
 
@@ -386,7 +384,7 @@ def st_model(meta, sd, who):
     if cs is not None and (model.corr_scale is None or len(cs) != model.corr_scale.numel()):
         raise UserError(f"{who}: meta.json's 'corr_scale' ({len(cs)} values) does not fit the model "
                         f"({'no guarded correction' if model.corr_scale is None else model.corr_scale.numel()}); "
-                        "the file was edited or damaged: copy the run folder again, or train again")
+                        + EDITED)
     return model
 
 

@@ -251,9 +251,9 @@ def pick_tasks(spec):
     """--tasks: names of config/protocol.py's tasks or roles (a role stands for its tasks; all = every
     task), comma-separated, in order, each once."""
     roles = {v[2] for v in TASKS.values()}
-    tasks = [t for x in spec.split(",") if x.strip() for t in (
-        list(TASKS) if x.strip() == "all" else [t for t, v in TASKS.items() if v[2] == x.strip()]
-        if x.strip() in roles else [x.strip()])]
+    tasks = []
+    for x in filter(None, (x.strip() for x in spec.split(","))):
+        tasks += list(TASKS) if x == "all" else [t for t, v in TASKS.items() if v[2] == x] if x in roles else [x]
     bad = [x for x in tasks if x not in TASKS]
     if bad or not tasks:
         raise UserError(f"python -m state.experiment run: --tasks={spec!r}: unknown task(s) {bad}; give tasks "
