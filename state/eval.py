@@ -39,7 +39,6 @@ pearson_edistance; plus pdisc_norm (paper: 1 - 2 PDisc on pseudobulks, L1). clus
 (Leiden) is not computed.
 """
 
-import argparse
 import csv
 import math
 import os

@@ -23,7 +23,7 @@ import numpy as np
 from state.data import DTYPES, FORMAT, Prepared, _checksum, _sha, from_storage, to_storage
 from state.errors import UserError
 from state.h5ad import H5AD, H5ADError
-from state.inputs import (Recipe, blocks, expand, gene_plan, local_codes, obsm_names, open_sources,
+from state.inputs import (Recipe, blocks, expand, gene_plan, local_codes, open_sources,
                           plan_groups, scale_plan, select_hvg)
 from state.scale import say
 

@@ -14,7 +14,6 @@ X = log1p(normalize_total(counts, 1e4)) (or the counts with --counts). obs: pert
 cell_type, batch. Cell order is shuffled, as in real files. Written in row chunks, CSR, so 10^6 cells fit.
 """
 
-import argparse
 import os
 
 import h5py
