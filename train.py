@@ -231,14 +231,14 @@ if guard_by not in ("energy", "mean"):
 if guard_rule not in ("best", "1se"):
     die(f"train.py: --guard_rule must be best or 1se (got {guard_rule!r})")
 held = sorted({D.context_names.index(c) for c, _ in sp.test_groups})  # held-out context codes
-# the data that resembles the test, for support selection and the guard: the held-out context's support
-# perturbations (few-shot), or perturbations held out of training whole (the split's guard_perts: unseen,
-# combo), whose cells are all val
+# the data that resembles the test, for support selection and the guard: the split's guard_perts, held
+# out of training as the test ones are (all their cells are val), or else the val cells of the held-out
+# context's support perturbations (few-shot; these train)
 gcodes = [D.pert_names.index(q) for q in sp.guard_perts]
 sup_rows = sp.part("val", contexts=held, perturbed=True, perts=gcodes or None)
 if gcodes:
-    print0(f"guard perturbations (held out of training, scored as unseen): {sp.guard_perts}, "
-           f"{len(sup_rows):,} cells")
+    print0(f"guard perturbations (held out of training as the test ones are, scored as unseen): "
+           f"{sp.guard_perts}, {len(sup_rows):,} cells")
 if select == "support" and len(sup_rows) == 0:
     print0(f"note: --select=support: the {sp.task} split has no val cells of support perturbations in the "
            "held-out context (zero-shot, or --val-frac 0): keeping the last weights")

@@ -4,6 +4,7 @@ perturbation, unseen combination; reading and writing the reference's TOML split
 
     python -m state.splits make --data=DIR --task=fewshot --context=U87MG --support=0.3 --seed=0 --out=split.json
     python -m state.splits make --data=DIR --task=fewshot --context=U87MG --support_perts=MAP2K3,MAP2K6,MAP3K21 --out=s.json
+    python -m state.splits make --data=DIR --task=fewshot --context=rep_1 --support=0.3 --guard_perts=2 --out=s.json
     python -m state.splits make --data=DIR --task=zeroshot --context=U87MG --out=split.json
     python -m state.splits toml --data=DIR --toml=split.toml --out=split.json   # a reference TOML
     python -m state.splits make --data=DIR --task=combo --out=split.json   # doubles whose singles were measured
@@ -44,9 +45,9 @@ REMAKE = ("re-make it with `python -m state.splits make --data=DIR ...` (or `pyt
 class Held:
     """What a task holds out. groups: the test (context, perturbation) name pairs; context: the held-out
     context (None: whole perturbations in every context that has them); support: its perturbations that
-    train; guard_from: candidates for guard perturbations (held out of training whole; None: the task
-    scores its guard on the support) and guard_what, what they are; combo_sep: the labels' separator
-    (combination tasks)."""
+    train; guard_from: candidates for guard perturbations (held out of training as the test ones are: in
+    the held-out context (few-shot, drawn from its support), or whole (unseen, combo); None: the task has
+    none) and guard_what, what they are; combo_sep: the labels' separator (combination tasks)."""
     groups: list
     context: str = None
     support: list = field(default_factory=list)
@@ -106,7 +107,8 @@ def _context_task(data, rng, context=None, support=0.3, support_perts=None, zero
     if not held:
         raise UserError(f"empty split: every perturbation of '{data.context_names[k]}' is in the support set")
     cname = data.context_names[k]
-    return Held([(cname, p) for p in held], cname, sup)
+    return Held([(cname, p) for p in held], cname, sup, guard_from=None if zero else sup,
+                guard_what=f"support perturbations of '{cname}'")
 
 
 def _unseen(data, rng, features=None, test_perts=None, test_frac=0.2, **_):
@@ -166,7 +168,7 @@ FIELDS = {"format": (True, f"the integer {FORMAT}"), "task": (True, f"one of {',
           "val_frac": (True, "a number in [0, 1)"), "seed": (True, "an integer >= 0"),
           "checksum": (True, "the prepared data's checksum (a string, DIR/index.json 'checksum')"),
           "combo_sep": (False, "the separator of combination labels (a string), or null"),
-          "guard_perts": (False, "a list of perturbation names (strings) held out of training whole"),
+          "guard_perts": (False, "a list of perturbation names (strings) held out of training as the test ones are"),
           "counts": (False, "an object of cell counts per part")}
 
 
@@ -276,8 +278,9 @@ class Split:
     seed: int = 0
     checksum: str = None  # of the prepared data it indexes
     combo_sep: str = None  # combination labels' separator (combo task): B+A is the same test group as A+B
-    guard_perts: list = field(default_factory=list)  # perts held out of training whole, in every context:
-    # all their cells are val, the data the guard and support selection score unseen perturbations on
+    guard_perts: list = field(default_factory=list)  # perts held out of training as the test ones are (few-shot:
+    # in the held-out context; unseen / combo: in every context): those cells are all val, the data the guard
+    # and support selection score perturbations the model did not train on
 
     def __post_init__(self):
         self.test_groups = [tuple(g) for g in self.test_groups]
@@ -348,7 +351,9 @@ class Split:
                                  f"'{data.context_names[k]}' has no cells")
         hctx = sorted({k for k, _ in held})
         is_tc = np.isin(c, hctx) & (p == ctl)
-        is_g = np.isin(p, [pix[q] for q in self.guard_perts]) & ~is_test  # guard perts: every cell is val
+        is_g = np.isin(p, [pix[q] for q in self.guard_perts]) & ~is_test  # guard groups: every cell is val
+        if self.task == "fewshot":  # held out like the test: in the held-out context only
+            is_g &= np.isin(c, hctx)
         tr = ~is_test & ~is_g
         m = np.where(tr & (n >= 2), np.floor(self.val_frac * n), 0).astype(np.int64)
         m = np.where(is_g, n, m)
@@ -489,10 +494,11 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
     out). `features`, `test_perts`, `test_frac` serve the unseen-perturbation task: it holds out whole
     perturbations across all contexts. task="combo": the test groups are combinations (labels with
     `combo_sep`), `test_perts` or by default every combination whose parts are all measured singles.
-    guard_perts (unseen / combo): perturbations held out of training whole, the data on which the guard
-    (train.py --guard) chooses the correction's strength for perturbations the model never saw: a list of
-    names, or a count drawn (seeded) from the candidates (unseen: perturbations with features; combo:
-    combinations)."""
+    guard_perts: perturbations held out of training as the test ones are, the data on which support
+    selection and the guard (train.py --select=support --guard) score what the model did not train on: a
+    list of names, or a count drawn (seeded) from the candidates (fewshot: the support perturbations, which
+    then no longer train in the held-out context; unseen: perturbations with features, held out whole;
+    combo: combinations, held out whole)."""
     if not 0 <= support <= 1:
         raise UserError(f"support={support}: the fraction of the held-out context's perturbations that "
                          "train must be in [0, 1]")
@@ -508,8 +514,8 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
     gp = []
     if guard_perts is not None:
         if h.guard_from is None:
-            raise UserError(f"guard_perts: task {task} scores the guard on its support perturbations; guard "
-                            "perturbations (held out of training whole) serve the unseen and combo tasks")
+            raise UserError(f"guard_perts: task {task} has no candidates (it holds out every perturbation of "
+                            "the context); guard perturbations serve the fewshot, unseen and combo tasks")
         cand = h.guard_from
         if isinstance(guard_perts, (int, np.integer)) and not isinstance(guard_perts, bool):
             if not 1 <= guard_perts < len(cand):
@@ -519,6 +525,10 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
         else:
             gp = _named(guard_perts, cand, lambda bad: f"guard perturbation(s) {bad} are not candidates: "
                         f"{h.guard_what} that are not test perturbations ({cand[:20]})")
+        if gp and h.support and len(gp) >= len(h.support):
+            raise UserError(f"guard_perts={guard_perts}: every support perturbation would be a guard one; leave "
+                            "at least one to train in the held-out context")
+        h.support = [q for q in h.support if q not in gp]
     return Split(task, h.context, h.groups, h.support, val_frac, seed, data.checksum, h.combo_sep, gp).validate(data)
 
 
@@ -644,8 +654,9 @@ def main(argv=None):
     m.add_argument("--test_frac", type=float, default=0.2, help="unseen task without --test_perts: the fraction "
                    "of the perturbations with features held out (a seeded draw)")
     m.add_argument("--combo_sep", default="+", help="separator of combination labels (combo task)")
-    m.add_argument("--guard_perts", help="unseen / combo: perturbations held out of training whole, on which "
-                   "train.py --guard chooses the correction's strength: comma-separated names, or a count")
+    m.add_argument("--guard_perts", help="perturbations held out of training as the test ones are (fewshot: "
+                   "drawn from the support, held out in the context; unseen / combo: held out whole), on which "
+                   "train.py --select=support and --guard score: comma-separated names, or a count")
     m.add_argument("--out", required=True)
     t = sub.add_parser("toml")
     t.add_argument("--data", required=True); t.add_argument("--toml", required=True)

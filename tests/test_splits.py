@@ -108,11 +108,36 @@ def test_guard_perts_held_out_of_training_whole(syn, tmp_path):
         make_split(syn, "unseen", features=feats, test_perts=["GENE0001"], guard_perts=["GENE0001"])
     with pytest.raises(ValueError, match="between 1 and"):
         make_split(syn, "unseen", features={"GENE0001": 1, "GENE0002": 1}, test_perts=["GENE0001"], guard_perts=1)
-    with pytest.raises(ValueError, match="serve the unseen and combo"):
-        make_split(syn, "fewshot", context=syn.context_names[0], guard_perts=1)
+    with pytest.raises(ValueError, match="no candidates"):
+        make_split(syn, "zeroshot", context=syn.context_names[0], guard_perts=1)
     bad = Split("unseen", None, s.test_groups, [], 0.1, 0, syn.checksum, None, ["GENE0001"])
     with pytest.raises(ValueError, match="also a support or test"):
         bad.validate(syn)
+
+
+def test_fewshot_guard_perts_held_out_in_the_context_only(gbm, tmp_path):
+    """fewshot guard_perts: drawn from the support, they leave it; their cells in the held-out context are
+    all val (none trains, none is test), in the other contexts they train; the test groups are those of the
+    same split without guard perturbations; at least one support perturbation must still train."""
+    sup = ["MAP2K3", "MAP2K6", "MAP3K21"]
+    s0 = make_split(gbm, "fewshot", context="U87MG", support_perts=sup)
+    s = make_split(gbm, "fewshot", context="U87MG", support_perts=sup, guard_perts=["MAP2K6"])
+    assert s.guard_perts == ["MAP2K6"] and s.support == ["MAP2K3", "MAP3K21"] and s.test_groups == s0.test_groups
+    k, q = gbm.context_names.index("U87MG"), gbm.pert_names.index("MAP2K6")
+    cell = (gbm.context == k) & (gbm.pert == q)
+    assert not cell[s.train].any() and not cell[s.test].any() and cell[s.val].sum() == cell.sum()
+    other = (gbm.context != k) & (gbm.pert == q)
+    assert other[s.train].sum() > 0.8 * other.sum()  # trains elsewhere (less its val fraction)
+    g = s.part("val", contexts=[k], perturbed=True, perts=[q]).array()
+    assert len(g) == cell.sum()
+    t = Split.load(s.save(tmp_path / "g.json")).validate(gbm)
+    assert np.array_equal(t.train, s.train) and np.array_equal(t.val, s.val) and t.support == s.support
+    d = make_split(gbm, "fewshot", context="U87MG", support_perts=sup, guard_perts=1, seed=4)
+    assert len(d.guard_perts) == 1 and d.guard_perts[0] in sup and len(d.support) == 2
+    with pytest.raises(ValueError, match="leave at least one"):
+        make_split(gbm, "fewshot", context="U87MG", support_perts=sup, guard_perts=sup)
+    with pytest.raises(ValueError, match="not candidates"):
+        make_split(gbm, "fewshot", context="U87MG", support_perts=sup, guard_perts=["SGK1"])
 
 
 def test_pca_features_from_measured_target_genes(tmp_path):
