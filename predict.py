@@ -11,10 +11,13 @@ Evaluate / compare with baselines (forwarded to state.eval.main / state.baseline
 
 Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, fed with n
 controls of the same context drawn as evenly as possible (test: the baselines' draws from the context's
-training controls, state.baselines.control_draws; simulate: state.sampler.draw_controls, seeded); windows are
-batched by length (no padding) in blocks of --max_cells cells, and a screen is written block by block,
-so its size is bounded by the disk, not the memory. Screen inputs may be raw counts or log1p values in
-any gene order: the run's recipe (meta.json) normalises counts to its target_sum and log1p's them.
+training controls, state.baselines.control_draws; simulate: state.sampler.draw_controls, seeded). test
+recentres each group's predicted cells on the context's controls, as the baselines do (--center=False keeps
+the raw outputs, e.g. for parity with arc-state): a group's mean is then the control mean plus the model's
+shift, not also the noise of which controls it was drawn. Windows are batched by length (no padding) in
+blocks of --max_cells cells, and a screen is written block by block, so its size is bounded by the disk,
+not the memory. Screen inputs may be raw counts or log1p values in any gene order: the run's recipe
+(meta.json) normalises counts to its target_sum and log1p's them.
 `--run=A,B,C` is a seed ensemble: each predicted cell comes from one member (--ensemble=mixture, which
 keeps the members' spread), or the members' set means are averaged and each cell keeps one member's
 residual (--ensemble=shift), or the members' predictions are averaged per cell (--ensemble=mean).
@@ -201,7 +204,7 @@ def spread_report(rows):
 def cmd_test(argv):
     cfg = {"run": "", "data": "", "split": "", "out": "", "seed": 0, "device": "cpu",
            "clip": True, "max_cells": 8192, "allow_other_split": False, "allow_other_data": False,
-           "ensemble": "mixture", "alpha": "", "dtype": "float32"}
+           "ensemble": "mixture", "alpha": "", "dtype": "float32", "center": True}
     configure(argv, cfg)
     check_options(cfg, "predict.py test")
     alpha = check_alpha(cfg["alpha"], "predict.py test")
@@ -210,6 +213,7 @@ def cmd_test(argv):
     output_folder(cfg["out"], [cfg["data"]], "predict.py test")  # not a file, the data or a prepared folder
     for f in ("pred.h5ad", "real.h5ad"):
         output_file(os.path.join(cfg["out"], f), [cfg["split"]], "predict.py test")
+    from state.baselines import recentre
     models, meta = load_runs(cfg["run"], cfg["device"], alpha)
     model = models[0]
     D, sp = test_data(cfg, meta, model)
@@ -224,6 +228,7 @@ def cmd_test(argv):
     clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
     ctrl_rows = np.sort(np.asarray(sp.test_ctrl, dtype=np.int64))
     Xc, cctx = gene_rows(ctrl_rows), D.context[ctrl_rows]  # the held-out controls (in both files)
+    mu = {c: Xc[cctx == c].mean(0, dtype=np.float64) for c in np.unique(cctx)}  # (G,) per context
     n_pred = sum(len(g[2]) for g in plan)
     # obs columns as categorical codes (no string per cell): predicted cells then the real controls
     gp = np.concatenate([np.full(len(g[2]), g[1]) for g in plan] + [D.pert[ctrl_rows]]).astype(np.int64)
@@ -238,7 +243,7 @@ def cmd_test(argv):
     def pred_blocks():
         """Each group's predictions (and its spread against the real cells), then the real controls."""
         a = 0
-        for c, p, rows, wins, _ in plan:
+        for c, p, rows, wins, drawn in plan:
             t0 = time.perf_counter()
             ys, zs = [], []
             for y, z in predict_blocks(models, ctrlX, wins, cfg["device"], cfg["max_cells"], cfg["ensemble"],
@@ -248,6 +253,8 @@ def cmd_test(argv):
             timing[0] += time.perf_counter() - t0
             timing[1] += len(wins)
             P = np.concatenate(ys).astype(np.float32)
+            if cfg["center"]:  # the group's mean no longer carries which controls it started from
+                P = recentre(P, gene_rows(drawn), mu[c])
             if clip:
                 P = np.clip(P, 0.0, 14.0)
             name = f"{D.context_names[c]} / {D.pert_names[p]}"
@@ -267,7 +274,7 @@ def cmd_test(argv):
     labels = (D.pert_col, D.control, D.context_col or "context")
     space = "gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding")
     info = {"seed": cfg["seed"], "ensemble": cfg["ensemble"] if "," in cfg["run"] else None, "dtype": cfg["dtype"],
-            "clip": "0,14" if clip else "none", "space": space, "key": meta.get("key", "X"),
+            "clip": "0,14" if clip else "none", "center": bool(cfg["center"]), "space": space, "key": meta.get("key", "X"),
             "genes_key": meta.get("genes_key") if dec else None}
     N, G = n_pred + len(ctrl_rows), len(out_genes)
     need_space(os.path.join(cfg["out"], "pred.h5ad"), 2 * (4 * N * (G + (D.n_genes if dec else 0)) + 64 * N),

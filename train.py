@@ -237,8 +237,8 @@ held = sorted({D.context_names.index(c) for c, _ in sp.test_groups})  # held-out
 gcodes = [D.pert_names.index(q) for q in sp.guard_perts]
 sup_rows = sp.part("val", contexts=held, perturbed=True, perts=gcodes or None)
 if gcodes:
-    print0(f"guard perturbations (held out of training as the test ones are, scored as unseen): "
-           f"{sp.guard_perts}, {len(sup_rows):,} cells")
+    print0(f"guard perturbations (held out of training, scored as unseen): {sp.guard_perts}, "
+           f"{len(sup_rows):,} cells")
 if select == "support" and len(sup_rows) == 0:
     print0(f"note: --select=support: the {sp.task} split has no val cells of support perturbations in the "
            "held-out context (zero-shot, or --val-frac 0): keeping the last weights")

@@ -66,6 +66,9 @@ PROTOCOL = {n: b for n, b in baselines.BASELINES.items() if not b.from_test}
 SHORT = {n: b.short for n, b in PROTOCOL.items()}
 BASELINES = [n for n, b in PROTOCOL.items() if b.task is None]
 ANCHOR_BASELINE = {b.anchor: n for n, b in PROTOCOL.items() if b.anchor}
+# how predicted cells relate to their drawn controls (state.baselines.recentre): scores of another kind
+# are not compared with these (an older --out is scored again, an older cache's baselines recomputed)
+DRAWS = "recentred"
 
 
 def task_type(task):
@@ -186,12 +189,25 @@ def cached(path, fn):
 # one (task, seed): train, predict, score
 
 
+def scored(score_f, drop=False):
+    """A scores.json made with this code's control draws, or None. drop: remove one of an earlier protocol
+    (predicted cells not recentred on the context's controls), so that the job scores it again, without
+    training again."""
+    if os.path.exists(score_f):
+        s = json.load(open(score_f))
+        if s.get("draws") == DRAWS:
+            return s
+        if drop:
+            os.remove(score_f)
+    return None
+
+
 def st_job(task, seed, out, cache, shared, recipe):
     d, sp = task_data(task, cache, shared)
     run = os.path.join(out, task, f"s{seed}")
     score_f = os.path.join(run, "scores.json")
-    if os.path.exists(score_f):
-        return json.load(open(score_f))
+    if scored(score_f, drop=True):
+        return scored(score_f)
     log = os.path.join(out, task, f"s{seed}.log")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.time()
@@ -214,7 +230,7 @@ def st_job(task, seed, out, cache, shared, recipe):
             at = {s["alpha"]: s, 1.0: s["unguarded"]}.get(a) or predict_and_score(
                 run, d, sp, os.path.join(run, f"alpha{a:g}"), seed, log, f"--alpha={a}")
             s["guard_by"][n] = dict(alpha=a, **{m: at[m] for m in METRICS + ["de_nsig_counts_pred"] if m in at})
-    s["best_step"] = meta.get("best_step")
+    s["best_step"], s["draws"] = meta.get("best_step"), DRAWS
     s["train_s"], s["total_s"] = t1 - t0, time.time() - t0
     return cached(score_f, lambda: s)
 
@@ -238,13 +254,13 @@ def ensemble_job(task, seeds, out, cache, shared, name="ensemble"):
     d, sp = task_data(task, cache, shared)
     ens = os.path.join(out, task, name)
     score_f = os.path.join(ens, "scores.json")
-    if os.path.exists(score_f):
-        return json.load(open(score_f))
+    if scored(score_f, drop=True):
+        return scored(score_f)
     runs = ",".join(os.path.join(out, task, f"s{s}") for s in seeds)
     per = [predict_and_score(runs, d, sp, os.path.join(ens, f"d{s}"), s, os.path.join(out, task, f"{name}.log"),
                              f"--ensemble={ENSEMBLES[name]}") for s in seeds]
     mean = {m: float(np.nanmean([p[m] for p in per])) for m in per[0]}
-    return cached(score_f, lambda: dict(mean, per_seed=per))
+    return cached(score_f, lambda: dict(mean, per_seed=per, draws=DRAWS))
 
 
 def pick_tasks(spec):
@@ -281,7 +297,7 @@ def run(tasks, seeds, out, cache, shared, recipe, jobs=2, ensemble=False):
         split = Split.load(sp).validate(data)
         cached(os.path.join(cache, f"{t}_ceiling.json"), lambda: ceiling(data, split))
         for s in seeds:
-            f = os.path.join(cache, f"{t}_baselines_s{s}.json")
+            f = os.path.join(cache, f"{t}_baselines_{DRAWS}_s{s}.json")
             have = json.load(open(f)) if os.path.exists(f) else {}
             if set(names_for(t)) - set(have):  # a baseline added since: compute it alone
                 os.path.exists(f) and os.remove(f)
@@ -312,15 +328,20 @@ def collect(out, cache):
     res = {}
     for t in cfg["tasks"]:
         seeds = [s for s in cfg["seeds"] if os.path.exists(os.path.join(out, t, f"s{s}", "scores.json"))]
+        old = [s for s in seeds if json.load(open(os.path.join(out, t, f"s{s}", "scores.json"))).get("draws") != DRAWS]
+        if old:
+            raise UserError(f"{out}: {t} seeds {old} were scored by an earlier protocol (predicted cells not "
+                            f"recentred on their controls); run `python -m state.experiment run` on {out} again "
+                            "to score them anew (no training)")
         st = [dict(json.load(open(os.path.join(out, t, f"s{s}", "scores.json"))),
                    anchor=json.load(open(os.path.join(out, t, f"s{s}", "meta.json")))["st"].get("anchor", "none"))
               for s in seeds]
-        bl = [json.load(open(os.path.join(cache, f"{t}_baselines_s{s}.json"))) for s in seeds]  # paired with st
+        bl = [json.load(open(os.path.join(cache, f"{t}_baselines_{DRAWS}_s{s}.json"))) for s in seeds]  # paired with st
         ens = {n: os.path.join(out, t, n, "scores.json") for n in ENSEMBLES}
         groups = json.load(open(os.path.join(cache, f"{t}.json")))["test_groups"]
         res[t] = dict(st=st, bl=bl, ceil=json.load(open(os.path.join(cache, f"{t}_ceiling.json"))),
                       n_perts=len({p for _, p in groups}),
-                      **{n: json.load(open(f)) if os.path.exists(f) else None for n, f in ens.items()})
+                      **{n: scored(f) for n, f in ens.items()})
     return cfg, res
 
 

@@ -235,7 +235,7 @@ def test_predict_test_on_a_bound_import(tmp_path):
     meta = json.load(open(tmp_path / "nb" / "meta.json"))
     assert meta["pert_names"] == ["non-targeting", "JAK2", "STAT1"] and meta["data_checksum"]
     r = py("predict.py", "test", f"--run={tmp_path / 'nb'}", f"--data={tmp_path / 'prep'}",
-           f"--split={tmp_path / 'split.json'}", f"--out={tmp_path / 'test'}")
+           f"--split={tmp_path / 'split.json'}", f"--out={tmp_path / 'test'}", "--center=False")  # raw outputs
     assert r.returncode == 0, r.stderr[-2000:]
     with H5AD(str(src / "infer_out.h5ad")) as f:
         arc = f.matrix("obsm/X_hvg").rows(np.flatnonzero(np.asarray(f.column("target_gene")).astype(str) == "STAT1"))

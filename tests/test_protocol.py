@@ -61,12 +61,18 @@ def test_shift_table_is_cross_fitted(synth):
     rest = np.setdiff1d(split.train, own[: len(own) // 2])
     T2 = B.shift_table(data, rest, "two_way")
     np.testing.assert_allclose(T2[c, p], Tw[c, p], atol=1e-5)
-    # the two_way baseline = its controls + the table's shift for the held-out pair (away from the clip)
+    # the two_way baseline = its controls + the table's shift for the held-out pair, recentred: each group's
+    # drawn controls moved to the mean of the context's held-out controls (away from the clip)
     Xh, obs = B.two_way(data, split, seed=0)
     pos = {n: i for i, n in enumerate(data.obs_names)}
     n = len(split.test)
     xc = data.rows([pos[b] for b in obs["ctrl_cell_barcode"][:n]])
     want = xc + Tw[data.context[split.test], data.pert[split.test]]
+    tc = np.asarray(split.test_ctrl)
+    for q in np.unique(data.pert[split.test]):
+        m = data.pert[split.test] == q  # one held-out context here
+        want[m] += data.rows(tc[data.context[tc] == data.context[split.test][m][0]]).mean(0) - xc[m].mean(0)
+    assert len(set(data.context[split.test].tolist())) == 1
     inside = (want > 0.01) & (want < 13.9)
     np.testing.assert_allclose(Xh[:n][inside], want[inside], atol=1e-5)
     # auto: per context, the kind with the lowest cross-fitted error on that context's training pairs
@@ -285,8 +291,12 @@ def test_collect_pairs_baselines_with_the_seeds_that_ran(tmp_path):
     json.dump({"mae": 0.5}, open(out / t / "s1" / "scores.json", "w"))
     json.dump({"st": {"anchor": "auto"}}, open(out / t / "s1" / "meta.json", "w"))
     for s in (0, 1):
-        json.dump({"context_mean": {"mae": 0.1 * (s + 1)}}, open(cache / f"{t}_baselines_s{s}.json", "w"))
+        json.dump({"context_mean": {"mae": 0.1 * (s + 1)}}, open(cache / f"{t}_baselines_{X.DRAWS}_s{s}.json", "w"))
     json.dump({"mae": 0.0}, open(cache / f"{t}_ceiling.json", "w"))
     json.dump({"test_groups": [["rep_1", "A"]]}, open(cache / f"{t}.json", "w"))
+    # scores of an earlier protocol (cells not recentred on their controls) are not mixed in: refused
+    with pytest.raises(ValueError, match="scored by an earlier protocol"):
+        X.collect(str(out), str(cache))
+    json.dump({"mae": 0.5, "draws": X.DRAWS}, open(out / t / "s1" / "scores.json", "w"))
     cfg, res = X.collect(str(out), str(cache))
     assert [x["mae"] for x in res[t]["st"]] == [0.5] and res[t]["bl"] == [{"context_mean": {"mae": 0.2}}]

@@ -105,6 +105,28 @@ def test_train_resume_predict(synth, tmp_path):
         np.testing.assert_allclose(Xq[:5], D.rows(np.array([pos[n] for n in names[:5]])), atol=1e-6)
         u = p.uns("nanostate")
         assert u["pert_col"] == pc and u["control"] == D.control
+        assert u["center"] is True
+        isp = p.column("is_predicted").astype(bool)
+        cb = np.asarray(p.column("ctrl_cell_barcode")).astype(str)
+        pctx = np.asarray(p.column(cc)).astype(str)
+    # recentred (the default) against raw outputs (--center=False): each group moved by one row, the
+    # context's control mean less the mean of the controls it was drawn from (clipped entries aside)
+    run("predict.py", "test", f"--run={full}", f"--data={d / 'prep'}", f"--split={d / 'split.json'}",
+        f"--out={tmp_path / 'raw'}", "--center=False")
+    with H5AD(tmp_path / "raw" / "pred.h5ad") as f:
+        X0 = f.matrix("X").block(0, f.n_obs)
+        assert f.uns("nanostate")["center"] is False
+    np.testing.assert_array_equal(X0[~isp], Xp[~isp])  # real controls as they are
+    pos = {n: i for i, n in enumerate(D.obs_names)}
+    grp = np.char.add(np.char.add(lp, "\t"), pctx)  # (context, perturbation) groups
+    for g in np.unique(grp[isp]):
+        m = isp & (grp == g)
+        c = D.context_names.index(pctx[m][0])
+        tc = np.asarray(sp.test_ctrl)
+        off = D.rows(tc[D.context[tc] == c]).mean(0) - D.rows(np.array([pos[n] for n in cb[m]])).mean(0)
+        free = (X0[m] > 0) & (X0[m] < 14) & (Xp[m] > 0) & (Xp[m] < 14)
+        assert free.mean() > 0.3 and np.abs(off).max() > 1e-3  # the test could fail
+        np.testing.assert_allclose((Xp[m] - X0[m])[free], np.broadcast_to(off, X0[m].shape)[free], atol=1e-4)
 
     # simulate: a virtual screen from the held-out context's controls in the real file
     sim = tmp_path / "sim.h5ad"
