@@ -11,8 +11,8 @@ Evaluate / compare with baselines (forwarded to state.eval.main / state.baseline
 
 Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, fed with n
 controls of the same context drawn as evenly as possible (test: the baselines' draws from the context's
-training controls, state.baselines.control_draws; simulate: state.sampler.draw_controls, seeded). test
-recentres each group's predicted cells on the context's controls, as the baselines do (--center=False keeps
+training controls, state.baselines.control_draws; simulate: state.sampler.draw_controls, seeded). Each
+group's predicted cells are recentred on its context's controls, as the baselines' are (--center=False keeps
 the raw outputs, e.g. for parity with arc-state): a group's mean is then the control mean plus the model's
 shift, not also the noise of which controls it was drawn. Windows are batched by length (no padding) in
 blocks of --max_cells cells, and a screen is written block by block, so its size is bounded by the disk,
@@ -254,7 +254,7 @@ def cmd_test(argv):
             timing[1] += len(wins)
             P = np.concatenate(ys).astype(np.float32)
             if cfg["center"]:  # the group's mean no longer carries which controls it started from
-                P = recentre(P, gene_rows(drawn), mu[c])
+                P = recentre(P, gene_rows(drawn).mean(0, dtype=np.float64), mu[c])
             if clip:
                 P = np.clip(P, 0.0, 14.0)
             name = f"{D.context_names[c]} / {D.pert_names[p]}"
@@ -562,7 +562,7 @@ def cmd_simulate(argv):
     cfg = {"run": "", "adata": "", "perts": "", "out": "", "n_cells": 0, "seed": 0, "device": "cpu",
            "key": "", "genes_key": "", "context_col": "", "pert_col": "", "control": "", "clip": True,
            "allow_missing_genes": 0.0, "max_cells": 8192, "all_controls": False, "ensemble": "mixture",
-           "dtype": "float32"}
+           "dtype": "float32", "center": True}
     configure(argv, cfg)
     check_options(cfg, "predict.py simulate")
     if not cfg["adata"] or not cfg["run"]:
@@ -599,7 +599,7 @@ def cmd_simulate(argv):
             for m in make_windows(n, S):
                 draw, a = drawn[a:a + m], a + m
                 windows.append((draw, vocab[p], bt[draw], cvocab.get(c, 0)))
-                info.append((c, p, draw))
+                info.append((c, p, draw, drawn, pool))
     clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
     n_pred = sum(len(i[2]) for i in info)
     pc, cc = meta["pert_col"], meta.get("context_col") or "context"
@@ -613,9 +613,17 @@ def cmd_simulate(argv):
 
     def blocks():
         """Predicted cells block by block, then the real controls: memory bounded by --max_cells."""
-        a = 0
+        from state.baselines import recentre
+        a, w, last = 0, 0, (None,)
         for ys, zs in predict_blocks(models, X, windows, cfg["device"], cfg["max_cells"], cfg["ensemble"],
                                      cfg["dtype"]):
+            if cfg["center"]:  # each group's cells on its context's control mean, as in predict.py test
+                for i, y in enumerate(ys):
+                    c, p, _, drawn, pool = info[w + i]
+                    if last[0] != (c, p):  # windows come group by group: one group's means in memory
+                        last = ((c, p), Xout[drawn].mean(0, dtype=np.float64), Xout[pool].mean(0, dtype=np.float64))
+                    ys[i] = recentre(y, last[1], last[2])
+                w += len(ys)
             P = np.concatenate(ys).astype(np.float32)
             if clip:
                 P = np.clip(P, 0.0, 14.0)
@@ -632,7 +640,7 @@ def cmd_simulate(argv):
     write_cells(out, Stream(n_pred + len(X), cols, blocks(), progress="simulate"), out_genes, obs,
                 (pc, meta["control"], cc), sources(cfg["run"]), seed=cfg["seed"],
                 ensemble=cfg["ensemble"] if "," in cfg["run"] else None, dtype=cfg["dtype"],
-                controls=os.path.abspath(cfg["adata"]), clip="0,14" if clip else "none",
+                controls=os.path.abspath(cfg["adata"]), clip="0,14" if clip else "none", center=bool(cfg["center"]),
                 space="gene (decoded)" if dec else ("gene" if model.cfg.gene_space else "embedding"),
                 key=cfg["key"], genes_key=cfg["genes_key"] if dec else None)
     print(f"simulated {n_pred:,} cells ({len(perts)} perturbations x {len(set(ctx))} contexts) + "

@@ -137,13 +137,13 @@ def _controls_for(data, split, rng):
     return out
 
 
-def recentre(P, drawn, ctrl_mean):
-    """Predicted cells P (n, G) of one test group, started from the control cells `drawn` (n, G), moved
-    by mean(context's controls) - mean(drawn): the group's predicted mean is then the context's control
-    mean plus the method's own shift. Without it every gene of a predicted pseudobulk carries the sampling
+def recentre(P, drawn_mean, ctrl_mean):
+    """Predicted cells P (n, G) of one group, started from control cells whose mean is `drawn_mean` (G,),
+    moved by ctrl_mean - drawn_mean (ctrl_mean: the context's controls): the group's predicted mean is then
+    the context's control mean plus the method's own shift. Without it every gene of a predicted pseudobulk carries the sampling
     noise of which controls the group happened to start from: on Papalexi that noise costs pearson_delta
     0.02-0.08 and MAE 5-15% (dev/LOG.md, session 8). Cell-to-cell spread is unchanged."""
-    return P + (ctrl_mean - drawn.mean(0, dtype=np.float64)).astype(P.dtype)
+    return P + (ctrl_mean - drawn_mean).astype(P.dtype)
 
 
 def _assemble(data, split, Xhat, ctrl_rows):
@@ -157,7 +157,8 @@ def _assemble(data, split, Xhat, ctrl_rows):
         key = data.context[split.test].astype(np.int64) * len(data.pert_names) + data.pert[split.test]
         for k in np.unique(key):
             m = np.flatnonzero(key == k)
-            Xhat[m] = recentre(Xhat[m], data.rows(ctrl_rows[m]), mu[data.context[split.test][m[0]]])
+            Xhat[m] = recentre(Xhat[m], data.rows(ctrl_rows[m]).mean(0, dtype=np.float64),
+                               mu[data.context[split.test][m[0]]])
     X = np.concatenate([np.clip(Xhat, 0, 14).astype(np.float32), data.rows(split.test_ctrl)])
     rows = _test_layout(data, split)
     isp = np.r_[np.ones(len(split.test), bool), np.zeros(len(split.test_ctrl), bool)]

@@ -2,6 +2,7 @@
 split -> train -> exact resume -> predict test (pred/real pair) -> simulate. Budget: ~60 s on 2 cores."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,22 @@ def test_train_resume_predict(synth, tmp_path):
     with H5AD(sim2) as s2:
         np.testing.assert_allclose(s2.matrix("X").block(0, s2.n_obs), Xs, atol=1e-5)
         assert list(s2.obs_names) == list(names) and list(np.asarray(s2.column("ctrl_cell_barcode")).astype(str)) == list(cb)
+    # recentred by default: against --center=False, each (context, perturbation) group moves by one row
+    run("predict.py", "simulate", f"--run={full}", f"--adata={out / 'real.h5ad'}", f"--perts={','.join(perts)}",
+        "--n_cells=20", "--center=False", f"--out={tmp_path / 'sim0.h5ad'}")
+    with H5AD(tmp_path / "sim0.h5ad") as s0, H5AD(sim) as s1:
+        X0, key = s0.matrix("X").block(0, s0.n_obs), np.char.add(np.asarray(s1.column(pc)).astype(str),
+                                                                 np.asarray(s1.column(cc)).astype(str))
+        assert s1.uns("nanostate")["center"] is True and s0.uns("nanostate")["center"] is False
+    isp = np.asarray(isp, bool)
+    for g in np.unique(key[isp]):
+        m = isp & (key == g)
+        d, free = Xs[m] - X0[m], (X0[m] > 0) & (X0[m] < 14) & (Xs[m] > 0) & (Xs[m] < 14)
+        with warnings.catch_warnings():  # all-clipped genes: nan, not compared
+            warnings.simplefilter("ignore", RuntimeWarning)
+            row = np.nanmedian(np.where(free, d, np.nan), axis=0)
+        assert np.nanmax(np.abs(row)) > 1e-3  # the test could fail
+        np.testing.assert_allclose(d[free], np.broadcast_to(row, d.shape)[free], atol=1e-4)
     import anndata  # the streamed file is a valid AnnData file
     ad = anndata.read_h5ad(sim2)
     assert ad.shape == Xs.shape and ad.obs["is_predicted"].sum() == isp.sum()
