@@ -12,11 +12,11 @@ Evaluate / compare with baselines (forwarded to state.eval.main / state.baseline
 Sets are never padded: a group of n cells is cut into ceil(n/S) windows of at most S cells, fed with n
 controls of the same context drawn as evenly as possible (test: the baselines' draws from the context's
 training controls, state.baselines.control_draws; simulate: state.sampler.draw_controls, seeded). Each
-group's predicted cells are recentred on its context's controls, as the baselines' are (--center=False keeps
-the raw outputs, e.g. for parity with arc-state): a group's mean is then the control mean plus the model's
-shift, not also the noise of which controls it was drawn. Windows are batched by length (no padding) in
-blocks of --max_cells cells, and a screen is written block by block, so its size is bounded by the disk,
-not the memory. Screen inputs may be raw counts or log1p values in any gene order: the run's recipe
+group's predicted cells are recentred on the pool its controls were drawn from, as the baselines' are
+(--center=False keeps the raw outputs, e.g. for parity with arc-state): a group's mean is then the pool's
+mean plus the model's shift, not also the noise of which controls it was drawn. Windows are batched by
+length (no padding) in blocks of --max_cells cells, and a screen is written block by block, so its size is
+bounded by the disk, not the memory. Screen inputs may be raw counts or log1p values in any gene order: the run's recipe
 (meta.json) normalises counts to its target_sum and log1p's them.
 `--run=A,B,C` is a seed ensemble: each predicted cell comes from one member (--ensemble=mixture, which
 keeps the members' spread), or the members' set means are averaged and each cell keeps one member's
@@ -213,7 +213,7 @@ def cmd_test(argv):
     output_folder(cfg["out"], [cfg["data"]], "predict.py test")  # not a file, the data or a prepared folder
     for f in ("pred.h5ad", "real.h5ad"):
         output_file(os.path.join(cfg["out"], f), [cfg["split"]], "predict.py test")
-    from state.baselines import recentre
+    from state.baselines import control_pools, recentre
     models, meta = load_runs(cfg["run"], cfg["device"], alpha)
     model = models[0]
     D, sp = test_data(cfg, meta, model)
@@ -228,7 +228,8 @@ def cmd_test(argv):
     clip = cfg["clip"] and (model.cfg.gene_space or dec)  # never clip signed embedding outputs
     ctrl_rows = np.sort(np.asarray(sp.test_ctrl, dtype=np.int64))
     Xc, cctx = gene_rows(ctrl_rows), D.context[ctrl_rows]  # the held-out controls (in both files)
-    mu = {c: Xc[cctx == c].mean(0, dtype=np.float64) for c in np.unique(cctx)}  # (G,) per context
+    if cfg["center"]:  # (G,) per context: the mean of the training controls the draws come from
+        mu = {c: gene_rows(pool).mean(0, dtype=np.float64) for c, pool in control_pools(D, sp).items()}
     n_pred = sum(len(g[2]) for g in plan)
     # obs columns as categorical codes (no string per cell): predicted cells then the real controls
     gp = np.concatenate([np.full(len(g[2]), g[1]) for g in plan] + [D.pert[ctrl_rows]]).astype(np.int64)
@@ -254,7 +255,7 @@ def cmd_test(argv):
             timing[1] += len(wins)
             P = np.concatenate(ys).astype(np.float32)
             if cfg["center"]:  # the group's mean no longer carries which controls it started from
-                P = recentre(P, gene_rows(drawn).mean(0, dtype=np.float64), mu[c])
+                P = recentre(P, gene_rows(drawn).mean(0, dtype=np.float64), mu[int(c)])
             if clip:
                 P = np.clip(P, 0.0, 14.0)
             name = f"{D.context_names[c]} / {D.pert_names[p]}"

@@ -123,12 +123,17 @@ def control_draws(data, split, seed=0):
     return _controls_for(data, split, np.random.default_rng(seed))
 
 
+def control_pools(data, split):
+    """{context code: its training control rows} for every context with a test cell: what control_draws
+    draws from, and what recentre centres on."""
+    tr = split.train[data.pert[split.train] == data.control_code]
+    return {int(c): tr[data.context[tr] == c] for c in np.unique(data.context[split.test])}
+
+
 def _controls_for(data, split, rng):
     """control_draws with a given generator (the baselines pass a fresh default_rng(seed))."""
-    tr = split.train[data.pert[split.train] == data.control_code]
     out = np.empty(len(split.test), np.int64)
-    for c in np.unique(data.context[split.test]):
-        pool = tr[data.context[tr] == c]
+    for c, pool in control_pools(data, split).items():
         if len(pool) == 0:
             raise UserError(f"context '{data.context_names[c]}' has no training controls")
         for p in np.unique(data.pert[split.test][data.context[split.test] == c]):
@@ -137,28 +142,27 @@ def _controls_for(data, split, rng):
     return out
 
 
-def recentre(P, drawn_mean, ctrl_mean):
+def recentre(P, drawn_mean, pool_mean):
     """Predicted cells P (n, G) of one group, started from control cells whose mean is `drawn_mean` (G,),
-    moved by ctrl_mean - drawn_mean (ctrl_mean: the context's controls): the group's predicted mean is then
-    the context's control mean plus the method's own shift. Without it every gene of a predicted pseudobulk carries the sampling
-    noise of which controls the group happened to start from: on Papalexi that noise costs pearson_delta
-    0.02-0.08 and MAE 5-15% (dev/LOG.md, session 8). Cell-to-cell spread is unchanged."""
-    return P + (ctrl_mean - drawn_mean).astype(P.dtype)
+    moved by pool_mean - drawn_mean (pool_mean: the mean of the control cells they were drawn from): the
+    group's predicted mean is then the pool's mean plus the method's own shift, as shifts are estimated
+    against those same controls. Without it every gene of a predicted pseudobulk carries the sampling noise
+    of which controls the group happened to start from: on Papalexi that noise costs pearson_delta 0.02-0.08
+    and MAE 5-15% (dev/LOG.md, session 8). Cell-to-cell spread is unchanged."""
+    return P + (pool_mean - drawn_mean).astype(P.dtype)
 
 
 def _assemble(data, split, Xhat, ctrl_rows):
     """pred (X, obs): predicted test cells then the real held-out controls. Cells started from control
-    cells (`ctrl_rows`) are recentred group by group on their context's held-out controls (recentre)."""
+    cells (`ctrl_rows`) are recentred group by group on the pool they were drawn from (recentre)."""
     if ctrl_rows is not None:
         Xhat = np.array(Xhat, np.float32)
-        tc = np.asarray(split.test_ctrl)
-        mu = {c: data.rows(tc[data.context[tc] == c]).mean(0, dtype=np.float64)
-              for c in np.unique(data.context[split.test])}
+        mu = {c: data.rows(pool).mean(0, dtype=np.float64) for c, pool in control_pools(data, split).items()}
         key = data.context[split.test].astype(np.int64) * len(data.pert_names) + data.pert[split.test]
         for k in np.unique(key):
             m = np.flatnonzero(key == k)
             Xhat[m] = recentre(Xhat[m], data.rows(ctrl_rows[m]).mean(0, dtype=np.float64),
-                               mu[data.context[split.test][m[0]]])
+                               mu[int(data.context[split.test][m[0]])])
     X = np.concatenate([np.clip(Xhat, 0, 14).astype(np.float32), data.rows(split.test_ctrl)])
     rows = _test_layout(data, split)
     isp = np.r_[np.ones(len(split.test), bool), np.zeros(len(split.test_ctrl), bool)]

@@ -68,7 +68,7 @@ BASELINES = [n for n, b in PROTOCOL.items() if b.task is None]
 ANCHOR_BASELINE = {b.anchor: n for n, b in PROTOCOL.items() if b.anchor}
 # how predicted cells relate to their drawn controls (state.baselines.recentre): scores of another kind
 # are not compared with these (an older --out is scored again, an older cache's baselines recomputed)
-DRAWS = "recentred"
+DRAWS = "pool-recentred"
 
 
 def task_type(task):

@@ -110,8 +110,9 @@ def test_train_resume_predict(synth, tmp_path):
         isp = p.column("is_predicted").astype(bool)
         cb = np.asarray(p.column("ctrl_cell_barcode")).astype(str)
         pctx = np.asarray(p.column(cc)).astype(str)
-    # recentred (the default) against raw outputs (--center=False): each group moved by one row, the
-    # context's control mean less the mean of the controls it was drawn from (clipped entries aside)
+    # recentred (the default) against raw outputs (--center=False): each group moved by one row, the mean
+    # of the context's training controls (the pool) less that of the controls it was drawn from (clipped
+    # entries aside)
     run("predict.py", "test", f"--run={full}", f"--data={d / 'prep'}", f"--split={d / 'split.json'}",
         f"--out={tmp_path / 'raw'}", "--center=False")
     with H5AD(tmp_path / "raw" / "pred.h5ad") as f:
@@ -123,8 +124,8 @@ def test_train_resume_predict(synth, tmp_path):
     for g in np.unique(grp[isp]):
         m = isp & (grp == g)
         c = D.context_names.index(pctx[m][0])
-        tc = np.asarray(sp.test_ctrl)
-        off = D.rows(tc[D.context[tc] == c]).mean(0) - D.rows(np.array([pos[n] for n in cb[m]])).mean(0)
+        tc = sp.train[(D.pert[sp.train] == D.control_code) & (D.context[sp.train] == c)]
+        off = D.rows(tc).mean(0) - D.rows(np.array([pos[n] for n in cb[m]])).mean(0)
         free = (X0[m] > 0) & (X0[m] < 14) & (Xp[m] > 0) & (Xp[m] < 14)
         assert free.mean() > 0.3 and np.abs(off).max() > 1e-3  # the test could fail
         np.testing.assert_allclose((Xp[m] - X0[m])[free], np.broadcast_to(off, X0[m].shape)[free], atol=1e-4)
