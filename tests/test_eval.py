@@ -283,7 +283,9 @@ def test_baselines_shape_and_definitions(synth, tmp_path):
         assert np.array_equal(obs[data.pert_col], obsr[data.pert_col]), name
         assert obs["is_predicted"].sum() == len(split.test), name
         np.testing.assert_array_equal(X[len(split.test):], Xr[len(split.test):])  # real controls
-    # perturbation_mean: predicted cells - their own sampled controls = mean training delta
+    # perturbation_mean: predicted cells - their own sampled controls = mean training delta + the group's
+    # recentring (mean of the pool the controls were drawn from, the context's training controls, less
+    # the mean of its drawn ones)
     X, obs = B.perturbation_mean(data, split, seed=0)
     p = data.pert[split.test[0]]
     c_star = data.context[split.test[0]]
@@ -293,6 +295,10 @@ def test_baselines_shape_and_definitions(synth, tmp_path):
     rows = np.flatnonzero(data.pert[split.test] == p)
     bc = {n: i for i, n in enumerate(data.obs_names)}
     xc = data.rows([bc[b] for b in obs["ctrl_cell_barcode"][rows]])
+    pool = split.train[(data.pert[split.train] == ctl) & (data.context[split.train] == c_star)]
+    off = data.rows(pool).mean(0) - xc.mean(0)
+    assert np.abs(off).max() > 1e-3  # the draw is not the pool: the check below could fail
+    dbar = dbar + off
     inside = (xc + dbar > 0.01) & (xc + dbar < 13.9)  # away from the [0, 14] clip
     np.testing.assert_allclose((X[rows] - xc)[inside], np.broadcast_to(dbar, xc.shape)[inside],
                                atol=1e-5)
