@@ -16,8 +16,8 @@ group's predicted cells are recentred on the pool its controls were drawn from, 
 (--center=False keeps the raw outputs, e.g. for parity with arc-state): a group's mean is then the pool's
 mean plus the model's shift, not also the noise of which controls it was drawn. Windows are batched by
 length (no padding) in blocks of --max_cells cells, and a screen is written block by block, so its size is
-bounded by the disk, not the memory. Screen inputs may be raw counts or log1p values in any gene order: the run's recipe
-(meta.json) normalises counts to its target_sum and log1p's them.
+bounded by the disk, not the memory. Screen inputs may be raw counts or log1p values in any gene order: the
+run's recipe (meta.json) normalises counts to its target_sum and log1p's them.
 `--run=A,B,C` is a seed ensemble: each predicted cell comes from one member (--ensemble=mixture, which
 keeps the members' spread), or the members' set means are averaged and each cell keeps one member's
 residual (--ensemble=shift), or the members' predictions are averaged per cell (--ensemble=mean).
@@ -618,7 +618,7 @@ def cmd_simulate(argv):
         a, w, last = 0, 0, (None,)
         for ys, zs in predict_blocks(models, X, windows, cfg["device"], cfg["max_cells"], cfg["ensemble"],
                                      cfg["dtype"]):
-            if cfg["center"]:  # each group's cells on its context's control mean, as in predict.py test
+            if cfg["center"]:  # each group on the mean of its context's controls (its pool), as in test
                 for i, y in enumerate(ys):
                     c, p, _, drawn, pool = info[w + i]
                     if last[0] != (c, p):  # windows come group by group: one group's means in memory

@@ -354,6 +354,11 @@ class Split:
         is_g = np.isin(p, [pix[q] for q in self.guard_perts]) & ~is_test  # guard groups: every cell is val
         if self.task == "fewshot":  # held out like the test: in the held-out context only
             is_g &= np.isin(c, hctx)
+        for q in self.guard_perts:  # a guard perturbation without cells there would guard nothing, silently
+            if not np.any(is_g & (p == pix[q])):
+                raise self._err(f"guard perturbation '{q}' has no cells to hold out" + (
+                    f" in the held-out context(s) {[data.context_names[k] for k in hctx]}"
+                    if self.task == "fewshot" else ""))
         tr = ~is_test & ~is_g
         m = np.where(tr & (n >= 2), np.floor(self.val_frac * n), 0).astype(np.int64)
         m = np.where(is_g, n, m)

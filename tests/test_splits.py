@@ -138,6 +138,14 @@ def test_fewshot_guard_perts_held_out_in_the_context_only(gbm, tmp_path):
         make_split(gbm, "fewshot", context="U87MG", support_perts=sup, guard_perts=sup)
     with pytest.raises(ValueError, match="not candidates"):
         make_split(gbm, "fewshot", context="U87MG", support_perts=sup, guard_perts=["SGK1"])
+    # a split whose guard perturbation has no cells in the held-out context (a K562-only one, with K562 in
+    # the data) would guard nothing: refused, not ignored
+    from conftest import real_file
+    full = prepare(real_file("gbm"), tmp_path / "full")
+    ok = make_split(full, "fewshot", context="U87MG", support_perts=sup)
+    bad = Split("fewshot", "U87MG", ok.test_groups, ok.support, 0.1, 0, full.checksum, None, ["KLF1"])
+    with pytest.raises(ValueError, match=r"guard perturbation 'KLF1' has no cells to hold out in the held-out"):
+        bad.validate(full)
 
 
 def test_pca_features_from_measured_target_genes(tmp_path):
