@@ -522,6 +522,9 @@ def make_split(data, task="fewshot", context=None, support=0.3, support_perts=No
             raise UserError(f"guard_perts: task {task} has no candidates (it holds out every perturbation of "
                             "the context); guard perturbations serve the fewshot, unseen and combo tasks")
         cand = h.guard_from
+        if not cand:
+            raise UserError(f"guard_perts: 0 candidates ({h.guard_what}: none) to hold out as guard; few-shot: "
+                            "give at least 2 support perturbations (--support or --support_perts)")
         if isinstance(guard_perts, (int, np.integer)) and not isinstance(guard_perts, bool):
             if not 1 <= guard_perts < len(cand):
                 raise UserError(f"guard_perts={guard_perts}: draw between 1 and {len(cand) - 1} of the "

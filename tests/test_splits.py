@@ -134,6 +134,8 @@ def test_fewshot_guard_perts_held_out_in_the_context_only(gbm, tmp_path):
     assert np.array_equal(t.train, s.train) and np.array_equal(t.val, s.val) and t.support == s.support
     d = make_split(gbm, "fewshot", context="U87MG", support_perts=sup, guard_perts=1, seed=4)
     assert len(d.guard_perts) == 1 and d.guard_perts[0] in sup and len(d.support) == 2
+    with pytest.raises(ValueError, match="0 candidates"):
+        make_split(gbm, "fewshot", context="U87MG", support=0, guard_perts=1)
     with pytest.raises(ValueError, match="leave at least one"):
         make_split(gbm, "fewshot", context="U87MG", support_perts=sup, guard_perts=sup)
     with pytest.raises(ValueError, match="not candidates"):
