@@ -206,8 +206,8 @@ def st_job(task, seed, out, cache, shared, recipe):
     d, sp = task_data(task, cache, shared)
     run = os.path.join(out, task, f"s{seed}")
     score_f = os.path.join(run, "scores.json")
-    if scored(score_f, drop=True):
-        return scored(score_f)
+    if (done := scored(score_f, drop=True)) is not None:
+        return done
     log = os.path.join(out, task, f"s{seed}.log")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.time()
@@ -254,8 +254,8 @@ def ensemble_job(task, seeds, out, cache, shared, name="ensemble"):
     d, sp = task_data(task, cache, shared)
     ens = os.path.join(out, task, name)
     score_f = os.path.join(ens, "scores.json")
-    if scored(score_f, drop=True):
-        return scored(score_f)
+    if (done := scored(score_f, drop=True)) is not None:
+        return done
     runs = ",".join(os.path.join(out, task, f"s{s}") for s in seeds)
     per = [predict_and_score(runs, d, sp, os.path.join(ens, f"d{s}"), s, os.path.join(out, task, f"{name}.log"),
                              f"--ensemble={ENSEMBLES[name]}") for s in seeds]
